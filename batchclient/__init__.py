@@ -1,0 +1,1 @@
+"""The batching client: pure policy (``batchclient.policy``) and its asyncio shell."""

@@ -1,0 +1,1 @@
+"""Pure client decisions: packing, parsing, throttling, retry and routing."""

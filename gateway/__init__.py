@@ -1,0 +1,1 @@
+"""The queue-fronted gateway service: enqueue, poll, per-user limits and lanes."""

@@ -1,0 +1,1 @@
+"""Capacity reports (Markdown, HTML, plots, JSON) and the CI regression gate."""
