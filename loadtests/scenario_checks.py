@@ -1,0 +1,303 @@
+"""Checks of a scenario's meaning, after the schema: references, limits, stages, sizes.
+
+The schema says what shape a scenario has; these checks say whether it can run: every name
+an arm or load refers to exists, no limit is zero, no stage is empty, and the provider and
+client sections pass their owners' parsers (the simulator's and the client's) when present.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from loadtests.scenario_model import Scenario
+from loadtests.scenario_schema import KeyPath, LineMap, Problem
+
+# keys whose value is a rate limit: zero would admit nothing, negative is meaningless
+LIMIT_KEYS = frozenset(
+    {
+        "rpm",
+        "tpm",
+        "input_tpm",
+        "output_tpm",
+        "itpm",
+        "otpm",
+        "tpd",
+        "rpd",
+        "concurrency",
+        "max_concurrent",
+        "concurrent",
+        "concurrent_requests",
+        "requests_per_minute",
+        "tokens_per_minute",
+        "tokens_per_day",
+    }
+)
+
+
+def meaning_problems(doc: Mapping[str, Any], lines: LineMap, base: Path) -> list[Problem]:
+    """Every meaning problem of a schema-valid document whose providers are resolved."""
+    problems: list[Problem] = []
+    add = problems.append
+    providers = doc.get("providers", [])
+    arms = doc["arms"]
+    load = doc["load"]
+    users = load.get("users", [])
+
+    for section, items in (("providers", providers), ("arms", arms)):
+        _unique(section, items, lines, add)
+    _unique("load.users", users, lines, add, prefix=("load", "users"))
+
+    if not providers and "target" not in doc:
+        add(lines.problem(("providers",), "a scenario needs providers (the simulator) or a target"))
+    for index, provider in enumerate(providers):
+        for path, message in _limit_problems(provider, ()):
+            add(lines.problem(("providers", index, *path), message))
+
+    provider_names = {p["name"] for p in providers}
+    arm_names = {a["name"]: a["strategy"] for a in arms}
+    for index, arm in enumerate(arms):
+        for j, name in enumerate(arm.get("providers", [])):
+            if name not in provider_names:
+                add(
+                    lines.problem(
+                        ("arms", index, "providers", j), _unknown("provider", name, provider_names)
+                    )
+                )
+
+    batch = load.get("batch")
+    if batch is not None:
+        for j, name in enumerate(batch.get("arms", [])):
+            if name not in arm_names:
+                add(lines.problem(("load", "batch", "arms", j), _unknown("arm", name, arm_names)))
+            elif arm_names[name] == "interactive":
+                add(
+                    lines.problem(
+                        ("load", "batch", "arms", j),
+                        f"arm {name!r} is interactive; a batch job needs a batch strategy",
+                    )
+                )
+        if doc["workload"]["items"] == 0 and "items" not in batch:
+            add(
+                lines.problem(
+                    ("workload", "items"), "a batch job with no items: set workload.items > 0"
+                )
+            )
+
+    for index, group in enumerate(users):
+        here = ("load", "users", index)
+        if group["arm"] not in arm_names:
+            add(lines.problem((*here, "arm"), _unknown("arm", group["arm"], arm_names)))
+        problems.extend(_group_problems(group, here, lines, base))
+
+    slo = load.get("slo_search")
+    group_names = {u["name"] for u in users}
+    if slo is not None and slo["users"] not in group_names:
+        add(
+            lines.problem(
+                ("load", "slo_search", "users"), _unknown("user group", slo["users"], group_names)
+            )
+        )
+
+    for name in doc.get("expect", {}).get("arms", {}):
+        if name not in arm_names:
+            add(lines.problem(("expect", "arms", name), _unknown("arm", name, arm_names)))
+
+    workload = doc["workload"]
+    for key in ("item_tokens", "reply_tokens_per_item", "prompt_tokens"):
+        if key in workload:
+            problems.extend(_size_problems(workload[key], ("workload", key), lines))
+    if workload.get("duplicate_rate", 0) + workload.get("poison_rate", 0) > 1:
+        add(
+            lines.problem(
+                ("workload", "poison_rate"), "duplicate_rate + poison_rate must not exceed 1"
+            )
+        )
+
+    for key in doc.get("sweep", {}):
+        missing = _missing_key(doc, key)
+        if missing:
+            add(lines.problem(("sweep", key), missing))
+    return problems
+
+
+def _unique(
+    section: str,
+    items: list[dict[str, Any]],
+    lines: LineMap,
+    add: Callable[[Problem], None],
+    prefix: KeyPath | None = None,
+) -> None:
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        name = item.get("name")
+        if name in seen:
+            add(
+                lines.problem(
+                    (*(prefix or (section,)), index, "name"), f"duplicate {section} name {name!r}"
+                )
+            )
+        seen.add(str(name))
+
+
+def _unknown(kind: str, name: str, known: Mapping[str, Any] | set[str]) -> str:
+    listing = ", ".join(sorted(known)) or "none defined"
+    return f"unknown {kind} {name!r} (known: {listing})"
+
+
+def _limit_problems(
+    node: Any, path: KeyPath, in_limits: bool = False
+) -> Iterator[tuple[KeyPath, str]]:
+    """Zero or negative limits and negative rates or prices anywhere in a provider mapping."""
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            key_s = str(key)
+            child = (*path, key_s)
+            if isinstance(value, bool):
+                continue
+            if isinstance(value, int | float):
+                is_limit = key_s in LIMIT_KEYS or in_limits
+                if is_limit and value <= 0:
+                    yield (
+                        child,
+                        f"a limit of {value} admits nothing: must be > 0 (omit it for no limit)",
+                    )
+                elif value < 0 and (
+                    "rate" in key_s or "price" in key_s or key_s.endswith(("_s", "_usd"))
+                ):
+                    yield child, f"must not be negative, got {value}"
+            else:
+                yield from _limit_problems(value, child, in_limits or key_s == "limits")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _limit_problems(value, (*path, index), in_limits)
+
+
+def _group_problems(
+    group: Mapping[str, Any], here: KeyPath, lines: LineMap, base: Path
+) -> Iterator[Problem]:
+    mode = group["mode"]
+    if mode == "trace":
+        if "trace" not in group:
+            yield lines.problem(
+                here, "a trace user group needs `trace:` (a CSV of timestamps and token sizes)"
+            )
+        elif not (base / group["trace"]).is_file():
+            yield lines.problem(
+                (*here, "trace"), f"no trace file {group['trace']!r} (looked in {base})"
+            )
+        return
+    stages = group.get("stages")
+    if stages is not None and "step" in group:
+        yield lines.problem((*here, "step"), "give either stages or step, not both")
+    if mode == "closed":
+        if stages is None and "step" not in group and "users" not in group:
+            yield lines.problem(here, "a closed-loop group needs users, stages or step")
+        if group.get("users") == 0:
+            yield lines.problem((*here, "users"), "a user group with no users")
+        for j, stage in enumerate(stages or []):
+            if not stage.get("users"):
+                yield lines.problem((*here, "stages", j), "a stage with no users: set users >= 1")
+    else:
+        if stages is None and not group.get("rate_per_s"):
+            yield lines.problem(
+                here, "an open-loop group needs rate_per_s > 0 or stages with rate_per_s"
+            )
+        for j, stage in enumerate(stages or []):
+            if not stage.get("rate_per_s"):
+                yield lines.problem(
+                    (*here, "stages", j), "an open-loop stage with no arrivals: set rate_per_s > 0"
+                )
+    if "prompt_tokens" in group:
+        yield from _size_problems(group["prompt_tokens"], (*here, "prompt_tokens"), lines)
+
+
+def _size_problems(raw: Any, here: KeyPath, lines: LineMap) -> Iterator[Problem]:
+    if not isinstance(raw, Mapping):
+        return
+    lo, hi = raw.get("min"), raw.get("max")
+    if lo is not None and hi is not None and lo > hi:
+        yield lines.problem((*here, "min"), f"min {lo} is above max {hi}")
+    if raw["dist"] == "lognormal" and raw["p99"] < raw["median"]:
+        yield lines.problem((*here, "p99"), "p99 must be at least the median")
+    if (
+        raw["dist"] == "empirical"
+        and "weights" in raw
+        and len(raw["weights"]) != len(raw["values"])
+    ):
+        yield lines.problem((*here, "weights"), "weights must have one entry per value")
+    if raw["dist"] == "empirical" and "weights" in raw and sum(raw["weights"]) <= 0:
+        yield lines.problem((*here, "weights"), "weights must not all be zero")
+
+
+def _missing_key(doc: Mapping[str, Any], key: str) -> str | None:
+    """Why the dotted ``key`` does not name a settable place in ``doc`` (None if it does)."""
+    node: Any = doc
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            match = [x for x in node if isinstance(x, Mapping) and x.get("name") == part]
+            if not match and not (part.isdigit() and int(part) < len(node)):
+                return f"sweep key {key!r}: no element {part!r}"
+            node = match[0] if match else node[int(part)]
+        elif isinstance(node, Mapping):
+            if part not in node and not last:
+                return f"sweep key {key!r}: no key {part!r}"
+            if last:
+                return None
+            node = node[part]
+        else:
+            return f"sweep key {key!r}: {part!r} is below a plain value"
+    return None
+
+
+def _optional(module: str, attr: str) -> Callable[..., Any] | None:
+    """A parser of another part, or None while that part is not installed yet."""
+    try:
+        found: Callable[..., Any] = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return None
+    return found
+
+
+def plugin_problems(scenario: Scenario, lines: LineMap) -> tuple[list[Problem], Scenario]:
+    """Hand providers to the simulator's ``parse_provider`` and arms to ``parse_client_config``."""
+    problems: list[Problem] = []
+    parse_provider = _optional("simulator.model.config", "parse_provider")
+    parse_client = _optional("batchclient.config", "parse_client_config")
+    providers = list(scenario.providers)
+    arms = list(scenario.arms)
+    if parse_provider is not None:
+        for index, spec in enumerate(providers):
+            try:
+                config = parse_provider(_plain(spec.data), spec.source)
+            except (ValueError, TypeError, KeyError) as exc:
+                problems.append(
+                    lines.problem(("providers", index), f"provider {spec.name!r}: {exc}")
+                )
+                continue
+            providers[index] = dataclasses.replace(spec, config=config)
+    if parse_client is not None:
+        for index, arm in enumerate(arms):
+            source = f"{scenario.path}:arms[{index}].client"
+            try:
+                config = parse_client(_plain(arm.client), source)
+            except (ValueError, TypeError, KeyError) as exc:
+                problems.append(
+                    lines.problem(("arms", index, "client"), f"arm {arm.name!r}: {exc}")
+                )
+                continue
+            arms[index] = dataclasses.replace(arm, client_config=config)
+    return problems, dataclasses.replace(scenario, providers=tuple(providers), arms=tuple(arms))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
