@@ -1,0 +1,167 @@
+"""``ratelab serve``: run the simulated provider, or ``--demo`` one real request against it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import signal
+import sys
+
+import aiohttp
+
+from simulator.model.config import (
+    ConfigError,
+    SimulatorConfig,
+    apply_overrides,
+    default_config,
+    load_config,
+)
+from simulator.server import RunningServer, start_server
+
+HELP = "Start the simulated OpenAI-compatible LLM provider (rate limits, billing, latency, faults)."
+
+DEMO_PROMPT = "Say hello to ratelab in one short sentence."
+# Headers the demo shows: the rate-limit and billing ones, whatever the provider's style.
+_SHOWN_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-", "x-mdb-", "retry-after")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the options of ``ratelab serve``."""
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.description = (
+        "Serve one or more simulated providers over OpenAI's HTTP API: POST "
+        "/v1/chat/completions, POST /v1/embeddings, GET /v1/models (the first provider), "
+        "every provider under /p/NAME/v1/..., the admin API under /admin/NAME/... and "
+        "Prometheus metrics at /metrics. Without --config it serves the default paid-tier "
+        "provider: API key sk-ratelab, models including gpt-4o-mini. The limit and latency "
+        "flags override every key and model of every provider."
+    )
+    parser.add_argument("--config", metavar="PROVIDERS.yaml",
+                        help="provider profiles in YAML (e.g. scenarios/providers/*.yaml); "
+                             "default: the built-in paid tier")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind; anything but loopback exposes the simulator")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (0 picks a free one)")
+    parser.add_argument("--rpm", type=int, metavar="N",
+                        help="requests per minute per key and model (sliding 60 s window)")
+    parser.add_argument("--tpm", type=int, metavar="N",
+                        help="tokens per minute per key and model (sliding 60 s window)")
+    parser.add_argument("--concurrency", type=int, metavar="N",
+                        help="concurrent requests in flight per key and model")
+    parser.add_argument("--ttft-ms", type=float, metavar="X",
+                        help="constant time to first token, milliseconds (virtual)")
+    parser.add_argument("--itl-ms", type=float, metavar="X",
+                        help="constant inter-token latency, milliseconds (virtual)")
+    parser.add_argument("--balance-usd", type=float, metavar="X",
+                        help="prepaid balance of every key, USD (HTTP 402 once spent)")
+    parser.add_argument("--time-scale", type=float, metavar="K",
+                        help="compress time: one wall second stands for K virtual seconds; "
+                             "latencies, windows and retry-after shrink by K")
+    parser.add_argument("--seed", type=int, metavar="N",
+                        help="seed of every random draw (latency, responders, faults)")
+    parser.add_argument("--admin-token", metavar="T",
+                        help="bearer token of the admin API (default: ratelab-admin)")
+    parser.add_argument("--demo", action="store_true",
+                        help="start on a free port, send one real chat request over HTTP, "
+                             "print request, status, rate-limit and billing headers and "
+                             "reply, then stop")
+
+
+def _config(args: argparse.Namespace) -> SimulatorConfig:
+    cfg = load_config(args.config) if args.config else default_config()
+    cfg = apply_overrides(
+        cfg, rpm=args.rpm, tpm=args.tpm, concurrency=args.concurrency, ttft_ms=args.ttft_ms,
+        itl_ms=args.itl_ms, balance_usd=args.balance_usd, time_scale=args.time_scale,
+        seed=args.seed,
+    )
+    if args.admin_token:
+        cfg = dataclasses.replace(cfg, admin_token=args.admin_token)
+    return cfg
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``ratelab serve``; returns the exit status (2 on a configuration error)."""
+    try:
+        cfg = _config(args)
+    except ConfigError as exc:
+        print(f"ratelab serve: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"ratelab serve: cannot read {args.config}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    if args.demo:
+        return asyncio.run(demo(cfg, host=args.host))
+    try:
+        return asyncio.run(_serve(cfg, args.host, args.port))
+    except OSError as exc:
+        print(f"ratelab serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+
+
+def _banner(server: RunningServer, cfg: SimulatorConfig) -> str:
+    lines = [f"ratelab simulator listening on {server.url} (time_scale {cfg.time_scale:g})"]
+    for i, profile in enumerate(cfg.providers):
+        where = f"{server.url}/v1 and " if i == 0 else ""
+        lines.append(f"  provider {profile.name!r}: {where}{server.base_url(profile.name)}")
+    lines.append(f"  admin: {server.url}/admin/NAME/stats (Bearer {cfg.admin_token}); "
+                 f"metrics: {server.url}/metrics")
+    return "\n".join(lines)
+
+
+async def _serve(cfg: SimulatorConfig, host: str, port: int) -> int:
+    server = await start_server(cfg, host=host, port=port)
+    print(_banner(server, cfg), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await server.close()
+    print("ratelab simulator stopped", flush=True)
+    return 0
+
+
+def _demo_target(server: RunningServer) -> tuple[str, str]:
+    """(API key, model) for the demo request: the first provider's first key and model,
+    ``gpt-4o-mini`` when it is served."""
+    provider = next(iter(server.providers.values()))
+    keys = [k for k in provider.key_names()] if hasattr(provider, "key_names") else []
+    models = [m["id"] for m in provider.models().get("data", [])]
+    model = "gpt-4o-mini" if "gpt-4o-mini" in models else (models[0] if models else "gpt-4o-mini")
+    return (keys[0] if keys else "sk-ratelab"), model
+
+
+async def demo(cfg: SimulatorConfig, *, host: str = "127.0.0.1") -> int:
+    """Start the simulator on a free port, send one chat request, print the exchange, stop."""
+    server = await start_server(cfg, host=host, port=0)
+    try:
+        print(_banner(server, cfg), "", sep="\n")
+        key, model = _demo_target(server)
+        url = f"{server.base_url()}/chat/completions"
+        payload = {"model": model, "max_tokens": 32,
+                   "messages": [{"role": "user", "content": DEMO_PROMPT}]}
+        print(f"> POST {url}")
+        print(f"> Authorization: Bearer {key}")
+        print(f"> {json.dumps(payload)}")
+        async with aiohttp.ClientSession() as session, session.post(
+            url, json=payload, headers={"Authorization": f"Bearer {key}"}
+        ) as resp:
+            text = await resp.text()
+            print(f"< HTTP {resp.status} {resp.reason}")
+            for name, value in resp.headers.items():
+                if name.lower().startswith(_SHOWN_PREFIXES):
+                    print(f"< {name}: {value}")
+            print(f"< {text}")
+            if resp.status == 200:
+                reply = json.loads(text)["choices"][0]["message"]["content"]
+                print(f"\nreply: {reply!r}")
+        return 0 if resp.status == 200 else 1
+    finally:
+        await server.close()

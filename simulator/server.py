@@ -1,0 +1,513 @@
+"""The aiohttp shell that serves the pure provider model over OpenAI's HTTP API.
+
+Every decision (admission, refusal, headers, latency, faults, usage, billing) is the
+model's; this module only reads bodies, reads the clock, sleeps the durations the model
+returned (virtual seconds / ``time_scale``), writes bytes and tells the model when each
+response is over. See docs/conventions.md, "HTTP surface of the simulator".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import struct
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from simulator import wire
+from simulator.metrics import ShellCounters, render_metrics
+from simulator.model.config import SimulatorConfig
+from simulator.model.provider import Admission, Provider, Refusal
+
+log = logging.getLogger(__name__)
+
+JSON_TYPE = "application/json"
+SSE_TYPE = "text/event-stream; charset=utf-8"
+# A hold fault or a queued request may be sleeping at shutdown; don't wait for them.
+SHUTDOWN_TIMEOUT_S = 0.5
+
+
+class Clock:
+    """Virtual time of a running server: ``time_scale * (monotonic() - start)`` seconds."""
+
+    __slots__ = ("_start", "time_scale")
+
+    def __init__(self, time_scale: float) -> None:
+        self.time_scale = time_scale
+        self._start = time.monotonic()
+
+    def now(self) -> float:
+        """Virtual seconds since the server started."""
+        return self.time_scale * (time.monotonic() - self._start)
+
+    async def sleep_until(self, virtual_t: float) -> None:
+        """Sleep until virtual time ``virtual_t`` (no-op if it has passed)."""
+        wall = (virtual_t - self.now()) / self.time_scale
+        if wall > 0:
+            await asyncio.sleep(wall)
+
+
+@dataclass(slots=True)
+class _Waiter:
+    """A request queued by the model for a GPU slot; ``started_at`` is virtual seconds."""
+
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    started_at: float = 0.0
+
+
+@dataclass(slots=True)
+class _Served:
+    """One provider as the shell serves it: the model plus the requests waiting on it."""
+
+    provider: Provider
+    waiters: dict[int, _Waiter] = field(default_factory=dict)
+
+
+def build_providers(config: SimulatorConfig) -> dict[str, Provider]:
+    """The model objects of a configuration, seeded as the live server seeds them.
+
+    Provider ``i`` gets seed ``config.seed + i``; the planner and the equivalence test
+    build theirs with this function so that they see the same random draws.
+    """
+    return {
+        profile.name: Provider(profile, seed=config.seed + i, time_scale=config.time_scale)
+        for i, profile in enumerate(config.providers)
+    }
+
+
+def _api_key(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization")
+    if auth is not None:
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        return None
+    return request.headers.get("x-api-key") or None
+
+
+def _error(
+    status: int,
+    message: str,
+    type_: str = "invalid_request_error",
+    *,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=wire.dumps(wire.error_body(message, type_, code=code)),
+        content_type=JSON_TYPE,
+        headers=headers,
+    )
+
+
+def _json(status: int, body: object, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=wire.dumps(body), content_type=JSON_TYPE,
+                        headers=headers)
+
+
+def _reset_connection(request: web.Request) -> None:
+    """Drop the connection with a TCP RST (SO_LINGER 0), as a crashed upstream would."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+def _close_connection(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+
+
+def _chunk_times(admission: Admission, t0: float) -> list[float]:
+    """Virtual time at which each chunk is due (one entry even for an empty reply);
+    a stall fault delays chunk ``at_chunk`` and everything after it."""
+    plan = admission.plan
+    assert plan is not None
+    times = [t0 + plan.ttft_s]
+    for gap in plan.itl_s[: max(0, len(plan.chunks) - 1)]:
+        times.append(times[-1] + gap)
+    fault = plan.fault
+    if fault is not None and fault.kind == "stall":
+        at = min(fault.at_chunk, len(times) - 1)
+        for i in range(at, len(times)):
+            times[i] += fault.duration_s
+    return times
+
+
+def _text_tokens(text: str) -> int:
+    # conventions.md's ratelab tokenizer: ceil(len / 4)
+    return -(-len(text) // 4)
+
+
+class SimulatorApp:
+    """The request handlers of one server: the providers, the clock and the counters."""
+
+    def __init__(self, config: SimulatorConfig, providers: dict[str, Provider]) -> None:
+        self.config = config
+        self.clock = Clock(config.time_scale)
+        self.served = {name: _Served(p) for name, p in providers.items()}
+        self.default_name = config.providers[0].name
+        self.counters = ShellCounters()
+
+    # -- routing ---------------------------------------------------------------------
+
+    def build(self) -> web.Application:
+        """The aiohttp application with every route of conventions.md."""
+        app = web.Application(
+            client_max_size=self.config.max_body_bytes, middlewares=[self._errors_middleware]
+        )
+        r = app.router
+        for prefix in ("/v1", "/p/{provider}/v1"):
+            r.add_post(prefix + "/chat/completions", self._chat)
+            r.add_post(prefix + "/embeddings", self._embeddings)
+            r.add_get(prefix + "/models", self._models)
+        r.add_get("/admin/{provider}/stats", self._admin_stats)
+        r.add_post("/admin/{provider}/topup", self._admin_topup)
+        r.add_post("/admin/{provider}/reset", self._admin_reset)
+        r.add_get("/metrics", self._metrics)
+        return app
+
+    @web.middleware
+    async def _errors_middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        # aiohttp's own 404/405/413 are plain text; OpenAI clients expect its error object.
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = {404: "unknown_url", 405: "method_not_allowed"}.get(exc.status)
+            message = (
+                f"Unknown request URL: {request.method} {request.path}."
+                if exc.status in (404, 405)
+                else exc.reason
+            )
+            return _error(exc.status, message, code=code)
+
+    def _served_for(self, request: web.Request) -> _Served | None:
+        name = request.match_info.get("provider", self.default_name)
+        return self.served.get(name)
+
+    def _unknown_provider(self, request: web.Request) -> web.Response:
+        name = request.match_info.get("provider", "")
+        return _error(404, f"Unknown provider {name!r}.", code="unknown_provider")
+
+    async def _read_json(self, request: web.Request) -> tuple[object, web.Response | None]:
+        """The parsed body, or the OpenAI-shaped 4xx that answers it."""
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return None, _error(
+                413,
+                f"Request body too large: the limit is {self.config.max_body_bytes} bytes.",
+                code="request_too_large",
+            )
+        try:
+            return json.loads(raw.decode("utf-8")), None
+        except UnicodeDecodeError:
+            return None, _error(400, "The request body is not valid UTF-8.", code="invalid_body")
+        except (ValueError, RecursionError):
+            return None, _error(400, wire.INVALID_JSON_MESSAGE, code="invalid_json")
+
+    # -- finishing and the GPU-slot queue ----------------------------------------------
+
+    def _finish(self, served: _Served, admission: Admission, delivered: int) -> None:
+        """Tell the model a response is over and wake the queued requests it started."""
+        now = self.clock.now()
+        started = served.provider.finish(now, admission, delivered)
+        for other in started:
+            waiter = served.waiters.get(other.id)
+            if waiter is None:
+                # Its handler is already gone: give the slot straight back.
+                self._finish(served, other, 0)
+                continue
+            waiter.started_at = now
+            waiter.event.set()
+
+    async def _wait_for_slot(self, served: _Served, admission: Admission) -> float:
+        """Wait until ``finish`` of another request starts this one; its virtual start."""
+        waiter = _Waiter()
+        served.waiters[admission.id] = waiter
+        try:
+            await waiter.event.wait()
+        finally:
+            del served.waiters[admission.id]
+        return waiter.started_at
+
+    # -- OpenAI endpoints --------------------------------------------------------------
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._model_call(request, "chat")
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._model_call(request, "embeddings")
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        served = self._served_for(request)
+        if served is None:
+            return self._unknown_provider(request)
+        return _json(200, served.provider.models())
+
+    async def _model_call(self, request: web.Request, kind: str) -> web.StreamResponse:
+        served = self._served_for(request)
+        if served is None:
+            return self._unknown_provider(request)
+        name = served.provider.name
+        body, bad = await self._read_json(request)
+        if bad is not None:
+            self.counters.response(name, kind, bad.status)
+            return bad
+        now = self.clock.now()
+        call = served.provider.chat if kind == "chat" else served.provider.embeddings
+        result = call(now, _api_key(request), body)
+        if isinstance(result, Refusal):
+            self.counters.response(name, kind, result.status)
+            return _json(result.status, result.body, result.headers)
+        self.counters.in_flight(name, +1)
+        delivered = 0
+        try:
+            t0 = now
+            if result.plan is None:
+                self.counters.queued(name, +1)
+                try:
+                    t0 = await self._wait_for_slot(served, result)
+                finally:
+                    self.counters.queued(name, -1)
+            if kind == "embeddings":
+                resp, delivered = await self._reply_embeddings(request, result, t0, body)
+            elif result.stream:
+                resp, delivered = await self._reply_stream(request, result, t0)
+            else:
+                resp, delivered = await self._reply_chat(request, result, t0)
+            self.counters.response(name, kind, resp.status)
+            return resp
+        finally:
+            self.counters.in_flight(name, -1)
+            self._finish(served, result, delivered)
+
+    async def _reply_chat(
+        self, request: web.Request, admission: Admission, t0: float
+    ) -> tuple[web.StreamResponse, int]:
+        """A non-stream completion: the whole body once the last chunk is due."""
+        plan = admission.plan
+        assert plan is not None
+        times = _chunk_times(admission, t0)
+        fault = plan.fault
+        if fault is not None and fault.kind == "hold":
+            await self.clock.sleep_until(t0 + fault.duration_s)
+            _close_connection(request)
+            return web.Response(status=504), 0
+        if fault is not None and fault.kind in ("reset", "error"):
+            await self.clock.sleep_until(times[min(fault.at_chunk, len(times) - 1)])
+            if fault.kind == "reset":
+                _reset_connection(request)
+                return web.Response(status=502), 0
+            return _error(500, wire.SERVER_ERROR_MESSAGE, "server_error",
+                          headers=admission.headers), 0
+        await self.clock.sleep_until(times[-1])
+        body = wire.chat_completion(
+            admission.id, admission.created, admission.model, "".join(plan.chunks),
+            plan.finish_reason, plan.usage,
+        )
+        return _json(200, body, admission.headers), plan.usage.completion_tokens
+
+    async def _reply_stream(
+        self, request: web.Request, admission: Admission, t0: float
+    ) -> tuple[web.StreamResponse, int]:
+        """An SSE stream: role and first content at the TTFT, then one chunk per gap."""
+        plan = admission.plan
+        assert plan is not None
+        fault = plan.fault
+        if fault is not None and fault.kind == "hold":
+            await self.clock.sleep_until(t0 + fault.duration_s)
+            _close_connection(request)
+            return web.Response(status=504), 0
+        times = _chunk_times(admission, t0)
+        frames = wire.ChunkWriter(admission.id, admission.created, admission.model,
+                                  admission.include_usage)
+        resp = web.StreamResponse(status=200, headers=admission.headers)
+        resp.content_type = SSE_TYPE
+        resp.headers["Cache-Control"] = "no-cache"
+        delivered = 0
+        cut = fault.at_chunk if fault is not None and fault.kind in ("reset", "error") else None
+        try:
+            for i in range(len(plan.chunks) + 1):
+                await self.clock.sleep_until(times[min(i, len(times) - 1)])
+                if i == 0:
+                    await resp.prepare(request)
+                    await resp.write(frames.role())
+                if cut is not None and i == cut:
+                    assert fault is not None
+                    if fault.kind == "reset":
+                        _reset_connection(request)
+                    else:
+                        await resp.write(frames.error())
+                    return resp, delivered
+                if i == len(plan.chunks):
+                    break
+                await resp.write(frames.content(plan.chunks[i]))
+                delivered += _text_tokens(plan.chunks[i])
+            await resp.write(frames.finish(plan.finish_reason))
+            if admission.include_usage:
+                await resp.write(frames.usage(plan.usage))
+            await resp.write(wire.DONE_FRAME)
+            delivered = plan.usage.completion_tokens
+        except ConnectionError:
+            # The client went away: finish() hears how much it received.
+            log.debug("client left stream %s after %d tokens", admission.id, delivered)
+        return resp, delivered
+
+    async def _reply_embeddings(
+        self, request: web.Request, admission: Admission, t0: float, body: object
+    ) -> tuple[web.StreamResponse, int]:
+        plan = admission.plan
+        assert plan is not None
+        fault = plan.fault
+        if fault is not None and fault.kind == "hold":
+            await self.clock.sleep_until(t0 + fault.duration_s)
+            _close_connection(request)
+            return web.Response(status=504), 0
+        await self.clock.sleep_until(_chunk_times(admission, t0)[-1])
+        if fault is not None and fault.kind == "reset":
+            _reset_connection(request)
+            return web.Response(status=502), 0
+        if fault is not None and fault.kind == "error":
+            return _error(500, wire.SERVER_ERROR_MESSAGE, "server_error",
+                          headers=admission.headers), 0
+        fmt = body.get("encoding_format") if isinstance(body, dict) else None
+        reply = wire.embeddings_body(
+            wire.embedding_inputs(body), int(getattr(admission, "dims", 0) or 0),
+            admission.model, plan.usage, "base64" if fmt == "base64" else "float",
+        )
+        return _json(200, reply, admission.headers), 0
+
+    # -- admin and metrics -----------------------------------------------------------
+
+    def _admin(self, request: web.Request) -> tuple[_Served | None, web.Response | None]:
+        if _api_key(request) != self.config.admin_token:
+            return None, _error(401, "Admin token missing or wrong.", "authentication_error",
+                                code="invalid_admin_token")
+        served = self.served.get(request.match_info["provider"])
+        if served is None:
+            return None, self._unknown_provider(request)
+        return served, None
+
+    async def _admin_stats(self, request: web.Request) -> web.StreamResponse:
+        served, bad = self._admin(request)
+        if bad is not None:
+            return bad
+        assert served is not None
+        return _json(200, served.provider.stats())
+
+    async def _admin_topup(self, request: web.Request) -> web.StreamResponse:
+        served, bad = self._admin(request)
+        if bad is not None:
+            return bad
+        assert served is not None
+        body, bad = await self._read_json(request)
+        if bad is not None:
+            return bad
+        key = body.get("key") if isinstance(body, dict) else None
+        usd = body.get("usd") if isinstance(body, dict) else None
+        if not isinstance(key, str) or isinstance(usd, bool) or not isinstance(usd, int | float):
+            return _error(400, 'Expected {"key": string, "usd": number}.', code="invalid_topup")
+        try:
+            balance = served.provider.topup(key, float(usd))
+        except KeyError:
+            return _error(404, f"Unknown API key {key!r}.", code="unknown_key")
+        except ValueError as exc:
+            return _error(400, str(exc), code="invalid_topup")
+        return _json(200, {"key": key, "balance_usd": balance})
+
+    async def _admin_reset(self, request: web.Request) -> web.StreamResponse:
+        served, bad = self._admin(request)
+        if bad is not None:
+            return bad
+        assert served is not None
+        served.provider.reset(self.clock.now())
+        return _json(200, {"reset": served.provider.name})
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        text = render_metrics(
+            self.counters, {name: s.provider.stats() for name, s in self.served.items()}
+        )
+        return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+
+@dataclass(slots=True)
+class RunningServer:
+    """A started simulator: its base ``url`` (``http://HOST:PORT``), port and providers."""
+
+    url: str
+    host: str
+    port: int
+    providers: dict[str, Provider]
+    app: SimulatorApp
+    _runner: web.AppRunner
+    loop: asyncio.AbstractEventLoop
+
+    def base_url(self, provider: str | None = None) -> str:
+        """The OpenAI ``base_url`` of a provider (the first one's ``/v1`` by default)."""
+        return f"{self.url}/v1" if provider is None else f"{self.url}/p/{provider}/v1"
+
+    async def close(self) -> None:
+        """Stop listening and drop the connections still open."""
+        await self._runner.cleanup()
+
+
+async def start_server(
+    config: SimulatorConfig, *, host: str = "127.0.0.1", port: int = 0
+) -> RunningServer:
+    """Start the simulator on the running loop; ``port=0`` picks a free port."""
+    providers = build_providers(config)
+    shell = SimulatorApp(config, providers)
+    runner = web.AppRunner(
+        shell.build(), handler_cancellation=True, access_log=None,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = runner.addresses[0][1]
+    shown = f"[{host}]" if ":" in host else host
+    return RunningServer(
+        url=f"http://{shown}:{bound}", host=host, port=bound, providers=providers, app=shell,
+        _runner=runner, loop=asyncio.get_running_loop(),
+    )
+
+
+@contextmanager
+def serve_in_thread(
+    config: SimulatorConfig, *, host: str = "127.0.0.1", port: int = 0
+) -> Iterator[RunningServer]:
+    """Run the simulator on its own event loop in a background thread, for sync callers."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="ratelab-simulator", daemon=True)
+    thread.start()
+    try:
+        server = asyncio.run_coroutine_threadsafe(
+            start_server(config, host=host, port=port), loop
+        ).result(timeout=30)
+        try:
+            yield server
+        finally:
+            asyncio.run_coroutine_threadsafe(server.close(), loop).result(timeout=30)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+        loop.close()
