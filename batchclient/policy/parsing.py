@@ -1,0 +1,114 @@
+"""Parse a ``batch_json`` reply keyed by id, never by position.
+
+Each object ``{"id": ID, "c": CODE}`` is matched to the sent item with that id; its code
+is resolved locally to a label name. Codes outside the taxonomy, ids not in the batch and
+ids that appear more than once are rejected for that item only. A truncated or malformed
+reply keeps every complete object before the damage; everything else goes back to the queue.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from batchclient.policy.tokens import canonical_id
+
+_DECODER = json.JSONDecoder()
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedReply:
+    """Outcome of one reply: ``codes`` for accepted items (id -> code), ``rejected``
+    (id -> reason) and ``missing`` (sent ids the reply did not answer)."""
+
+    codes: Mapping[str, str]
+    rejected: Mapping[str, str] = field(default_factory=dict)
+    missing: tuple[str, ...] = ()
+    truncated: bool = False
+    malformed: bool = False
+    unknown_ids: int = 0
+
+
+def _objects(text: str) -> tuple[list[object], bool]:
+    """Complete top-level elements of a JSON array, and whether the array was damaged."""
+    start = text.find("[")
+    if start < 0:
+        return [], True
+    try:
+        whole = json.loads(text[start:])
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, list):
+        return whole, False
+    # Damaged: walk element by element and keep what decodes completely.
+    out: list[object] = []
+    pos = start + 1
+    n = len(text)
+    while pos < n:
+        while pos < n and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= n or text[pos] == "]":
+            break
+        try:
+            value, end = _DECODER.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            break
+        out.append(value)
+        pos = end
+        while pos < n and text[pos] in " \t\r\n":
+            pos += 1
+        if pos < n and text[pos] not in ",]":
+            break
+    return out, True
+
+
+def _reply_id(value: object) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value) if value >= 0 else None
+    if isinstance(value, str) and value:
+        return canonical_id(value)
+    return None
+
+
+def parse_reply(
+    text: str,
+    sent_ids: Sequence[str],
+    labels: Mapping[str, str],
+    finish_reason: str | None = None,
+) -> ParsedReply:
+    """Match a reply to the ``sent_ids`` of its batch; see the module docstring."""
+    by_key = {canonical_id(item_id): item_id for item_id in sent_ids}
+    elements, damaged = _objects(text)
+    seen: dict[str, int] = {}
+    found: dict[str, str] = {}
+    rejected: dict[str, str] = {}
+    unknown = 0
+    for element in elements:
+        if not isinstance(element, dict):
+            continue
+        key = _reply_id(element.get("id"))
+        item_id = by_key.get(key) if key is not None else None
+        if item_id is None:
+            unknown += 1
+            continue
+        seen[item_id] = seen.get(item_id, 0) + 1
+        code = element.get("c")
+        if not isinstance(code, str) or code not in labels:
+            rejected[item_id] = f"code {code!r} outside the taxonomy"
+        else:
+            found.setdefault(item_id, code)
+    for item_id, count in seen.items():
+        if count > 1:
+            found.pop(item_id, None)
+            rejected[item_id] = f"id repeated {count} times in the reply"
+    for item_id in rejected:
+        found.pop(item_id, None)
+    missing = tuple(i for i in sent_ids if i not in found and i not in rejected)
+    return ParsedReply(
+        codes=found, rejected=rejected, missing=missing,
+        truncated=finish_reason == "length", malformed=damaged and finish_reason != "length",
+        unknown_ids=unknown,
+    )

@@ -1,0 +1,116 @@
+"""Read a provider's rate-limit headers (OpenAI ``x-ratelimit-*``, Anthropic
+``anthropic-ratelimit-*``) and ``retry-after``/``retry-after-ms`` into virtual seconds.
+
+Everything on the wire is wall-clock; durations are multiplied by ``time_scale`` to get
+back to virtual time (docs/conventions.md).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds of an OpenAI-style reset (``"6m0s"``, ``"20ms"``, ``"1.5s"``) or a number."""
+    text = text.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def _reset(value: str | None, date: str | None) -> float | None:
+    if value is None:
+        return None
+    seconds = parse_duration(value)
+    if seconds is not None:
+        return seconds
+    # Anthropic sends an RFC 3339 instant; without the server's Date we cannot place it.
+    if date is None:
+        return None
+    try:
+        reset_at = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        from email.utils import parsedate_to_datetime
+
+        return max(0.0, (reset_at - parsedate_to_datetime(date)).total_seconds())
+    except (ValueError, TypeError):
+        return None
+
+
+def _int(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(float(value))
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class RateHeaders:
+    """Limits, remaining budget and reset times (virtual seconds) read from one response."""
+
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_tokens_s: float | None = None
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests_s: float | None = None
+
+    @property
+    def empty(self) -> bool:
+        """True when the response carried no rate-limit header at all."""
+        return self.limit_tokens is None and self.remaining_tokens is None and \
+            self.limit_requests is None and self.remaining_requests is None
+
+
+def read_rate_headers(headers: Mapping[str, str], time_scale: float = 1.0) -> RateHeaders:
+    """Parse either header family (lower-case keys); durations come back in virtual seconds."""
+    h = headers
+    date = h.get("date")
+    for prefix, style in (("x-ratelimit-", "openai"), ("anthropic-ratelimit-", "anthropic")):
+        if style == "openai":
+            keys = ("limit-tokens", "remaining-tokens", "reset-tokens",
+                    "limit-requests", "remaining-requests", "reset-requests")
+        else:
+            keys = ("tokens-limit", "tokens-remaining", "tokens-reset",
+                    "requests-limit", "requests-remaining", "requests-reset")
+        values = [h.get(prefix + k) for k in keys]
+        if all(v is None for v in values):
+            continue
+        rt = _reset(values[2], date)
+        rr = _reset(values[5], date)
+        return RateHeaders(
+            limit_tokens=_int(values[0]), remaining_tokens=_int(values[1]),
+            reset_tokens_s=None if rt is None else rt * time_scale,
+            limit_requests=_int(values[3]), remaining_requests=_int(values[4]),
+            reset_requests_s=None if rr is None else rr * time_scale,
+        )
+    return RateHeaders()
+
+
+def retry_after_s(headers: Mapping[str, str], time_scale: float = 1.0) -> float | None:
+    """Virtual seconds to wait from ``retry-after-ms`` (preferred) or ``retry-after``."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000.0) * time_scale
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is not None:
+        try:
+            return max(0.0, float(value)) * time_scale
+        except ValueError:
+            return None
+    return None

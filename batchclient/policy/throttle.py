@@ -1,0 +1,184 @@
+"""Proactive throttle on a rolling window of tokens and requests.
+
+Reserve at dispatch, settle on actual usage, so the window neither over- nor under-counts.
+The provider's own rate-limit headers correct the estimate: the provider's usage at the
+header's instant plus our own change since then is a floor under our view. Decisions
+are "wait d seconds" (0 means go); ``now`` is virtual seconds.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from batchclient.config import ThrottleSettings
+from batchclient.policy.ratelimit_headers import RateHeaders
+
+
+@dataclass(slots=True)
+class _Entry:
+    t: float
+    tokens: int
+    requests: int
+    alive: bool = True
+
+
+@dataclass(slots=True)
+class _Snapshot:
+    t: float
+    provider_used_tokens: int | None
+    provider_used_requests: int | None
+    our_tokens: int
+    our_requests: int
+    valid_until: float
+
+
+class Throttle:
+    """Rolling-window throttle of one (provider, model) against its TPM and RPM."""
+
+    def __init__(
+        self,
+        settings: ThrottleSettings,
+        tpm: int | None,
+        rpm: int | None,
+        reserve_max_tokens: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.tpm = tpm
+        self.rpm = rpm
+        self.reserve_max_tokens = reserve_max_tokens
+        self._entries: deque[_Entry] = deque()
+        self._by_key: dict[int, _Entry] = {}
+        self.used_tokens = 0
+        self.used_requests = 0
+        self.blocked_until = 0.0
+        self._last_dispatch = -1e18
+        self._snapshot: _Snapshot | None = None
+
+    # --------------------------------------------------------------- accounting
+
+    def estimate(self, prompt_tokens: int, max_tokens: int, expected_completion: int) -> int:
+        """Tokens to reserve for a request, matching the provider's counting mode."""
+        return prompt_tokens + (max_tokens if self.reserve_max_tokens else expected_completion)
+
+    def _prune(self, now: float) -> None:
+        cutoff = now - self.settings.window_s
+        entries = self._entries
+        while entries and entries[0].t <= cutoff:
+            entry = entries.popleft()
+            if entry.alive:
+                entry.alive = False
+                self.used_tokens -= entry.tokens
+                self.used_requests -= entry.requests
+
+    def reserve(self, now: float, key: int, tokens: int) -> None:
+        """Count a dispatched request (``tokens`` estimated) in the window."""
+        self._prune(now)
+        entry = _Entry(now, tokens, 1)
+        self._entries.append(entry)
+        self._by_key[key] = entry
+        self.used_tokens += tokens
+        self.used_requests += 1
+        self._last_dispatch = now
+
+    def settle(self, now: float, key: int, tokens: int, counted: bool = True) -> None:
+        """Replace a reservation by the actual usage; ``counted=False`` when the provider
+        did not count the request at all (refused with 429, connection failed)."""
+        entry = self._by_key.pop(key, None)
+        if entry is None or not entry.alive:
+            return
+        new_tokens = tokens if counted else 0
+        new_requests = 1 if counted else 0
+        self.used_tokens += new_tokens - entry.tokens
+        self.used_requests += new_requests - entry.requests
+        entry.tokens, entry.requests = new_tokens, new_requests
+        self._prune(now)
+
+    def block(self, until: float) -> None:
+        """Hold every dispatch until ``until`` (a 429's retry-after)."""
+        self.blocked_until = max(self.blocked_until, until)
+
+    def observe(self, now: float, rate: RateHeaders) -> None:
+        """Correct the estimate with the provider's headers read at ``now``."""
+        if not self.settings.use_headers or rate.empty:
+            return
+        self._prune(now)
+        if self.tpm is None and rate.limit_tokens:
+            self.tpm = rate.limit_tokens
+        if self.rpm is None and rate.limit_requests:
+            self.rpm = rate.limit_requests
+        used_t = used_r = None
+        if rate.remaining_tokens is not None and (rate.limit_tokens or self.tpm):
+            used_t = (rate.limit_tokens or self.tpm or 0) - rate.remaining_tokens
+        if rate.remaining_requests is not None and (rate.limit_requests or self.rpm):
+            used_r = (rate.limit_requests or self.rpm or 0) - rate.remaining_requests
+        resets = [r for r in (rate.reset_tokens_s, rate.reset_requests_s) if r is not None]
+        horizon = min([self.settings.window_s, *resets])
+        self._snapshot = _Snapshot(now, used_t, used_r, self.used_tokens, self.used_requests,
+                                   now + horizon)
+
+    # --------------------------------------------------------------- decisions
+
+    def usage(self, now: float) -> tuple[int, int]:
+        """(tokens, requests) counted in the window at ``now``, header-corrected."""
+        self._prune(now)
+        tokens, requests = self.used_tokens, self.used_requests
+        snap = self._snapshot
+        if snap is not None and now < snap.valid_until:
+            if snap.provider_used_tokens is not None:
+                tokens = max(tokens, snap.provider_used_tokens + tokens - snap.our_tokens)
+            if snap.provider_used_requests is not None:
+                requests = max(requests,
+                               snap.provider_used_requests + requests - snap.our_requests)
+        return tokens, requests
+
+    def _wait_for_room(self, now: float, excess_tokens: int, excess_requests: int) -> float:
+        """Seconds until enough of our own entries leave the window to free the excess."""
+        freed_t = freed_r = 0
+        window = self.settings.window_s
+        for entry in self._entries:
+            if not entry.alive:
+                continue
+            freed_t += entry.tokens
+            freed_r += entry.requests
+            if freed_t >= excess_tokens and freed_r >= excess_requests:
+                return max(0.0, entry.t + window - now)
+        snap = self._snapshot
+        if snap is not None and now < snap.valid_until:
+            return snap.valid_until - now
+        return 0.0
+
+    def delay(self, now: float, tokens: int, slots: int = 1) -> float:
+        """Seconds to wait before dispatching a request of ``tokens`` (0 = go now).
+
+        Hard part: never plan beyond ``ceiling`` of TPM/RPM in the window. Graduated part:
+        above each step's usage fraction, space dispatches by its delay divided over the
+        ``slots`` in flight (the article's per-thread sleep).
+        """
+        if now < self.blocked_until:
+            return self.blocked_until - now
+        if not self.settings.enabled:
+            return 0.0
+        used_t, used_r = self.usage(now)
+        ceiling = self.settings.ceiling
+        excess_t = excess_r = 0
+        if self.tpm:
+            excess_t = int(used_t + tokens - self.tpm * ceiling)
+        if self.rpm:
+            excess_r = int(used_r + 1 - self.rpm * ceiling + 0.999999)
+        if (excess_t > 0 and used_t > 0) or (excess_r > 0 and used_r > 0):
+            wait = self._wait_for_room(now, max(0, excess_t), max(0, excess_r))
+            if wait > 0:
+                return wait
+        fraction = 0.0
+        if self.tpm:
+            fraction = (used_t + tokens) / self.tpm
+        if self.rpm:
+            fraction = max(fraction, (used_r + 1) / self.rpm)
+        step_delay = 0.0
+        for threshold, delay in self.settings.steps:
+            if fraction > threshold:
+                step_delay = delay
+        if step_delay > 0:
+            return max(0.0, self._last_dispatch + step_delay / max(1, slots) - now)
+        return 0.0

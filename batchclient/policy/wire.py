@@ -1,0 +1,78 @@
+"""Transport-neutral values exchanged between the engine and whoever drives it.
+
+The asyncio runner turns a ``Call`` into an HTTP request and the reply into a ``Response``;
+the SimPy planner builds ``Response`` values straight from the provider model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+ErrorKind = Literal["timeout", "reset", "connect", "watchdog_first_token", "watchdog_loop"]
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One work item: an id matching ``[A-Za-z0-9_.-]+``, one text, optional tag and user."""
+
+    id: str
+    text: str
+    tag: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens the provider reports for one request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One request the engine wants sent: an OpenAI chat-completions body to a provider.
+
+    ``prompt_tokens`` is the exact ratelab-tokenizer prompt size, ``reserved_tokens`` what
+    the throttle reserved for it, ``timeout_s`` the virtual deadline of the whole call.
+    """
+
+    call_id: int
+    provider: str
+    model: str
+    item_ids: tuple[str, ...]
+    body: Mapping[str, object]
+    prompt_tokens: int
+    max_tokens: int
+    reserved_tokens: int
+    attempt: int
+    timeout_s: float
+    stream: bool = False
+    lane: Literal["background", "interactive"] = "background"
+    sent_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """What came back for a call: status 0 with ``error`` set when no HTTP reply arrived.
+
+    ``content``/``finish_reason``/``usage`` may be given directly (streams, the planner);
+    otherwise the engine reads them from ``body`` (OpenAI chat-completion JSON text).
+    Durations are virtual seconds.
+    """
+
+    status: int
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: str = ""
+    content: str | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    elapsed_s: float = 0.0
+    ttft_s: float | None = None
+    error: ErrorKind | None = None
