@@ -15,6 +15,9 @@ from collections.abc import Sequence
 # subcommand -> module implementing it
 SUBCOMMANDS: dict[str, str] = {
     "serve": "simulator.cli",
+    "validate": "loadtests.validate",
+    "gate": "reports.gate",
+    "compare": "reports.compare",
 }
 
 
