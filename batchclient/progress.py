@@ -1,0 +1,57 @@
+"""One-line progress of a job: items done, items/min, tokens/min against the limit, cost, ETA."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressSnapshot:
+    """Figures of a running job at virtual time ``elapsed_s`` since it started."""
+
+    elapsed_s: float
+    done: int
+    dead: int
+    total: int
+    tokens: int
+    cost_usd: float
+    tpm_limit: int | None = None
+    rate_limited: int = 0
+
+    @property
+    def items_per_min(self) -> float:
+        """Finished items per virtual minute so far."""
+        return 60.0 * (self.done + self.dead) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def tokens_per_min(self) -> float:
+        """Tokens per virtual minute so far."""
+        return 60.0 * self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        """Virtual seconds left at the current rate, None before the first item."""
+        rate = self.items_per_min
+        left = self.total - self.done - self.dead
+        return None if rate <= 0 else 60.0 * left / rate
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "--:--"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def render(snapshot: ProgressSnapshot, width: int = 20) -> str:
+    """The progress line, e.g. ``[#####.....] 500/1000 done 3 dead | 1200 items/min | ...``."""
+    s = snapshot
+    finished = s.done + s.dead
+    filled = int(width * finished / s.total) if s.total else width
+    bar = "#" * filled + "." * (width - filled)
+    tpm = f"{s.tokens_per_min:,.0f} tok/min"
+    if s.tpm_limit:
+        tpm += f" of {s.tpm_limit:,} ({100.0 * s.tokens_per_min / s.tpm_limit:.0f}%)"
+    return (f"[{bar}] {s.done}/{s.total} done {s.dead} dead | {s.items_per_min:,.0f} items/min"
+            f" | {tpm} | 429s {s.rate_limited} | ${s.cost_usd:.4f} | ETA {_duration(s.eta_s)}")

@@ -1,0 +1,258 @@
+"""The asyncio driver of the engine over a transport, a job store, a cache and a clock.
+
+It validates everything before the first request, feeds the engine page by page, sends
+what it asks, commits results after every batch, stops dispatch on a fatal answer (402,
+401) while in-flight requests finish, and returns a ``JobResult`` whose ``exit_status``
+follows docs/conventions.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from batchclient.cache import ResultCache
+from batchclient.clock import Clock, ScaledClock
+from batchclient.config import ClientConfig, Task
+from batchclient.events import EventHook
+from batchclient.policy.engine import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    Done,
+    Engine,
+    InputError,
+    Send,
+    cache_key,
+)
+from batchclient.policy.routing import Predicate, route_model
+from batchclient.policy.wire import Call, Response
+from batchclient.progress import ProgressSnapshot
+from batchclient.store import JobStore
+from batchclient.transport import Transport
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    """How a run ended: exit status, item counts (they add up to ``total``), requests,
+    429s, cost in USD and virtual seconds elapsed."""
+
+    exit_status: int
+    total: int
+    done: int
+    dead: int
+    pending: int
+    cached: int
+    requests: int
+    rate_limited: int
+    errors: int
+    tokens_in: int
+    tokens_out: int
+    cost_usd: float
+    elapsed_s: float
+    reason: str = ""
+
+    @property
+    def cost_per_item_usd(self) -> float:
+        """Cost of this run divided by the items it finished."""
+        return self.cost_usd / self.done if self.done else 0.0
+
+
+class Runner:
+    """Runs one job to completion (or to a clean stop). Use ``await runner.run()``."""
+
+    def __init__(
+        self,
+        task: Task,
+        config: ClientConfig,
+        transport: Transport,
+        store: JobStore,
+        *,
+        cache: ResultCache | None = None,
+        clock: Clock | None = None,
+        on_event: EventHook | None = None,
+        on_low_balance: Callable[[float], None] | None = None,
+        on_progress: Callable[[ProgressSnapshot], None] | None = None,
+        progress_every_s: float = 0.5,
+        predicates: Iterable[tuple[Predicate, str]] = (),
+    ) -> None:
+        self.task = task
+        self.config = config
+        self.transport = transport
+        self.store = store
+        self.cache = cache
+        self.clock: Clock = clock if clock is not None else ScaledClock(config.time_scale)
+        self.on_event = on_event
+        self.on_low_balance = on_low_balance
+        self.on_progress = on_progress
+        self.progress_every_s = progress_every_s
+        self.predicates = tuple(predicates)
+        self._stop = False
+        self.engine: Engine | None = None
+
+    def stop(self) -> None:
+        """Ask the run to stop dispatching; in-flight requests finish, results are saved."""
+        self._stop = True
+
+    async def _served_models(self) -> dict[str, set[str]] | None:
+        lister = getattr(self.transport, "list_models", None)
+        if lister is None:
+            return None
+        served: dict[str, set[str]] = {}
+        for provider in self.config.providers:
+            models = await lister(provider.name)
+            if models is not None:
+                served[provider.name] = models
+        return served
+
+    async def preflight(self) -> Engine:
+        """Validate task, settings and every pending item; build the engine. Raises
+        InputError (naming the item or setting) before any request is sent."""
+        served = await self._served_models()
+        engine = Engine(self.task, self.config, random.Random(self.config.seed), served,
+                        self.predicates)
+        models = {self.task.model, *(r.model for r in self.config.routing),
+                  *(m for _, m in self.predicates)}
+        if served:
+            for model in sorted(models):
+                if not any(model in served.get(p.name, {model}) for p in self.config.providers):
+                    setting = "task.model" if model == self.task.model else "routing.model"
+                    raise InputError(f"{setting}: model {model!r} is not served by any "
+                                     "provider (per GET /v1/models)")
+        counts = self.store.counts()
+        if counts.total == 0:
+            raise InputError("items: the job has no items")
+        checker = Engine(self.task, self.config, random.Random(0), served, self.predicates)
+        cursor = 0
+        while True:
+            page = self.store.page(cursor, 5000)
+            if not page:
+                break
+            for _, item in page:
+                checker.check_item(item)
+            checker._keys.clear()
+            cursor = page[-1][0]
+        return engine
+
+    def _feed(self, engine: Engine, cursor: int) -> int:
+        while engine.wants_items:
+            page = self.store.page(cursor, engine.wants_items)
+            if not page:
+                engine.end_of_items()
+                break
+            cursor = page[-1][0]
+            items = [item for _, item in page]
+            if self.cache is not None:
+                keys = {item.id: cache_key(item.text, self.task, route_model(
+                    item, self.task.model, self.config.routing, self.predicates))
+                    for item in items}
+                hits = self.cache.get_many(keys.values())
+                fresh = []
+                for item in items:
+                    code = hits.get(keys[item.id])
+                    if code is not None and code in self.task.labels:
+                        engine.complete_from_cache(item, code)
+                    else:
+                        fresh.append(item)
+                items = fresh
+                self._flush(engine)
+            engine.add_items(items)
+        return cursor
+
+    def _flush(self, engine: Engine) -> None:
+        results, events = engine.drain()
+        if results:
+            self.store.save_results(results)
+            if self.cache is not None:
+                self.cache.put_many(results)
+        for event in events:
+            if self.on_event is not None:
+                self.on_event(event)
+            if event.kind == "balance" and self.on_low_balance is not None:
+                self.on_low_balance(event.balance_usd or 0.0)
+
+    async def _send(self, call: Call) -> tuple[Call, Response]:
+        return call, await self.transport.send(call)
+
+    def _snapshot(self, engine: Engine, start: float, total: int) -> ProgressSnapshot:
+        c = engine.counts
+        tpm = next((t.tpm for t in engine._throttles.values() if t.tpm), None)
+        return ProgressSnapshot(self.clock.now() - start, c.done, c.dead, total,
+                                c.tokens_in + c.tokens_out, engine.cost.total_usd, tpm,
+                                c.rate_limited)
+
+    async def run(self) -> JobResult:
+        """Run the job; InputError propagates (exit status 2) before any request."""
+        engine = await self.preflight()
+        self.engine = engine
+        before = self.store.counts()
+        total = before.pending
+        start = self.clock.now()
+        cursor = 0
+        tasks: set[asyncio.Task[tuple[Call, Response]]] = set()
+        last_progress = -1e18
+        interrupted = False
+        status = EXIT_OK
+        reason = ""
+        try:
+            while True:
+                cursor = self._feed(engine, cursor)
+                if self._stop and not interrupted:
+                    interrupted = True
+                if interrupted:
+                    if not tasks:
+                        status, reason = EXIT_INTERRUPTED, "interrupted"
+                        break
+                    action: object = None
+                else:
+                    action = engine.next_action(self.clock.now())
+                if isinstance(action, Send):
+                    tasks.add(asyncio.ensure_future(self._send(action.call)))
+                    continue
+                if isinstance(action, Done):
+                    status, reason = action.status, action.reason
+                    break
+                timeout = getattr(action, "seconds", None)
+                wall = None if timeout is None else max(0.0, timeout) / self.config.time_scale
+                if self.on_progress is not None:
+                    wall = self.progress_every_s if wall is None else min(
+                        wall, self.progress_every_s)
+                if tasks:
+                    finished, tasks = await asyncio.wait(
+                        tasks, timeout=wall, return_when=asyncio.FIRST_COMPLETED)
+                    for fut in finished:
+                        call, response = fut.result()
+                        engine.on_response(self.clock.now(), call, response)
+                        self._flush(engine)
+                elif wall is not None:
+                    await asyncio.sleep(wall)
+                elif not self._stop:
+                    # Nothing in flight and nothing scheduled: only new items can help.
+                    await asyncio.sleep(0.01)
+                now = self.clock.now()
+                if self.on_progress is not None and now - last_progress >= (
+                        self.progress_every_s * self.config.time_scale):
+                    last_progress = now
+                    self.on_progress(self._snapshot(engine, start, total))
+        finally:
+            if tasks:
+                # Cancelled or failed mid-run: collect what finished, save it.
+                done, _pending = await asyncio.wait(tasks, timeout=None)
+                for fut in done:
+                    if not fut.cancelled() and fut.exception() is None:
+                        call, response = fut.result()
+                        engine.on_response(self.clock.now(), call, response)
+            self._flush(engine)
+        if self.on_progress is not None:
+            self.on_progress(self._snapshot(engine, start, total))
+        after = self.store.counts()
+        c = engine.counts
+        return JobResult(
+            exit_status=status, total=after.total, done=after.done, dead=after.dead,
+            pending=after.pending, cached=c.cached, requests=c.requests,
+            rate_limited=c.rate_limited, errors=c.errors, tokens_in=c.tokens_in,
+            tokens_out=c.tokens_out, cost_usd=engine.cost.total_usd,
+            elapsed_s=self.clock.now() - start, reason=reason,
+        )
+

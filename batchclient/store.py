@@ -1,0 +1,209 @@
+"""Durable job store: items with a NULL result until done, cursor pagination, dead letters.
+
+``SqliteJobStore`` (WAL) implements the small ``JobStore`` protocol so another database
+could be added. Results are committed after every batch and written only where the result
+is still NULL, so a restart skips everything done and a result is never written twice.
+Transient SQLite errors (locked, I/O) are retried with backoff.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from batchclient.policy.engine import InputError, ItemResult
+from batchclient.policy.tokens import canonical_id
+from batchclient.policy.wire import Item
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    seq INTEGER PRIMARY KEY,
+    item_id TEXT NOT NULL UNIQUE,
+    canon TEXT NOT NULL UNIQUE,
+    text TEXT NOT NULL,
+    tag TEXT,
+    result TEXT,
+    label TEXT,
+    state TEXT NOT NULL DEFAULT 'pending',
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    cost_usd REAL NOT NULL DEFAULT 0,
+    model TEXT,
+    provider TEXT
+);
+CREATE INDEX IF NOT EXISTS items_pending ON items(seq) WHERE result IS NULL AND state = 'pending';
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCounts:
+    """Items in the store by state; ``total = done + dead + pending``."""
+
+    total: int
+    done: int
+    dead: int
+    pending: int
+    cost_usd: float
+
+
+class JobStore(Protocol):
+    """What the runner needs of a job store."""
+
+    def import_items(self, items: Iterable[Item]) -> int:
+        """Add items (idempotent for identical ones); return how many were new."""
+        ...
+
+    def page(self, after_seq: int, limit: int) -> list[tuple[int, Item]]:
+        """Up to ``limit`` pending items with ``seq > after_seq``, in seq order."""
+        ...
+
+    def save_results(self, results: Sequence[ItemResult]) -> int:
+        """Commit one batch of results; return how many rows changed."""
+        ...
+
+    def counts(self) -> StoreCounts:
+        """Counts by state."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection."""
+        ...
+
+
+class SqliteJobStore:
+    """SQLite job store in WAL mode (one connection; ``retries`` on transient errors)."""
+
+    def __init__(self, path: str, retries: int = 6, base_delay_s: float = 0.05) -> None:
+        self.path = path
+        self.retries = retries
+        self.base_delay_s = base_delay_s
+        self._rng = random.Random(0)
+        self._conn = self._retry(self._connect)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(_SCHEMA)
+        return conn
+
+    def _retry(self, fn: Callable[[], T]) -> T:
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except sqlite3.OperationalError:
+                if attempt >= self.retries:
+                    raise
+                # Full jitter, wall seconds: the database is a local resource.
+                time.sleep(self._rng.uniform(0, self.base_delay_s * 2 ** attempt))
+        raise AssertionError("unreachable")
+
+    def import_items(self, items: Iterable[Item]) -> int:
+        """Insert items in chunks; an id already present with another text is InputError."""
+        added = 0
+        chunk: list[Item] = []
+
+        def flush() -> int:
+            def run() -> int:
+                conn = self._conn
+                new = 0
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for item in chunk:
+                        canon = canonical_id(item.id)
+                        row = conn.execute("SELECT item_id, text FROM items WHERE canon = ?",
+                                           (canon,)).fetchone()
+                        if row is not None:
+                            if row[0] != item.id or row[1] != item.text:
+                                raise InputError(f"item {item.id!r}: id collides with stored "
+                                                 f"item {row[0]!r}")
+                            continue
+                        conn.execute("INSERT INTO items(item_id, canon, text, tag) "
+                                     "VALUES (?, ?, ?, ?)", (item.id, canon, item.text, item.tag))
+                        new += 1
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                return new
+
+            return self._retry(run)
+
+        for item in items:
+            chunk.append(item)
+            if len(chunk) >= 5000:
+                added += flush()
+                chunk = []
+        if chunk:
+            added += flush()
+        return added
+
+    def page(self, after_seq: int, limit: int) -> list[tuple[int, Item]]:
+        """Cursor pagination: ``WHERE result IS NULL AND seq > ? ORDER BY seq LIMIT ?``."""
+        rows = self._retry(lambda: self._conn.execute(
+            "SELECT seq, item_id, text, tag FROM items WHERE result IS NULL AND "
+            "state = 'pending' AND seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall())
+        return [(int(r[0]), Item(str(r[1]), str(r[2]), r[3])) for r in rows]
+
+    def save_results(self, results: Sequence[ItemResult]) -> int:
+        """One transaction per batch; a row is only written while its result is NULL."""
+        if not results:
+            return 0
+
+        def run() -> int:
+            conn = self._conn
+            changed = 0
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for r in results:
+                    if r.state == "done":
+                        cur = conn.execute(
+                            "UPDATE items SET result = ?, label = ?, state = 'done', error = NULL,"
+                            " attempts = ?, cost_usd = ?, model = ?, provider = ? "
+                            "WHERE item_id = ? AND result IS NULL",
+                            (r.code, r.label, r.attempts, r.cost_usd, r.model, r.provider,
+                             r.item_id))
+                    else:
+                        cur = conn.execute(
+                            "UPDATE items SET state = 'dead', error = ?, attempts = ?, model = ?,"
+                            " provider = ? WHERE item_id = ? AND result IS NULL",
+                            (r.error, r.attempts, r.model, r.provider, r.item_id))
+                    changed += cur.rowcount
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return changed
+
+        return self._retry(run)
+
+    def requeue_dead(self) -> int:
+        """Put dead-lettered items back to pending (after fixing their cause)."""
+        cur = self._retry(lambda: self._conn.execute(
+            "UPDATE items SET state = 'pending' WHERE state = 'dead' AND result IS NULL"))
+        return cur.rowcount
+
+    def counts(self) -> StoreCounts:
+        """Counts by state and the total cost recorded on done items."""
+        row = self._retry(lambda: self._conn.execute(
+            "SELECT COUNT(*), SUM(state = 'done'), SUM(state = 'dead'), "
+            "SUM(result IS NULL AND state = 'pending'), COALESCE(SUM(cost_usd), 0) "
+            "FROM items").fetchone())
+        return StoreCounts(int(row[0]), int(row[1] or 0), int(row[2] or 0), int(row[3] or 0),
+                           float(row[4]))
+
+    def results(self) -> dict[str, tuple[str, str | None, str | None]]:
+        """Every item's (state, code, error), for reports and tests."""
+        rows = self._retry(lambda: self._conn.execute(
+            "SELECT item_id, state, result, error FROM items").fetchall())
+        return {str(r[0]): (str(r[1]), r[2], r[3]) for r in rows}
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._conn.close()

@@ -1,0 +1,197 @@
+"""Transports: how a ``Call`` becomes a ``Response``.
+
+``AiohttpTransport`` speaks OpenAI's chat-completions API over one keep-alive session
+(non-streaming, or SSE with a watchdog that cancels on a slow first token or a repetition
+loop); ``FunctionTransport`` maps calls to responses in-process for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Protocol
+
+import aiohttp
+
+from batchclient.config import ProviderSettings, StreamSettings
+from batchclient.policy.watchdog import repetition_loop
+from batchclient.policy.wire import Call, Response, Usage
+
+
+class Transport(Protocol):
+    """Sends one call and returns what came back (never raises for HTTP or network errors)."""
+
+    async def send(self, call: Call) -> Response:
+        """Send ``call``; a failure without an HTTP reply is a Response with ``error``."""
+        ...
+
+
+class ModelLister(Protocol):
+    """A transport that can also list the models a provider serves (``GET /v1/models``)."""
+
+    async def list_models(self, provider: str) -> set[str] | None:
+        """Model ids served by ``provider``, or None when it cannot tell."""
+        ...
+
+
+ResponseFn = Callable[[Call], Response | Awaitable[Response]]
+
+
+class FunctionTransport:
+    """A transport that calls ``fn(call)`` (sync or async) instead of the network."""
+
+    def __init__(self, fn: ResponseFn, models: Mapping[str, set[str]] | None = None) -> None:
+        self.fn = fn
+        self.models = models
+        self.calls: list[Call] = []
+
+    async def send(self, call: Call) -> Response:
+        """Record the call and return ``fn(call)``."""
+        self.calls.append(call)
+        result = self.fn(call)
+        if inspect.isawaitable(result):
+            return await result
+        return result
+
+    async def list_models(self, provider: str) -> set[str] | None:
+        """The ``models`` given at construction for ``provider`` (None: unknown)."""
+        return None if self.models is None else self.models.get(provider)
+
+
+def _lower(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
+
+
+class AiohttpTransport:
+    """One aiohttp session (keep-alive) to every configured provider.
+
+    Timeouts and the watchdog deadline are virtual seconds, divided by each provider's
+    ``time_scale`` on the wire; elapsed times in responses are virtual seconds.
+    """
+
+    def __init__(self, providers: Sequence[ProviderSettings],
+                 stream: StreamSettings | None = None, limit: int = 256) -> None:
+        self.providers = {p.name: p for p in providers}
+        self.stream = stream if stream is not None else StreamSettings()
+        self._limit = limit
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self._limit, keepalive_timeout=30)
+            self._session = aiohttp.ClientSession(connector=connector)
+        return self._session
+
+    async def close(self) -> None:
+        """Close the session (idempotent)."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> AiohttpTransport:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _headers(self, provider: ProviderSettings) -> dict[str, str]:
+        return {"Authorization": f"Bearer {provider.api_key}",
+                "Content-Type": "application/json"}
+
+    async def list_models(self, provider: str) -> set[str] | None:
+        """``GET {base_url}/models``: the served model ids, None if the call fails."""
+        p = self.providers[provider]
+        try:
+            async with self._get_session().get(
+                f"{p.base_url}/models", headers=self._headers(p),
+                timeout=aiohttp.ClientTimeout(total=10),
+            ) as resp:
+                if resp.status != 200:
+                    return None
+                data = await resp.json(content_type=None)
+        except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError):
+            return None
+        models = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(models, list):
+            return None
+        return {str(m.get("id")) for m in models if isinstance(m, dict) and "id" in m}
+
+    async def send(self, call: Call) -> Response:
+        """POST the call to ``{base_url}/chat/completions``; streams when ``call.stream``."""
+        p = self.providers[call.provider]
+        k = p.time_scale
+        start = time.monotonic()
+        timeout = aiohttp.ClientTimeout(total=call.timeout_s / k)
+        try:
+            async with self._get_session().post(
+                f"{p.base_url}/chat/completions", data=json.dumps(call.body),
+                headers=self._headers(p), timeout=timeout,
+            ) as resp:
+                headers = _lower(resp.headers)
+                if call.stream and resp.status == 200:
+                    return await self._read_stream(resp, headers, start, k)
+                body = await resp.text()
+                return Response(resp.status, headers, body,
+                                elapsed_s=(time.monotonic() - start) * k)
+        except TimeoutError:
+            return Response(0, elapsed_s=(time.monotonic() - start) * k, error="timeout")
+        except aiohttp.ClientConnectorError:
+            return Response(0, elapsed_s=(time.monotonic() - start) * k, error="connect")
+        except (aiohttp.ClientError, ConnectionError):
+            return Response(0, elapsed_s=(time.monotonic() - start) * k, error="reset")
+
+    async def _read_stream(self, resp: aiohttp.ClientResponse, headers: dict[str, str],
+                           start: float, k: float) -> Response:
+        """Read SSE chunks; cancel on a late first token or a repetition loop."""
+        parts: list[str] = []
+        finish: str | None = None
+        usage: Usage | None = None
+        ttft: float | None = None
+        first_deadline = start + self.stream.first_token_s / k
+        text_len_checked = 0
+        while True:
+            remaining = first_deadline - time.monotonic() if ttft is None else None
+            try:
+                if remaining is not None:
+                    line = await asyncio.wait_for(resp.content.readline(), max(0.0, remaining))
+                else:
+                    line = await resp.content.readline()
+            except TimeoutError:
+                return Response(resp.status, headers, elapsed_s=(time.monotonic() - start) * k,
+                                error="watchdog_first_token")
+            if not line:
+                break
+            text = line.decode().strip()
+            if not text.startswith("data:"):
+                continue
+            payload = text[5:].strip()
+            if payload == "[DONE]":
+                break
+            try:
+                chunk = json.loads(payload)
+            except json.JSONDecodeError:
+                continue
+            for choice in chunk.get("choices") or []:
+                delta = choice.get("delta") or {}
+                piece = delta.get("content")
+                if piece:
+                    if ttft is None:
+                        ttft = (time.monotonic() - start) * k
+                    parts.append(piece)
+                finish = choice.get("finish_reason") or finish
+            raw = chunk.get("usage")
+            if isinstance(raw, dict):
+                usage = Usage(int(raw.get("prompt_tokens", 0)),
+                              int(raw.get("completion_tokens", 0)))
+            total = sum(len(x) for x in parts)
+            if total - text_len_checked >= 32:
+                text_len_checked = total
+                if repetition_loop("".join(parts)[-2000:], self.stream.loop_min_period,
+                                   self.stream.loop_repeats):
+                    return Response(resp.status, headers, elapsed_s=(time.monotonic() - start) * k,
+                                    ttft_s=ttft, error="watchdog_loop")
+        return Response(resp.status, headers, content="".join(parts), finish_reason=finish,
+                        usage=usage, elapsed_s=(time.monotonic() - start) * k, ttft_s=ttft)

@@ -1,0 +1,178 @@
+"""The engine driven by hand against the in-process fake provider (exact, no network)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from bc_fakes import FakeProvider, code_of, config, items, task
+
+from batchclient.policy.engine import (
+    EXIT_AUTH,
+    EXIT_BALANCE,
+    Done,
+    Engine,
+    InputError,
+    Send,
+    Wait,
+)
+from batchclient.policy.wire import Item
+
+
+def drive(engine: Engine, fake: FakeProvider, limit: int = 100000) -> tuple[Done, float, dict]:
+    """Run the engine in virtual time: every call answers after 0.5 s."""
+    now = 0.0
+    inflight: list[tuple[float, object]] = []
+    results: dict[str, object] = {}
+    for _ in range(limit):
+        action = engine.next_action(now)
+        if isinstance(action, Send):
+            inflight.append((now + 0.5, action.call))
+            continue
+        if isinstance(action, Done):
+            for r in engine.drain()[0]:
+                assert r.item_id not in results
+                results[r.item_id] = r
+            return action, now, results
+        assert isinstance(action, Wait)
+        nxt = min([t for t, _ in inflight], default=None)
+        if action.seconds is not None:
+            nxt = min(nxt, now + action.seconds) if nxt is not None else now + action.seconds
+        assert nxt is not None, "engine waits for nothing"
+        now = max(now, nxt)
+        due = [(t, c) for t, c in inflight if t <= now]
+        inflight = [(t, c) for t, c in inflight if t > now]
+        for _, call in due:
+            engine.on_response(now, call, fake(call))  # type: ignore[arg-type]
+        for r in engine.drain()[0]:
+            assert r.item_id not in results, f"{r.item_id} finished twice"
+            results[r.item_id] = r
+    raise AssertionError("engine did not finish")
+
+
+def make(n: int = 100, **cfg: object) -> Engine:
+    engine = Engine(task(), config(**cfg), random.Random(1))
+    engine.add_items(items(n))
+    engine.end_of_items()
+    return engine
+
+
+def test_semantic_batch_finishes_every_item_with_its_code() -> None:
+    engine = make(100)
+    done, _, results = drive(engine, FakeProvider())
+    assert done.status == 0
+    assert len(results) == 100
+    for i in range(1, 101):
+        r = results[str(i)]
+        assert r.state == "done" and r.code == code_of(f"product number {i} with words")
+    assert engine.counts.requests == 5  # 20 items a batch
+
+
+@pytest.mark.parametrize("fault", ["drop", "repeat", "invent", "malformed", "truncate",
+                                   "bad_code"])
+def test_each_reply_fault_leaves_no_item_misattributed(fault: str) -> None:
+    engine = make(300)
+    done, _, results = drive(engine, FakeProvider(seed=3, faults={fault: 0.1}))
+    assert done.status == 0
+    assert len(results) == 300
+    wrong = [r for r in results.values()
+             if r.state == "done" and r.code != code_of(f"product number {r.item_id} with words")]
+    assert wrong == []
+    assert all(r.state == "done" for r in results.values())
+
+
+def test_poison_item_is_dead_lettered_after_max_misses() -> None:
+    engine = Engine(task(), config(), random.Random(1))
+    engine.add_items([*items(5), Item("99", "POISON pill")])
+    engine.end_of_items()
+    done, _, results = drive(engine, FakeProvider())
+    assert done.status == 0
+    assert results["99"].state == "dead" and "left out" in (results["99"].error or "")
+    assert engine.counts.done == 5 and engine.counts.dead == 1
+
+
+def test_single_and_naive_send_one_item_per_request() -> None:
+    for strategy in ("single", "naive"):
+        engine = make(10, strategy=strategy)
+        done, _, results = drive(engine, FakeProvider())
+        assert done.status == 0 and len(results) == 10
+        assert engine.counts.requests == 10
+
+
+def test_402_stops_dispatch_and_keeps_items_pending() -> None:
+    engine = make(100, concurrency={"limit": 1})
+    done, _, results = drive(engine, FakeProvider(script={3: 402}))
+    assert done.status == EXIT_BALANCE
+    assert len(results) == 40 and engine.counts.pending == 60
+
+
+def test_401_is_fatal_auth() -> None:
+    engine = make(20)
+    done, _, results = drive(engine, FakeProvider(script={1: 401}))
+    assert done.status == EXIT_AUTH and results == {}
+
+
+def test_5xx_retries_with_backoff_then_dead_letters_at_the_cap() -> None:
+    engine = make(20, retry={"max_attempts": 3, "base_s": 0.1})
+    done, now, results = drive(engine, FakeProvider(status_fn=lambda call: 500))
+    assert done.status == 0
+    assert all(r.state == "dead" and r.attempts == 3 for r in results.values())
+    assert engine.counts.requests == 3
+
+
+def test_never_retry_header_dead_letters_at_once() -> None:
+    fake = FakeProvider(script={1: 500})
+    fake.headers = {}
+    engine = make(20)
+
+    def answer(call):  # type: ignore[no-untyped-def]
+        response = fake(call)
+        if response.status == 500:
+            from dataclasses import replace
+            return replace(response, headers={"x-should-retry": "false"})
+        return response
+
+    done, _, results = drive(engine, answer)  # type: ignore[arg-type]
+    assert done.status == 0
+    assert sum(r.state == "dead" for r in results.values()) == 20
+    assert engine.counts.requests == 1
+
+
+def test_429_honours_retry_after_and_does_not_count_attempts() -> None:
+    engine = make(40, concurrency={"limit": 1})
+    done, now, results = drive(engine, FakeProvider(script={1: 429}))
+    assert done.status == 0 and all(r.state == "done" for r in results.values())
+    assert engine.counts.rate_limited == 1
+    assert now >= 1.0 + 0.5 + 0.5  # waited out retry-after: 1 s
+
+
+def test_duplicates_inside_a_job_are_sent_once() -> None:
+    engine = Engine(task(), config(), random.Random(1))
+    engine.add_items([Item("1", "same text"), Item("2", "Same   TEXT"), Item("3", "other")])
+    engine.end_of_items()
+    fake = FakeProvider()
+    done, _, results = drive(engine, fake)
+    assert results["1"].code == results["2"].code == code_of("same text")
+    assert engine.counts.cached == 1
+    assert sum(fake.answered.values()) == 2
+
+
+def test_bad_input_is_refused_naming_the_item() -> None:
+    engine = Engine(task(), config(), random.Random(1))
+    with pytest.raises(InputError, match="'007'.*collides"):
+        engine.add_items([Item("7", "a"), Item("007", "b")])
+    with pytest.raises(InputError, match="'big'.*token_budget"):
+        engine.add_items([Item("big", "x" * 70000)])
+    with pytest.raises(InputError, match="empty text"):
+        engine.add_items([Item("e", "  ")])
+    with pytest.raises(InputError, match="id must match"):
+        engine.add_items([Item("a b", "text")])
+    with pytest.raises(InputError, match="taxonomy has no codes"):
+        Engine(task(labels={}), config(), random.Random(1))
+
+
+def test_adaptive_batch_shrinks_on_truncation() -> None:
+    engine = make(200, batch={"adaptive": True, "max_items": 20})
+    done, _, results = drive(engine, FakeProvider(seed=2, faults={"truncate": 0.5}))
+    assert done.status == 0 and all(r.state == "done" for r in results.values())
+    assert engine.adaptive is not None and engine.adaptive.size < 20
