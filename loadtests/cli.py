@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "validate": "loadtests.validate",
     "gate": "reports.gate",
     "compare": "reports.compare",
+    "job": "batchclient.cli",
 }
 
 

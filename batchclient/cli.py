@@ -1,0 +1,205 @@
+"""``ratelab job``: run (or resume) a batch job from a JSONL file into a SQLite job store.
+
+Re-running the same command resumes: items already in the store are not imported again,
+done ones are skipped. Exit statuses follow docs/conventions.md (0, 1, 2, 3, 4, 130).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from batchclient.cache import SqliteResultCache
+from batchclient.config import ConfigError, ProviderSettings, parse_client_config, parse_task
+from batchclient.policy.engine import EXIT_ERROR, EXIT_INPUT, InputError
+from batchclient.policy.wire import Item
+from batchclient.progress import ProgressSnapshot, render
+from batchclient.runner import JobResult, Runner
+from batchclient.store import SqliteJobStore
+from batchclient.transport import AiohttpTransport
+
+HELP = "Run or resume a batch job: classify ITEMS.jsonl through a rate-limited LLM API."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``job`` options on ``parser``."""
+    parser.add_argument("items", nargs="?", help="JSONL file of {id, text[, tag]} (omit to "
+                        "resume a job already imported into --db)")
+    parser.add_argument("--task", required=True, help="task YAML: name, system_prompt, "
+                        "labels {code: name}, model, max_tokens_per_item")
+    parser.add_argument("--db", required=True, help="SQLite job store (created if missing)")
+    parser.add_argument("--config", help="client settings YAML (strategy, batch, throttle...)")
+    parser.add_argument("--base-url", help="provider base URL, e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                        help="environment variable holding the API key")
+    parser.add_argument("--strategy", choices=["single", "semantic_batch", "naive"])
+    parser.add_argument("--model", help="override the task's model")
+    parser.add_argument("--time-scale", type=float, help="simulator time compression factor")
+    parser.add_argument("--concurrency", type=int, help="requests in flight")
+    parser.add_argument("--batch-size", type=int, help="items per request (semantic_batch)")
+    parser.add_argument("--token-budget", type=int, help="prompt + max_tokens per request")
+    parser.add_argument("--tpm", type=int, help="tokens per minute the provider allows")
+    parser.add_argument("--rpm", type=int, help="requests per minute the provider allows")
+    parser.add_argument("--tpm-counting", choices=["reserve_max_tokens", "actual"])
+    parser.add_argument("--cache", help="result cache SQLite file shared across jobs")
+    parser.add_argument("--low-balance", type=float, help="warn when the balance (USD) "
+                        "falls below this")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--no-progress", action="store_true", help="no progress line")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _load_yaml(path: str) -> object:
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+
+
+def read_items(path: str) -> Iterator[Item]:
+    """Items of a JSONL file; raises InputError naming the line."""
+    try:
+        handle = open(path, encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
+    with handle:
+        for n, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{n}: invalid JSON: {exc.msg}") from exc
+            if not isinstance(data, dict) or "id" not in data or not isinstance(
+                    data.get("text"), str):
+                raise InputError(f"{path}:{n}: expected an object with id and text")
+            raw_id = data["id"]
+            if isinstance(raw_id, bool) or not isinstance(raw_id, int | str):
+                raise InputError(f"{path}:{n}: id must be a string or an integer")
+            tag = data.get("tag")
+            yield Item(str(raw_id), data["text"], tag if isinstance(tag, str) else None)
+
+
+def _client_mapping(args: argparse.Namespace) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    if args.config:
+        loaded = _load_yaml(args.config)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{args.config}: expected a mapping")
+        data = dict(loaded or {})
+    for key, value in (("strategy", args.strategy), ("time_scale", args.time_scale),
+                       ("seed", args.seed), ("low_balance_usd", args.low_balance)):
+        if value is not None:
+            data[key] = value
+    if args.concurrency is not None:
+        data["concurrency"] = {**data.get("concurrency", {}), "limit": args.concurrency}
+    batch = dict(data.get("batch", {}))
+    if args.batch_size is not None:
+        batch["max_items"] = args.batch_size
+    if args.token_budget is not None:
+        batch["token_budget"] = args.token_budget
+    if batch:
+        data["batch"] = batch
+    if args.base_url:
+        provider: dict[str, Any] = {"name": "default", "base_url": args.base_url,
+                                    "api_key_env": args.api_key_env}
+        data["providers"] = [provider]
+    if args.tpm is not None or args.rpm is not None or args.tpm_counting:
+        providers = list(data.get("providers") or [])
+        if providers:
+            first = dict(providers[0])
+            for key, value in (("tpm", args.tpm), ("rpm", args.rpm),
+                               ("tpm_counting", args.tpm_counting)):
+                if value is not None:
+                    first[key] = value
+            providers[0] = first
+            data["providers"] = providers
+    if args.cache:
+        data["cache_path"] = args.cache
+    return data
+
+
+async def _run(runner: Runner, transport: AiohttpTransport) -> JobResult:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, runner.stop)
+    try:
+        return await runner.run()
+    finally:
+        await transport.close()
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the job; return the exit status."""
+    try:
+        task = parse_task(_load_yaml(args.task), args.task)
+        if args.model:
+            from dataclasses import replace
+
+            task = replace(task, model=args.model)
+        source = args.config or "command line"
+        config = parse_client_config(_client_mapping(args), source)
+        if not config.providers:
+            raise ConfigError(f"{source}: providers: give --base-url or a providers list")
+        store = SqliteJobStore(args.db)
+    except (ConfigError, InputError) as exc:
+        print(f"ratelab job: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    cache = SqliteResultCache(config.cache_path) if config.cache_path else None
+    transport = AiohttpTransport(config.providers, config.stream)
+
+    def show(snapshot: ProgressSnapshot) -> None:
+        print("\r" + render(snapshot), end="", file=sys.stderr, flush=True)
+
+    def low_balance(balance: float) -> None:
+        print(f"\nratelab job: low balance: ${balance:.4f}", file=sys.stderr)
+
+    try:
+        if args.items:
+            store.import_items(read_items(args.items))
+        runner = Runner(task, config, transport, store, cache=cache,
+                        on_progress=None if args.no_progress else show,
+                        on_low_balance=low_balance)
+        result = asyncio.run(_run(runner, transport))
+    except (ConfigError, InputError) as exc:
+        print(f"\nratelab job: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except OSError as exc:
+        print(f"\nratelab job: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        store.close()
+        if cache is not None:
+            cache.close()
+    if not args.no_progress:
+        print(file=sys.stderr)
+    _report(result, args.json, _provider_names(config.providers))
+    return result.exit_status
+
+
+def _provider_names(providers: tuple[ProviderSettings, ...]) -> str:
+    return ",".join(p.name for p in providers)
+
+
+def _report(result: JobResult, as_json: bool, providers: str) -> None:
+    if as_json:
+        from dataclasses import asdict
+
+        print(json.dumps({**asdict(result), "providers": providers}))
+        return
+    print(f"exit {result.exit_status}: {result.done} done, {result.dead} dead, "
+          f"{result.pending} pending of {result.total}; {result.requests} requests, "
+          f"{result.rate_limited} 429s, ${result.cost_usd:.6f}"
+          + (f" ({result.reason})" if result.reason else ""))
