@@ -28,6 +28,7 @@ from loadtests.scenario_model import (
     SloSearch,
     Stage,
     Target,
+    TopUp,
     UserGroup,
     Workload,
 )
@@ -241,6 +242,7 @@ def _workload(raw: Mapping[str, Any]) -> Workload:
         ),
         prompt_tokens=_size(raw.get("prompt_tokens"), base.prompt_tokens),
         max_tokens=int(raw.get("max_tokens", base.max_tokens)),
+        model=raw.get("model"),
     )
 
 
@@ -293,6 +295,8 @@ def _users(raw: Mapping[str, Any], duration_s: float, base: Path) -> UserGroup:
         max_tokens=raw.get("max_tokens"),
         stream=bool(raw.get("stream", True)),
         user_ids=int(raw.get("user_ids", 1)),
+        per_user_rpm=raw.get("per_user", {}).get("rpm"),
+        per_user_tokens_per_day=raw.get("per_user", {}).get("tokens_per_day"),
     )
 
 
@@ -339,6 +343,7 @@ def _build(doc: dict[str, Any], path: Path) -> Scenario:
         users=tuple(_users(u, duration_s, base) for u in load_raw.get("users", [])),
         slo_search=SloSearch(**slo) if slo else None,
         error_guard=ErrorGuard(**guard),
+        topups=tuple(TopUp(**t) for t in load_raw.get("topups", [])),
     )
     expect_raw = doc.get("expect", {})
     target_raw = doc.get("target")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,15 @@ def meaning_problems(doc: Mapping[str, Any], lines: LineMap, base: Path) -> list
                 ("load", "slo_search", "users"), _unknown("user group", slo["users"], group_names)
             )
         )
+
+    for j, topup in enumerate(load.get("topups", [])):
+        if topup["provider"] not in provider_names:
+            add(
+                lines.problem(
+                    ("load", "topups", j, "provider"),
+                    _unknown("provider", topup["provider"], provider_names),
+                )
+            )
 
     for name in doc.get("expect", {}).get("arms", {}):
         if name not in arm_names:
@@ -265,34 +275,91 @@ def _optional(module: str, attr: str) -> Callable[..., Any] | None:
 
 
 def plugin_problems(scenario: Scenario, lines: LineMap) -> tuple[list[Problem], Scenario]:
-    """Hand providers to the simulator's ``parse_provider`` and arms to ``parse_client_config``."""
+    """Hand providers to the simulator's ``parse_provider`` and arms to ``parse_client_config``.
+
+    Their errors (``source: key.path: message``) are mapped back to a line of the scenario,
+    or of the profile file when the key comes from the profile.
+    """
     problems: list[Problem] = []
     parse_provider = _optional("simulator.model.config", "parse_provider")
     parse_client = _optional("batchclient.config", "parse_client_config")
     providers = list(scenario.providers)
     arms = list(scenario.arms)
+    scenario_file = str(scenario.path)
     if parse_provider is not None:
         for index, spec in enumerate(providers):
+            inline = spec.source.startswith(f"{scenario_file}:")
+            source = scenario_file if inline else spec.source
+            prefix: KeyPath = ("providers", index)
             try:
-                config = parse_provider(_plain(spec.data), spec.source)
+                if inline:
+                    config = parse_provider(
+                        _plain(spec.data),
+                        source,
+                        path=f"providers[{index}]",
+                        base_dir=scenario.path.parent,
+                    )
+                else:
+                    config = parse_provider(_plain(spec.data), source)
             except (ValueError, TypeError, KeyError) as exc:
-                problems.append(
-                    lines.problem(("providers", index), f"provider {spec.name!r}: {exc}")
-                )
+                path, message = _split_error(str(exc), source)
+                if inline:
+                    problems.append(lines.problem(path, message))
+                else:
+                    problems.append(_profile_problem(lines, prefix, spec.source, path, message))
                 continue
             providers[index] = dataclasses.replace(spec, config=config)
     if parse_client is not None:
         for index, arm in enumerate(arms):
-            source = f"{scenario.path}:arms[{index}].client"
+            client = _plain(arm.client)
+            if arm.strategy != "interactive":
+                if "strategy" in client and client["strategy"] != arm.strategy:
+                    problems.append(
+                        lines.problem(
+                            ("arms", index, "client", "strategy"),
+                            f"{client['strategy']!r} contradicts the arm's {arm.strategy!r}",
+                        )
+                    )
+                    continue
+                client["strategy"] = arm.strategy
             try:
-                config = parse_client(_plain(arm.client), source)
+                config = parse_client(client, scenario_file)
             except (ValueError, TypeError, KeyError) as exc:
-                problems.append(
-                    lines.problem(("arms", index, "client"), f"arm {arm.name!r}: {exc}")
-                )
+                path, message = _split_error(str(exc), scenario_file)
+                problems.append(lines.problem(("arms", index, "client", *path), message))
                 continue
             arms[index] = dataclasses.replace(arm, client_config=config)
     return problems, dataclasses.replace(scenario, providers=tuple(providers), arms=tuple(arms))
+
+
+def _split_error(text: str, source: str) -> tuple[KeyPath, str]:
+    """``source: a.b[0]: message`` -> (("a", "b", 0), "message"); unparsed text is the message."""
+    if text.startswith(f"{source}: "):
+        text = text[len(source) + 2 :]
+    head, sep, rest = text.partition(": ")
+    if sep and re.fullmatch(r"[A-Za-z0-9_<>.\[\]-]+", head):
+        parts: list[str | int] = []
+        for token in re.findall(r"\[(\d+)\]|([^.\[\]]+)", head):
+            parts.append(int(token[0]) if token[0] else token[1])
+        if parts in (["<top>"], ["<root>"]):
+            parts = []
+        return tuple(parts), rest
+    return (), text
+
+
+def _profile_problem(
+    lines: LineMap, prefix: KeyPath, profile: str, path: KeyPath, message: str
+) -> Problem:
+    """Locate a profile key: in the scenario's overrides if set there, else in the profile."""
+    override = (*prefix, "overrides", *path)
+    if path and lines.has(override):
+        return lines.problem(override, message)
+    try:
+        text = Path(profile).read_text(encoding="utf-8")
+        profile_lines = LineMap.from_text(profile, text)
+    except (OSError, ValueError):
+        return lines.problem(prefix, f"profile {profile}: {message}")
+    return profile_lines.problem(path, message)
 
 
 def _plain(value: Any) -> Any:

@@ -103,6 +103,7 @@ class Workload:
     ids: IdScheme = field(default_factory=IdScheme)
     prompt_tokens: Size = field(default_factory=lambda: Size(value=200))
     max_tokens: int = 256
+    model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +147,8 @@ class UserGroup:
     max_tokens: int | None = None
     stream: bool = True
     user_ids: int = 1
+    per_user_rpm: float | None = None
+    per_user_tokens_per_day: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +184,16 @@ class ErrorGuard:
 
 
 @dataclass(frozen=True, slots=True)
+class TopUp:
+    """An admin top-up of ``usd`` on ``provider``'s ``key`` at virtual time ``at_s``."""
+
+    at_s: float
+    provider: str
+    key: str
+    usd: float
+
+
+@dataclass(frozen=True, slots=True)
 class Load:
     """The load shape: a batch job, interactive user groups, or both at once."""
 
@@ -188,6 +201,7 @@ class Load:
     users: tuple[UserGroup, ...] = ()
     slo_search: SloSearch | None = None
     error_guard: ErrorGuard = field(default_factory=ErrorGuard)
+    topups: tuple[TopUp, ...] = ()
 
 
 THRESHOLD_KEYS: tuple[str, ...] = (

@@ -73,6 +73,10 @@ class LineMap:
             _walk(node, (), lines)
         return cls(file, lines)
 
+    def has(self, path: Sequence[str | int]) -> bool:
+        """True when ``path`` itself appears in the file."""
+        return tuple(path) in self._lines
+
     def line(self, path: Sequence[str | int]) -> int:
         """Line of ``path``, or of its nearest ancestor present in the file."""
         key = tuple(path)
