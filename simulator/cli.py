@@ -128,14 +128,14 @@ async def _serve(cfg: SimulatorConfig, host: str, port: int) -> int:
     return 0
 
 
-def _demo_target(server: RunningServer) -> tuple[str, str]:
-    """(API key, model) for the demo request: the first provider's first key and model,
-    ``gpt-4o-mini`` when it is served."""
-    provider = next(iter(server.providers.values()))
-    keys = [k for k in provider.key_names()] if hasattr(provider, "key_names") else []
-    models = [m["id"] for m in provider.models().get("data", [])]
-    model = "gpt-4o-mini" if "gpt-4o-mini" in models else (models[0] if models else "gpt-4o-mini")
-    return (keys[0] if keys else "sk-ratelab"), model
+def _demo_target(cfg: SimulatorConfig) -> tuple[str, str]:
+    """(API key, model) for the demo request: the first provider's first key and chat
+    model, ``gpt-4o-mini`` when it is served."""
+    profile = cfg.providers[0]
+    key = profile.keys[0].key if profile.keys else "sk-ratelab"
+    models = [m.name for m in profile.models if m.kind == "chat"]
+    model = "gpt-4o-mini" if "gpt-4o-mini" in models or not models else models[0]
+    return key, model
 
 
 async def demo(cfg: SimulatorConfig, *, host: str = "127.0.0.1") -> int:
@@ -143,7 +143,7 @@ async def demo(cfg: SimulatorConfig, *, host: str = "127.0.0.1") -> int:
     server = await start_server(cfg, host=host, port=0)
     try:
         print(_banner(server, cfg), "", sep="\n")
-        key, model = _demo_target(server)
+        key, model = _demo_target(cfg)
         url = f"{server.base_url()}/chat/completions"
         payload = {"model": model, "max_tokens": 32,
                    "messages": [{"role": "user", "content": DEMO_PROMPT}]}

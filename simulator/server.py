@@ -24,7 +24,9 @@ from aiohttp import web
 from simulator import wire
 from simulator.metrics import ShellCounters, render_metrics
 from simulator.model.config import SimulatorConfig
+from simulator.model.errors import error_body, server_error
 from simulator.model.provider import Admission, Provider, Refusal
+from simulator.model.tokens import text_tokens
 
 log = logging.getLogger(__name__)
 
@@ -92,20 +94,9 @@ def _api_key(request: web.Request) -> str | None:
     return request.headers.get("x-api-key") or None
 
 
-def _error(
-    status: int,
-    message: str,
-    type_: str = "invalid_request_error",
-    *,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> web.Response:
-    return web.Response(
-        status=status,
-        body=wire.dumps(wire.error_body(message, type_, code=code)),
-        content_type=JSON_TYPE,
-        headers=headers,
-    )
+def _error(status: int, message: str, type_: str = "invalid_request_error", *,
+           code: str | None = None) -> web.Response:
+    return _json(status, error_body(message, type_, None, code))
 
 
 def _json(status: int, body: object, headers: dict[str, str] | None = None) -> web.Response:
@@ -145,11 +136,6 @@ def _chunk_times(admission: Admission, t0: float) -> list[float]:
         for i in range(at, len(times)):
             times[i] += fault.duration_s
     return times
-
-
-def _text_tokens(text: str) -> int:
-    # conventions.md's ratelab tokenizer: ceil(len / 4)
-    return -(-len(text) // 4)
 
 
 class SimulatorApp:
@@ -316,8 +302,7 @@ class SimulatorApp:
             if fault.kind == "reset":
                 _reset_connection(request)
                 return web.Response(status=502), 0
-            return _error(500, wire.SERVER_ERROR_MESSAGE, "server_error",
-                          headers=admission.headers), 0
+            return _json(500, server_error(500), admission.headers), 0
         await self.clock.sleep_until(times[-1])
         body = wire.chat_completion(
             admission.id, admission.created, admission.model, "".join(plan.chunks),
@@ -360,7 +345,7 @@ class SimulatorApp:
                 if i == len(plan.chunks):
                     break
                 await resp.write(frames.content(plan.chunks[i]))
-                delivered += _text_tokens(plan.chunks[i])
+                delivered += text_tokens(plan.chunks[i])
             await resp.write(frames.finish(plan.finish_reason))
             if admission.include_usage:
                 await resp.write(frames.usage(plan.usage))
@@ -386,8 +371,7 @@ class SimulatorApp:
             _reset_connection(request)
             return web.Response(status=502), 0
         if fault is not None and fault.kind == "error":
-            return _error(500, wire.SERVER_ERROR_MESSAGE, "server_error",
-                          headers=admission.headers), 0
+            return _json(500, server_error(500), admission.headers), 0
         fmt = body.get("encoding_format") if isinstance(body, dict) else None
         reply = wire.embeddings_body(
             wire.embedding_inputs(body), int(getattr(admission, "dims", 0) or 0),

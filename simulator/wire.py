@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from simulator.model.errors import error_body
+
 SYSTEM_FINGERPRINT = "fp_ratelab"
 DONE_FRAME = b"data: [DONE]\n\n"
 
@@ -23,21 +25,7 @@ INVALID_JSON_MESSAGE = (
     "using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was "
     "sent was not valid JSON.)"
 )
-SERVER_ERROR_MESSAGE = (
-    "The server had an error while processing your request. Sorry about that!"
-)
 STREAM_ERROR_MESSAGE = "The provider returned an error mid-stream (simulated fault)."
-
-
-def error_body(
-    message: str,
-    type_: str = "invalid_request_error",
-    *,
-    param: str | None = None,
-    code: str | None = None,
-) -> dict[str, Any]:
-    """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def dumps(value: object) -> bytes:
@@ -137,9 +125,8 @@ class ChunkWriter:
         """A mid-stream error frame as OpenRouter sends it: a top-level ``error`` and
         ``finish_reason: "error"``, status staying 200 (the openai SDK raises on it)."""
         chunk = self._chunk({"content": ""}, "error")
-        chunk["error"] = error_body(STREAM_ERROR_MESSAGE, "server_error", code="server_error")[
-            "error"
-        ]
+        chunk["error"] = error_body(STREAM_ERROR_MESSAGE, "server_error", None,
+                                    "server_error")["error"]
         return sse_frame(chunk)
 
 

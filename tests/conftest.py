@@ -7,8 +7,8 @@ from contextlib import ExitStack
 from typing import Any
 
 import pytest
-from simulator.model.config import SimulatorConfig, apply_overrides, default_config
 
+from simulator.model.config import SimulatorConfig, apply_overrides, default_config
 from simulator.server import RunningServer, serve_in_thread, start_server
 
 

@@ -1,0 +1,354 @@
+"""Simulator overhead and latency fidelity, side by side in one run.
+
+1. Requests per second of (a) a bare aiohttp handler that returns the very bytes the
+   simulator returns and (b) the simulator itself with limits, billing and headers on
+   and zero latency. Each server runs alone in its own process pinned to one core; the
+   load generator is a separate process pinned to another core (a raw asyncio HTTP/1.1
+   client, much cheaper per request than either server, so the server is what binds).
+   Rounds alternate (a) and (b); the table shows each round and the medians.
+2. Scheduling error: the simulator with a constant configured latency (TTFT, no ITL)
+   and 1,000 requests kept in flight; per request, served latency (client-observed, send
+   to last byte) minus the configured latency, p50/p90/p99/max in milliseconds.
+
+Targets (issue 2): (b) >= 50% of (a); p99 scheduling error <= 2 ms.
+
+Run from the repository root: ``.venv/bin/python benchmarks/bench_simulator.py``
+(``--help`` for rounds, durations and connection counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import re
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from multiprocessing.queues import Queue as MPQueue
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+REQUEST_BODY = {
+    "model": "gpt-4o-mini",
+    "max_tokens": 16,
+    "messages": [{"role": "user", "content": "Classify this line as spam or ham: hello"}],
+}
+API_KEY = "sk-ratelab"
+PATH = "/v1/chat/completions"
+_CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")
+
+
+def _pin(cpu: int | None) -> None:
+    if cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cpu})
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _sim_config(ttft_ms: float) -> object:
+    from simulator.model.config import apply_overrides, default_config
+
+    # Limits and billing stay on (computed, headers rendered) but never bind.
+    return apply_overrides(
+        default_config(), rpm=10**9, tpm=10**12, balance_usd=1e12, ttft_ms=ttft_ms,
+        itl_ms=0.0, seed=1,
+    )
+
+
+# -- server processes ------------------------------------------------------------------
+
+
+def _serve_sim(ttft_ms: float, cpu: int | None, ready: MPQueue) -> None:
+    _pin(cpu)
+    _raise_fd_limit()
+    from simulator.server import start_server
+
+    async def run() -> None:
+        server = await start_server(_sim_config(ttft_ms))  # type: ignore[arg-type]
+        ready.put(server.port)
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+def _serve_bare(body: bytes, headers: dict[str, str], cpu: int | None, ready: MPQueue) -> None:
+    _pin(cpu)
+    _raise_fd_limit()
+    from aiohttp import web
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=body, headers=headers)
+
+    async def run() -> None:
+        app = web.Application()
+        app.router.add_post(PATH, handler)
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        ready.put(runner.addresses[0][1])
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+@dataclass
+class _Server:
+    process: mp.process.BaseProcess
+    port: int
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.join(10)
+
+
+def _start(ctx: mp.context.SpawnContext, target: object, *args: object) -> _Server:
+    ready: MPQueue = ctx.Queue()
+    process = ctx.Process(target=target, args=(*args, ready), daemon=True)
+    process.start()
+    return _Server(process, int(ready.get(timeout=60)))
+
+
+# -- load generator --------------------------------------------------------------------
+
+
+class _Conn(asyncio.Protocol):
+    """One keep-alive connection sending the same request back to back."""
+
+    def __init__(self, load: _Load) -> None:
+        self.load = load
+        self.buf = bytearray()
+        self.need = -1
+        self.sent = 0.0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.load.loop.call_later(self.load.next_delay(), self._send)
+
+    def _send(self) -> None:
+        if self.transport is None or time.monotonic() >= self.load.stop_at:
+            self._close()
+            return
+        self.buf.clear()
+        self.need = -1
+        self.sent = time.monotonic()
+        self.transport.write(self.load.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.need < 0:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            match = _CONTENT_LENGTH.search(self.buf, 0, end + 2)
+            self.need = end + 4 + (int(match.group(1)) if match else 0)
+        if len(self.buf) >= self.need:
+            self.load.record(int(self.buf[9:12]), self.sent, time.monotonic())
+            self._send()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.load.closed += 1
+        if self.load.closed == self.load.connections and not self.load.done.done():
+            self.load.done.set_result(None)
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Load:
+    def __init__(self, port: int, connections: int, seconds: float, warmup: float,
+                 spread: float) -> None:
+        body = json.dumps(REQUEST_BODY).encode()
+        self.request = (
+            f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        self.port = port
+        self.connections = connections
+        self.loop = asyncio.get_running_loop()
+        self.measure_from = time.monotonic() + warmup + spread
+        self.stop_at = self.measure_from + seconds
+        self.seconds = seconds
+        self.spread = spread
+        self._started = 0
+        self.ok = 0
+        self.statuses: dict[int, int] = {}
+        self.latencies: list[float] = []
+        self.closed = 0
+        self.done: asyncio.Future[None] = self.loop.create_future()
+
+    def next_delay(self) -> float:
+        # Stagger the first sends evenly over `spread` seconds so that a constant
+        # latency does not make every connection fire in the same instant.
+        self._started += 1
+        return self.spread * (self._started - 1) / self.connections
+
+    def record(self, status: int, sent: float, received: float) -> None:
+        if sent < self.measure_from or received > self.stop_at:
+            return
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        if status == 200:
+            self.ok += 1
+            self.latencies.append(received - sent)
+
+
+def _run_load(port: int, connections: int, seconds: float, warmup: float, spread: float,
+              cpu: int | None, out: MPQueue) -> None:
+    _pin(cpu)
+    _raise_fd_limit()
+
+    async def run() -> dict[str, object]:
+        load = _Load(port, connections, seconds, warmup, spread)
+        for _ in range(connections):
+            await load.loop.create_connection(lambda: _Conn(load), "127.0.0.1", port)
+        await asyncio.wait_for(load.done, seconds + warmup + spread + 60)
+        return {"ok": load.ok, "statuses": load.statuses, "seconds": seconds,
+                "latencies": load.latencies}
+
+    out.put(asyncio.run(run()))
+
+
+def _load(ctx: mp.context.SpawnContext, port: int, connections: int, seconds: float,
+          warmup: float, spread: float, cpu: int | None) -> dict[str, object]:
+    out: MPQueue = ctx.Queue()
+    process = ctx.Process(target=_run_load,
+                          args=(port, connections, seconds, warmup, spread, cpu, out))
+    process.start()
+    result: dict[str, object] = out.get(timeout=seconds + warmup + spread + 120)
+    process.join(10)
+    return result
+
+
+# -- the two measurements --------------------------------------------------------------
+
+
+async def _capture(port: int) -> tuple[bytes, dict[str, str]]:
+    """One real simulator reply: the body and headers the bare handler will replay."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.post(
+        f"http://127.0.0.1:{port}{PATH}", json=REQUEST_BODY,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ) as resp:
+        body = await resp.read()
+        if resp.status != 200:
+            raise SystemExit(f"simulator answered {resp.status}: {body[:300]!r}")
+        skip = {"content-length", "date", "server"}
+        return body, {k: v for k, v in resp.headers.items() if k.lower() not in skip}
+
+
+def _cpus() -> tuple[int | None, int | None]:
+    if not hasattr(os, "sched_getaffinity"):
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[0], cpus[1] if len(cpus) > 1 else cpus[0]
+
+
+def throughput(args: argparse.Namespace, ctx: mp.context.SpawnContext) -> float:
+    """Rounds of (a) bare vs (b) simulator; prints the table, returns the median ratio."""
+    server_cpu, load_cpu = _cpus()
+    sim = _start(ctx, _serve_sim, 0.0, server_cpu)
+    body, headers = asyncio.run(_capture(sim.port))
+    sim.stop()
+    print(f"\n1) throughput: {args.connections} keep-alive connections, {args.seconds:g} s per "
+          f"measurement, server on CPU {server_cpu}, load generator on CPU {load_cpu}; "
+          f"reply {len(body)} bytes")
+    print(f"{'round':>5} {'(a) bare req/s':>15} {'(b) simulator req/s':>20} {'b/a':>6}  "
+          "statuses (b)")
+    rows = []
+    for n in range(1, args.rounds + 1):
+        figures = {}
+        statuses: object = {}
+        for name in ("bare", "sim"):
+            if name == "bare":
+                server = _start(ctx, _serve_bare, body, headers, server_cpu)
+            else:
+                server = _start(ctx, _serve_sim, 0.0, server_cpu)
+            try:
+                result = _load(ctx, server.port, args.connections, args.seconds, 0.5, 0.0,
+                               load_cpu)
+            finally:
+                server.stop()
+            figures[name] = int(result["ok"]) / float(result["seconds"])  # type: ignore[call-overload]
+            if name == "sim":
+                statuses = result["statuses"]
+        ratio = figures["sim"] / figures["bare"]
+        rows.append((figures["bare"], figures["sim"], ratio))
+        print(f"{n:>5} {figures['bare']:>15.0f} {figures['sim']:>20.0f} {ratio:>6.2f}  {statuses}")
+    med = [statistics.median(col) for col in zip(*rows, strict=True)]
+    print(f"{'med':>5} {med[0]:>15.0f} {med[1]:>20.0f} {med[2]:>6.2f}  "
+          f"target b/a >= 0.50: {'met' if med[2] >= 0.5 else 'NOT met'}")
+    return med[2]
+
+
+def scheduling(args: argparse.Namespace, ctx: mp.context.SpawnContext) -> float:
+    """Served minus configured latency with ``--inflight`` requests in flight; returns p99 ms."""
+    server_cpu, load_cpu = _cpus()
+    latency_s = args.latency_ms / 1000.0
+    print(f"\n2) scheduling error: configured latency {args.latency_ms:g} ms (TTFT, non-stream), "
+          f"{args.inflight} requests in flight (about {args.inflight / latency_s:.0f} req/s), "
+          f"{args.latency_seconds:g} s measured")
+    print(f"{'round':>5} {'requests':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+    p99s = []
+    for n in range(1, args.latency_rounds + 1):
+        server = _start(ctx, _serve_sim, args.latency_ms, server_cpu)
+        try:
+            result = _load(ctx, server.port, args.inflight, args.latency_seconds, latency_s,
+                           latency_s, load_cpu)
+        finally:
+            server.stop()
+        served: list[float] = result["latencies"]  # type: ignore[assignment]
+        errors = sorted((x - latency_s) * 1000.0 for x in served)
+        if not errors:
+            raise SystemExit(f"no successful request: statuses {result['statuses']}")
+        q = statistics.quantiles(errors, n=100, method="inclusive")
+        p99s.append(q[98])
+        print(f"{n:>5} {len(errors):>9} {q[49]:>8.2f} {q[89]:>8.2f} {q[98]:>8.2f} "
+              f"{errors[-1]:>8.2f}")
+    p99 = statistics.median(p99s)
+    print(f"median p99 {p99:.2f} ms; target p99 <= 2 ms: {'met' if p99 <= 2.0 else 'NOT met'}")
+    return p99
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both measurements and print their tables; exit status 0."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds")
+    parser.add_argument("--seconds", type=float, default=3.0, help="seconds per measurement")
+    parser.add_argument("--connections", type=int, default=32, help="throughput connections")
+    parser.add_argument("--latency-ms", type=float, default=2000.0,
+                        help="configured latency of the scheduling test, ms")
+    parser.add_argument("--inflight", type=int, default=1000, help="requests in flight")
+    parser.add_argument("--latency-seconds", type=float, default=8.0,
+                        help="measured seconds of the scheduling test")
+    parser.add_argument("--latency-rounds", type=int, default=2, help="scheduling rounds")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-latency", action="store_true")
+    args = parser.parse_args(argv)
+    ctx = mp.get_context("spawn")
+    print(f"bench_simulator: python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
+    if not args.skip_throughput:
+        throughput(args, ctx)
+    if not args.skip_latency:
+        scheduling(args, ctx)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
