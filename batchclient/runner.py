@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from batchclient.cache import ResultCache
 from batchclient.clock import Clock, ScaledClock
 from batchclient.config import ClientConfig, Task
 from batchclient.events import EventHook
+from batchclient.policy.classify import Classified
 from batchclient.policy.engine import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -24,9 +25,12 @@ from batchclient.policy.engine import (
     Engine,
     InputError,
     Send,
+    Wait,
     cache_key,
 )
+from batchclient.policy.lanes import LanePolicy
 from batchclient.policy.routing import Predicate, route_model
+from batchclient.policy.userlimits import UserDecision, UserLimits
 from batchclient.policy.wire import Call, Response
 from batchclient.progress import ProgressSnapshot
 from batchclient.store import JobStore
@@ -76,6 +80,9 @@ class Runner:
         on_progress: Callable[[ProgressSnapshot], None] | None = None,
         progress_every_s: float = 0.5,
         predicates: Iterable[tuple[Predicate, str]] = (),
+        user_limits: UserLimits | None = None,
+        lanes: LanePolicy | None = None,
+        keep_open: bool = False,
     ) -> None:
         self.task = task
         self.config = config
@@ -88,12 +95,43 @@ class Runner:
         self.on_progress = on_progress
         self.progress_every_s = progress_every_s
         self.predicates = tuple(predicates)
+        self.user_limits = user_limits
+        self.lanes = lanes
+        self.keep_open = keep_open
         self._stop = False
         self.engine: Engine | None = None
+        self._wake: asyncio.Event | None = None
+        self._futures: dict[int, asyncio.Future[tuple[Response, Classified]]] = {}
+        self._started = asyncio.Event()
 
     def stop(self) -> None:
         """Ask the run to stop dispatching; in-flight requests finish, results are saved."""
         self._stop = True
+        if self._wake is not None:
+            self._wake.set()
+
+    async def chat(
+        self,
+        user: str,
+        messages: Iterable[Mapping[str, str]],
+        max_tokens: int,
+        model: str | None = None,
+        tier: str | None = None,
+    ) -> tuple[Response, Classified] | UserDecision:
+        """Send a chat request through the interactive lane of the running job; returns
+        the response and its classification, or the per-user refusal."""
+        await self._started.wait()
+        engine = self.engine
+        assert engine is not None and self._wake is not None
+        submitted = engine.submit_interactive(self.clock.now(), user, messages, max_tokens,
+                                              model, tier)
+        if isinstance(submitted, UserDecision):
+            return submitted
+        future: asyncio.Future[tuple[Response, Classified]] = (
+            asyncio.get_running_loop().create_future())
+        self._futures[submitted] = future
+        self._wake.set()
+        return await future
 
     async def _served_models(self) -> dict[str, set[str]] | None:
         lister = getattr(self.transport, "list_models", None)
@@ -111,7 +149,7 @@ class Runner:
         InputError (naming the item or setting) before any request is sent."""
         served = await self._served_models()
         engine = Engine(self.task, self.config, random.Random(self.config.seed), served,
-                        self.predicates)
+                        self.predicates, self.user_limits, self.lanes)
         models = {self.task.model, *(r.model for r in self.config.routing),
                   *(m for _, m in self.predicates)}
         if served:
@@ -121,7 +159,7 @@ class Runner:
                     raise InputError(f"{setting}: model {model!r} is not served by any "
                                      "provider (per GET /v1/models)")
         counts = self.store.counts()
-        if counts.total == 0:
+        if counts.total == 0 and not self.keep_open:
             raise InputError("items: the job has no items")
         checker = Engine(self.task, self.config, random.Random(0), served, self.predicates)
         cursor = 0
@@ -172,6 +210,15 @@ class Runner:
             if event.kind == "balance" and self.on_low_balance is not None:
                 self.on_low_balance(event.balance_usd or 0.0)
 
+    def _complete(self, engine: Engine, call: Call, response: Response) -> None:
+        engine.on_response(self.clock.now(), call, response)
+        self._flush(engine)
+        if call.lane == "interactive":
+            outcome = engine.interactive_result(call.call_id)
+            future = self._futures.pop(call.call_id, None)
+            if future is not None and outcome is not None and not future.done():
+                future.set_result(outcome)
+
     async def _send(self, call: Call) -> tuple[Call, Response]:
         return call, await self.transport.send(call)
 
@@ -186,6 +233,8 @@ class Runner:
         """Run the job; InputError propagates (exit status 2) before any request."""
         engine = await self.preflight()
         self.engine = engine
+        self._wake = asyncio.Event()
+        self._started.set()
         before = self.store.counts()
         total = before.pending
         start = self.clock.now()
@@ -211,25 +260,24 @@ class Runner:
                     tasks.add(asyncio.ensure_future(self._send(action.call)))
                     continue
                 if isinstance(action, Done):
-                    status, reason = action.status, action.reason
-                    break
+                    if not (self.keep_open and action.status == EXIT_OK and not self._stop):
+                        status, reason = action.status, action.reason
+                        break
+                    action = Wait(None)
                 timeout = getattr(action, "seconds", None)
                 wall = None if timeout is None else max(0.0, timeout) / self.config.time_scale
                 if self.on_progress is not None:
                     wall = self.progress_every_s if wall is None else min(
                         wall, self.progress_every_s)
-                if tasks:
-                    finished, tasks = await asyncio.wait(
-                        tasks, timeout=wall, return_when=asyncio.FIRST_COMPLETED)
-                    for fut in finished:
-                        call, response = fut.result()
-                        engine.on_response(self.clock.now(), call, response)
-                        self._flush(engine)
-                elif wall is not None:
-                    await asyncio.sleep(wall)
-                elif not self._stop:
-                    # Nothing in flight and nothing scheduled: only new items can help.
-                    await asyncio.sleep(0.01)
+                self._wake.clear()
+                waker = asyncio.ensure_future(self._wake.wait())
+                waitables: set[asyncio.Future[object]] = {*tasks, waker}  # type: ignore[arg-type]
+                await asyncio.wait(waitables, timeout=wall, return_when=asyncio.FIRST_COMPLETED)
+                waker.cancel()
+                for fut in [t for t in tasks if t.done()]:
+                    tasks.discard(fut)
+                    call, response = fut.result()
+                    self._complete(engine, call, response)
                 now = self.clock.now()
                 if self.on_progress is not None and now - last_progress >= (
                         self.progress_every_s * self.config.time_scale):
@@ -242,8 +290,10 @@ class Runner:
                 for fut in done:
                     if not fut.cancelled() and fut.exception() is None:
                         call, response = fut.result()
-                        engine.on_response(self.clock.now(), call, response)
+                        self._complete(engine, call, response)
             self._flush(engine)
+            for future in self._futures.values():
+                future.cancel()
         if self.on_progress is not None:
             self.on_progress(self._snapshot(engine, start, total))
         after = self.store.counts()

@@ -25,13 +25,20 @@ from batchclient.policy.adaptive import AdaptiveBatchSize
 from batchclient.policy.breaker import Breaker
 from batchclient.policy.classify import Classified, Verdict, classify
 from batchclient.policy.concurrency import Concurrency
+from batchclient.policy.lanes import LanePolicy
 from batchclient.policy.packing import Packer
 from batchclient.policy.parsing import parse_reply
 from batchclient.policy.ratelimit_headers import read_rate_headers
 from batchclient.policy.retry import naive_delay, retry_delay
 from batchclient.policy.routing import Predicate, choose_provider, route_model
 from batchclient.policy.throttle import Throttle
-from batchclient.policy.tokens import canonical_id, reply_tokens, text_tokens
+from batchclient.policy.tokens import (
+    canonical_id,
+    chat_prompt_tokens,
+    reply_tokens,
+    text_tokens,
+)
+from batchclient.policy.userlimits import UserDecision, UserLimits
 from batchclient.policy.wire import Call, Item, Response, Usage
 
 EXIT_OK = 0
@@ -89,6 +96,18 @@ class ItemResult:
     cost_usd: float = 0.0
     attempts: int = 0
     cache_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InteractiveRequest:
+    """A chat request of the interactive lane (a user is waiting for it)."""
+
+    request_id: int
+    user: str
+    messages: tuple[Mapping[str, str], ...]
+    max_tokens: int
+    model: str
+    submitted_at: float
 
 
 @dataclass(slots=True)
@@ -157,6 +176,8 @@ class Engine:
         rng: random.Random,
         served_models: Mapping[str, Iterable[str]] | None = None,
         predicates: Iterable[tuple[Predicate, str]] = (),
+        user_limits: UserLimits | None = None,
+        lanes: LanePolicy | None = None,
     ) -> None:
         if not config.providers:
             raise InputError("client config: providers: at least one provider is required")
@@ -196,6 +217,12 @@ class Engine:
         self._fatal: Done | None = None
         self._out = _Drained()
         self._rate_limited_until: dict[str, float] = {}
+        self.user_limits = user_limits
+        self.lanes = lanes if lanes is not None else LanePolicy(reserved_slots=0,
+                                                                background_ceiling=1.0)
+        self._interactive: deque[InteractiveRequest] = deque()
+        self._interactive_out: dict[int, tuple[Response, Classified]] = {}
+        self._background_inflight = 0
 
     # ----------------------------------------------------------------- items
 
@@ -294,6 +321,64 @@ class Engine:
         self._out.results.append(ItemResult(item.id, "done", code, self.task.labels[code]))
         self._out.events.append(Event("item", self.task.name, 0.0, "cached", item_id=item.id))
 
+    # ----------------------------------------------------------------- interactive lane
+
+    def submit_interactive(
+        self,
+        now: float,
+        user: str,
+        messages: Iterable[Mapping[str, str]],
+        max_tokens: int,
+        model: str | None = None,
+        tier: str | None = None,
+    ) -> int | UserDecision:
+        """Queue a chat request in the interactive lane; returns its request id, or the
+        per-user refusal (over the user's requests per minute or tokens per day)."""
+        msgs = tuple(dict(m) for m in messages)
+        if self._fatal is not None:
+            return UserDecision(False, 0.0, self._fatal.reason or "job stopped")
+        if self.user_limits is not None:
+            decision = self.user_limits.admit(now, user, chat_prompt_tokens(msgs) + max_tokens,
+                                              tier)
+            if not decision.allowed:
+                return decision
+        request_id = self._next_call
+        self._next_call += 1
+        self._interactive.append(InteractiveRequest(request_id, user, msgs, max_tokens,
+                                                    model or self.task.model, now))
+        return request_id
+
+    def interactive_result(self, request_id: int) -> tuple[Response, Classified] | None:
+        """The response to an interactive request once it came back (popped)."""
+        return self._interactive_out.pop(request_id, None)
+
+    def _next_interactive(self, now: float) -> Action | None:
+        if not self._interactive or len(self._inflight) >= self.concurrency.limit:
+            return None
+        req = self._interactive[0]
+        provider = choose_provider(now, self.providers, self.breakers,
+                                   lambda p: self._rate_limited_until.get(p, 0.0), req.model,
+                                   self._serves)
+        if provider is None:
+            return Wait(None) if self._inflight else Wait(self.config.breaker.cooldown_s)
+        throttle = self.throttle(provider, req.model)
+        prompt = chat_prompt_tokens(req.messages)
+        reserve = throttle.estimate(prompt, req.max_tokens, req.max_tokens)
+        wait = throttle.delay(now, reserve, self.concurrency.limit, graduated=False)
+        if wait > 0:
+            return Wait(wait)
+        self._interactive.popleft()
+        call = Call(call_id=req.request_id, provider=provider, model=req.model, item_ids=(),
+                    body={"model": req.model, "messages": [dict(m) for m in req.messages],
+                          "max_tokens": req.max_tokens, "user": req.user},
+                    prompt_tokens=prompt, max_tokens=req.max_tokens, reserved_tokens=reserve,
+                    attempt=0, timeout_s=self.config.timeout_s, lane="interactive", sent_at=now)
+        throttle.reserve(now, call.call_id, reserve)
+        self.breakers[provider].on_dispatch(now)
+        self._inflight[call.call_id] = call
+        self.counts.requests += 1
+        return Send(call)
+
     # ----------------------------------------------------------------- decisions
 
     def _release_delayed(self, now: float) -> None:
@@ -307,6 +392,9 @@ class Engine:
         if self._fatal is not None:
             return Wait(None) if self._inflight else self._fatal
         self._release_delayed(now)
+        interactive = self._next_interactive(now)
+        if interactive is not None:
+            return interactive
         model = next((m for m, q in self._ready.items() if q), None)
         if model is None:
             if self._inflight:
@@ -316,7 +404,8 @@ class Engine:
             if self._exhausted:
                 return Done(EXIT_OK)
             return Wait(None)
-        if len(self._inflight) >= self.concurrency.limit:
+        slots = self.lanes.background_slots(self.concurrency.limit, len(self._interactive))
+        if len(self._inflight) >= self.concurrency.limit or self._background_inflight >= slots:
             return Wait(None)
         provider = choose_provider(now, self.providers, self.breakers,
                                    lambda p: self._rate_limited_until.get(p, 0.0), model,
@@ -338,9 +427,11 @@ class Engine:
         throttle = self.throttle(provider, model)
         expected = reply_tokens([i.id for i in batch], max(len(c) for c in self.task.labels))
         reserve = throttle.estimate(prompt_tokens, max_tokens, expected)
-        wait = throttle.delay(now, reserve, self.concurrency.limit)
+        wait = throttle.delay(now, reserve, self.concurrency.limit,
+                              ceiling=self.lanes.background_ceiling)
         if wait > 0:
             return Wait(wait)
+        self._background_inflight += 1
         for _ in batch:
             item_id = queue.popleft()
             self._items[item_id].state = "inflight"
@@ -459,6 +550,16 @@ class Engine:
             self._out.events.append(Event("balance", self.task.name, now, "low_balance",
                                           provider=call.provider,
                                           balance_usd=self.cost.balance_usd))
+        if call.lane == "interactive":
+            if verdict.server_error:
+                self.breakers[call.provider].on_failure(now)
+            elif response.status:
+                self.breakers[call.provider].on_success(now)
+            if verdict.rate_limited and verdict.retry_after_s is not None:
+                throttle.block(now + verdict.retry_after_s)
+            self._interactive_out[call.call_id] = (response, verdict)
+            return
+        self._background_inflight -= 1
         self._dispatch_verdict(now, call, response, verdict, content, finish, charged)
 
     def _reply(self, response: Response, verdict: Classified

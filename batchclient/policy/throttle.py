@@ -148,19 +148,22 @@ class Throttle:
             return snap.valid_until - now
         return 0.0
 
-    def delay(self, now: float, tokens: int, slots: int = 1) -> float:
+    def delay(self, now: float, tokens: int, slots: int = 1, ceiling: float | None = None,
+              graduated: bool = True) -> float:
         """Seconds to wait before dispatching a request of ``tokens`` (0 = go now).
 
         Hard part: never plan beyond ``ceiling`` of TPM/RPM in the window. Graduated part:
         above each step's usage fraction, space dispatches by its delay divided over the
-        ``slots`` in flight (the article's per-thread sleep).
+        ``slots`` in flight (the article's per-thread sleep). ``ceiling`` lowers the
+        configured one (the background lane leaves headroom to the interactive lane).
         """
         if now < self.blocked_until:
             return self.blocked_until - now
         if not self.settings.enabled:
             return 0.0
         used_t, used_r = self.usage(now)
-        ceiling = self.settings.ceiling
+        ceiling = self.settings.ceiling if ceiling is None else min(ceiling,
+                                                                     self.settings.ceiling)
         excess_t = excess_r = 0
         if self.tpm:
             excess_t = int(used_t + tokens - self.tpm * ceiling)
@@ -170,6 +173,8 @@ class Throttle:
             wait = self._wait_for_room(now, max(0, excess_t), max(0, excess_r))
             if wait > 0:
                 return wait
+        if not graduated:
+            return 0.0
         fraction = 0.0
         if self.tpm:
             fraction = (used_t + tokens) / self.tpm
