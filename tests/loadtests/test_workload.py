@@ -1,0 +1,97 @@
+"""Seeded work item generation: exact sizes, duplicate and poison figures, ids, system prompt."""
+
+from __future__ import annotations
+
+import random
+
+from loadtests.scenario_model import IdScheme, Size, Workload
+from loadtests.workload import (
+    POISON_MARKER,
+    WorkloadGenerator,
+    filler_text,
+    sample_size,
+    system_prompt,
+    system_prompt_min_tokens,
+    text_tokens,
+)
+
+WORKLOAD = Workload(items=10_000, duplicate_rate=0.1, poison_rate=0.01,
+                    item_tokens=Size(dist="normal", mean=15, sd=4, min=3, max=40))
+
+
+def test_seeded_figures_are_exact() -> None:
+    items = list(WorkloadGenerator(WORKLOAD, seed=7))
+    seen: set[str] = set()
+    repeats = 0
+    for item in items:
+        repeats += item.text in seen
+        seen.add(item.text)
+    assert len(items) == 10_000
+    assert repeats == 997                      # exact repeats of earlier texts: ~10%
+    assert sum(i.duplicate_of is not None for i in items) == 997
+    assert sum(i.poison for i in items) == 98  # ~1%
+    assert sum(i.tokens for i in items) == 150_879
+    assert (min(i.tokens for i in items), max(i.tokens for i in items)) == (3, 31)
+    assert items[1].text == "w1 avenue summit juniper pine larch ridge flint reef willowx"
+
+
+def test_sizes_follow_the_ratelab_tokenizer() -> None:
+    for item in WorkloadGenerator(WORKLOAD, seed=1).items(0, 500):
+        assert len(item.text) == 4 * item.tokens
+        assert text_tokens(item.text) == item.tokens
+        assert "\n" not in item.text and item.text == item.text.strip()
+        assert (POISON_MARKER in item.text) == item.poison
+
+
+def test_duplicates_repeat_their_original_exactly() -> None:
+    gen = WorkloadGenerator(WORKLOAD, seed=7)
+    dups = [i for i in gen.items(0, 2000) if i.duplicate_of is not None]
+    assert dups
+    for item in dups:
+        original = gen.item(item.duplicate_of or 0)
+        assert original.duplicate_of is None and original.index < item.index
+        assert original.text == item.text and original.id != item.id
+
+
+def test_random_access_matches_iteration_and_strides_split_the_work() -> None:
+    gen = WorkloadGenerator(WORKLOAD, seed=3, count=300)
+    whole = list(gen)
+    assert [gen.item(i) for i in (5, 150, 299)] == [whole[5], whole[150], whole[299]]
+    halves = list(gen.items(0, None, 2)) + list(gen.items(1, None, 2))
+    assert sorted(i.index for i in halves) == list(range(300))
+
+
+def test_generation_is_lazy() -> None:
+    gen = WorkloadGenerator(Workload(items=2_000_000), seed=0)
+    it = iter(gen)
+    first = [next(it) for _ in range(3)]
+    assert [i.id for i in first] == ["1", "2", "3"]
+    assert gen.item(1_999_999).id == "2000000"
+
+
+def test_id_schemes() -> None:
+    for ids, expected in ((IdScheme("sequential", 548033), "548035"),
+                          (IdScheme("prefixed", 0, "a-"), "a-2")):
+        assert WorkloadGenerator(Workload(items=5, ids=ids), seed=0).item(2).id == expected
+    hex_id = WorkloadGenerator(Workload(items=5, ids=IdScheme("hex")), seed=0).item(2).id
+    assert len(hex_id) == 12 and int(hex_id, 16) >= 0
+
+
+def test_size_distributions() -> None:
+    rng = random.Random(5)
+    assert sample_size(Size(value=15), rng) == 15
+    assert {sample_size(Size("uniform", min=3, max=5), rng) for _ in range(200)} == {3, 4, 5}
+    draws = [sample_size(Size("lognormal", median=100, p99=400), rng) for _ in range(4000)]
+    assert sorted(draws)[2000] in range(95, 106)
+    assert sample_size(Size("empirical", values=(7, 9), weights=(0.0, 1.0)), rng) == 9
+    assert len(filler_text(10, rng)) == 40
+
+
+def test_system_prompt_has_the_stated_size_and_lists_codes() -> None:
+    workload = Workload(items=1, system_prompt_tokens=700,
+                        labels=(("A", "Prime Product"), ("B", "Budget Product")))
+    prompt = system_prompt(workload, seed=1)
+    assert len(prompt) == 2800 and text_tokens(prompt) == 700
+    assert "A=Prime Product; B=Budget Product" in prompt
+    assert system_prompt_min_tokens(workload) < 700
+    assert system_prompt(workload, seed=1) == prompt
