@@ -32,23 +32,26 @@ def test_each_term_and_its_binding() -> None:
     assert (rpm.binding, rpm.items_per_min) == ("rpm", 100)
     latency = throughput_bound(BoundInputs(700, 1, 15, 15, 2.0, tpm=10**9, client_concurrency=4))
     assert (latency.binding, latency.items_per_min) == ("latency", 120)
-    conc = throughput_bound(BoundInputs(700, 10, 15, 5, 2.0, provider_concurrency=2,
-                                        client_concurrency=8))
+    conc = throughput_bound(
+        BoundInputs(700, 10, 15, 5, 2.0, provider_concurrency=2, client_concurrency=8)
+    )
     assert (conc.binding, conc.items_per_min) == ("concurrency", 600)
     assert set(conc.terms) == {"concurrency", "latency"}
 
 
 def test_split_input_output_tpm_binds_as_tpm() -> None:
-    bound = throughput_bound(BoundInputs(700, 20, 15, 5, 1.0, tpm=10**9, input_tpm=100_000,
-                                         output_tpm=1_000))
+    bound = throughput_bound(
+        BoundInputs(700, 20, 15, 5, 1.0, tpm=10**9, input_tpm=100_000, output_tpm=1_000)
+    )
     assert bound.terms["output_tpm"] == 200.0
     assert bound.terms["input_tpm"] == pytest.approx(2000.0)
     assert (bound.binding, bound.items_per_min) == ("tpm", 200.0)
 
 
 def test_max_tokens_reservation_and_keys() -> None:
-    reserved = throughput_bound(BoundInputs(700, 20, 15, 5, 1.0, tpm=200_000, max_tokens=400,
-                                            reserve_max_tokens=True))
+    reserved = throughput_bound(
+        BoundInputs(700, 20, 15, 5, 1.0, tpm=200_000, max_tokens=400, reserve_max_tokens=True)
+    )
     assert reserved.items_per_min == pytest.approx(200_000 * 20 / 1400)
     three_keys = throughput_bound(BoundInputs(700, 20, 15, 5, 1.0, tpm=200_000, keys=3))
     assert three_keys.items_per_min == pytest.approx(3 * 3636.3636, abs=0.01)

@@ -20,24 +20,57 @@ def events() -> list[Event]:
     out = []
     for n in range(30):
         t = 2.0 * (n + 1)
-        out.append(Event(t, "request", "a", "ok", 200, latency_s=1.0, ttft_s=0.25, tokens_in=1000,
-                         tokens_out=100, items=20, items_ok=19 if n == 0 else 20, cost_usd=0.001,
-                         stage="s1" if t <= 30 else "s2"))
+        out.append(
+            Event(
+                t,
+                "request",
+                "a",
+                "ok",
+                200,
+                latency_s=1.0,
+                ttft_s=0.25,
+                tokens_in=1000,
+                tokens_out=100,
+                items=20,
+                items_ok=19 if n == 0 else 20,
+                cost_usd=0.001,
+                stage="s1" if t <= 30 else "s2",
+            )
+        )
         out.append(Event(t, "item", "a", "done", items=19 if n == 0 else 20))
     for t in (10.5, 20.5, 30.5):
         out.append(Event(t, "request", "a", "http_429", 429, latency_s=0.01, items=20))
     out.append(Event(40.5, "request", "a", "http_5xx", 503, latency_s=0.5, items=20))
-    out.append(Event(41.0, "request", "a", "ok", 200, latency_s=0.5, tokens_in=1000, tokens_out=100,
-                     items=1, cost_usd=0.001, retry=True))
+    out.append(
+        Event(
+            41.0,
+            "request",
+            "a",
+            "ok",
+            200,
+            latency_s=0.5,
+            tokens_in=1000,
+            tokens_out=100,
+            items=1,
+            cost_usd=0.001,
+            retry=True,
+        )
+    )
     out.append(Event(41.0, "item", "a", "dead_letter"))
     return out
 
 
-def recorder(**kw: object) -> Recorder:
-    arm = ArmInfo("a", "semantic_batch", 600, BOUND, thresholds={"min_items_per_min": 600.0,
-                                                                  "max_429_rate": 0.05})
-    return Recorder("t", "live", [arm], bucket_s=1.0, project_items=1_000_000,
-                    project_deadline_s=3600.0, **kw)  # type: ignore[arg-type]
+def recorder() -> Recorder:
+    arm = ArmInfo(
+        "a",
+        "semantic_batch",
+        600,
+        BOUND,
+        thresholds={"min_items_per_min": 600.0, "max_429_rate": 0.05},
+    )
+    return Recorder(
+        "t", "live", [arm], bucket_s=1.0, project_items=1_000_000, project_deadline_s=3600.0
+    )
 
 
 def test_summary_figures_are_exact() -> None:
@@ -46,10 +79,20 @@ def test_summary_figures_are_exact() -> None:
     s = rec.summary()
     assert contract_problems(s) == []
     a = s["arms"][0]
-    assert a["duration_s"] == 59.0                      # first start 1.0 to last end 60.0
-    assert a["items"] == {"total": 600, "done": 599, "cached": 0, "skipped": 0, "dead_letter": 1,
-                          "lost": 0, "pending": 0, "requeued": 0, "per_request": 681 / 35,
-                          "done_per_request": 599 / 35, "survival": 600 / 601}
+    assert a["duration_s"] == 59.0  # first start 1.0 to last end 60.0
+    assert a["items"] == {
+        "total": 600,
+        "done": 599,
+        "cached": 0,
+        "skipped": 0,
+        "dead_letter": 1,
+        "lost": 0,
+        "pending": 0,
+        "requeued": 0,
+        "per_request": 681 / 35,
+        "done_per_request": 599 / 35,
+        "survival": 600 / 601,
+    }
     r = a["requests"]
     assert (r["total"], r["ok"], r["http_429"], r["http_5xx"], r["retries"]) == (35, 31, 3, 1, 1)
     assert r["rate_429"] == 3 / 35 and r["error_rate"] == 1 / 35
@@ -62,9 +105,9 @@ def test_summary_figures_are_exact() -> None:
     assert a["latency_ms"]["p50"] == 1000.0 and a["ttft_ms"]["p95"] == 250.0
     assert a["cost_usd"]["total"] == pytest.approx(0.031)
     assert a["projection"]["duration_s"] == pytest.approx(1_000_000 / 599 * 59)
-    assert a["projection"]["needed_keys"] == 28                 # 27.4 h against a 1 h deadline
+    assert a["projection"]["needed_keys"] == 28  # 27.4 h against a 1 h deadline
     assert a["projection"]["needed_tpm"] == pytest.approx(200_000 * 1_000_000 / 599 * 59 / 3600)
-    assert [c["ok"] for c in s["checks"]] == [True, False]      # 609 items/min; 429 rate 8.6%
+    assert [c["ok"] for c in s["checks"]] == [True, False]  # 609 items/min; 429 rate 8.6%
 
 
 def test_order_does_not_matter() -> None:
@@ -80,7 +123,7 @@ def test_timeseries_rolling_window_and_csv(tmp_path: Path) -> None:
     rec = recorder()
     rec.add_many(events())
     rows = rec.timeseries_rows()
-    assert rows[0]["t_s"] == 3.0 and rows[-1]["t_s"] == 61.0    # bucket ends, virtual s
+    assert rows[0]["t_s"] == 3.0 and rows[-1]["t_s"] == 61.0  # bucket ends, virtual s
     by_t = {r["t_s"]: r for r in rows}
     assert by_t[3.0]["items_done"] == 19 and by_t[3.0]["tokens_window_60s"] == 1100
     assert by_t[61.0]["tokens_window_60s"] == 31 * 1100
@@ -116,7 +159,13 @@ def test_refusals_and_status_mapping() -> None:
     with pytest.raises(ValueError):
         Recorder("t", "dry", [])
     assert [outcome_for_status(s) for s in (200, 429, 402, 503, 400, 0)] == [
-        "ok", "http_429", "http_402", "http_5xx", "http_4xx", "error"]
+        "ok",
+        "http_429",
+        "http_402",
+        "http_5xx",
+        "http_4xx",
+        "error",
+    ]
     assert outcome_for_status(0, timed_out=True) == "timeout"
 
 

@@ -15,8 +15,12 @@ from loadtests.workload import (
     text_tokens,
 )
 
-WORKLOAD = Workload(items=10_000, duplicate_rate=0.1, poison_rate=0.01,
-                    item_tokens=Size(dist="normal", mean=15, sd=4, min=3, max=40))
+WORKLOAD = Workload(
+    items=10_000,
+    duplicate_rate=0.1,
+    poison_rate=0.01,
+    item_tokens=Size(dist="normal", mean=15, sd=4, min=3, max=40),
+)
 
 
 def test_seeded_figures_are_exact() -> None:
@@ -27,7 +31,7 @@ def test_seeded_figures_are_exact() -> None:
         repeats += item.text in seen
         seen.add(item.text)
     assert len(items) == 10_000
-    assert repeats == 997                      # exact repeats of earlier texts: ~10%
+    assert repeats == 997  # exact repeats of earlier texts: ~10%
     assert sum(i.duplicate_of is not None for i in items) == 997
     assert sum(i.poison for i in items) == 98  # ~1%
     assert sum(i.tokens for i in items) == 150_879
@@ -70,8 +74,10 @@ def test_generation_is_lazy() -> None:
 
 
 def test_id_schemes() -> None:
-    for ids, expected in ((IdScheme("sequential", 548033), "548035"),
-                          (IdScheme("prefixed", 0, "a-"), "a-2")):
+    for ids, expected in (
+        (IdScheme("sequential", 548033), "548035"),
+        (IdScheme("prefixed", 0, "a-"), "a-2"),
+    ):
         assert WorkloadGenerator(Workload(items=5, ids=ids), seed=0).item(2).id == expected
     hex_id = WorkloadGenerator(Workload(items=5, ids=IdScheme("hex")), seed=0).item(2).id
     assert len(hex_id) == 12 and int(hex_id, 16) >= 0
@@ -88,8 +94,9 @@ def test_size_distributions() -> None:
 
 
 def test_system_prompt_has_the_stated_size_and_lists_codes() -> None:
-    workload = Workload(items=1, system_prompt_tokens=700,
-                        labels=(("A", "Prime Product"), ("B", "Budget Product")))
+    workload = Workload(
+        items=1, system_prompt_tokens=700, labels=(("A", "Prime Product"), ("B", "Budget Product"))
+    )
     prompt = system_prompt(workload, seed=1)
     assert len(prompt) == 2800 and text_tokens(prompt) == 700
     assert "A=Prime Product; B=Budget Product" in prompt

@@ -1,0 +1,102 @@
+"""The CI gate: pass, regression and bad-input exit codes; JUnit, Markdown; baseline update."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from synthetic import build_run
+
+from reports import compare, gate
+
+
+def args(summary: Path, baseline: Path, **kw: object) -> argparse.Namespace:
+    base = {
+        "summary": str(summary),
+        "baseline": str(baseline),
+        "junit": None,
+        "markdown": None,
+        "update_baseline": False,
+    }
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.fixture
+def baseline(tmp_path: Path) -> Path:
+    run, _ = build_run(tmp_path / "base")
+    path = tmp_path / "baselines" / "synthetic.json"
+    assert gate.main(args(run / "summary.json", path, update_baseline=True)) == 0
+    return path
+
+
+def test_update_baseline_writes_the_default_figures(baseline: Path) -> None:
+    data = json.loads(baseline.read_text())
+    assert data["schema"] == "ratelab.baseline/1"
+    assert set(data["figures"]) == {
+        f"{arm}.{fig}"
+        for arm in ("batched", "single")
+        for fig in (
+            "throughput.items_per_min",
+            "tokens.per_item",
+            "items.per_request",
+            "requests.rate_429",
+        )
+    }
+    assert data["figures"]["batched.items.per_request"]["value"] == 20.0
+    assert data["figures"]["batched.requests.rate_429"]["abs_tolerance"] == 0.01
+
+
+def test_same_run_passes(
+    tmp_path: Path, baseline: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = build_run(tmp_path / "again")
+    junit, md = tmp_path / "gate.xml", tmp_path / "gate.md"
+    assert gate.main(args(run, baseline, junit=str(junit), markdown=str(md))) == 0
+    out = capsys.readouterr().out
+    assert "batched.throughput.items_per_min" in out and "ratelab gate: ok" in out
+    suite = ET.parse(junit).getroot()
+    assert suite.get("failures") == "0" and int(suite.get("tests") or 0) == 10
+    assert "all figures hold" in md.read_text()
+
+
+def test_smaller_batches_fail_the_gate(
+    tmp_path: Path, baseline: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = build_run(tmp_path / "b10", batch=10)
+    junit, md = tmp_path / "gate.xml", tmp_path / "gate.md"
+    assert gate.main(args(run, baseline, junit=str(junit), markdown=str(md))) == 1
+    err = capsys.readouterr().err
+    assert "batched.items.per_request (10 vs 20, tolerance 2%)" in err
+    assert "batched.throughput.items_per_min" in err and "batched.tokens.per_item" in err
+    failures = [c.get("name") for c in ET.parse(junit).getroot() if c.find("failure") is not None]
+    assert "batched.items.per_request" in failures
+    assert "**REGRESSION**" in md.read_text()
+
+
+def test_429s_fail_the_gate(tmp_path: Path, baseline: Path) -> None:
+    run, _ = build_run(tmp_path / "throttle-off", every_429=10)  # 10% of requests 429
+    assert gate.main(args(run, baseline)) == 1
+
+
+def test_bad_input_exits_2(tmp_path: Path, baseline: Path) -> None:
+    run, _ = build_run(tmp_path / "ok")
+    assert gate.main(args(tmp_path / "missing.json", baseline)) == 2
+    (tmp_path / "junk.json").write_text("{not json")
+    assert gate.main(args(tmp_path / "junk.json", baseline)) == 2
+    (tmp_path / "other.json").write_text(json.dumps({"schema": "ratelab.summary/1"}))
+    assert gate.main(args(tmp_path / "other.json", baseline)) == 2
+    bad = tmp_path / "bad-baseline.json"
+    bad.write_text(json.dumps({"schema": "ratelab.baseline/1", "figures": {"x.y": {"value": "3"}}}))
+    assert gate.main(args(run, bad)) == 2
+
+
+def test_compare_prints_the_change(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, _ = build_run(tmp_path / "a")
+    b, _ = build_run(tmp_path / "b", batch=10)
+    assert compare.main(argparse.Namespace(run_a=str(a), run_b=str(b))) == 0
+    out = capsys.readouterr().out
+    assert "arm batched" in out and "items/request" in out and "-50.0%" in out
+    assert compare.main(argparse.Namespace(run_a=str(a), run_b=str(tmp_path / "nope"))) == 2

@@ -1,0 +1,56 @@
+"""The report: every plot embedded as a non-empty PNG; the first paragraph matches summary.json."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+from reports.report import fmt_hours, fmt_int, fmt_pct, fmt_usd, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PLOTS = ("throughput", "tokens", "latency", "errors", "cost", "arms", "sweep")
+
+
+def test_html_embeds_every_plot_as_png(run_dir: Path) -> None:
+    md, html = write_report(run_dir)
+    page = html.read_text()
+    found = dict(
+        re.findall(r"id='plot-(\w+)'[^>]*src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    )
+    assert set(found) == set(PLOTS)
+    for key in PLOTS:
+        png = base64.b64decode(found[key])
+        assert png.startswith(PNG_MAGIC) and len(png) > 5000, key
+    assert "src='http" not in page and "<script" not in page  # self-contained
+    assert md.read_text().startswith("# ratelab report: synthetic")
+
+
+def test_first_paragraph_matches_summary(run_dir: Path) -> None:
+    _, html = write_report(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    lead = re.search(r"<p class='lead' id='lead'>(.*?)</p>", html.read_text()).group(1)  # type: ignore[union-attr]
+    arm = summary["arms"][0]
+    assert arm["name"] == "batched"
+    for figure in (
+        fmt_int(arm["throughput"]["items_per_min"]),  # how fast
+        fmt_int(arm["bound"]["items_per_min"]),
+        fmt_pct(arm["bound"]["efficiency"]),
+        f"the <b>{arm['bound']['binding']}</b> limit binds",  # which limit
+        fmt_usd(arm["cost_usd"]["per_item"]),  # how much
+        fmt_hours(arm["projection"]["duration_s"]),
+        fmt_usd(arm["projection"]["cost_usd"]),
+        f"about {fmt_int(arm['projection']['needed_tpm'])} TPM or "
+        f"{arm['projection']['needed_keys']} keys",  # what to change
+    ):
+        assert figure in lead, figure
+    assert "3,580 items/min" in lead and "9.3 h" in lead and "3 keys" in lead
+
+
+def test_stage_and_projection_tables(run_dir: Path) -> None:
+    md, _ = write_report(run_dir)
+    text = md.read_text()
+    assert "## Stages" in text and "| stage1 |" in text
+    assert "## Projection" in text and "## Sweep of batch_size" in text
+    assert "The knee is at 20" in text
