@@ -114,7 +114,7 @@ def test_401_is_fatal_auth() -> None:
 
 def test_5xx_retries_with_backoff_then_dead_letters_at_the_cap() -> None:
     engine = make(20, retry={"max_attempts": 3, "base_s": 0.1})
-    done, now, results = drive(engine, FakeProvider(status_fn=lambda call: 500))
+    done, _now, results = drive(engine, FakeProvider(status_fn=lambda call: 500))
     assert done.status == 0
     assert all(r.state == "dead" and r.attempts == 3 for r in results.values())
     assert engine.counts.requests == 3
@@ -151,7 +151,7 @@ def test_duplicates_inside_a_job_are_sent_once() -> None:
     engine.add_items([Item("1", "same text"), Item("2", "Same   TEXT"), Item("3", "other")])
     engine.end_of_items()
     fake = FakeProvider()
-    done, _, results = drive(engine, fake)
+    _done, _, results = drive(engine, fake)
     assert results["1"].code == results["2"].code == code_of("same text")
     assert engine.counts.cached == 1
     assert sum(fake.answered.values()) == 2
@@ -159,9 +159,9 @@ def test_duplicates_inside_a_job_are_sent_once() -> None:
 
 def test_bad_input_is_refused_naming_the_item() -> None:
     engine = Engine(task(), config(), random.Random(1))
-    with pytest.raises(InputError, match="'007'.*collides"):
+    with pytest.raises(InputError, match=r"'007'.*collides"):
         engine.add_items([Item("7", "a"), Item("007", "b")])
-    with pytest.raises(InputError, match="'big'.*token_budget"):
+    with pytest.raises(InputError, match=r"'big'.*token_budget"):
         engine.add_items([Item("big", "x" * 70000)])
     with pytest.raises(InputError, match="empty text"):
         engine.add_items([Item("e", "  ")])

@@ -69,7 +69,7 @@ async def test_cache_answers_duplicates_across_jobs(tmp_path: Path) -> None:
 async def test_preflight_refuses_unserved_model_and_empty_jobs(tmp_path: Path) -> None:
     r = runner(tmp_path, FakeProvider())
     r.task = replace(r.task, model="nope")
-    with pytest.raises(InputError, match="task.model: model 'nope' is not served"):
+    with pytest.raises(InputError, match=r"task\.model: model 'nope' is not served"):
         await r.run()
     empty = runner(tmp_path, FakeProvider(), n=0, name="empty")
     with pytest.raises(InputError, match="no items"):

@@ -1,0 +1,63 @@
+"""Interactive chat through the priority lane of a running job, with per-user limits.
+
+``InteractiveClient(runner)`` forwards ``chat`` to ``Runner.chat``: the request jumps the
+background queue, shares the job's throttle and providers, and is refused up front when
+the user is over their tier's requests per minute or tokens per day.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from batchclient.policy.classify import Verdict
+from batchclient.policy.userlimits import UserDecision
+from batchclient.policy.wire import Response
+from batchclient.runner import Runner
+
+
+class UserLimited(RuntimeError):
+    """The user is over a per-user limit; ``retry_in_s`` is virtual seconds."""
+
+    def __init__(self, reason: str, retry_in_s: float) -> None:
+        super().__init__(reason)
+        self.retry_in_s = retry_in_s
+
+
+@dataclass(frozen=True, slots=True)
+class ChatReply:
+    """An interactive reply: text (None on error), the verdict, the raw response."""
+
+    text: str | None
+    verdict: Verdict
+    response: Response
+
+
+class InteractiveClient:
+    """Chat calls through ``runner``'s interactive lane (the runner must be running)."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    async def chat(
+        self,
+        user: str,
+        messages: Iterable[Mapping[str, str]],
+        max_tokens: int = 256,
+        model: str | None = None,
+        tier: str | None = None,
+    ) -> ChatReply:
+        """Send one chat; raises UserLimited when the user's bucket refuses it."""
+        outcome = await self.runner.chat(user, messages, max_tokens, model, tier)
+        if isinstance(outcome, UserDecision):
+            raise UserLimited(outcome.reason, outcome.retry_in_s)
+        response, classified = outcome
+        text = response.content
+        if text is None and classified.verdict == Verdict.OK:
+            try:
+                data = json.loads(response.body)
+                text = data["choices"][0]["message"]["content"]
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+                text = None
+        return ChatReply(text, classified.verdict, response)

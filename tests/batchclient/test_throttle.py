@@ -1,0 +1,69 @@
+"""The rolling-window throttle: reserve, settle, wait for room, headers, graduated steps."""
+
+from __future__ import annotations
+
+from batchclient.config import ThrottleSettings
+from batchclient.policy.ratelimit_headers import RateHeaders
+from batchclient.policy.throttle import Throttle
+
+NO_STEPS = ThrottleSettings(steps=(), ceiling=1.0)
+
+
+def test_waits_exactly_until_enough_tokens_leave_the_window() -> None:
+    t = Throttle(NO_STEPS, tpm=1000, rpm=None)
+    t.reserve(0.0, 1, 600)
+    t.reserve(10.0, 2, 300)
+    assert t.delay(10.0, 100) == 0.0
+    assert t.delay(10.0, 200) == 50.0  # the 600 reserved at t=0 leave at t=60
+    assert t.delay(60.0, 200) == 0.0
+
+
+def test_settle_replaces_the_reservation_by_actual_usage() -> None:
+    t = Throttle(NO_STEPS, tpm=1000, rpm=None)
+    t.reserve(0.0, 1, 900)
+    assert t.delay(1.0, 200) > 0
+    t.settle(1.0, 1, 300)
+    assert t.used_tokens == 300 and t.delay(1.0, 200) == 0.0
+    t.reserve(2.0, 2, 100)
+    t.settle(2.5, 2, 0, counted=False)
+    assert (t.used_tokens, t.used_requests) == (300, 1)
+
+
+def test_counting_mode_decides_what_is_reserved() -> None:
+    assert Throttle(NO_STEPS, 1000, None, reserve_max_tokens=True).estimate(100, 50, 20) == 150
+    assert Throttle(NO_STEPS, 1000, None, reserve_max_tokens=False).estimate(100, 50, 20) == 120
+
+
+def test_rpm_limit() -> None:
+    t = Throttle(NO_STEPS, tpm=None, rpm=2)
+    t.reserve(0.0, 1, 1)
+    t.reserve(1.0, 2, 1)
+    assert t.delay(1.0, 1) == 59.0
+
+
+def test_provider_headers_correct_an_optimistic_estimate() -> None:
+    t = Throttle(NO_STEPS, tpm=None, rpm=None)
+    t.reserve(0.0, 1, 100)
+    t.settle(1.0, 1, 100)
+    # Someone else shares the key: the provider has 900 of 1000 used.
+    t.observe(1.0, RateHeaders(limit_tokens=1000, remaining_tokens=100, reset_tokens_s=30.0))
+    assert t.tpm == 1000
+    assert t.usage(1.0)[0] == 900
+    assert t.delay(1.0, 200) > 0
+    assert t.delay(31.0, 200) == 0.0  # the snapshot is stale after its reset
+
+
+def test_graduated_steps_space_dispatches_over_the_slots() -> None:
+    t = Throttle(ThrottleSettings(ceiling=1.0), tpm=1000, rpm=None)
+    t.reserve(0.0, 1, 900)
+    assert t.delay(0.0, 10, slots=4) == 0.075  # 910/1000 > 85 %: 0.3 s over 4 slots
+    t.reserve(0.0, 2, 60)
+    assert t.delay(0.0, 10, slots=4) == 0.2  # 970/1000 > 95 %: 0.8 s over 4 slots
+    assert t.delay(0.1, 10, slots=4) == 0.1
+    assert Throttle(ThrottleSettings(), tpm=1000, rpm=None).delay(0.0, 10) == 0.0
+
+
+def test_blocked_by_retry_after() -> None:
+    t = Throttle(NO_STEPS, tpm=1000, rpm=None)
+    t.block(12.0)
+    assert t.delay(10.0, 1) == 2.0
