@@ -1,0 +1,92 @@
+"""Rate-limit and retry headers in the provider's style; durations are rendered wall-clock.
+
+Every duration passed in is virtual seconds; renderers divide by ``time_scale``
+(docs/conventions.md: everything on the wire is wall-clock).
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+
+from simulator.model.limits import LimitState, Window
+
+
+def format_duration(seconds: float) -> str:
+    """Go-style duration as OpenAI sends it, to the ms: ``20ms``, ``1.574s``, ``6m0s``."""
+    ms = max(0, math.ceil(seconds * 1000.0 - 1e-6))
+    if ms == 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    secs, frac = divmod(ms, 1000)
+    s = f"{secs}.{frac:03d}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{s}"
+    if minutes:
+        return f"{minutes}m{s}"
+    return s
+
+
+def rfc3339(unix_s: float) -> str:
+    """An RFC 3339 UTC timestamp with second precision, e.g. ``2024-05-01T12:00:07Z``."""
+    return datetime.fromtimestamp(math.ceil(unix_s), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def retry_headers(wait_s: float, time_scale: float) -> dict[str, str]:
+    """``retry-after`` (whole seconds, rounded up) and ``retry-after-ms`` for a virtual wait."""
+    wall = wait_s / time_scale
+    ms = max(1, math.ceil(wall * 1000.0 - 1e-6))
+    return {"retry-after": str(max(1, math.ceil(ms / 1000.0))), "retry-after-ms": str(ms)}
+
+
+def _remaining(window: Window, now: float) -> int:
+    return max(0, int(window.capacity - window.used(now) + 1e-9))
+
+
+class HeaderRenderer:
+    """Renders the rate-limit headers of one provider's style from a key+model limit state."""
+
+    __slots__ = ("epoch_s", "style", "time_scale")
+
+    def __init__(self, style: str, time_scale: float, epoch_s: float):
+        self.style = style
+        self.time_scale = time_scale
+        self.epoch_s = epoch_s
+
+    def wall(self, now: float) -> float:
+        """Unix time (wall-clock) of virtual time ``now``."""
+        return self.epoch_s + now / self.time_scale
+
+    def rate_headers(self, state: LimitState, now: float, out: dict[str, str]) -> None:
+        """Add the style's rate-limit headers describing ``state`` at ``now`` to ``out``."""
+        if self.style == "openai":
+            self._openai(state, now, out)
+        elif self.style == "anthropic":
+            self._anthropic(state, now, out)
+
+    def _openai(self, state: LimitState, now: float, out: dict[str, str]) -> None:
+        scale = self.time_scale
+        for suffix, window in (("requests", state.requests), ("tokens", state.tokens)):
+            if window is not None:
+                out[f"x-ratelimit-limit-{suffix}"] = str(int(window.capacity))
+                out[f"x-ratelimit-remaining-{suffix}"] = str(_remaining(window, now))
+                out[f"x-ratelimit-reset-{suffix}"] = format_duration(
+                    window.reset_in(now) / scale)
+
+    def _anthropic(self, state: LimitState, now: float, out: dict[str, str]) -> None:
+        for part, window, rounded in (("requests", state.requests, False),
+                                      ("tokens", state.tokens, True),
+                                      ("input-tokens", state.input, True),
+                                      ("output-tokens", state.output, True)):
+            if window is None:
+                continue
+            remaining = _remaining(window, now)
+            if rounded:
+                remaining = (remaining + 500) // 1000 * 1000  # nearest thousand
+            out[f"anthropic-ratelimit-{part}-limit"] = str(int(window.capacity))
+            out[f"anthropic-ratelimit-{part}-remaining"] = str(remaining)
+            out[f"anthropic-ratelimit-{part}-reset"] = rfc3339(
+                self.wall(now + window.reset_in(now)))

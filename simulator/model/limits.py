@@ -1,0 +1,322 @@
+"""Rate-limit windows (sliding, token bucket, fixed) and the per key+model limit state.
+
+Capacities are per window: a per-minute limit L judged over a window of W seconds allows
+L * W / 60 in any window (Azure's 600 RPM over 1 s allows 10). All times are virtual seconds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from simulator.model.config import LimitSpec
+
+INF = math.inf
+# float slack so that a request admitted "exactly at" the reset time is admitted
+_EPS = 1e-9
+DAY_S = 86_400.0
+
+
+class SlidingWindow:
+    """Rolling window: amounts added in the last ``window_s`` seconds must sum to <= capacity."""
+
+    __slots__ = ("_entries", "capacity", "total", "window_s")
+
+    def __init__(self, capacity: float, window_s: float):
+        self.capacity = capacity
+        self.window_s = window_s
+        self.total = 0.0
+        # entries are [time, amount, live]; `live` goes False when the entry leaves the window
+        self._entries: deque[list] = deque()
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self.window_s + _EPS
+        entries = self._entries
+        while entries and entries[0][0] <= horizon:
+            entry = entries.popleft()
+            entry[2] = False
+            self.total -= entry[1]
+        if not entries:
+            self.total = 0.0  # drop accumulated float error
+
+    def used(self, now: float) -> float:
+        """Amount counted in the window ending at ``now``."""
+        self._expire(now)
+        return self.total
+
+    def wait(self, now: float, amount: float) -> float:
+        """Seconds until ``amount`` fits (0 if it fits now, inf if it never can)."""
+        if amount > self.capacity + _EPS:
+            return INF
+        self._expire(now)
+        excess = self.total + amount - self.capacity
+        if excess <= _EPS:
+            return 0.0
+        freed = 0.0
+        for t, a, _live in self._entries:
+            freed += a
+            if freed >= excess - _EPS:
+                return max(0.0, t + self.window_s - now)
+        return self.window_s  # unreachable when amount <= capacity
+
+    def add(self, now: float, amount: float) -> object:
+        """Count ``amount`` at ``now``; returns a handle for ``adjust``."""
+        self._expire(now)
+        entry = [now, float(amount), True]
+        self._entries.append(entry)
+        self.total += amount
+        return entry
+
+    def adjust(self, now: float, handle: object, delta: float) -> None:
+        """Change an earlier amount by ``delta`` (settling a reservation); no-op once it expired."""
+        entry = handle
+        if isinstance(entry, list) and entry[2]:
+            delta = max(delta, -entry[1])
+            entry[1] += delta
+            self.total += delta
+
+    def reset_in(self, now: float) -> float:
+        """Seconds until the window is empty again (back to its initial state)."""
+        self._expire(now)
+        if not self._entries or self.total <= _EPS:
+            return 0.0
+        return max(0.0, self._entries[-1][0] + self.window_s - now)
+
+
+class TokenBucket:
+    """Bucket of ``capacity`` refilled continuously at capacity / window_s per second."""
+
+    __slots__ = ("_last", "capacity", "level", "rate", "window_s")
+
+    def __init__(self, capacity: float, window_s: float):
+        self.capacity = capacity
+        self.window_s = window_s
+        self.rate = capacity / window_s
+        self.level = capacity
+        self._last = 0.0
+
+    def _refill(self, now: float) -> None:
+        if now > self._last:
+            self.level = min(self.capacity, self.level + (now - self._last) * self.rate)
+            self._last = now
+
+    def used(self, now: float) -> float:
+        """Capacity currently missing from the bucket."""
+        self._refill(now)
+        return self.capacity - self.level
+
+    def wait(self, now: float, amount: float) -> float:
+        """Seconds until the bucket holds ``amount`` (inf if it exceeds the capacity)."""
+        if amount > self.capacity + _EPS:
+            return INF
+        self._refill(now)
+        if self.level >= amount - _EPS:
+            return 0.0
+        return (amount - self.level) / self.rate
+
+    def add(self, now: float, amount: float) -> object:
+        """Take ``amount`` out of the bucket (the level may go negative)."""
+        self._refill(now)
+        self.level -= amount
+        return None
+
+    def adjust(self, now: float, handle: object, delta: float) -> None:
+        """Take ``delta`` more (or give back -delta), never above capacity."""
+        self._refill(now)
+        self.level = min(self.capacity, self.level - delta)
+
+    def reset_in(self, now: float) -> float:
+        """Seconds until the bucket is full."""
+        self._refill(now)
+        return max(0.0, (self.capacity - self.level) / self.rate)
+
+
+class FixedWindow:
+    """Counter reset at every multiple of ``window_s`` (virtual time 0 is a boundary)."""
+
+    __slots__ = ("capacity", "generation", "start", "total", "window_s")
+
+    def __init__(self, capacity: float, window_s: float):
+        self.capacity = capacity
+        self.window_s = window_s
+        self.start = 0.0
+        self.total = 0.0
+        self.generation = 0
+
+    def _roll(self, now: float) -> None:
+        if now >= self.start + self.window_s - _EPS:
+            self.start = math.floor((now + _EPS) / self.window_s) * self.window_s
+            self.total = 0.0
+            self.generation += 1
+
+    def used(self, now: float) -> float:
+        """Amount counted in the current window."""
+        self._roll(now)
+        return self.total
+
+    def wait(self, now: float, amount: float) -> float:
+        """Seconds until ``amount`` fits: 0, the time to the next boundary, or inf."""
+        if amount > self.capacity + _EPS:
+            return INF
+        self._roll(now)
+        if self.total + amount <= self.capacity + _EPS:
+            return 0.0
+        return max(0.0, self.start + self.window_s - now)
+
+    def add(self, now: float, amount: float) -> object:
+        """Count ``amount`` in the current window; the handle is the window's generation."""
+        self._roll(now)
+        self.total += amount
+        return self.generation
+
+    def adjust(self, now: float, handle: object, delta: float) -> None:
+        """Settle an amount counted in the same window; a past window is left alone."""
+        self._roll(now)
+        if handle == self.generation:
+            self.total = max(0.0, self.total + delta)
+
+    def reset_in(self, now: float) -> float:
+        """Seconds until the next boundary (0 if nothing is counted)."""
+        self._roll(now)
+        if self.total <= _EPS:
+            return 0.0
+        return max(0.0, self.start + self.window_s - now)
+
+
+Window = SlidingWindow | TokenBucket | FixedWindow
+_ALGORITHMS: dict[str, type[SlidingWindow] | type[TokenBucket] | type[FixedWindow]] = {
+    "sliding": SlidingWindow,
+    "token_bucket": TokenBucket,
+    "fixed": FixedWindow,
+}
+
+
+def make_window(algorithm: str, per_minute: int, window_s: float) -> Window:
+    """A window of ``algorithm`` enforcing ``per_minute`` scaled to ``window_s`` seconds."""
+    capacity = max(1.0, per_minute * window_s / 60.0)
+    return _ALGORITHMS[algorithm](capacity, window_s)
+
+
+# the limits in the order they are checked; the name is what 429 messages and stats use
+REQUESTS, TOKENS, INPUT, OUTPUT, DAY, CONCURRENCY = (
+    "requests", "tokens", "input_tokens", "output_tokens", "tokens_per_day", "concurrency",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """Why a request was refused: which limit, its figures, and when a retry can succeed."""
+
+    limit: str  # one of REQUESTS, TOKENS, INPUT, OUTPUT, DAY, CONCURRENCY
+    capacity: float  # per window
+    used: float
+    requested: float
+    wait_s: float  # virtual seconds until the request fits (inf: never, too large)
+
+    @property
+    def too_large(self) -> bool:
+        """The request alone exceeds the limit: no retry can ever succeed."""
+        return math.isinf(self.wait_s)
+
+
+@dataclass(slots=True)
+class Ticket:
+    """What an admission counted, kept to settle it at finish."""
+
+    tokens_handle: object
+    reserved: float  # tokens counted on the TPM window at admission
+    prompt: int
+    requests_handle: object = None
+
+
+class LimitState:
+    """The live limits of one key on one model: windows per limit and the in-flight count."""
+
+    __slots__ = ("concurrency", "day", "inflight", "input", "output", "requests", "spec",
+                 "tokens")
+
+    def __init__(self, spec: LimitSpec):
+        self.spec = spec
+        algo = spec.algorithm
+        self.requests: Window | None = None
+        if spec.rpm is not None:
+            self.requests = make_window(algo, spec.rpm, spec.request_window_s or spec.window_s)
+        self.tokens = make_window(algo, spec.tpm, spec.window_s) if spec.tpm else None
+        self.input = make_window(algo, spec.input_tpm, spec.window_s) if spec.input_tpm else None
+        self.output = (make_window(algo, spec.output_tpm, spec.window_s)
+                       if spec.output_tpm else None)
+        self.day = (FixedWindow(float(spec.tokens_per_day), DAY_S)
+                    if spec.tokens_per_day else None)
+        self.concurrency = spec.concurrency
+        self.inflight = 0
+
+    def reservation(self, prompt: int, max_tokens: int | None, n: int, best_of: int) -> int:
+        """Tokens counted on the TPM window at admission under the spec's counting mode."""
+        mode = self.spec.counting
+        if mode == "actual":
+            return prompt
+        cap = max_tokens if max_tokens is not None else self.spec.default_max_tokens
+        if mode == "reserve":
+            return prompt + n * cap
+        if mode == "max_estimate":
+            return max(prompt, max_tokens or 0)
+        return prompt + cap + best_of  # azure
+
+    def check(self, now: float, reserved: int, prompt: int) -> Denial | None:
+        """The first limit that refuses a request counting ``reserved`` TPM tokens, or None."""
+        if self.concurrency is not None and self.inflight >= self.concurrency:
+            return Denial(CONCURRENCY, self.concurrency, self.inflight, 1, 1.0)
+        checks = (
+            (REQUESTS, self.requests, 1),
+            (TOKENS, self.tokens, reserved),
+            (INPUT, self.input, prompt),
+            (OUTPUT, self.output, 1),  # output is counted as generated: only "not exhausted"
+            (DAY, self.day, prompt),
+        )
+        for name, window, amount in checks:
+            if window is not None:
+                wait = window.wait(now, amount)
+                if wait > 0.0:
+                    return Denial(name, window.capacity, window.used(now), amount, wait)
+        return None
+
+    def retry_wait(self, now: float, reserved: int, prompt: int) -> float:
+        """Virtual seconds until every limit admits this request (after counting refusals)."""
+        wait = 0.0
+        for window, amount in ((self.requests, 1), (self.tokens, reserved),
+                               (self.input, prompt), (self.output, 1), (self.day, prompt)):
+            if window is not None:
+                wait = max(wait, window.wait(now, amount))
+        return wait
+
+    def count_request(self, now: float) -> None:
+        """Count one request on the RPM window (a refused or failed request)."""
+        if self.requests is not None:
+            self.requests.add(now, 1)
+
+    def admit(self, now: float, reserved: int, prompt: int) -> Ticket:
+        """Count an admitted request on every window and take a concurrency slot."""
+        requests_handle = self.requests.add(now, 1) if self.requests is not None else None
+        handle = self.tokens.add(now, reserved) if self.tokens is not None else None
+        if self.input is not None:
+            self.input.add(now, prompt)
+        if self.day is not None:
+            self.day.add(now, prompt)
+        self.inflight += 1
+        return Ticket(handle, reserved, prompt, requests_handle)
+
+    def settle(self, now: float, ticket: Ticket, completion: int) -> None:
+        """Settle to actual usage: ``completion`` tokens were generated and delivered."""
+        self.inflight = max(0, self.inflight - 1)
+        if self.tokens is not None:
+            if self.spec.counting == "actual":
+                if completion:
+                    self.tokens.add(now, completion)
+            else:
+                self.tokens.adjust(now, ticket.tokens_handle,
+                                   ticket.prompt + completion - ticket.reserved)
+        if self.output is not None and completion:
+            self.output.add(now, completion)
+        if self.day is not None and completion:
+            self.day.add(now, completion)

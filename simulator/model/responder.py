@@ -1,0 +1,131 @@
+"""Reply synthesis: ``batch_json`` (docs/conventions.md), ``lorem`` and ``echo``.
+
+``batch_json`` faults are drawn from the responder's own seeded RNG: ``drop_item_rate``
+per item, the other rates per reply (each independently).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass
+
+from simulator.model.config import ResponderSpec
+from simulator.model.latency import sample
+
+ITEM_RE = re.compile(r"^id=([A-Za-z0-9_.-]+): (.*)$", re.MULTILINE)
+POISON_MARKER = "POISON"
+
+_LOREM_WORDS = (
+    "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt "
+    "ut labore et dolore magna aliqua ut enim ad minim veniam quis nostrud exercitation "
+    "ullamco laboris nisi ut aliquip ex ea commodo consequat duis aute irure dolor in "
+    "reprehenderit in voluptate velit esse cillum dolore eu fugiat nulla pariatur excepteur "
+    "sint occaecat cupidatat non proident sunt in culpa qui officia deserunt mollit anim id "
+    "est laborum "
+)
+_LOREM = _LOREM_WORDS * 200  # ~89k characters, enough for 22k tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A synthesised completion and why it ended (``stop`` or ``length``)."""
+
+    text: str
+    finish_reason: str
+
+
+def expected_code(text: str, codes: tuple[str, ...] | list[str]) -> str:
+    """The batch_json code of an item: sha256 of the normalised text, modulo the codes."""
+    norm = " ".join(text.split()).lower()
+    return codes[int(hashlib.sha256(norm.encode()).hexdigest()[:8], 16) % len(codes)]
+
+
+def parse_items(prompt: str) -> list[tuple[str, str]]:
+    """The ``(id, text)`` item lines of a packed prompt, in order."""
+    return ITEM_RE.findall(prompt)
+
+
+def lorem_text(tokens: int, offset: int) -> str:
+    """Filler text of exactly ``tokens`` tokens (4 characters each)."""
+    chars = tokens * 4
+    start = offset % len(_LOREM_WORDS)
+    text = _LOREM[start : start + chars]
+    while len(text) < chars:
+        text += _LOREM[: chars - len(text)]
+    return text
+
+
+def cut(text: str, max_tokens: int | None) -> Reply:
+    """``text`` cut at ``max_tokens`` (finish ``length``) or whole (finish ``stop``)."""
+    if max_tokens is not None and len(text) > max_tokens * 4:
+        return Reply(text[: max_tokens * 4], "length")
+    return Reply(text, "stop")
+
+
+def _id_json(item_id: str) -> str:
+    return str(int(item_id)) if item_id.isdigit() else json.dumps(item_id)
+
+
+def batch_json(spec: ResponderSpec, rng: random.Random, prompt: str,
+               max_tokens: int | None) -> Reply:
+    """The JSON array answering the prompt's items, with the configured faults injected."""
+    entries: list[tuple[str, str]] = []
+    for item_id, text in parse_items(prompt):
+        if POISON_MARKER in text:
+            continue
+        if spec.drop_item_rate and rng.random() < spec.drop_item_rate:
+            continue
+        entries.append((_id_json(item_id), json.dumps(expected_code(text, spec.codes))))
+    if spec.repeat_id_rate and rng.random() < spec.repeat_id_rate and entries:
+        i = rng.randrange(len(entries))
+        # the repeat carries another code: a client must not trust either blindly
+        entries.insert(i + 1, (entries[i][0], json.dumps(rng.choice(spec.codes))))
+    if spec.invent_id_rate and rng.random() < spec.invent_id_rate:
+        invented = str(rng.randrange(10**9, 10**10))
+        entries.insert(rng.randrange(len(entries) + 1),
+                       (invented, json.dumps(rng.choice(spec.codes))))
+    text = "[" + ",".join(f'{{"id":{i},"c":{c}}}' for i, c in entries) + "]"
+    if spec.malformed_json_rate and rng.random() < spec.malformed_json_rate:
+        variant = rng.randrange(3)
+        if variant == 0:
+            text = text[:-2] if len(text) > 2 else "["  # cut before the closing brackets
+        elif variant == 1:
+            text = text[:-1] + ",]"  # trailing comma
+        else:
+            text = text.replace('"', "'")  # single quotes
+    if spec.truncate_rate and rng.random() < spec.truncate_rate:
+        # a verbose reply that runs into max_tokens (half the reply when none is set)
+        limit = max_tokens if max_tokens is not None else max(1, (len(text) + 3) // 8)
+        verbose = "Here are the results:\n" + text + "\n" + lorem_text(limit, rng.randrange(97))
+        return Reply(verbose[: limit * 4], "length")
+    return cut(text, max_tokens)
+
+
+def respond(spec: ResponderSpec, rng: random.Random, last_user_text: str,
+            max_tokens: int | None) -> Reply:
+    """The reply of ``spec.kind`` to a chat whose last user message is ``last_user_text``."""
+    if spec.kind == "batch_json":
+        return batch_json(spec, rng, last_user_text, max_tokens)
+    if spec.kind == "echo":
+        return cut(last_user_text, max_tokens)
+    tokens = max(1, round(sample(spec.output_tokens, rng)))
+    if max_tokens is not None and tokens > max_tokens:
+        return Reply(lorem_text(max_tokens, rng.randrange(97)), "length")
+    return Reply(lorem_text(tokens, rng.randrange(97)), "stop")
+
+
+def repetition_loop(max_tokens: int) -> Reply:
+    """A degenerate reply repeating one phrase until ``max_tokens`` (finish ``length``)."""
+    phrase = "and so on, "
+    text = phrase * (max_tokens * 4 // len(phrase) + 1)
+    return Reply(text[: max_tokens * 4], "length")
+
+
+def embedding_vector(text: str, dims: int) -> list[float]:
+    """A deterministic unit-free pseudo-embedding of ``text`` (the shell may use it)."""
+    seed = int(hashlib.sha256(text.encode()).hexdigest()[:16], 16)
+    rng = random.Random(seed)
+    return [rng.uniform(-1.0, 1.0) for _ in range(dims)]

@@ -1,0 +1,270 @@
+"""Validation of request bodies into small request values; bad input becomes an OpenAI 400 body."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from simulator.model.errors import invalid_request
+from simulator.model.tokens import message_text, text_tokens
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+# accepted and ignored: they do not change the simulated reply
+_PASSIVE_CHAT_FIELDS = frozenset({
+    "temperature", "top_p", "stop", "presence_penalty", "frequency_penalty", "seed", "user",
+    "response_format", "logit_bias", "logprobs", "top_logprobs", "tools", "tool_choice",
+    "parallel_tool_calls", "functions", "function_call", "metadata", "store", "service_tier",
+    "modalities", "reasoning_effort", "prediction", "audio", "web_search_options",
+    "prompt_cache_key", "safety_identifier", "verbosity",
+})
+CHAT_FIELDS = _PASSIVE_CHAT_FIELDS | {
+    "model", "messages", "max_tokens", "max_completion_tokens", "n", "best_of", "stream",
+    "stream_options",
+}
+EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
+MAX_EMBEDDING_INPUTS = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """A valid chat completion request, reduced to what the model needs."""
+
+    model: str
+    texts: tuple[str, ...]  # message contents, in order
+    last_user_text: str
+    max_tokens: int | None
+    n: int
+    best_of: int
+    stream: bool
+    include_usage: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    """A valid embeddings request: input texts and their token counts."""
+
+    model: str
+    inputs: tuple[str, ...]
+    tokens: int
+    max_input_tokens: int
+    dimensions: int | None
+    encoding_format: str
+
+
+class Invalid(ValueError):
+    """Raised inside validation; carries the 400 body."""
+
+    def __init__(self, body: dict):
+        super().__init__(body["error"]["message"])
+        self.body = body
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _type_error(param: str, expected: str, value: object) -> Invalid:
+    return Invalid(invalid_request(
+        f"Invalid type for '{param}': expected {expected}, but got {_json_type(value)} instead.",
+        param, "invalid_type"))
+
+
+def _int(body: dict, param: str, lo: int, hi: int) -> int | None:
+    value = body.get(param)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _type_error(param, "an integer", value)
+    if value < lo:
+        raise Invalid(invalid_request(
+            f"Invalid '{param}': integer below minimum value. Expected a value >= {lo}, but "
+            f"got {value} instead.", param, "integer_below_min_value"))
+    if value > hi:
+        raise Invalid(invalid_request(
+            f"Invalid '{param}': integer above maximum value. Expected a value <= {hi}, but "
+            f"got {value} instead.", param, "integer_above_max_value"))
+    return value
+
+
+def _number(body: dict, param: str, lo: float, hi: float) -> None:
+    value = body.get(param)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _type_error(param, "a number", value)
+    if not lo <= value <= hi:
+        raise Invalid(invalid_request(
+            f"Invalid '{param}': expected a value between {lo:g} and {hi:g}, but got {value} "
+            "instead.", param, "invalid_value"))
+
+
+def _check_fields(body: object, allowed: frozenset[str]) -> dict:
+    if not isinstance(body, dict):
+        raise Invalid(invalid_request(
+            "We could not parse the JSON body of your request. The request body must be a JSON "
+            "object.", None, "invalid_json"))
+    for key in body:
+        if key not in allowed:
+            raise Invalid(invalid_request(f"Unrecognized request argument supplied: {key}"))
+    model = body.get("model")
+    if model is None:
+        raise Invalid(invalid_request("Missing required parameter: 'model'.", "model",
+                                      "missing_required_parameter"))
+    if not isinstance(model, str):
+        raise _type_error("model", "a string", model)
+    return body
+
+
+def _messages(body: dict) -> tuple[tuple[str, ...], str]:
+    messages = body.get("messages")
+    if messages is None:
+        raise Invalid(invalid_request("Missing required parameter: 'messages'.", "messages",
+                                      "missing_required_parameter"))
+    if not isinstance(messages, list):
+        raise _type_error("messages", "an array", messages)
+    if not messages:
+        raise Invalid(invalid_request(
+            "Invalid 'messages': empty array. Expected an array with minimum length 1, but got "
+            "an empty array instead.", "messages", "empty_array"))
+    texts = []
+    last_user = ""
+    for i, message in enumerate(messages):
+        param = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _type_error(param, "an object", message)
+        role = message.get("role")
+        if role is None:
+            raise Invalid(invalid_request(f"Missing required parameter: '{param}.role'.",
+                                          f"{param}.role", "missing_required_parameter"))
+        if role not in ROLES:
+            raise Invalid(invalid_request(
+                f"Invalid value: '{role}'. Supported values are: 'system', 'developer', "
+                "'user', 'assistant', 'tool', and 'function'.", f"{param}.role",
+                "invalid_value"))
+        content = message.get("content")
+        if content is None:
+            if role != "assistant" or ("content" not in message and "tool_calls" not in message):
+                raise Invalid(invalid_request(
+                    f"Missing required parameter: '{param}.content'.", f"{param}.content",
+                    "missing_required_parameter"))
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict):
+                    raise _type_error(f"{param}.content[{j}]", "an object", part)
+                if part.get("type") == "text" and not isinstance(part.get("text"), str):
+                    raise _type_error(f"{param}.content[{j}].text", "a string",
+                                      part.get("text"))
+        elif not isinstance(content, str):
+            raise _type_error(f"{param}.content", "a string or an array", content)
+        text = message_text(content)
+        texts.append(text)
+        if role == "user":
+            last_user = text
+    return tuple(texts), last_user
+
+
+def parse_chat(body: object) -> ChatRequest | dict:
+    """A ChatRequest, or the 400 body saying what is wrong with ``body``."""
+    try:
+        data = _check_fields(body, CHAT_FIELDS)
+        texts, last_user = _messages(data)
+        max_tokens = _int(data, "max_tokens", 1, 10**9)
+        max_completion = _int(data, "max_completion_tokens", 1, 10**9)
+        n = _int(data, "n", 1, 128) or 1
+        best_of = _int(data, "best_of", 1, 20) or 1
+        stream = data.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            raise _type_error("stream", "a boolean", stream)
+        include_usage = False
+        options = data.get("stream_options")
+        if options is not None:
+            if not isinstance(options, dict):
+                raise _type_error("stream_options", "an object", options)
+            if not stream:
+                raise Invalid(invalid_request(
+                    "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                    "stream_options", "invalid_value"))
+            usage = options.get("include_usage")
+            if usage is not None and not isinstance(usage, bool):
+                raise _type_error("stream_options.include_usage", "a boolean", usage)
+            include_usage = bool(usage)
+        _number(data, "temperature", 0.0, 2.0)
+        _number(data, "top_p", 0.0, 1.0)
+        _number(data, "presence_penalty", -2.0, 2.0)
+        _number(data, "frequency_penalty", -2.0, 2.0)
+        stop = data.get("stop")
+        if stop is not None and not isinstance(stop, str) and not (
+                isinstance(stop, list) and len(stop) <= 4
+                and all(isinstance(s, str) for s in stop)):
+            raise _type_error("stop", "a string or an array of at most 4 strings", stop)
+        user = data.get("user")
+        if user is not None and not isinstance(user, str):
+            raise _type_error("user", "a string", user)
+        return ChatRequest(
+            model=data["model"], texts=texts, last_user_text=last_user,
+            max_tokens=max_completion if max_completion is not None else max_tokens,
+            n=n, best_of=best_of, stream=bool(stream), include_usage=include_usage,
+        )
+    except Invalid as exc:
+        return exc.body
+
+
+def parse_embeddings(body: object) -> EmbeddingRequest | dict:
+    """An EmbeddingRequest, or the 400 body saying what is wrong with ``body``."""
+    try:
+        data = _check_fields(body, EMBEDDING_FIELDS)
+        raw = data.get("input")
+        if raw is None:
+            raise Invalid(invalid_request("Missing required parameter: 'input'.", "input",
+                                          "missing_required_parameter"))
+        inputs: list[str] = []
+        counts: list[int] = []
+        items = [raw] if isinstance(raw, str) else raw
+        if not isinstance(items, list) or not items:
+            raise Invalid(invalid_request(
+                "'input' must be a non-empty string or a non-empty array of strings or of "
+                "token arrays.", "input", "invalid_value"))
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+            items = [items]  # one input given as a token array
+        if len(items) > MAX_EMBEDDING_INPUTS:
+            raise Invalid(invalid_request(
+                f"'input' has {len(items)} items; at most {MAX_EMBEDDING_INPUTS} are allowed.",
+                "input", "invalid_value"))
+        for i, item in enumerate(items):
+            if isinstance(item, str) and item:
+                inputs.append(item)
+                counts.append(text_tokens(item))
+            elif (isinstance(item, list) and item
+                  and all(isinstance(t, int) and not isinstance(t, bool) for t in item)):
+                inputs.append(" ".join(map(str, item)))
+                counts.append(len(item))
+            else:
+                raise Invalid(invalid_request(
+                    f"Invalid 'input[{i}]': expected a non-empty string or token array.",
+                    "input", "invalid_value"))
+        encoding = data.get("encoding_format", "float")
+        if encoding not in ("float", "base64"):
+            raise Invalid(invalid_request(
+                "Invalid 'encoding_format': expected 'float' or 'base64'.", "encoding_format",
+                "invalid_value"))
+        dims = _int(data, "dimensions", 1, 1 << 16)
+        user = data.get("user")
+        if user is not None and not isinstance(user, str):
+            raise _type_error("user", "a string", user)
+        return EmbeddingRequest(model=data["model"], inputs=tuple(inputs), tokens=sum(counts),
+                                max_input_tokens=max(counts), dimensions=dims,
+                                encoding_format=encoding)
+    except Invalid as exc:
+        return exc.body
