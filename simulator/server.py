@@ -26,7 +26,6 @@ from simulator.metrics import ShellCounters, render_metrics
 from simulator.model.config import SimulatorConfig
 from simulator.model.errors import error_body, server_error
 from simulator.model.provider import Admission, Provider, Refusal
-from simulator.model.tokens import text_tokens
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +64,13 @@ class _Waiter:
 
 
 @dataclass(slots=True)
+class _Sent:
+    """Chunks (per choice) delivered so far; what ``finish`` is told when the reply ends."""
+
+    chunks: int = 0
+
+
+@dataclass(slots=True)
 class _Served:
     """One provider as the shell serves it: the model plus the requests waiting on it."""
 
@@ -72,15 +78,20 @@ class _Served:
     waiters: dict[int, _Waiter] = field(default_factory=dict)
 
 
-def build_providers(config: SimulatorConfig) -> dict[str, Provider]:
+def build_providers(config: SimulatorConfig, *, epoch_s: float | None = None
+                    ) -> dict[str, Provider]:
     """The model objects of a configuration, seeded as the live server seeds them.
 
-    Provider ``i`` gets seed ``config.seed + i``; the planner and the equivalence test
-    build theirs with this function so that they see the same random draws.
+    Every provider gets ``config.seed`` (each derives its own RNG streams from it and its
+    name); ``epoch_s`` is the unix time of virtual 0 (the model's fixed default if None,
+    the live server passes ``time.time()``). The planner and the equivalence test build
+    theirs with this function so that they see the same random draws.
     """
+    extra = {} if epoch_s is None else {"epoch_s": epoch_s}
     return {
-        profile.name: Provider(profile, seed=config.seed + i, time_scale=config.time_scale)
-        for i, profile in enumerate(config.providers)
+        profile.name: Provider(profile, seed=config.seed, time_scale=config.time_scale,
+                               **extra)
+        for profile in config.providers
     }
 
 
@@ -263,31 +274,24 @@ class SimulatorApp:
         if isinstance(result, Refusal):
             self.counters.response(name, kind, result.status)
             return _json(result.status, result.body, result.headers)
-        self.counters.in_flight(name, +1)
-        delivered = 0
+        sent = _Sent()
         try:
-            t0 = now
-            if result.plan is None:
-                self.counters.queued(name, +1)
-                try:
-                    t0 = await self._wait_for_slot(served, result)
-                finally:
-                    self.counters.queued(name, -1)
+            t0 = now if result.plan is not None else await self._wait_for_slot(served, result)
             if kind == "embeddings":
-                resp, delivered = await self._reply_embeddings(request, result, t0, body)
+                resp = await self._reply_embeddings(request, result, t0)
             elif result.stream:
-                resp, delivered = await self._reply_stream(request, result, t0)
+                resp = await self._reply_stream(request, result, t0, sent)
             else:
-                resp, delivered = await self._reply_chat(request, result, t0)
+                resp = await self._reply_chat(request, result, t0, sent)
             self.counters.response(name, kind, resp.status)
             return resp
         finally:
-            self.counters.in_flight(name, -1)
-            self._finish(served, result, delivered)
+            # Also on cancellation (the client left): the model settles what was sent.
+            self._finish(served, result, sent.chunks)
 
     async def _reply_chat(
-        self, request: web.Request, admission: Admission, t0: float
-    ) -> tuple[web.StreamResponse, int]:
+        self, request: web.Request, admission: Admission, t0: float, sent: _Sent
+    ) -> web.StreamResponse:
         """A non-stream completion: the whole body once the last chunk is due."""
         plan = admission.plan
         assert plan is not None
@@ -296,23 +300,24 @@ class SimulatorApp:
         if fault is not None and fault.kind == "hold":
             await self.clock.sleep_until(t0 + fault.duration_s)
             _close_connection(request)
-            return web.Response(status=504), 0
+            return web.Response(status=504)
         if fault is not None and fault.kind in ("reset", "error"):
             await self.clock.sleep_until(times[min(fault.at_chunk, len(times) - 1)])
             if fault.kind == "reset":
                 _reset_connection(request)
-                return web.Response(status=502), 0
-            return _json(500, server_error(500), admission.headers), 0
+                return web.Response(status=502)
+            return _json(500, server_error(500), admission.headers)
         await self.clock.sleep_until(times[-1])
         body = wire.chat_completion(
             admission.id, admission.created, admission.model, "".join(plan.chunks),
-            plan.finish_reason, plan.usage,
+            plan.finish_reason, plan.usage, admission.n,
         )
-        return _json(200, body, admission.headers), plan.usage.completion_tokens
+        sent.chunks = len(plan.chunks)
+        return _json(200, body, admission.headers)
 
     async def _reply_stream(
-        self, request: web.Request, admission: Admission, t0: float
-    ) -> tuple[web.StreamResponse, int]:
+        self, request: web.Request, admission: Admission, t0: float, sent: _Sent
+    ) -> web.StreamResponse:
         """An SSE stream: role and first content at the TTFT, then one chunk per gap."""
         plan = admission.plan
         assert plan is not None
@@ -320,64 +325,60 @@ class SimulatorApp:
         if fault is not None and fault.kind == "hold":
             await self.clock.sleep_until(t0 + fault.duration_s)
             _close_connection(request)
-            return web.Response(status=504), 0
+            return web.Response(status=504)
         times = _chunk_times(admission, t0)
         frames = wire.ChunkWriter(admission.id, admission.created, admission.model,
-                                  admission.include_usage)
+                                  admission.include_usage, admission.n)
         resp = web.StreamResponse(status=200, headers=admission.headers)
         resp.content_type = SSE_TYPE
         resp.headers["Cache-Control"] = "no-cache"
-        delivered = 0
         cut = fault.at_chunk if fault is not None and fault.kind in ("reset", "error") else None
         try:
             for i in range(len(plan.chunks) + 1):
                 await self.clock.sleep_until(times[min(i, len(times) - 1)])
+                if i == cut and fault is not None and fault.kind == "reset":
+                    _reset_connection(request)  # at 0: before any byte
+                    return resp
                 if i == 0:
                     await resp.prepare(request)
                     await resp.write(frames.role())
-                if cut is not None and i == cut:
-                    assert fault is not None
-                    if fault.kind == "reset":
-                        _reset_connection(request)
-                    else:
-                        await resp.write(frames.error())
-                    return resp, delivered
+                if i == cut:
+                    await resp.write(frames.error())
+                    return resp
                 if i == len(plan.chunks):
                     break
                 await resp.write(frames.content(plan.chunks[i]))
-                delivered += text_tokens(plan.chunks[i])
+                sent.chunks += 1
             await resp.write(frames.finish(plan.finish_reason))
             if admission.include_usage:
                 await resp.write(frames.usage(plan.usage))
             await resp.write(wire.DONE_FRAME)
-            delivered = plan.usage.completion_tokens
+            sent.chunks = len(plan.chunks)
         except ConnectionError:
             # The client went away: finish() hears how much it received.
-            log.debug("client left stream %s after %d tokens", admission.id, delivered)
-        return resp, delivered
+            log.debug("client left stream %s after %d chunks", admission.id, sent.chunks)
+        return resp
 
     async def _reply_embeddings(
-        self, request: web.Request, admission: Admission, t0: float, body: object
-    ) -> tuple[web.StreamResponse, int]:
+        self, request: web.Request, admission: Admission, t0: float
+    ) -> web.StreamResponse:
+        """The vectors once the (virtual) embedding time has passed."""
         plan = admission.plan
         assert plan is not None
         fault = plan.fault
         if fault is not None and fault.kind == "hold":
             await self.clock.sleep_until(t0 + fault.duration_s)
             _close_connection(request)
-            return web.Response(status=504), 0
+            return web.Response(status=504)
         await self.clock.sleep_until(_chunk_times(admission, t0)[-1])
         if fault is not None and fault.kind == "reset":
             _reset_connection(request)
-            return web.Response(status=502), 0
+            return web.Response(status=502)
         if fault is not None and fault.kind == "error":
-            return _json(500, server_error(500), admission.headers), 0
-        fmt = body.get("encoding_format") if isinstance(body, dict) else None
-        reply = wire.embeddings_body(
-            wire.embedding_inputs(body), int(getattr(admission, "dims", 0) or 0),
-            admission.model, plan.usage, "base64" if fmt == "base64" else "float",
-        )
-        return _json(200, reply, admission.headers), 0
+            return _json(500, server_error(500), admission.headers)
+        reply = wire.embeddings_body(admission.inputs, admission.dims, admission.model,
+                                     plan.usage, admission.encoding_format)
+        return _json(200, reply, admission.headers)
 
     # -- admin and metrics -----------------------------------------------------------
 
@@ -426,9 +427,7 @@ class SimulatorApp:
         return _json(200, {"reset": served.provider.name})
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
-        text = render_metrics(
-            self.counters, {name: s.provider.stats() for name, s in self.served.items()}
-        )
+        text = render_metrics(self.counters, [s.provider.stats() for s in self.served.values()])
         return web.Response(text=text, content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
 
@@ -458,7 +457,7 @@ async def start_server(
     config: SimulatorConfig, *, host: str = "127.0.0.1", port: int = 0
 ) -> RunningServer:
     """Start the simulator on the running loop; ``port=0`` picks a free port."""
-    providers = build_providers(config)
+    providers = build_providers(config, epoch_s=time.time())
     shell = SimulatorApp(config, providers)
     runner = web.AppRunner(
         shell.build(), handler_cancellation=True, access_log=None,

@@ -7,14 +7,13 @@ handlers in ``simulator.server`` only sequence them in time.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
+import struct
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from simulator.model.errors import error_body
+from simulator.model.responder import embedding_vector
 
 SYSTEM_FINGERPRINT = "fp_ratelab"
 DONE_FRAME = b"data: [DONE]\n\n"
@@ -53,9 +52,10 @@ def usage_dict(usage: Any) -> dict[str, int]:
 
 
 def chat_completion(
-    admission_id: int, created: int, model: str, content: str, finish_reason: str, usage: Any
+    admission_id: int, created: int, model: str, content: str, finish_reason: str, usage: Any,
+    n: int = 1,
 ) -> dict[str, Any]:
-    """The non-stream ``chat.completion`` body."""
+    """The non-stream ``chat.completion`` body; ``n`` choices carry the same content."""
     return {
         "id": completion_id(admission_id),
         "object": "chat.completion",
@@ -63,11 +63,12 @@ def chat_completion(
         "model": model,
         "choices": [
             {
-                "index": 0,
+                "index": i,
                 "message": {"role": "assistant", "content": content, "refusal": None},
                 "logprobs": None,
                 "finish_reason": finish_reason,
             }
+            for i in range(n)
         ],
         "usage": usage_dict(usage),
         "system_fingerprint": SYSTEM_FINGERPRINT,
@@ -77,13 +78,15 @@ def chat_completion(
 class ChunkWriter:
     """Builds the SSE frames of one streamed completion, in OpenAI's order and shape.
 
-    Every chunk carries ``"usage": null`` when the client asked for usage; the usage
-    itself comes last in a chunk with empty ``choices``.
+    With ``n`` choices each step writes one chunk per choice index. Every chunk carries
+    ``"usage": null`` when the client asked for usage; the usage itself comes last in a
+    chunk with empty ``choices``.
     """
 
-    __slots__ = ("_base", "_include_usage")
+    __slots__ = ("_base", "_include_usage", "_n")
 
-    def __init__(self, admission_id: int, created: int, model: str, include_usage: bool) -> None:
+    def __init__(self, admission_id: int, created: int, model: str, include_usage: bool,
+                 n: int = 1) -> None:
         self._base = {
             "id": completion_id(admission_id),
             "object": "chat.completion.chunk",
@@ -92,27 +95,32 @@ class ChunkWriter:
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
         self._include_usage = include_usage
+        self._n = n
 
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+    def _chunk(self, index: int, delta: dict[str, Any], finish_reason: str | None
+               ) -> dict[str, Any]:
         chunk = dict(self._base)
         chunk["choices"] = [
-            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         ]
         if self._include_usage:
             chunk["usage"] = None
         return chunk
 
+    def _each(self, delta: dict[str, Any], finish_reason: str | None) -> bytes:
+        return b"".join(sse_frame(self._chunk(i, delta, finish_reason)) for i in range(self._n))
+
     def role(self) -> bytes:
-        """The first frame: the assistant role with empty content."""
-        return sse_frame(self._chunk({"role": "assistant", "content": "", "refusal": None}, None))
+        """The first frame(s): the assistant role with empty content."""
+        return self._each({"role": "assistant", "content": "", "refusal": None}, None)
 
     def content(self, text: str) -> bytes:
-        """A frame with one piece of content."""
-        return sse_frame(self._chunk({"content": text}, None))
+        """Frame(s) with one piece of content."""
+        return self._each({"content": text}, None)
 
     def finish(self, finish_reason: str) -> bytes:
-        """The frame with an empty delta and the finish reason."""
-        return sse_frame(self._chunk({}, finish_reason))
+        """Frame(s) with an empty delta and the finish reason."""
+        return self._each({}, finish_reason)
 
     def usage(self, usage: Any) -> bytes:
         """The usage frame (empty ``choices``), sent only when ``include_usage``."""
@@ -124,45 +132,23 @@ class ChunkWriter:
     def error(self) -> bytes:
         """A mid-stream error frame as OpenRouter sends it: a top-level ``error`` and
         ``finish_reason: "error"``, status staying 200 (the openai SDK raises on it)."""
-        chunk = self._chunk({"content": ""}, "error")
+        chunk = self._chunk(0, {"content": ""}, "error")
         chunk["error"] = error_body(STREAM_ERROR_MESSAGE, "server_error", None,
                                     "server_error")["error"]
         return sse_frame(chunk)
 
 
-def embedding_inputs(body: object) -> list[object]:
-    """The inputs of an embeddings request as a list (one entry per vector)."""
-    raw = body.get("input") if isinstance(body, dict) else None
-    if isinstance(raw, str):
-        return [raw]
-    if isinstance(raw, list) and raw and all(isinstance(x, int) for x in raw):
-        return [raw]  # one input given as token ids
-    if isinstance(raw, list):
-        return list(raw)
-    return []
-
-
-def embedding_vector(item: object, dims: int) -> np.ndarray:
-    """A unit float32 vector of ``dims`` that is a deterministic function of the input."""
-    digest = hashlib.sha256(dumps(item)).digest()
-    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-    vec = rng.standard_normal(dims).astype(np.float32)
-    norm = float(np.linalg.norm(vec)) or 1.0
-    return vec / np.float32(norm)
-
-
 def embeddings_body(
-    inputs: Sequence[object], dims: int, model: str, usage: Any, encoding_format: str
+    inputs: Sequence[str], dims: int, model: str, usage: Any, encoding_format: str
 ) -> dict[str, Any]:
-    """The ``list`` body of ``POST /v1/embeddings``; base64 is little-endian float32 as OpenAI's."""
+    """The ``list`` body of ``POST /v1/embeddings``: the model's deterministic vector per
+    input; base64 is little-endian float32, as OpenAI sends it."""
     data = []
-    for index, item in enumerate(inputs):
-        vec = embedding_vector(item, dims)
-        encoded: object
+    for index, text in enumerate(inputs):
+        vec = embedding_vector(text, dims)
+        encoded: object = vec
         if encoding_format == "base64":
-            encoded = base64.b64encode(vec.astype("<f4").tobytes()).decode()
-        else:
-            encoded = [float(x) for x in vec]
+            encoded = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
         data.append({"object": "embedding", "index": index, "embedding": encoded})
     return {
         "object": "list",

@@ -68,7 +68,7 @@ mutations = st.one_of(
     st.builds(_message, st.one_of(json_scalars, st.just({}), st.just({"role": "user"}))),
     st.builds(lambda r: _message({"role": r, "content": "x"}),
               st.text(max_size=10).filter(lambda r: r not in ("system", "user", "assistant",
-                                                            "developer", "tool"))),
+                                                            "developer", "tool", "function"))),
     st.builds(lambda c: _message({"role": "user", "content": c}),
               st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
                         st.dictionaries(st.text(max_size=4), json_scalars, min_size=1,

@@ -1,0 +1,97 @@
+"""``ratelab serve``: help, configuration errors, the demo, and a real served process."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from loadtests.cli import main
+
+FLAGS = ("--config", "--host", "--port", "--rpm", "--tpm", "--concurrency", "--ttft-ms",
+         "--itl-ms", "--balance-usd", "--time-scale", "--seed", "--admin-token", "--demo")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    for flag in FLAGS:
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(flag))
+        assert len(line.split(flag, 1)[1].strip()) > 3 or flag in ("--config",), line
+    assert "sk-ratelab" in out and "gpt-4o-mini" in out
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("name: x\nkeys: {sk-a: {}}\nmodels: {m: {}}\nlimits: {rpm: lots}\n", "limits.rpm"),
+        ("name: x\nkeys: {sk-a: {}}\nmodels: {m: {}}\nlatency: {ttft_s: {dist: wobbly}}\n",
+         "latency.ttft_s.dist"),
+        ("providers: []\n", "providers"),
+    ],
+)
+def test_config_error_is_one_line_naming_file_and_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, key: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert main(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert str(path) in err and key in err
+
+
+def test_missing_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--config", str(tmp_path / "absent.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "absent.yaml" in err and "Traceback" not in err
+
+
+def test_demo_sends_one_real_request_and_prints_it(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--demo", "--ttft-ms", "0", "--itl-ms", "0", "--seed", "3",
+                 "--balance-usd", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "> POST http://127.0.0.1:" in out and "/v1/chat/completions" in out
+    assert "< HTTP 200 OK" in out
+    for header in ("x-ratelimit-limit-requests", "x-ratelimit-remaining-tokens",
+                   "X-MDB-Charged-USD"):
+        assert header.lower() in out.lower()
+    assert "X-MDB-Balance-USD: 4.99" in out
+    assert "\nreply: " in out
+
+
+def test_serve_process_answers_then_stops_on_sigterm(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loadtests.cli", "serve", "--port", "0", "--ttft-ms", "0",
+         "--itl-ms", "0", "--rpm", "7"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        banner = proc.stdout.readline()
+        match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", banner)
+        assert match, banner
+        request = urllib.request.Request(
+            match.group(1) + "/v1/chat/completions",
+            data=json.dumps({"model": "gpt-4o-mini", "max_tokens": 5,
+                             "messages": [{"role": "user", "content": "hi"}]}).encode(),
+            headers={"Authorization": "Bearer sk-ratelab", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert resp.status == 200
+            assert resp.headers["x-ratelimit-limit-requests"] == "7"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
