@@ -1,0 +1,82 @@
+"""Turn the client engine's telemetry into the recorder's neutral events.
+
+After every ``Engine.on_response`` the driver drains the engine and hands this module the
+call, the response and the drained events; it returns recorder events for one arm. A
+request is a retry when any of its items was sent before (tracked here per item until the
+item is finished), so retry amplification counts 429s, errors and skipped items alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from batchclient.events import Event as ClientEvent
+from batchclient.policy.wire import Call, Response
+from loadtests.recorder import Event, outcome_for_status
+
+__all__ = ["ArmEvents", "request_outcome"]
+
+ITEM_OUTCOME = {"done": "done", "cached": "cached", "dead": "dead_letter", "skip": "skipped"}
+
+
+def request_outcome(response: Response) -> str:
+    """The recorder outcome of a response: ok, http_429, ..., timeout, cancelled, error."""
+    if response.error is not None:
+        if response.error == "timeout":
+            return "timeout"
+        if response.error.startswith("watchdog"):
+            return "cancelled"
+        return "error"
+    return outcome_for_status(response.status)
+
+
+@dataclass(slots=True)
+class ArmEvents:
+    """The adapter state of one arm: how often each unfinished item was sent."""
+
+    arm: str
+    sent: dict[str, int] = field(default_factory=dict)
+
+    def on_send(self, call: Call) -> bool:
+        """Count the call's items as sent; True when it is a resend of any of them."""
+        retry = call.attempt > 0
+        for item_id in call.item_ids:
+            n = self.sent.get(item_id, 0)
+            retry = retry or n > 0
+            self.sent[item_id] = n + 1
+        return retry
+
+    def convert(self, now: float, call: Call | None, response: Response | None, retry: bool,
+                drained: Iterable[ClientEvent], stage: str | None = None) -> list[Event]:
+        """Recorder events for one answered call (None: items answered by the cache) and
+        the engine events it caused."""
+        out: list[Event] = []
+        done_here = 0
+        items: list[Event] = []
+        request: ClientEvent | None = None
+        for event in drained:
+            if event.kind == "request" and request is None:
+                request = event
+            elif event.kind == "item":
+                outcome = ITEM_OUTCOME.get(event.outcome)
+                if outcome is None:
+                    continue
+                if event.item_id is not None:
+                    self.sent.pop(event.item_id, None)
+                if outcome == "done":
+                    done_here += 1
+                items.append(Event(now, "item", self.arm, outcome, stage=stage))
+        if request is not None and call is not None and response is not None:
+            outcome = request_outcome(response)
+            out.append(Event(
+                now, "request", self.arm, outcome, status=response.status,
+                latency_s=request.response_time_ms / 1000.0,
+                ttft_s=None if request.ttft_ms is None else request.ttft_ms / 1000.0,
+                tokens_in=request.tokens_in, tokens_out=request.tokens_out,
+                items=len(call.item_ids), items_ok=done_here if outcome == "ok" else None,
+                cost_usd=request.cost_usd, retry=retry,
+                truncated=response.finish_reason == "length", stage=stage,
+            ))
+        out.extend(items)
+        return out

@@ -1,0 +1,460 @@
+"""The SimPy driver: each arm's client engine against the simulated providers, in virtual time.
+
+``ArmDriver.run`` mirrors ``batchclient.runner.Runner.run`` step for step (feed pages, ask
+``next_action``, start sends, wait for a completion, a timer or a wake-up, answer every
+finished call with ``on_response`` and drain); the sends go through ``VirtualTransport``.
+``plan_scenario`` lays out the arms as the live run does (batch arms one after another on a
+fresh provider, or side by side; interactive user groups beside them) and feeds one
+``Recorder`` with the same neutral events the live harness records.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import simpy
+
+from batchclient.cache import SqliteResultCache
+from batchclient.policy.classify import Classified
+from batchclient.policy.engine import Done, Engine, Send, Wait, cache_key
+from batchclient.policy.routing import route_model
+from batchclient.policy.userlimits import Tier, UserDecision, UserLimits
+from batchclient.policy.wire import Call, Item, Response
+from loadtests.planner.assemble import (
+    ArmSetup,
+    PlanError,
+    arm_setup,
+    bound_inputs,
+    items,
+    simulator_config,
+    task_for,
+)
+from loadtests.planner.events import ArmEvents
+from loadtests.planner.transport import VirtualTransport
+from loadtests.recorder import Event, Recorder, recorder_for
+from loadtests.scenario_model import Scenario, UserGroup
+from loadtests.workload import filler_text, sample_size
+from simulator.model.provider import Provider
+from simulator.server import build_providers
+
+__all__ = ["ArmDriver", "PlanOptions", "PlanResult", "plan_scenario"]
+
+
+@dataclass(frozen=True, slots=True)
+class PlanOptions:
+    """How to plan: item count of the job (None: the workload's), a virtual stop time per
+    batch arm (None: run to the end, as a plan does; a live run stops at ``duration_s``),
+    time-series bucket (virtual seconds, None: chosen from the job's length)."""
+
+    items: int | None = None
+    stop_at_s: float | None = None
+    bucket_s: float | None = None
+
+
+@dataclass(slots=True)
+class PlanResult:
+    """A finished plan: the recorder holding every event, items left pending per arm, the
+    exit status per batch arm, SimPy steps and requests simulated, wall seconds taken."""
+
+    recorder: Recorder
+    pending: dict[str, int] = field(default_factory=dict)
+    status: dict[str, int] = field(default_factory=dict)
+    steps: int = 0
+    requests: int = 0
+    wall_s: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """The ``ratelab.summary/1`` dict of the plan (mode ``plan``)."""
+        return self.recorder.summary(pending=self.pending)
+
+
+class ArmDriver:
+    """One arm's engine driven in SimPy: the planner's counterpart of the asyncio Runner."""
+
+    def __init__(self, env: simpy.Environment, scenario: Scenario, setup: ArmSetup,
+                 transport: VirtualTransport, record: Callable[[list[Event]], None],
+                 source: Iterator[Item] | None, *, keep_open: bool = False,
+                 user_limits: UserLimits | None = None) -> None:
+        self.env = env
+        self.setup = setup
+        self.config = setup.config
+        self.transport = transport
+        self.record = record
+        self.source = source
+        self.keep_open = keep_open
+        self.task = task_for(scenario, setup.arm)
+        served = {p.name: transport.list_models(p.name) for p in self.config.providers}
+        self.engine = Engine(self.task, self.config, random.Random(self.config.seed), served,
+                             (), user_limits)
+        self.cache = SqliteResultCache(":memory:") if self.config.cache_path else None
+        self.adapter = ArmEvents(setup.arm.name)
+        self._done: deque[tuple[Call, Response, bool, str | None]] = deque()
+        self._wake = env.event()
+        self._stop = False
+        self._retry: dict[int, tuple[bool, str | None]] = {}
+        self._interactive: dict[int, simpy.Event] = {}
+        self.status: int | None = None
+        self.requests = 0
+        self.started = env.now
+        self.finished: float | None = None
+
+    # ------------------------------------------------------------------ control
+
+    def wake(self) -> None:
+        """Wake the driver (a completion, a new interactive request, a stop)."""
+        if not self._wake.triggered:
+            self._wake.succeed()
+
+    def stop(self) -> None:
+        """Stop dispatching; in-flight calls finish (the runner's ``stop``)."""
+        self._stop = True
+        self.wake()
+
+    def chat(self, user: str, messages: list[dict[str, str]], max_tokens: int,
+             stage: str | None) -> Generator[simpy.Event, Any,
+                                             tuple[Response, Classified] | UserDecision]:
+        """A SimPy process: one interactive request through the lane (the runner's ``chat``)."""
+        submitted = self.engine.submit_interactive(self.env.now, user, messages, max_tokens)
+        if isinstance(submitted, UserDecision):
+            return submitted
+        done = self.env.event()
+        self._interactive[submitted] = done
+        self._retry[submitted] = (False, stage)
+        self.wake()
+        result = yield done
+        return result  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------------ the loop
+
+    def _feed(self) -> None:
+        engine = self.engine
+        while engine.wants_items:
+            if self.source is None:
+                if not self.keep_open:
+                    engine.end_of_items()
+                return
+            page: list[Item] = []
+            for item in self.source:
+                page.append(item)
+                if len(page) >= engine.wants_items:
+                    break
+            if not page:
+                engine.end_of_items()
+                self.source = None
+                return
+            if self.cache is not None:
+                keys = {i.id: cache_key(i.text, self.task, route_model(
+                    i, self.task.model, self.config.routing, ())) for i in page}
+                hits = self.cache.get_many(keys.values())
+                fresh = []
+                for item in page:
+                    code = hits.get(keys[item.id])
+                    if code is not None and code in self.task.labels:
+                        engine.complete_from_cache(item, code)
+                    else:
+                        fresh.append(item)
+                page = fresh
+                self._flush(None, None, False, None)
+            engine.add_items(page)
+
+    def _flush(self, call: Call | None, response: Response | None, retry: bool,
+               stage: str | None) -> None:
+        results, events = self.engine.drain()
+        if results and self.cache is not None:
+            self.cache.put_many(results)
+        if events:
+            self.record(self.adapter.convert(self.env.now, call, response, retry, events, stage))
+
+    def _send(self, call: Call) -> Generator[simpy.Event, Any, None]:
+        response = yield from self.transport.send(call)
+        retry, stage = self._retry.pop(call.call_id, (False, None))
+        self._done.append((call, response, retry, stage))
+        self.wake()
+
+    def _complete(self, call: Call, response: Response, retry: bool, stage: str | None) -> None:
+        engine = self.engine
+        engine.on_response(self.env.now, call, response)
+        self._flush(call, response, retry, stage)
+        if call.lane == "interactive":
+            outcome = engine.interactive_result(call.call_id)
+            done = self._interactive.pop(call.call_id, None)
+            if done is not None and outcome is not None:
+                done.succeed(outcome)
+
+    def run(self) -> Generator[simpy.Event, Any, None]:
+        """The SimPy process of the arm; sets ``status`` and ``finished`` at the end."""
+        env = self.env
+        engine = self.engine
+        inflight = 0
+        self.started = env.now
+        while True:
+            self._feed()
+            if self._stop:
+                if not inflight:
+                    self.status = 130
+                    break
+                action: object = None
+            else:
+                action = engine.next_action(env.now)
+            if isinstance(action, Send):
+                call = action.call
+                if call.lane != "interactive":
+                    self._retry[call.call_id] = (self.adapter.on_send(call), None)
+                self.requests += 1
+                inflight += 1
+                env.process(self._send(call))
+                continue
+            if isinstance(action, Done):
+                if not (self.keep_open and not self._stop):
+                    self.status = action.status
+                    break
+                action = Wait(None)
+            seconds = action.seconds if isinstance(action, Wait) else None
+            if not self._done:
+                self._wake = env.event()
+                if seconds is None:
+                    if not inflight and not self.keep_open:
+                        raise PlanError(f"arms.{self.setup.arm.name}: the engine waits for "
+                                        "nothing (no call in flight, no timer)")
+                    yield self._wake
+                else:
+                    yield self._wake | env.timeout(max(0.0, seconds))
+            while self._done:
+                call, response, retry, stage = self._done.popleft()
+                inflight -= 1
+                self._complete(call, response, retry, stage)
+        self._flush(None, None, False, None)
+        self.finished = env.now
+        for done in self._interactive.values():
+            if not done.triggered:
+                done.fail(PlanError("the arm stopped before answering"))
+                done.defused = True
+
+
+# ---------------------------------------------------------------------- interactive users
+
+
+def _user_prompt(group: UserGroup, scenario: Scenario, rng: random.Random) -> tuple[str, int]:
+    size = group.prompt_tokens or scenario.workload.prompt_tokens
+    tokens = max(1, sample_size(size, rng) - 4)  # chat overhead: priming and one message
+    max_tokens = group.max_tokens or scenario.workload.max_tokens
+    return filler_text(tokens, rng), int(max_tokens)
+
+
+def _closed_user(env: simpy.Environment, driver: ArmDriver, group: UserGroup,
+                 scenario: Scenario, index: int, stop_at: float, stage: str,
+                 rng: random.Random) -> Generator[simpy.Event, Any, None]:
+    user = f"{group.name}-{index % max(1, group.user_ids)}"
+    while env.now < stop_at:
+        text, max_tokens = _user_prompt(group, scenario, rng)
+        outcome = yield from driver.chat(user, [{"role": "user", "content": text}],
+                                         max_tokens, stage)
+        if isinstance(outcome, UserDecision):
+            driver.record([Event(env.now, "request", driver.setup.arm.name, "http_429",
+                                 status=429, stage=stage)])
+            yield env.timeout(max(outcome.retry_in_s, 0.001))
+            continue
+        if group.think_s > 0:
+            yield env.timeout(group.think_s)
+
+
+def _open_arrival(env: simpy.Environment, driver: ArmDriver, group: UserGroup,
+                  scenario: Scenario, index: int, stage: str,
+                  rng: random.Random) -> Generator[simpy.Event, Any, None]:
+    text, max_tokens = _user_prompt(group, scenario, rng)
+    user = f"{group.name}-{index % max(1, group.user_ids)}"
+    outcome = yield from driver.chat(user, [{"role": "user", "content": text}], max_tokens,
+                                     stage)
+    if isinstance(outcome, UserDecision):
+        driver.record([Event(env.now, "request", driver.setup.arm.name, "http_429",
+                             status=429, stage=stage)])
+
+
+def _group(env: simpy.Environment, driver: ArmDriver, group: UserGroup, scenario: Scenario,
+           rng: random.Random) -> Generator[simpy.Event, Any, None]:
+    """Run a user group's stages (closed-loop users or open-loop arrivals), then stop."""
+    if group.mode == "trace":
+        raise PlanError(f"load.users.{group.name}: trace replay is not modelled by the planner")
+    t = env.now
+    spawned = 0
+    for stage in group.stages:
+        end = t + stage.duration_s
+        if stage.rate_per_s:
+            index = 0
+            while env.now < end:
+                env.process(_open_arrival(env, driver, group, scenario, index, stage.name, rng))
+                index += 1
+                gap = 1.0 / stage.rate_per_s
+                if group.arrival == "poisson":
+                    shape = 1.0 / max(group.burstiness, 1e-9)
+                    gap = rng.gammavariate(shape, gap / shape)
+                yield env.timeout(gap)
+        else:
+            users = int(stage.users or 0)
+            rate = stage.spawn_rate or 0.0
+            for i in range(users):
+                delay = (i - spawned) / rate if rate and i >= spawned else 0.0
+                env.process(_delayed(env, delay, _closed_user(
+                    env, driver, group, scenario, i, end, stage.name,
+                    random.Random(f"{scenario.seed}:{group.name}:{i}:{stage.name}"))))
+            spawned = users
+            if end > env.now:
+                yield env.timeout(end - env.now)
+        t = end
+
+
+def _delayed(env: simpy.Environment, delay: float,
+             proc: Generator[simpy.Event, Any, None]) -> Generator[simpy.Event, Any, None]:
+    if delay > 0:
+        yield env.timeout(delay)
+    yield from proc
+
+
+# ---------------------------------------------------------------------- the whole scenario
+
+
+def _bucket(duration_hint: float) -> float:
+    """A bucket that keeps time series near a few hundred rows."""
+    for bucket in (1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0):
+        if duration_hint / bucket <= 600:
+            return bucket
+    return 3600.0
+
+
+def _user_limits(group: UserGroup) -> UserLimits | None:
+    if group.per_user_rpm is None and group.per_user_tokens_per_day is None:
+        return None
+    return UserLimits({"default": Tier(group.per_user_rpm, group.per_user_tokens_per_day)},
+                      "default")
+
+
+def _topups(env: simpy.Environment, scenario: Scenario,
+            providers: Mapping[str, Provider]) -> Generator[simpy.Event, Any, None]:
+    for topup in sorted(scenario.load.topups, key=lambda t: t.at_s):
+        if topup.at_s > env.now:
+            yield env.timeout(topup.at_s - env.now)
+        provider = providers.get(topup.provider)
+        if provider is not None:
+            provider.topup(topup.key, topup.usd)
+
+
+def _stopper(env: simpy.Environment, at: float,
+             drivers: list[ArmDriver]) -> Generator[simpy.Event, Any, None]:
+    yield env.timeout(at)
+    for driver in drivers:
+        driver.stop()
+
+
+def _estimate_duration(scenario: Scenario, setups: Mapping[str, ArmSetup], count: int) -> float:
+    worst = 60.0
+    for setup in setups.values():
+        try:
+            from loadtests.bound import throughput_bound
+
+            rate = throughput_bound(bound_inputs(scenario, setup)).items_per_min
+        except (ValueError, PlanError):
+            continue
+        if rate > 0:
+            worst = max(worst, count / rate * 60.0)
+    return worst
+
+
+def plan_scenario(scenario: Scenario, options: PlanOptions | None = None, *,
+                  sweep_values: Mapping[str, float] | None = None,
+                  sweep_key: str | None = None) -> PlanResult:
+    """Run ``scenario`` through SimPy and return the recorder of the plan (mode ``plan``)."""
+    options = options or PlanOptions()
+    if scenario.target is not None:
+        raise PlanError("target: an external endpoint cannot be planned (the planner needs the "
+                        "simulated provider's model); plan the scenario without `target:`")
+    wall = time.perf_counter()
+    batch = scenario.load.batch
+    count = options.items if options.items is not None else (
+        (batch.items or scenario.workload.items) if batch else 0)
+    setups = {arm.name: arm_setup(scenario, arm) for arm in scenario.arms}
+    bounds = {}
+    for name, setup in setups.items():
+        if setup.arm.strategy == "interactive":
+            continue
+        try:
+            bounds[name] = bound_inputs(scenario, setup)
+        except PlanError:
+            continue
+    bucket = options.bucket_s or _bucket(
+        options.stop_at_s or _estimate_duration(scenario, setups, count)
+        if batch else scenario.duration_s)
+    recorder = recorder_for(scenario, "plan", bounds, bucket_s=bucket,
+                            sweep_values=sweep_values, sweep_key=sweep_key)
+    if options.items is not None:
+        for info in list(recorder.arms.values()):
+            if info.items_total:
+                from dataclasses import replace
+
+                recorder.arms[info.name] = replace(info, items_total=count)
+    result = PlanResult(recorder)
+    sim_config = simulator_config(scenario)
+    batch_arms = list(batch.arms) if batch else []
+    groups = list(scenario.load.users)
+    # one environment per sequential batch arm ("a fresh window"); users join the first
+    if batch is None or batch.order != "sequential" or len(batch_arms) <= 1:
+        layout = [batch_arms]
+    else:
+        layout = [[name] for name in batch_arms]
+    for index, arm_names in enumerate(layout):
+        env = simpy.Environment()
+        providers = build_providers(sim_config)
+        transport = VirtualTransport(env, providers, {})
+        drivers: list[ArmDriver] = []
+        for name in arm_names:
+            setup = setups[name]
+            transport.add_routes(setup.routes, setup.config.stream)
+            driver = ArmDriver(env, scenario, setup, transport, recorder.add_many,
+                               items(scenario, count))
+            drivers.append(driver)
+        user_drivers: dict[str, ArmDriver] = {}
+        if index == 0:
+            for group in groups:
+                if group.arm in user_drivers:
+                    continue
+                setup = setups[group.arm]
+                transport.add_routes(setup.routes, setup.config.stream)
+                driver = ArmDriver(env, scenario, setup, transport, recorder.add_many, None,
+                                   keep_open=True, user_limits=_user_limits(group))
+                user_drivers[group.arm] = driver
+        procs = [env.process(d.run()) for d in drivers]
+        for driver in user_drivers.values():
+            env.process(driver.run())
+        rng = random.Random(f"{scenario.seed}:users")
+        group_procs = [env.process(_group(env, user_drivers[g.arm], g, scenario, rng))
+                       for g in groups if index == 0]
+        env.process(_topups(env, scenario, providers))
+        if options.stop_at_s is not None:
+            env.process(_stopper(env, options.stop_at_s, drivers))
+        waits = procs + group_procs
+        if waits:
+            env.run(until=simpy.AllOf(env, waits))
+        for driver in user_drivers.values():
+            driver.stop()
+        env.run()
+        for driver in (*drivers, *user_drivers.values()):
+            name = driver.setup.arm.name
+            c = driver.engine.counts
+            if not driver.keep_open:
+                result.pending[name] = max(0, count - c.done - c.dead)
+                result.status[name] = driver.status if driver.status is not None else 1
+                recorder.mark(name, start_s=driver.started, end_s=driver.finished)
+            result.requests += driver.requests
+        result.steps += _steps(env)
+    result.wall_s = time.perf_counter() - wall
+    return result
+
+
+def _steps(env: simpy.Environment) -> int:
+    # SimPy numbers every scheduled event from one counter: the events this plan processed
+    counter = getattr(env, "_eid", None)
+    return int(next(counter)) if counter is not None else 0

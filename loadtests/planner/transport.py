@@ -1,0 +1,227 @@
+"""The virtual transport: a client ``Call`` through the simulator's pure ``Provider`` in SimPy.
+
+It does in virtual time what ``batchclient.transport.AiohttpTransport`` and
+``simulator.server`` do together in real time: hand the call's body to ``Provider.chat``,
+wait for a GPU slot when the model queues it, wait the plan's durations (TTFT, gaps, stalls,
+holds), apply the client's deadline and streaming watchdog, tell the model ``finish`` with
+the tokens delivered, and build the ``Response`` the real transport would have built.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Generator, Mapping
+from typing import Any
+
+import simpy
+
+from batchclient.config import StreamSettings
+from batchclient.policy.watchdog import repetition_loop
+from batchclient.policy.wire import Call, Response, Usage
+from simulator.model.errors import server_error
+from simulator.model.plan import Admission, Refusal, ResponsePlan
+from simulator.model.provider import Provider
+
+__all__ = ["VirtualTransport", "chunk_times"]
+
+
+def chunk_times(plan: ResponsePlan, t0: float) -> list[float]:
+    """Virtual time each chunk is due (one entry even for an empty reply); a stall delays
+    chunk ``at_chunk`` and every later one (as the simulator's shell sends them)."""
+    times = [t0 + plan.ttft_s]
+    for gap in plan.itl_s[: max(0, len(plan.chunks) - 1)]:
+        times.append(times[-1] + gap)
+    fault = plan.fault
+    if fault is not None and fault.kind == "stall":
+        at = min(fault.at_chunk, len(times) - 1)
+        for i in range(at, len(times)):
+            times[i] += fault.duration_s
+    return times
+
+
+def _lower(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
+
+
+class VirtualTransport:
+    """Sends calls to simulated providers in a SimPy environment (virtual seconds).
+
+    ``routes`` maps a client provider name to (simulator provider name, API key); several
+    client providers (keys) may share one simulator provider.
+    """
+
+    def __init__(self, env: simpy.Environment, providers: Mapping[str, Provider],
+                 routes: Mapping[str, tuple[str, str]],
+                 stream: StreamSettings | None = None) -> None:
+        self.env = env
+        self.providers = providers
+        self.routes = dict(routes)
+        self.stream = stream if stream is not None else StreamSettings()
+        # (provider name, admission id) -> the event a GPU start triggers with its time
+        self._waiters: dict[tuple[str, int], simpy.Event] = {}
+        self._streams: dict[str, StreamSettings] = {}
+
+    def add_routes(self, routes: Mapping[str, tuple[str, str]],
+                   stream: StreamSettings | None = None) -> None:
+        """Route more client provider names (another arm's keys) through this transport,
+        with that arm's streaming watchdog settings."""
+        self.routes.update(routes)
+        if stream is not None:
+            for name in routes:
+                self._streams[name] = stream
+
+    def list_models(self, provider: str) -> set[str]:
+        """The model ids the routed simulator provider serves (``GET /v1/models``)."""
+        name, _ = self.routes[provider]
+        return {str(m["id"]) for m in self.providers[name].models()["data"]}
+
+    # ------------------------------------------------------------------ the model's side
+
+    def _finish(self, name: str, admission: Admission, delivered: int) -> None:
+        """End an admission and start the queued ones it frees (as the shell's _finish)."""
+        now = self.env.now
+        for other in self.providers[name].finish(now, admission, delivered):
+            waiter = self._waiters.pop((name, other.id), None)
+            if waiter is None:
+                self._finish(name, other, 0)
+                continue
+            waiter.succeed(now)
+
+    def _finish_at(self, t: float, name: str, admission: Admission,
+                   delivered: int) -> Generator[simpy.Event, Any, None]:
+        if t > self.env.now:
+            yield self.env.timeout(t - self.env.now)
+        self._finish(name, admission, delivered)
+
+    def _later(self, t: float, name: str, admission: Admission, delivered: int) -> None:
+        if t <= self.env.now:
+            self._finish(name, admission, delivered)
+        else:
+            self.env.process(self._finish_at(t, name, admission, delivered))
+
+    # ------------------------------------------------------------------ the client's side
+
+    def send(self, call: Call) -> Generator[simpy.Event, Any, Response]:
+        """A SimPy process: send ``call``, return its Response (never raises)."""
+        env = self.env
+        t0 = env.now
+        name, key = self.routes[call.provider]
+        provider = self.providers[name]
+        result = provider.chat(t0, key, dict(call.body))
+        if isinstance(result, Refusal):
+            return Response(result.status, _lower(result.headers), json.dumps(result.body))
+        deadline = t0 + call.timeout_s
+        start = t0
+        if result.plan is None:
+            waiter = env.event()
+            self._waiters[(name, result.id)] = waiter
+            got = yield waiter | env.timeout(call.timeout_s)
+            if waiter not in got:
+                self._waiters.pop((name, result.id), None)
+                self._finish(name, result, 0)
+                return Response(0, elapsed_s=env.now - t0, error="timeout")
+            start = float(waiter.value)
+        if call.stream:
+            watchdog = self._streams.get(call.provider, self.stream)
+            response, end, delivered = self._stream(watchdog, result, start, t0, deadline)
+        else:
+            response, end, delivered = self._plain(result, start, t0, deadline)
+        if end > env.now:
+            yield env.timeout(end - env.now)
+        if response.error == "watchdog_first_token" or response.error == "watchdog_loop":
+            # the client hung up; the server notices at its next write
+            self._later(self._next_write(result, start, delivered), name, result, delivered)
+        else:
+            self._finish(name, result, delivered)
+        return response
+
+    @staticmethod
+    def _next_write(admission: Admission, start: float, delivered: int) -> float:
+        assert admission.plan is not None
+        times = chunk_times(admission.plan, start)
+        return times[min(delivered, len(times) - 1)]
+
+    def _plain(self, admission: Admission, start: float, t0: float,
+               deadline: float) -> tuple[Response, float, int]:
+        """A non-stream reply: (response, virtual end time, chunks delivered)."""
+        plan = admission.plan
+        assert plan is not None
+        times = chunk_times(plan, start)
+        fault = plan.fault
+        headers = _lower(admission.headers)
+        if fault is not None and fault.kind == "hold":
+            end = start + fault.duration_s
+            if end >= deadline:
+                return Response(0, elapsed_s=deadline - t0, error="timeout"), deadline, 0
+            return Response(0, elapsed_s=end - t0, error="reset"), end, 0
+        if fault is not None and fault.kind in ("reset", "error"):
+            end = times[min(fault.at_chunk, len(times) - 1)]
+            if end > deadline:
+                return Response(0, elapsed_s=deadline - t0, error="timeout"), deadline, 0
+            if fault.kind == "reset":
+                return Response(0, elapsed_s=end - t0, error="reset"), end, 0
+            return Response(500, headers, json.dumps(server_error(500)),
+                            elapsed_s=end - t0), end, 0
+        end = times[-1]
+        if end > deadline:
+            return Response(0, elapsed_s=deadline - t0, error="timeout"), deadline, 0
+        usage = Usage(plan.usage.prompt_tokens, plan.usage.completion_tokens)
+        return Response(200, headers, content="".join(plan.chunks),
+                        finish_reason=plan.finish_reason, usage=usage,
+                        elapsed_s=end - t0), end, plan.usage.completion_tokens
+
+    @staticmethod
+    def _stream(watchdog: StreamSettings, admission: Admission, start: float, t0: float,
+                deadline: float) -> tuple[Response, float, int]:
+        """An SSE reply read with the client's watchdog: (response, end time, delivered)."""
+        plan = admission.plan
+        assert plan is not None
+        fault = plan.fault
+        headers = _lower(admission.headers)
+        if fault is not None and fault.kind == "hold":
+            end = start + fault.duration_s
+            first = t0 + watchdog.first_token_s
+            if first < min(end, deadline):
+                return Response(200, headers, elapsed_s=first - t0,
+                                error="watchdog_first_token"), first, 0
+            if end >= deadline:
+                return Response(0, elapsed_s=deadline - t0, error="timeout"), deadline, 0
+            return Response(0, elapsed_s=end - t0, error="reset"), end, 0
+        times = chunk_times(plan, start)
+        cut = fault.at_chunk if fault is not None and fault.kind in ("reset", "error") else None
+        first_deadline = t0 + watchdog.first_token_s
+        if plan.chunks and cut != 0 and times[0] > first_deadline:
+            return Response(200, headers, elapsed_s=first_deadline - t0,
+                            error="watchdog_first_token"), first_deadline, 0
+        ttft = times[0] - t0 if plan.chunks and cut != 0 else None
+        parts: list[str] = []
+        total = 0
+        checked = 0
+        n = len(plan.chunks) if cut is None else min(cut, len(plan.chunks))
+        for i in range(n):
+            if times[i] > deadline:
+                return Response(0, elapsed_s=deadline - t0, error="timeout"), deadline, i
+            parts.append(plan.chunks[i])
+            total += len(plan.chunks[i])
+            if total - checked >= 32:
+                checked = total
+                if repetition_loop("".join(parts)[-2000:], watchdog.loop_min_period,
+                                   watchdog.loop_repeats):
+                    return Response(200, headers, elapsed_s=times[i] - t0, ttft_s=ttft,
+                                    error="watchdog_loop"), times[i], i + 1
+        if cut is not None:
+            end = times[min(cut, len(times) - 1)]
+            if end > deadline:
+                return Response(0, elapsed_s=deadline - t0, error="timeout"), deadline, n
+            if fault is not None and fault.kind == "reset":
+                return Response(0, elapsed_s=end - t0, error="reset"), end, n
+            return Response(200, headers, content="".join(parts), finish_reason="error",
+                            elapsed_s=end - t0, ttft_s=ttft), end, n
+        end = times[-1]
+        if end > deadline:
+            return Response(0, elapsed_s=deadline - t0, error="timeout"), deadline, 0
+        usage = None
+        if admission.include_usage:
+            usage = Usage(plan.usage.prompt_tokens, plan.usage.completion_tokens)
+        return Response(200, headers, content="".join(parts), finish_reason=plan.finish_reason,
+                        usage=usage, elapsed_s=end - t0, ttft_s=ttft), end, len(plan.chunks)
