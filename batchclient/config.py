@@ -109,7 +109,9 @@ class ThrottleSettings:
     """Proactive throttle on a rolling window of tokens and requests.
 
     ``steps`` are (usage fraction, delay seconds) pairs: the article's 85/95/98 %.
-    ``ceiling`` is the fraction of a limit the client never plans beyond.
+    ``ceiling`` is the fraction of a limit the client never plans beyond;
+    ``expiry_margin_s`` keeps an entry in the window that much longer than the provider
+    does (it admitted the request a little after we sent it: wire and loop latency).
     """
 
     enabled: bool = True
@@ -117,6 +119,7 @@ class ThrottleSettings:
     ceiling: float = 0.99
     steps: tuple[tuple[float, float], ...] = ((0.85, 0.3), (0.95, 0.8), (0.98, 2.0))
     use_headers: bool = True
+    expiry_margin_s: float = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +382,7 @@ def parse_client_config(data: object, source: str) -> ClientConfig:
         enabled=t.bool_("enabled", strategy != "naive"), window_s=t.float_("window_s", 60.0, 1e-6),
         ceiling=t.float_("ceiling", 0.99, 0.01), steps=_steps(t, defaults.steps),
         use_headers=t.bool_("use_headers", True),
+        expiry_margin_s=t.float_("expiry_margin_s", 0.25),
     )
     t.finish()
     rt = r.child("retry")

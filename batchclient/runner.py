@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from batchclient.cache import ResultCache
 from batchclient.clock import Clock, ScaledClock
@@ -35,6 +35,8 @@ from batchclient.policy.wire import Call, Response
 from batchclient.progress import ProgressSnapshot
 from batchclient.store import JobStore
 from batchclient.transport import Transport
+
+WIRE_LATENCY_WALL_S = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,11 @@ class Runner:
         keep_open: bool = False,
     ) -> None:
         self.task = task
+        if config.time_scale > 1.0:
+            # Wire and event-loop latency (~20 ms of wall time) is k times longer in virtual
+            # time: keep our window entries that much past the provider's.
+            margin = max(config.throttle.expiry_margin_s, WIRE_LATENCY_WALL_S * config.time_scale)
+            config = replace(config, throttle=replace(config.throttle, expiry_margin_s=margin))
         self.config = config
         self.transport = transport
         self.store = store

@@ -661,14 +661,19 @@ class Engine:
         damaged = parsed.truncated or parsed.malformed
         for item_id in not_answered:
             state = self._items[item_id]
-            # A cut or garbled reply is the batch's fault, not the items' it lost.
-            if item_id in parsed.rejected or not damaged:
-                state.misses += 1
             reason = parsed.rejected.get(item_id, "left out of the reply")
+            repeated = item_id in parsed.repeated
+            # A cut or garbled reply is the batch's fault, not the items' it lost; a
+            # repeated id is a glitch of the reply: it counts as a failed attempt.
+            if repeated:
+                state.attempts += 1
+            elif item_id in parsed.rejected or not damaged:
+                state.misses += 1
             if parsed.truncated and item_id in parsed.missing:
                 reason = "reply cut at max_tokens"
             state.last_error = reason
-            if state.misses >= self.config.retry.max_misses:
+            if (state.misses >= self.config.retry.max_misses
+                    or state.attempts >= self.config.retry.max_attempts):
                 self._finish(item_id, ItemResult(
                     item_id, "dead", model=call.model, provider=call.provider, error=reason,
                     attempts=state.attempts + state.misses, cache_key=state.key), now)

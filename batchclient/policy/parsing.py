@@ -28,6 +28,7 @@ class ParsedReply:
     truncated: bool = False
     malformed: bool = False
     unknown_ids: int = 0
+    repeated: frozenset[str] = frozenset()
 
 
 def _objects(text: str) -> tuple[list[object], bool]:
@@ -111,4 +112,5 @@ def parse_reply(
         codes=found, rejected=rejected, missing=missing,
         truncated=finish_reason == "length", malformed=damaged and finish_reason != "length",
         unknown_ids=unknown,
+        repeated=frozenset(i for i, count in seen.items() if count > 1),
     )

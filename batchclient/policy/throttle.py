@@ -62,7 +62,9 @@ class Throttle:
         return prompt_tokens + (max_tokens if self.reserve_max_tokens else expected_completion)
 
     def _prune(self, now: float) -> None:
-        cutoff = now - self.settings.window_s
+        # An entry leaves our window ``expiry_margin_s`` after the provider's would at the
+        # earliest: the provider admitted it a little after we dispatched it.
+        cutoff = now - self.settings.window_s - self.settings.expiry_margin_s
         entries = self._entries
         while entries and entries[0].t <= cutoff:
             entry = entries.popleft()
@@ -135,7 +137,7 @@ class Throttle:
     def _wait_for_room(self, now: float, excess_tokens: int, excess_requests: int) -> float:
         """Seconds until enough of our own entries leave the window to free the excess."""
         freed_t = freed_r = 0
-        window = self.settings.window_s
+        window = self.settings.window_s + self.settings.expiry_margin_s
         for entry in self._entries:
             if not entry.alive:
                 continue

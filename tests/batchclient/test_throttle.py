@@ -6,7 +6,7 @@ from batchclient.config import ThrottleSettings
 from batchclient.policy.ratelimit_headers import RateHeaders
 from batchclient.policy.throttle import Throttle
 
-NO_STEPS = ThrottleSettings(steps=(), ceiling=1.0)
+NO_STEPS = ThrottleSettings(steps=(), ceiling=1.0, expiry_margin_s=0.0)
 
 
 def test_waits_exactly_until_enough_tokens_leave_the_window() -> None:
@@ -54,7 +54,7 @@ def test_provider_headers_correct_an_optimistic_estimate() -> None:
 
 
 def test_graduated_steps_space_dispatches_over_the_slots() -> None:
-    t = Throttle(ThrottleSettings(ceiling=1.0), tpm=1000, rpm=None)
+    t = Throttle(ThrottleSettings(ceiling=1.0, expiry_margin_s=0.0), tpm=1000, rpm=None)
     t.reserve(0.0, 1, 900)
     assert t.delay(0.0, 10, slots=4) == 0.075  # 910/1000 > 85 %: 0.3 s over 4 slots
     t.reserve(0.0, 2, 60)

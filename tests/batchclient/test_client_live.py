@@ -1,0 +1,253 @@
+"""The client against the real simulator on an ephemeral loopback port (compressed time)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from batchclient import (
+    EXIT_BALANCE,
+    AiohttpTransport,
+    Event,
+    Item,
+    Runner,
+    SqliteJobStore,
+    Task,
+    parse_client_config,
+)
+from simulator.model.config import parse_config
+from simulator.model.responder import expected_code
+from simulator.server import serve_in_thread
+
+CODES = list("ABCDEFGH")
+LABELS = {c: f"label {c}" for c in CODES}
+REPO = Path(__file__).resolve().parents[2]
+
+
+def text_of(i: int) -> str:
+    return f"item {i} street name {i * 7919 % 1000} city"
+
+
+def make_items(n: int) -> list[Item]:
+    return [Item(str(1000 + i), text_of(i)) for i in range(n)]
+
+
+def provider(name: str = "main", *, tpm: int = 2_000_000, rpm: int = 100_000,
+             responder: dict | None = None, **extra: object) -> dict:
+    p: dict[str, object] = {
+        "name": name,
+        "models": {"m1": {"input_usd_per_mtok": 0.15, "output_usd_per_mtok": 0.60}},
+        "limits": {"tpm": tpm, "rpm": rpm, "counting": "reserve"},
+        "keys": {"sk-ratelab": {}},
+        "latency": {"ttft_s": 0.4, "itl_s": 0.01},
+        "responder": {"kind": "batch_json", **(responder or {})},
+    }
+    p.update(extra)
+    return p
+
+
+def sim(*providers: dict, time_scale: float = 100.0, seed: int = 7):  # type: ignore[no-untyped-def]
+    return parse_config({"time_scale": time_scale, "seed": seed, "providers": list(providers)},
+                        "test")
+
+
+def client(server, names: list[str], time_scale: float = 100.0, **extra: object):  # type: ignore[no-untyped-def]
+    data: dict[str, object] = {
+        "time_scale": time_scale,
+        "providers": [{"name": n, "base_url": server.base_url(n), "api_key": "sk-ratelab"}
+                      for n in names],
+    }
+    data.update(extra)
+    return parse_client_config(data, "test")
+
+
+TASK = Task("classify", "You classify addresses. " * 20, LABELS, "m1")
+
+
+async def run_job(tmp_path: Path, cfg, items: list[Item], events: list[Event] | None = None,  # type: ignore[no-untyped-def]
+                  name: str = "job.sqlite"):
+    store = SqliteJobStore(str(tmp_path / name))
+    store.import_items(items)
+    transport = AiohttpTransport(cfg.providers, cfg.stream)
+    try:
+        result = await Runner(TASK, cfg, transport, store,
+                              on_event=None if events is None else events.append).run()
+    finally:
+        await transport.close()
+    return result, store
+
+
+def admin(server, provider: str, action: str = "stats", body: dict | None = None) -> dict:  # type: ignore[no-untyped-def]
+    req = urllib.request.Request(
+        f"{server.url}/admin/{provider}/{action}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": "Bearer ratelab-admin", "Content-Type": "application/json"},
+        method="GET" if body is None else "POST")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.load(resp)
+
+
+def assert_all_correct(store: SqliteJobStore, items: list[Item]) -> None:
+    results = store.results()
+    assert len(results) == len(items)
+    wrong = [i.id for i in items
+             if results[i.id][:2] != ("done", expected_code(i.text, CODES))]
+    assert wrong == []
+
+
+@pytest.mark.parametrize("fault", ["drop_item_rate", "invent_id_rate", "repeat_id_rate",
+                                   "malformed_json_rate", "truncate_rate"])
+async def test_every_batch_json_fault_yields_zero_misattributed(
+        tmp_path: Path, fault: str) -> None:
+    rate = 0.1 if fault == "drop_item_rate" else 0.25
+    with serve_in_thread(sim(provider(responder={fault: rate}))) as server:
+        items = make_items(400)
+        result, store = await run_job(tmp_path, client(server, ["main"]), items)
+        assert (result.exit_status, result.done, result.dead) == (0, 400, 0)
+        assert_all_correct(store, items)
+        assert result.requests > 20  # the faults forced re-sends
+
+
+async def test_poison_items_are_dead_lettered_and_counts_add_up(tmp_path: Path) -> None:
+    with serve_in_thread(sim(provider())) as server:
+        items = [*make_items(60), Item("poison-1", "POISON do not answer")]
+        result, store = await run_job(tmp_path, client(server, ["main"]), items)
+        assert (result.exit_status, result.done, result.dead, result.pending) == (0, 60, 1, 0)
+        assert store.results()["poison-1"][0] == "dead"
+
+
+def _cli(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "loadtests.cli", "job", *args],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _files(tmp_path: Path, n: int) -> tuple[list[Item], Path, Path]:
+    items = make_items(n)
+    items_path = tmp_path / "items.jsonl"
+    items_path.write_text("".join(json.dumps({"id": i.id, "text": i.text}) + "\n"
+                                  for i in items))
+    task_path = tmp_path / "task.yaml"
+    task_path.write_text(yaml.safe_dump({"name": "classify", "system_prompt": TASK.system_prompt,
+                                         "labels": LABELS, "model": "m1"}))
+    return items, items_path, task_path
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "SIM_KEY": "sk-ratelab"}
+
+
+def _done(db: Path) -> int:
+    if not db.exists():
+        return 0
+    store = SqliteJobStore(str(db))
+    try:
+        return store.counts().done
+    finally:
+        store.close()
+
+
+def test_sigkill_at_five_points_then_resume_completes_each_item_once(tmp_path: Path) -> None:
+    scale = 20.0
+    items, items_path, task_path = _files(tmp_path, 1200)
+    db = tmp_path / "job.sqlite"
+    rng = random.Random(5)
+    slow = provider(latency={"ttft_s": 2.0, "itl_s": 0.0})
+    with serve_in_thread(sim(slow, time_scale=scale)) as server:
+        args = [str(items_path), "--task", str(task_path), "--db", str(db), "--base-url",
+                server.base_url(), "--api-key-env", "SIM_KEY", "--time-scale", str(scale),
+                "--concurrency", "4", "--no-progress"]
+        kills = 0
+        for _ in range(5):
+            before = _done(db)
+            proc = _cli(args, _env())
+            deadline = time.monotonic() + 20
+            while _done(db) <= before and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.08))  # a random point of the next batches
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            proc.wait(timeout=30)
+        assert kills == 5
+        done_before = _done(db)
+        assert 0 < done_before < len(items)
+        final = _cli(args, _env())
+        _, err = final.communicate(timeout=60)
+        assert final.returncode == 0, err.decode()
+        stats = admin(server, "main")["keys"]["sk-ratelab"]["models"]["m1"]
+    store = SqliteJobStore(str(db))
+    assert_all_correct(store, items)
+    billed = stats["requests"]["200"]
+    needed = len(items) // 20
+    # Only the batches in flight at each kill (at most --concurrency) were paid twice.
+    assert needed <= billed <= needed + kills * 4
+
+
+def test_402_mid_job_stops_with_status_3_then_topup_and_resume(tmp_path: Path) -> None:
+    items, items_path, task_path = _files(tmp_path, 600)
+    db = tmp_path / "job.sqlite"
+    # ~720 tokens a batch of 20 at $0.15/M: 30 batches cost ~ $0.0033; give half of that.
+    prof = provider(billing={"balance_usd": 0.0016, "charge_headers": True})
+    with serve_in_thread(sim(prof)) as server:
+        args = [str(items_path), "--task", str(task_path), "--db", str(db), "--base-url",
+                server.base_url(), "--api-key-env", "SIM_KEY", "--time-scale", "100",
+                "--no-progress", "--json"]
+        first = _cli(args, _env())
+        out, err = first.communicate(timeout=60)
+        assert first.returncode == EXIT_BALANCE, err.decode()
+        summary = json.loads(out.decode().strip().splitlines()[-1])
+        assert summary["done"] + summary["pending"] == 600 and 0 < summary["done"] < 600
+        admin(server, "main", "topup", {"key": "sk-ratelab", "usd": 1.0})
+        second = _cli(args, _env())
+        out, err = second.communicate(timeout=60)
+        assert second.returncode == 0, err.decode()
+    assert_all_correct(SqliteJobStore(str(db)), items)
+
+
+async def test_primary_outage_moves_work_to_fallback_and_back(tmp_path: Path) -> None:
+    primary = provider("primary", faults={"outages": [{"start_s": 0, "end_s": 40,
+                                                       "status": 503}]})
+    fallback = provider("fallback")
+    with serve_in_thread(sim(primary, fallback, time_scale=50.0)) as server:
+        cfg = client(server, ["primary", "fallback"], time_scale=50.0,
+                     breaker={"failures": 3, "cooldown_s": 15},
+                     retry={"base_s": 0.5, "cap_s": 2}, concurrency={"limit": 2},
+                     providers=None)
+        cfg = client(server, ["primary", "fallback"], time_scale=50.0,
+                     breaker={"failures": 3, "cooldown_s": 15},
+                     retry={"base_s": 0.5, "cap_s": 2}, concurrency={"limit": 2})
+        events: list[Event] = []
+        # Items arrive slowly enough for the job to outlive the outage: ~2 per virtual s.
+        items = make_items(2400)
+        result, store = await run_job(tmp_path, cfg, items, events)
+    assert (result.exit_status, result.done) == (0, 2400)
+    assert_all_correct(store, items)
+    served = [(e.at, e.provider, e.status) for e in events if e.kind == "request"]
+    to_fallback = [e for e in served if e[1] == "fallback" and e[2] == 200]
+    back_on_primary = [e for e in served if e[1] == "primary" and e[2] == 200]
+    assert to_fallback, "work never moved to the fallback"
+    assert back_on_primary, "work never came back to the primary"
+    assert min(t for t, _, _ in back_on_primary) > min(t for t, _, _ in to_fallback)
+
+
+async def test_tpm_bound_job_keeps_429s_under_half_a_percent(tmp_path: Path) -> None:
+    scale = 60.0
+    with serve_in_thread(sim(provider(tpm=60_000), time_scale=scale)) as server:
+        cfg = client(server, ["main"], time_scale=scale, concurrency={"limit": 8})
+        items = make_items(3000)
+        result, store = await run_job(tmp_path, cfg, items)
+    assert (result.exit_status, result.done) == (0, 3000)
+    assert result.rate_limited <= 0.005 * result.requests
+    # It ran against the limit, not far below it: >= 80% of 60k TPM over the run.
+    tokens_per_min = 60.0 * (result.tokens_in + result.tokens_out) / result.elapsed_s
+    assert tokens_per_min > 0.8 * 60_000
