@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 
 from simulator.model.config import parse_provider
-from simulator.model.provider import Provider
+from simulator.model.provider import Admission, Provider, Refusal
 
 
 def provider(text: str, *, seed: int = 0, time_scale: float = 1.0) -> Provider:
@@ -24,3 +24,15 @@ def chat(content: str = "hello", *, model: str = "m", max_tokens: int | None = N
         body["max_tokens"] = max_tokens
     body.update(extra)
     return body
+
+
+def admitted(result: Admission | Refusal) -> Admission:
+    """``result`` checked to be an Admission."""
+    assert isinstance(result, Admission), result
+    return result
+
+
+def refused(result: Admission | Refusal) -> Refusal:
+    """``result`` checked to be a Refusal."""
+    assert isinstance(result, Refusal), result
+    return result

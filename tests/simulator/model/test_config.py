@@ -34,7 +34,7 @@ def test_default_config_is_the_documented_paid_tier() -> None:
     assert p.keys[0].limits["gpt-4o-mini"].rpm == 5000
 
 
-BASE = {"models": {"m": {}}, "keys": {"k": {}}}
+BASE: dict = {"models": {"m": {}}, "keys": {"k": {}}}
 
 
 @pytest.mark.parametrize(("patch", "message"), [

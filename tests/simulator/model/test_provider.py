@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from sim_model_helpers import chat, provider
+from sim_model_helpers import admitted, chat, provider, refused
 
 from simulator.model.billing import BALANCE_HEADER, CHARGED_HEADER
 from simulator.model.config import default_config
@@ -102,15 +102,15 @@ def test_refund_of_undelivered_tokens() -> None:
 def test_order_of_checks() -> None:
     p = provider(MDB + "faults: {outages: [{start_s: 10, end_s: 20, status: 503}]}\n")
     bad_body = {"model": "m", "messages": []}
-    assert _run(p, 0.0, "nobody", bad_body).status == 400  # body before key
-    refused = _run(p, 0.0, "nobody")
-    assert refused.status == 401 and refused.body["error"]["code"] == "invalid_api_key"
-    assert p.chat(0.0, None, chat()).status == 401
-    missing = _run(p, 0.0, "b", chat(model="nope"))
+    assert refused(_run(p, 0.0, "nobody", bad_body)).status == 400  # body before key
+    no_key = refused(_run(p, 0.0, "nobody"))
+    assert no_key.status == 401 and no_key.body["error"]["code"] == "invalid_api_key"
+    assert refused(p.chat(0.0, None, chat())).status == 401
+    missing = refused(_run(p, 0.0, "b", chat(model="nope")))
     assert missing.status == 404 and missing.body["error"]["code"] == "model_not_found"
-    long = _run(p, 0.0, "b", chat("x" * 600_000))
+    long = refused(_run(p, 0.0, "b", chat("x" * 600_000)))
     assert long.status == 400 and long.body["error"]["code"] == "context_length_exceeded"
-    assert _run(p, 15.0, "b").status == 503
+    assert refused(_run(p, 15.0, "b")).status == 503
     assert isinstance(_run(p, 20.0, "b"), Admission)
 
 
@@ -170,8 +170,7 @@ gpu: {max_seqs: 2, knee_seqs: 1, itl_growth_per_seq: 0.5}
 latency: {ttft_s: 0.1, itl_s: 0.02}
 responder: {output_tokens: 5}
 """)
-    a, b, c, d = (p.chat(0.0, "k", chat()) for _ in range(4))
-    assert all(isinstance(x, Admission) for x in (a, b, c, d))
+    a, b, c, d = (admitted(p.chat(0.0, "k", chat())) for _ in range(4))
     assert a.plan is not None and b.plan is not None
     assert a.plan.itl_s == (0.02,) * 4
     assert b.plan.itl_s == pytest.approx((0.03,) * 4)  # two sequences: 1.5x per token
@@ -189,7 +188,7 @@ def test_same_seed_same_plans_and_reset_restores_everything() -> None:
     body = chat(model="gpt-4o-mini")
 
     def plans(p: Provider) -> list:
-        return [_run(p, i * 0.1, "sk-ratelab", body).plan for i in range(20)]
+        return [admitted(_run(p, i * 0.1, "sk-ratelab", body)).plan for i in range(20)]
 
     plans1 = plans(p1)
     assert plans1 == plans(p2)
