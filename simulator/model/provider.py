@@ -367,6 +367,7 @@ class Provider:
         )
         live = _Live(admission, tenant, model, state, ticket, counter, prompt, 1, (), "stop",
                      None, 0.0)
+        live.started = True  # embeddings never queue for a GPU slot
         self._live[admission.id] = live
         return admission
 

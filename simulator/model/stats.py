@@ -45,10 +45,11 @@ def render_prometheus(stats: Iterable[dict]) -> str:
     usd: list[str] = []
     balance: list[str] = []
     inflight: list[str] = []
+    queued: list[str] = []
     for s in stats:
         p = _label(s["provider"])
         inflight.append(f'ratelab_inflight{{provider="{p}"}} {s["in_flight"]}')
-        inflight.append(f'ratelab_gpu_queue{{provider="{p}"}} {s["queued"]}')
+        queued.append(f'ratelab_gpu_queue{{provider="{p}"}} {s["queued"]}')
         for key, entry in s["keys"].items():
             k = _label(mask_key(key))
             if entry["balance_usd"] is not None:
@@ -70,7 +71,8 @@ def render_prometheus(stats: Iterable[dict]) -> str:
         ("ratelab_tokens_total", "counter", "Tokens counted in usage.", tokens),
         ("ratelab_charged_usd_total", "counter", "USD charged.", usd),
         ("ratelab_balance_usd", "gauge", "Prepaid balance left in USD.", balance),
-        ("ratelab_inflight", "gauge", "Requests in flight (and GPU queue length).", inflight),
+        ("ratelab_inflight", "gauge", "Requests in flight.", inflight),
+        ("ratelab_gpu_queue", "gauge", "Requests waiting for a GPU slot.", queued),
     ):
         out.append(f"# HELP {name} {help_text}")
         out.append(f"# TYPE {name} {kind}")
