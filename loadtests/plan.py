@@ -1,0 +1,150 @@
+"""``ratelab plan``: run a scenario through the SimPy planner and write its run folder.
+
+Exit statuses: 0 planned (and, with ``--compare``, every figure within ``--tolerance``),
+1 a compared figure outside the tolerance, 2 unusable input (scenario, sweep, run folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HELP = "Plan a scenario in virtual time (SimPy): projections, sweeps and capacity answers."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``plan`` subcommand's flags."""
+    parser.add_argument("scenario", help="scenario YAML file")
+    parser.add_argument("--items", type=int, default=None,
+                        help="items in the batch job (default: the workload's)")
+    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                        help="sweep a scenario key (dotted; arms/providers by name); repeat "
+                             "for a grid")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="worker processes for sweep points (default: CPU count)")
+    parser.add_argument("--out", default=None, help="run folder (default runs/<scenario>-plan-"
+                                                    "<timestamp>)")
+    parser.add_argument("--compare", default=None, metavar="RUN_DIR",
+                        help="a finished live run of this scenario: print predicted vs "
+                             "measured per arm")
+    parser.add_argument("--tolerance", type=float, default=0.05,
+                        help="relative error allowed by --compare (default 0.05)")
+    parser.add_argument("--capacity", action="store_true",
+                        help="also answer the capacity questions (deadline needs, users held, "
+                             "GPUs, optimal batch size); takes several planning runs")
+    parser.add_argument("--sample-items", type=int, default=2000,
+                        help="items per planning run of the capacity searches")
+
+
+def _fail(message: str) -> int:
+    print(f"ratelab plan: {message}", file=sys.stderr)
+    return 2
+
+
+def _capacity(scenario: Any, summary: dict[str, Any], sample: int) -> dict[str, Any]:
+    from loadtests.planner.batchsize import optimal_batch_size
+    from loadtests.planner.capacity import deadline_answers, gpus_needed, users_held
+
+    out: dict[str, Any] = {}
+    if scenario.load.batch is not None:
+        out["deadline"] = deadline_answers(scenario, summary, sample)
+        for arm in scenario.load.batch.arms:
+            if scenario.arm(arm).strategy == "semantic_batch":
+                out["batch_size"] = optimal_batch_size(scenario, arm, sample_items=sample)
+                break
+    users: dict[str, Any] = {}
+    for group in scenario.load.users:
+        limits = scenario.expect.for_arm(group.arm)
+        slo = scenario.load.slo_search
+        p95 = limits.get("max_latency_p95_ms", slo.threshold_ms if slo else 10_000.0)
+        rate = limits.get("max_429_rate", limits.get("max_error_rate", 0.01))
+        answer = users_held(scenario, group.name, max_p95_ms=p95, max_429_rate=rate)
+        target = max((s.users or 0 for s in group.stages), default=0)
+        arm = scenario.arm(group.arm)
+        spec = scenario.provider(arm.providers[0])
+        gpu = getattr(spec.config, "gpu", None)
+        answer["target_users"] = target
+        answer["gpus"] = gpus_needed(answer["users"], target) if gpu is not None else None
+        users[group.name] = answer
+    out["users"] = users
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    """Plan, write the run folder, print the headline (and the fidelity table)."""
+    from loadtests.planner.assemble import PlanError
+    from loadtests.planner.compare import fidelity_rows, fidelity_text
+    from loadtests.planner.offline import offline_alternative
+    from loadtests.planner.runfolder import write_run_folder
+    from loadtests.planner.sim import PlanOptions, plan_scenario
+    from loadtests.planner.sweep import (
+        SweepError,
+        parse_sweep,
+        run_sweep,
+        sweep_points,
+        sweep_summary,
+    )
+    from loadtests.scenario import ScenarioError, load_scenario
+    from reports.summary import SummaryError, load_summary
+
+    try:
+        scenario = load_scenario(args.scenario)
+    except ScenarioError as exc:
+        return _fail(f"scenario refused:\n{exc}")
+    if args.items is not None and args.items < 1:
+        return _fail("--items: expected a positive item count")
+    try:
+        sweeps = [parse_sweep(s) for s in args.sweep] or [
+            (k, tuple(v)) for k, v in scenario.sweep]
+        points = sweep_points(scenario, sweeps) if sweeps else []
+    except SweepError as exc:
+        return _fail(str(exc))
+    live = None
+    options = PlanOptions(items=args.items)
+    if args.compare is not None:
+        try:
+            live = load_summary(Path(args.compare) / "summary.json")
+        except (SummaryError, OSError) as exc:
+            return _fail(f"--compare {args.compare}: {exc}")
+        totals = [a["items"]["total"] for a in live["arms"] if a["items"]["total"]]
+        partial = bool(live.get("partial")) or any(
+            a["items"].get("pending") for a in live["arms"])
+        options = PlanOptions(items=args.items or (totals[0] if totals else None),
+                              stop_at_s=scenario.duration_s if partial else None)
+    try:
+        result = plan_scenario(scenario, options)
+    except PlanError as exc:
+        return _fail(f"cannot plan {args.scenario}: {exc}")
+    summary = result.summary()
+    summary["plan"] = {"wall_s": result.wall_s, "steps": result.steps,
+                       "requests": result.requests, "events_per_s": result.steps / max(
+                           result.wall_s, 1e-9), "exit_status": result.status}
+    summary["plan"]["offline"] = {
+        a["name"]: o for a in summary["arms"]
+        if a.get("lane") == "batch" and (o := offline_alternative(a)) is not None}
+    if points:
+        summary = sweep_summary(summary, run_sweep(scenario, points, items=args.items,
+                                                   processes=args.processes))
+    if args.capacity:
+        summary["plan"].update(_capacity(scenario, summary, args.sample_items))
+    out = args.out or f"runs/{scenario.name}-plan-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = write_run_folder(out, result, summary)
+    for arm in summary["arms"]:
+        t = arm["throughput"]
+        proj = arm["projection"]
+        hours = proj["duration_s"] / 3600 if proj["duration_s"] else float("nan")
+        print(f"{arm['name']}: {t['items_per_min']:,.0f} items/min, "
+              f"{t['requests_per_min']:,.0f} requests/min, {arm['requests']['http_429']} 429s, "
+              f"bound {arm['bound']['binding']}; {proj['items']:,} items in {hours:,.1f} h, "
+              f"USD {proj['cost_usd'] or 0:,.2f}")
+    print(f"planned in {result.wall_s:.2f} s ({result.requests:,} requests, "
+          f"{summary['plan']['events_per_s']:,.0f} events/s); report: {folder}/report.html")
+    if live is not None:
+        rows = fidelity_rows(summary, live)
+        print(fidelity_text(rows))
+        bad = [r for r in rows if r["error"] is None or abs(r["error"]) > args.tolerance]
+        return 1 if bad else 0
+    return 0
