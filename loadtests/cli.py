@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "gate": "reports.gate",
     "compare": "reports.compare",
     "job": "batchclient.cli",
+    "plan": "loadtests.plan",
 }
 
 
