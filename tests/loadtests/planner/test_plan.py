@@ -1,0 +1,82 @@
+"""The planner end to end: seeded exact figures, the run folder, sweeps and refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loadtests.cli import main
+from loadtests.planner.offline import offline_alternative
+from loadtests.planner.sim import PlanOptions, plan_scenario
+from loadtests.planner.sweep import SweepError, parse_sweep, sweep_points
+from loadtests.scenario import load_scenario
+
+HERE = Path(__file__).parent / "scenarios"
+
+
+def test_plan_is_seeded_and_reproducible() -> None:
+    scenario = load_scenario(HERE / "fid-batch.yaml")
+    a = plan_scenario(scenario, PlanOptions(items=2000)).summary()["arms"][0]
+    b = plan_scenario(scenario, PlanOptions(items=2000)).summary()["arms"][0]
+    assert a == b
+    assert a["items"]["done"] == 2000
+    assert a["items"]["lost"] == 0
+    assert a["requests"]["total"] == 100
+    assert a["bound"]["binding"] in ("tpm", "latency")
+
+
+def test_batching_beats_single_by_the_token_ratio() -> None:
+    batch = plan_scenario(load_scenario(HERE / "fid-batch.yaml")).summary()["arms"][0]
+    single = plan_scenario(load_scenario(HERE / "fid-single.yaml")).summary()["arms"][0]
+    ratio = single["tokens"]["per_item"] / batch["tokens"]["per_item"]
+    assert 10 < ratio < 14
+    assert single["bound"]["binding"] == "tpm"
+    assert single["bound"]["efficiency"] > 0.9
+
+
+def test_cli_writes_the_run_folder_with_a_sweep(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    status = main(["plan", str(HERE / "fid-rpm.yaml"), "--items", "600", "--out", str(out),
+                   "--sweep", "arms.batched.client.batch.max_items=5,10", "--processes", "1"])
+    assert status == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "plan"
+    assert summary["schema"] == "ratelab.summary/1"
+    assert [r["values"]["arms.batched.client.batch.max_items"]
+            for r in summary["grid"]["rows"]] == [5, 10]
+    assert summary["grid"]["best"]["batched"]["point"] == "max_items=10"
+    assert "## Planner" in (out / "report.md").read_text()
+    assert "<img" in (out / "report.html").read_text()
+    assert "items/min" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, named", [
+    ("arms.batched.client.batch.nope=3", "nope"),
+    ("arms.nosuch.keys=2", "nosuch"),
+    ("arms.batched.keys=many", "arms.batched.keys"),
+])
+def test_bad_sweeps_are_refused_naming_the_key(flag: str, named: str) -> None:
+    scenario = load_scenario(HERE / "fid-batch.yaml")
+    with pytest.raises(SweepError) as err:
+        sweep_points(scenario, [parse_sweep(flag)])
+    assert named in str(err.value)
+
+
+def test_cli_refuses_a_bad_sweep_before_running(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", str(HERE / "fid-batch.yaml"), "--sweep", "bogus"]) == 2
+    assert "KEY=V1" in capsys.readouterr().err
+
+
+def test_offline_alternative_halves_the_price() -> None:
+    arm = {"items": {"done_per_request": 20.0},
+           "projection": {"items": 2_000_000, "duration_s": 7 * 3600.0, "cost_usd": 40.0,
+                          "deadline_s": 4 * 3600.0}}
+    alt = offline_alternative(arm)
+    assert alt is not None
+    assert alt["cost_usd"] == 20.0
+    assert alt["requests"] == 100_000
+    assert alt["files"] == 2
+    assert alt["pick"] == "online"
