@@ -1,0 +1,279 @@
+"""``ratelab run SCENARIO.yaml``: the simulator, Locust driving the batching client, a run folder.
+
+The scenario is validated first (exit 2 naming file, line and key). The simulator serves the
+scenario's providers from a thread of this process on a free loopback port (or the scenario's
+external ``target`` is used, its key read from the named environment variable and never
+written). Locust runs as a subprocess in its own session (``--processes N`` for Locust's own
+master and workers); this process tails the event logs for the progress line and the
+error-rate guard, performs scheduled top-ups, and, once Locust has exited, merges the events
+into ``summary.json``, ``timeseries.csv``, ``report.md`` and ``report.html``. Ctrl-C stops
+Locust and the simulator and writes a partial summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from loadtests.progress import EventTail, guard_tripped, render
+from loadtests.recorder import recorder_for, write_timeseries_csv
+from loadtests.run_setup import SetupError, apply_overrides, bound_inputs, client_config, job_items
+from loadtests.rundir import SPEC_ENV, SPEC_FILE, RunSpec, default_run_dir, read_run
+from loadtests.scenario import load_scenario
+from loadtests.scenario_model import Scenario
+from loadtests.scenario_schema import ScenarioError
+
+HELP = "Run a scenario live: simulator + Locust driving the batching client; writes a run folder."
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+STOP_GRACE_S = 15.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``ratelab run``."""
+    parser.add_argument("scenario", metavar="SCENARIO.yaml", help="scenario file")
+    parser.add_argument("--out", help="run folder (default runs/<scenario>-<timestamp>/)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="Locust worker processes (distributed on this machine)")
+    parser.add_argument("--ui", action="store_true", help="serve Locust's web UI, not headless")
+    parser.add_argument("--duration-s", type=float, help="override duration_s (virtual seconds)")
+    parser.add_argument("--items", type=int, help="override the workload's item count")
+    parser.add_argument("--no-progress", action="store_true", help="no live progress line")
+
+
+class _Interrupted(Exception):
+    """SIGINT (or SIGTERM) arrived while Locust was running."""
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise _Interrupted()
+
+
+@contextlib.contextmanager
+def _simulator(scenario: Scenario) -> Iterator[tuple[dict[str, str], str | None, str]]:
+    """Serve the scenario's providers (or nothing, for an external target): URLs, admin URL."""
+    if scenario.target is not None:
+        yield {}, None, ""
+        return
+    from simulator.model.config import SimulatorConfig
+    from simulator.server import serve_in_thread
+
+    config = SimulatorConfig(
+        providers=tuple(p.config for p in scenario.providers),  # type: ignore[misc]
+        time_scale=scenario.time_scale,
+        seed=scenario.seed,
+    )
+    with serve_in_thread(config) as server:
+        urls = {p.name: server.base_url(p.name) for p in scenario.providers}
+        yield urls, server.url, config.admin_token
+
+
+def _topup(admin_url: str, token: str, provider: str, key: str, usd: float) -> None:
+    body = json.dumps({"key": key, "usd": usd}).encode()
+    request = urllib.request.Request(
+        f"{admin_url}/admin/{provider}/topup", data=body, method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        resp.read()
+
+
+def locust_command(spec: RunSpec, run_dir: Path, processes: int, ui: bool) -> list[str]:
+    """The Locust command line of a run (headless with CSV and HTML, or the web UI)."""
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE),
+           "--csv", str(run_dir / "locust"), "--html", str(run_dir / "locust.html"),
+           "--loglevel", "WARNING", "--exit-code-on-error", "0"]
+    if ui:
+        cmd += ["--web-host", "127.0.0.1"]
+    else:
+        cmd += ["--headless", "--only-summary"]
+    if processes > 1:
+        cmd += ["--processes", str(processes)]
+    return cmd
+
+
+def _stop(proc: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGINT to Locust's master (it saves its reports and stops its workers), then SIGKILL
+    whatever is left of its process group."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace_s)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+
+
+def _tpm_limit(scenario: Scenario, bounds: Mapping[str, Any]) -> float | None:
+    limits = [b.tpm * max(1, b.keys) for b in bounds.values() if b is not None and b.tpm]
+    return max(limits) if limits else None
+
+
+def _bounds(scenario: Scenario, urls: Mapping[str, str], run_dir: Path) -> dict[str, Any]:
+    bounds: dict[str, Any] = {}
+    for arm in scenario.arms:
+        if arm.strategy == "interactive":
+            continue
+        config = client_config(scenario, arm, urls or {p: "http://127.0.0.1:1/v1"
+                                                       for p in arm.providers}, run_dir)
+        found = bound_inputs(scenario, arm, config)
+        if found is not None:
+            bounds[arm.name] = found
+    return bounds
+
+
+def summarise(scenario: Scenario, run_dir: Path, bounds: Mapping[str, Any], *, partial: bool,
+              stopped: str | None, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge the run folder's events into summary.json, timeseries.csv and the report."""
+    from reports.report import write_report
+    from reports.summary import write_summary
+
+    events, records = read_run(run_dir)
+    recorder = recorder_for(scenario, "live", bounds)
+    recorder.meta.update(meta)
+    recorder.add_many(events)
+    jobs = [r for r in records if r.get("type") == "job"]
+    batch = scenario.load.batch
+    slots = int(meta.get("processes", 1))
+    pending: dict[str, int] = {}
+    for name in batch.arms if batch else ():
+        mine = [j for j in jobs if j["arm"] == name]
+        acc = recorder._acc[name]
+        settled = acc.items["done"] + acc.items["cached"] + acc.items["dead_letter"]
+        if len(mine) == slots and not partial:
+            pending[name] = sum(int(j["pending"]) for j in mine)
+            recorder.mark(name, min(j["start_s"] for j in mine), max(j["end_s"] for j in mine))
+        else:
+            # an interrupted slot left no job record: what it did not settle is pending, not lost
+            pending[name] = max(0, job_items(scenario) - settled)
+    summary = recorder.summary(partial=partial, pending=pending)
+    summary["stopped"] = stopped
+    write_summary(summary, run_dir / "summary.json")
+    write_timeseries_csv(recorder.timeseries_rows(), run_dir / "timeseries.csv")
+    write_report(run_dir)
+    return summary
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the scenario; 0 when it completed and its expectations hold, 1 when one failed or
+    the error guard stopped it, 2 on unusable input, 130 when interrupted."""
+    try:
+        scenario = apply_overrides(load_scenario(args.scenario), args.duration_s, args.items)
+    except ScenarioError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_INPUT
+    if args.processes < 1:
+        print("ratelab run: --processes: expected an integer >= 1", file=sys.stderr)
+        return EXIT_INPUT
+    target_env = scenario.target.api_key_env if scenario.target else None
+    if target_env and not os.environ.get(target_env):
+        print(f"{args.scenario}: target.api_key_env: ${target_env} is not set", file=sys.stderr)
+        return EXIT_INPUT
+    run_dir = Path(args.out) if args.out else default_run_dir(scenario.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        bounds = _bounds(scenario, {}, run_dir)
+    except (SetupError, ValueError) as exc:
+        print(f"{args.scenario}: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in signals}
+    try:
+        return _run(args, scenario, run_dir, bounds, target_env)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(args: argparse.Namespace, scenario: Scenario, run_dir: Path, bounds: dict[str, Any],
+         target_env: str | None) -> int:
+    interrupted = False
+    stopped: str | None = None
+    exit_code: int | None = None
+    started = time.monotonic()
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        with _simulator(scenario) as (urls, admin_url, admin_token):
+            spec = RunSpec(
+                scenario_path=str(Path(args.scenario).resolve()), run_dir=str(run_dir.resolve()),
+                origin_monotonic=time.monotonic(), time_scale=scenario.time_scale,
+                provider_urls=urls, slots=args.processes, duration_s=args.duration_s,
+                items=args.items, admin_url=admin_url, target_key_env=target_env,
+                headless=not args.ui,
+            )
+            spec.write(run_dir / SPEC_FILE)
+            env = {**os.environ, SPEC_ENV: str((run_dir / SPEC_FILE).resolve())}
+            with (run_dir / "locust.log").open("wb") as log:
+                proc = subprocess.Popen(locust_command(spec, run_dir, args.processes, args.ui),
+                                        env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+                stopped = _watch(proc, scenario, run_dir, spec, bounds, admin_url, admin_token,
+                                 show=not args.no_progress)
+                exit_code = proc.returncode
+    except _Interrupted:
+        interrupted = True
+        stopped = "interrupted"
+        if proc is not None:
+            _stop(proc)
+    finally:
+        if proc is not None and proc.poll() is None:
+            _stop(proc)
+        elif proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    if not args.no_progress:
+        print(file=sys.stderr)
+    meta = {"processes": args.processes, "locust_exit": exit_code,
+            "wall_s": round(time.monotonic() - started, 3), "run_dir": str(run_dir)}
+    summary = summarise(scenario, run_dir, bounds, partial=interrupted or stopped is not None,
+                        stopped=stopped, meta=meta)
+    print(f"run folder: {run_dir}", file=sys.stderr)
+    if interrupted:
+        return EXIT_INTERRUPTED
+    if stopped is not None or not summary.get("ok", True):
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _watch(proc: subprocess.Popen[bytes], scenario: Scenario, run_dir: Path, spec: RunSpec,
+           bounds: Mapping[str, Any], admin_url: str | None, admin_token: str,
+           show: bool) -> str | None:
+    """Wait for Locust, printing progress, doing top-ups; returns why it was stopped early."""
+    tail = EventTail(run_dir)
+    guard = scenario.load.error_guard
+    max_rate = guard.max_error_rate
+    if scenario.target is not None:
+        max_rate = min(max_rate, scenario.target.max_error_rate)
+    cap = scenario.target.spend_cap_usd if scenario.target else None
+    topups = sorted(scenario.load.topups, key=lambda t: t.at_s)
+    items_total = job_items(scenario) * (len(scenario.load.batch.arms) if scenario.load.batch
+                                         else 0)
+    tpm = _tpm_limit(scenario, bounds)
+    while proc.poll() is None:
+        time.sleep(0.25)
+        totals = tail.poll()
+        now = spec.virtual_now()
+        while topups and topups[0].at_s <= now and admin_url:
+            t = topups.pop(0)
+            _topup(admin_url, admin_token, t.provider, t.key, t.usd)
+        if show:
+            print("\r" + render(totals, items_total, tpm), end="", file=sys.stderr, flush=True)
+        if guard_tripped(totals, max_rate, guard.min_requests):
+            _stop(proc)
+            return "error_guard"
+        if cap is not None and totals.cost_usd >= cap:
+            _stop(proc)
+            return "spend_cap"
+    return None
