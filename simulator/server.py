@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import re
 import socket
 import struct
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
@@ -30,6 +32,12 @@ from simulator.model.provider import Admission, Provider, Refusal
 log = logging.getLogger(__name__)
 
 JSON_TYPE = "application/json"
+# The routed paths, to tell a wrong method (405) from an unknown URL (404).
+_ROUTE_PATTERNS = tuple(re.compile(p) for p in (
+    r"(/p/[^/]+)?/v1/(chat/completions|embeddings|models)",
+    r"/admin/[^/]+/(stats|topup|reset)",
+    r"/metrics",
+))
 SSE_TYPE = "text/event-stream; charset=utf-8"
 # A hold fault or a queued request may be sleeping at shutdown; don't wait for them.
 SHUTDOWN_TIMEOUT_S = 0.5
@@ -164,7 +172,7 @@ class SimulatorApp:
     def build(self) -> web.Application:
         """The aiohttp application with every route of conventions.md."""
         app = web.Application(
-            client_max_size=self.config.max_body_bytes, middlewares=[self._errors_middleware]
+            client_max_size=self.config.max_body_bytes
         )
         r = app.router
         for prefix in ("/v1", "/p/{provider}/v1"):
@@ -175,25 +183,17 @@ class SimulatorApp:
         r.add_post("/admin/{provider}/topup", self._admin_topup)
         r.add_post("/admin/{provider}/reset", self._admin_reset)
         r.add_get("/metrics", self._metrics)
+        r.add_route("*", "/{tail:.*}", self._no_route)
         return app
 
-    @web.middleware
-    async def _errors_middleware(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        # aiohttp's own 404/405/413 are plain text; OpenAI clients expect its error object.
-        try:
-            return await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            code = {404: "unknown_url", 405: "method_not_allowed"}.get(exc.status)
-            message = (
-                f"Unknown request URL: {request.method} {request.path}."
-                if exc.status in (404, 405)
-                else exc.reason
-            )
-            return _error(exc.status, message, code=code)
+    async def _no_route(self, request: web.Request) -> web.StreamResponse:
+        # A catch-all route rather than a middleware: aiohttp's own 404/405 are plain text
+        # while OpenAI clients expect its error object, and a middleware would cost every
+        # request a coroutine layer.
+        known = any(pattern.fullmatch(request.path) for pattern in _ROUTE_PATTERNS)
+        status, code = (405, "method_not_allowed") if known else (404, "unknown_url")
+        return _error(status, f"Unknown request URL: {request.method} {request.path}.",
+                      code=code)
 
     def _served_for(self, request: web.Request) -> _Served | None:
         name = request.match_info.get("provider", self.default_name)
@@ -295,25 +295,28 @@ class SimulatorApp:
         """A non-stream completion: the whole body once the last chunk is due."""
         plan = admission.plan
         assert plan is not None
-        times = _chunk_times(admission, t0)
         fault = plan.fault
-        if fault is not None and fault.kind == "hold":
+        if fault is None:
+            await self.clock.sleep_until(t0 + plan.ttft_s + sum(plan.itl_s))
+        elif fault.kind == "hold":
             await self.clock.sleep_until(t0 + fault.duration_s)
             _close_connection(request)
             return web.Response(status=504)
-        if fault is not None and fault.kind in ("reset", "error"):
+        elif fault.kind in ("reset", "error"):
+            times = _chunk_times(admission, t0)
             await self.clock.sleep_until(times[min(fault.at_chunk, len(times) - 1)])
             if fault.kind == "reset":
                 _reset_connection(request)
                 return web.Response(status=502)
             return _json(500, server_error(500), admission.headers)
-        await self.clock.sleep_until(times[-1])
+        else:
+            await self.clock.sleep_until(_chunk_times(admission, t0)[-1])
         body = wire.chat_completion(
             admission.id, admission.created, admission.model, "".join(plan.chunks),
             plan.finish_reason, plan.usage, admission.n,
         )
         sent.chunks = len(plan.chunks)
-        return _json(200, body, admission.headers)
+        return web.Response(body=body, content_type=JSON_TYPE, headers=admission.headers)
 
     async def _reply_stream(
         self, request: web.Request, admission: Admission, t0: float, sent: _Sent
@@ -416,7 +419,8 @@ class SimulatorApp:
             return _error(404, f"Unknown API key {key!r}.", code="unknown_key")
         except ValueError as exc:
             return _error(400, str(exc), code="invalid_topup")
-        return _json(200, {"key": key, "balance_usd": balance})
+        # an unlimited balance stays unlimited: JSON has no infinity, so null
+        return _json(200, {"key": key, "balance_usd": balance if math.isfinite(balance) else None})
 
     async def _admin_reset(self, request: web.Request) -> web.StreamResponse:
         served, bad = self._admin(request)

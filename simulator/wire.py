@@ -27,9 +27,16 @@ INVALID_JSON_MESSAGE = (
 STREAM_ERROR_MESSAGE = "The provider returned an error mid-stream (simulated fault)."
 
 
+# A JSON string literal (quotes and escapes), C-accelerated.
+_string = json.encoder.encode_basestring
+
+# One encoder for every reply: json.dumps with non-default options builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def dumps(value: object) -> bytes:
     """Compact JSON bytes (no spaces), as OpenAI's API writes them."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    return _ENCODER.encode(value).encode()
 
 
 def sse_frame(value: object) -> bytes:
@@ -54,25 +61,27 @@ def usage_dict(usage: Any) -> dict[str, int]:
 def chat_completion(
     admission_id: int, created: int, model: str, content: str, finish_reason: str, usage: Any,
     n: int = 1,
-) -> dict[str, Any]:
-    """The non-stream ``chat.completion`` body; ``n`` choices carry the same content."""
-    return {
-        "id": completion_id(admission_id),
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": content, "refusal": None},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-            for i in range(n)
-        ],
-        "usage": usage_dict(usage),
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-    }
+) -> bytes:
+    """The non-stream ``chat.completion`` body as JSON bytes; ``n`` choices carry the same
+    content. Written from a template: it is the simulator's hottest path."""
+    text = _string(content)
+    reason = _string(finish_reason)
+    choices = ",".join(
+        f'{{"index":{i},"message":{{"role":"assistant","content":{text},"refusal":null}},'
+        f'"logprobs":null,"finish_reason":{reason}}}'
+        for i in range(n)
+    )
+    return (
+        f'{{"id":"{completion_id(admission_id)}","object":"chat.completion",'
+        f'"created":{int(created)},"model":{_string(model)},"choices":[{choices}],'
+        f'"usage":{_usage_json(usage)},"system_fingerprint":"{SYSTEM_FINGERPRINT}"}}'
+    ).encode()
+
+
+def _usage_json(usage: Any) -> str:
+    return (f'{{"prompt_tokens":{int(usage.prompt_tokens)},'
+            f'"completion_tokens":{int(usage.completion_tokens)},'
+            f'"total_tokens":{int(usage.total_tokens)}}}')
 
 
 class ChunkWriter:
@@ -83,7 +92,7 @@ class ChunkWriter:
     chunk with empty ``choices``.
     """
 
-    __slots__ = ("_base", "_include_usage", "_n")
+    __slots__ = ("_base", "_include_usage", "_n", "_prefix", "_suffix")
 
     def __init__(self, admission_id: int, created: int, model: str, include_usage: bool,
                  n: int = 1) -> None:
@@ -96,6 +105,13 @@ class ChunkWriter:
         }
         self._include_usage = include_usage
         self._n = n
+        # content frames are the bulk of a stream: prefix and suffix rendered once
+        self._prefix = (
+            f'data: {{"id":"{completion_id(admission_id)}","object":"chat.completion.chunk",'
+            f'"created":{int(created)},"model":{_string(model)},'
+            f'"system_fingerprint":"{SYSTEM_FINGERPRINT}","choices":[{{"index":'
+        )
+        self._suffix = ',"usage":null}\n\n' if include_usage else "}\n\n"
 
     def _chunk(self, index: int, delta: dict[str, Any], finish_reason: str | None
                ) -> dict[str, Any]:
@@ -116,7 +132,10 @@ class ChunkWriter:
 
     def content(self, text: str) -> bytes:
         """Frame(s) with one piece of content."""
-        return self._each({"content": text}, None)
+        middle = (f',"delta":{{"content":{_string(text)}}},"logprobs":null,'
+                  f'"finish_reason":null}}]')
+        return "".join(f"{self._prefix}{i}{middle}{self._suffix}"
+                       for i in range(self._n)).encode()
 
     def finish(self, finish_reason: str) -> bytes:
         """Frame(s) with an empty delta and the finish reason."""
