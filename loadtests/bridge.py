@@ -2,10 +2,10 @@
 
 Locust monkey-patches ``threading``; the loop runs on a thread started with the
 original ``_thread.start_new_thread``, so it is a real OS thread with its own stack.
-Greenlets submit coroutines with ``asyncio.run_coroutine_threadsafe`` and wait without blocking the gevent hub: the future's
-done-callback (on the loop thread) wakes a gevent ``AsyncResult`` through
-``hub.loop.run_callback_threadsafe``, so thousands of greenlets can wait at once (the hub's
-thread pool has only about ten threads).
+Greenlets submit coroutines with ``asyncio.run_coroutine_threadsafe`` and wait without
+blocking the gevent hub: the future's done-callback (on the loop thread) wakes a gevent
+``AsyncResult`` through ``hub.loop.run_callback_threadsafe``, so thousands of greenlets can
+wait at once (the hub's thread pool has only about ten threads).
 """
 
 from __future__ import annotations

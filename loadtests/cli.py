@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "gate": "reports.gate",
     "compare": "reports.compare",
     "job": "batchclient.cli",
+    "run": "loadtests.run",
     "plan": "loadtests.plan",
 }
 
