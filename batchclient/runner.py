@@ -27,6 +27,7 @@ from batchclient.policy.engine import (
     Send,
     Wait,
     cache_key,
+    task_digest,
 )
 from batchclient.policy.lanes import LanePolicy
 from batchclient.policy.routing import Predicate, route_model
@@ -189,8 +190,9 @@ class Runner:
             cursor = page[-1][0]
             items = [item for _, item in page]
             if self.cache is not None:
+                digest = task_digest(self.task)
                 keys = {item.id: cache_key(item.text, self.task, route_model(
-                    item, self.task.model, self.config.routing, self.predicates))
+                    item, self.task.model, self.config.routing, self.predicates), digest)
                     for item in items}
                 hits = self.cache.get_many(keys.values())
                 fresh = []

@@ -161,20 +161,19 @@ class SqliteJobStore:
             changed = 0
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for r in results:
-                    if r.state == "done":
-                        cur = conn.execute(
-                            "UPDATE items SET result = ?, label = ?, state = 'done', error = NULL,"
-                            " attempts = ?, cost_usd = ?, model = ?, provider = ? "
-                            "WHERE item_id = ? AND result IS NULL",
-                            (r.code, r.label, r.attempts, r.cost_usd, r.model, r.provider,
-                             r.item_id))
-                    else:
-                        cur = conn.execute(
-                            "UPDATE items SET state = 'dead', error = ?, attempts = ?, model = ?,"
-                            " provider = ? WHERE item_id = ? AND result IS NULL",
-                            (r.error, r.attempts, r.model, r.provider, r.item_id))
-                    changed += cur.rowcount
+                done = [(r.code, r.label, r.attempts, r.cost_usd, r.model, r.provider, r.item_id)
+                        for r in results if r.state == "done"]
+                dead = [(r.error, r.attempts, r.model, r.provider, r.item_id)
+                        for r in results if r.state != "done"]
+                if done:
+                    changed += conn.executemany(
+                        "UPDATE items SET result = ?, label = ?, state = 'done', error = NULL,"
+                        " attempts = ?, cost_usd = ?, model = ?, provider = ? "
+                        "WHERE item_id = ? AND result IS NULL", done).rowcount
+                if dead:
+                    changed += conn.executemany(
+                        "UPDATE items SET state = 'dead', error = ?, attempts = ?, model = ?,"
+                        " provider = ? WHERE item_id = ? AND result IS NULL", dead).rowcount
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

@@ -35,7 +35,6 @@ from batchclient.policy.throttle import Throttle
 from batchclient.policy.tokens import (
     canonical_id,
     chat_prompt_tokens,
-    reply_tokens,
     text_tokens,
 )
 from batchclient.policy.userlimits import UserDecision, UserLimits
@@ -115,6 +114,7 @@ class _ItemState:
     item: Item
     model: str
     key: str
+    sizes: tuple[int, int] = (0, 0)
     attempts: int = 0
     misses: int = 0
     last_error: str | None = None
@@ -152,11 +152,16 @@ def normalise(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-def cache_key(text: str, task: Task, model: str) -> str:
-    """Key of a result in the cache: normalised input, task (prompt and taxonomy), model."""
+def task_digest(task: Task) -> str:
+    """Digest of what makes a task's answers: system prompt, instructions and taxonomy."""
     labels = json.dumps(sorted(task.labels.items()))
-    return f"{model}\x1f{task.name}\x1f{hash_text(task.system_prompt + labels)}\x1f" + normalise(
-        text)
+    return hash_text(task.system_prompt + "\x1f" + task.instructions + "\x1f" + labels)
+
+
+def cache_key(text: str, task: Task, model: str, digest: str | None = None) -> str:
+    """Key of a result in the cache: normalised input, task (prompt and taxonomy), model."""
+    digest = digest if digest is not None else task_digest(task)
+    return f"{model}\x1f{task.name}\x1f{digest}\x1f" + normalise(text)
 
 
 def hash_text(text: str) -> str:
@@ -193,6 +198,8 @@ class Engine:
             k: frozenset(v) for k, v in served_models.items()}
         self._predicates = tuple(predicates)
         self.packer = Packer(task, config.batch.reply_slack_tokens)
+        self._digest = task_digest(task)
+        self._code_len = max(len(c) for c in task.labels)
         batching = self.strategy == "semantic_batch"
         max_items = config.batch.max_items if batching else 1
         self.adaptive = AdaptiveBatchSize(max_items, config.batch.min_items, max_items * 4) \
@@ -264,39 +271,44 @@ class Engine:
             return 0
         return self.config.page_size
 
-    def check_item(self, item: Item) -> None:
-        """Raise InputError naming the item when it can never be processed."""
+    def check_item(self, item: Item) -> tuple[int, int]:
+        """Raise InputError naming the item when it can never be processed; returns its
+        packing sizes (prompt line and reply characters)."""
         if not _ID.fullmatch(item.id):
             raise InputError(f"item {item.id!r}: id must match [A-Za-z0-9_.-]+")
         if not item.text.strip():
             raise InputError(f"item {item.id!r}: empty text")
-        canon = canonical_id(item.id)
-        other = self._keys.get(canon)
+        other = self._keys.get(canonical_id(item.id))
         if other is not None:
             raise InputError(f"item {item.id!r}: id collides with item {other!r} "
                              "(ids must be unique; all-digit ids compare as numbers)")
-        alone = self.packer.request_tokens([item]) if self.strategy == "semantic_batch" else (
-            self.packer.prompt_tokens([item]) + self.packer.max_tokens([item]))
+        sizes = self.packer.sizes(item)
+        _, prompt, max_tokens = self.packer.pack_sizes([sizes], 1, 0)
+        alone = prompt + max_tokens
         budget = self.config.batch.token_budget
         if alone > budget:
             raise InputError(f"item {item.id!r}: needs {alone} tokens alone, over the "
                              f"batch.token_budget of {budget}")
+        return sizes
 
     def add_items(self, items: Iterable[Item]) -> None:
         """Feed a page of items (validated first: raises InputError before any is queued)."""
         page = list(items)
         seen: dict[str, str] = {}
+        sizes: list[tuple[int, int]] = []
+        canons: list[str] = []
         for item in page:
-            self.check_item(item)
+            sizes.append(self.check_item(item))
             canon = canonical_id(item.id)
             if canon in seen:
                 raise InputError(f"item {item.id!r}: id collides with item {seen[canon]!r}")
             seen[canon] = item.id
-        for item in page:
+            canons.append(canon)
+        for item, size, canon in zip(page, sizes, canons, strict=True):
             model = route_model(item, self.task.model, self.config.routing, self._predicates)
-            key = cache_key(item.text, self.task, model)
-            self._keys[canonical_id(item.id)] = item.id
-            state = _ItemState(item, model, key)
+            key = cache_key(item.text, self.task, model, self._digest)
+            self._keys[canon] = item.id
+            state = _ItemState(item, model, key, size)
             self._items[item.id] = state
             self.counts.fed += 1
             if key in self._leaders:
@@ -417,15 +429,12 @@ class Engine:
             return Wait(min([w for w in waits if w > 0] or [self.config.breaker.cooldown_s]))
         queue = self._ready[model]
         size = self.adaptive.size if self.adaptive else self._max_items
-        head = [self._items[queue[i]].item for i in range(min(size, len(queue)))]
-        count = self.packer.pack(head, size, self.config.batch.token_budget)
-        batch = head[:count]
-        prompt_tokens = self.packer.prompt_tokens(batch)
-        max_tokens = self.packer.max_tokens(batch)
-        if self.strategy != "semantic_batch":
-            max_tokens = max(max_tokens, 1)
+        states = [self._items[queue[i]] for i in range(min(size, len(queue)))]
+        count, prompt_tokens, max_tokens = self.packer.pack_sizes(
+            [st.sizes for st in states], size, self.config.batch.token_budget)
+        batch = [st.item for st in states[:count]]
         throttle = self.throttle(provider, model)
-        expected = reply_tokens([i.id for i in batch], max(len(c) for c in self.task.labels))
+        expected = max_tokens - self.config.batch.reply_slack_tokens
         reserve = throttle.estimate(prompt_tokens, max_tokens, expected)
         wait = throttle.delay(now, reserve, self.concurrency.limit,
                               ceiling=self.lanes.background_ceiling)

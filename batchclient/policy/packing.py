@@ -7,7 +7,6 @@ in the batch (see ``tokens.reply_tokens``) plus a small slack.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from batchclient.config import Task
 from batchclient.policy.tokens import (
@@ -29,18 +28,22 @@ def code_length(task: Task) -> int:
     return max(len(code) for code in task.labels)
 
 
-@dataclass(frozen=True, slots=True)
 class Packer:
     """Token arithmetic of one task's batches (prompt and reply sizes in tokens)."""
 
-    task: Task
-    reply_slack_tokens: int = 4
+    __slots__ = ("_code_len", "_fixed", "reply_slack_tokens", "task")
+
+    def __init__(self, task: Task, reply_slack_tokens: int = 4) -> None:
+        self.task = task
+        self.reply_slack_tokens = reply_slack_tokens
+        self._code_len = code_length(task)
+        self._fixed = (PRIMING_TOKENS + PER_MESSAGE_TOKENS + text_tokens(task.system_prompt)
+                       + PER_MESSAGE_TOKENS)
 
     @property
     def fixed_prompt_tokens(self) -> int:
         """Tokens of a batch prompt before its item lines (system + instructions)."""
-        return (PRIMING_TOKENS + PER_MESSAGE_TOKENS + text_tokens(self.task.system_prompt)
-                + PER_MESSAGE_TOKENS)
+        return self._fixed
 
     def user_message(self, items: Sequence[Item]) -> str:
         """The user message of a batch: instructions then one line per item."""
@@ -61,34 +64,41 @@ class Packer:
 
     def max_tokens(self, items: Sequence[Item]) -> int:
         """Tight ``max_tokens`` for the reply to ``items``: exact array size plus slack."""
-        code_len = code_length(self.task)
-        chars = 2 + sum(reply_item_chars(item.id, code_len) for item in items)
+        chars = 2 + sum(reply_item_chars(item.id, self._code_len) for item in items)
         return (chars + 3) // 4 + self.reply_slack_tokens
 
     def request_tokens(self, items: Sequence[Item]) -> int:
         """Prompt plus ``max_tokens``: what one request may cost in the worst case."""
         return self.prompt_tokens(items) + self.max_tokens(items)
 
-    def pack(self, ready: Sequence[Item], max_items: int, token_budget: int) -> int:
-        """How many items from the head of ``ready`` fit one request (at least 1 if any).
+    def sizes(self, item: Item) -> tuple[int, int]:
+        """(prompt line characters, reply object characters) of one item, computed once."""
+        # id=ID: + text with newlines as spaces has the text's length plus the prefix.
+        return len(item.id) + 5 + len(item.text), reply_item_chars(item.id, self._code_len)
+
+    def pack_sizes(self, sizes: Sequence[tuple[int, int]], max_items: int,
+                   token_budget: int) -> tuple[int, int, int]:
+        """Greedy fit from the head of ``sizes``: (count, prompt tokens, max_tokens).
 
         Grows the batch while the item count stays within ``max_items`` and the prompt
-        plus tight ``max_tokens`` within ``token_budget``. Incremental: O(batch size).
+        plus tight ``max_tokens`` within ``token_budget``; at least one item if any.
         """
-        if not ready:
-            return 0
-        code_len = code_length(self.task)
-        base_chars = len(self.task.instructions)
+        instructions = len(self.task.instructions)
         fixed = self.fixed_prompt_tokens
-        chars = base_chars
+        chars = instructions
         reply_chars = 2
         count = 0
-        for item in ready[:max_items]:
-            line = len(item_line(item)) + (1 if chars or count else 0)
-            new_chars = chars + line
-            new_reply = reply_chars + reply_item_chars(item.id, code_len)
-            total = fixed + (new_chars + 3) // 4 + (new_reply + 3) // 4 + self.reply_slack_tokens
+        slack = self.reply_slack_tokens
+        for line, reply in sizes[:max_items]:
+            new_chars = chars + line + (1 if chars or count else 0)
+            new_reply = reply_chars + reply
+            total = fixed + (new_chars + 3) // 4 + (new_reply + 3) // 4 + slack
             if count and total > token_budget:
                 break
             chars, reply_chars, count = new_chars, new_reply, count + 1
-        return count
+        return count, fixed + (chars + 3) // 4, (reply_chars + 3) // 4 + slack
+
+    def pack(self, ready: Sequence[Item], max_items: int, token_budget: int) -> int:
+        """How many items from the head of ``ready`` fit one request (at least 1 if any)."""
+        return self.pack_sizes([self.sizes(i) for i in ready[:max_items]], max_items,
+                               token_budget)[0]

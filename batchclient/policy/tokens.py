@@ -33,12 +33,17 @@ def is_numeric_id(item_id: str) -> bool:
 
 def canonical_id(item_id: str) -> str:
     """The id as it comes back in a reply: all-digit ids lose leading zeros (JSON integers)."""
-    return str(int(item_id)) if is_numeric_id(item_id) else item_id
+    if item_id.isdigit() and item_id.isascii():
+        return item_id.lstrip("0") or "0"
+    return item_id
 
 
 def reply_item_chars(item_id: str, code_len: int) -> int:
     """Characters of one compact reply object ``{"id":ID,"c":"X"}`` plus its comma."""
-    id_chars = len(canonical_id(item_id)) if is_numeric_id(item_id) else len(item_id) + 2
+    if item_id.isdigit() and item_id.isascii():
+        id_chars = len(item_id.lstrip("0")) or 1
+    else:
+        id_chars = len(item_id) + 2
     # {"id": (6) + id + ,"c":" (6) + code + "} (2) + separator (1)
     return 6 + id_chars + 6 + code_len + 2 + 1
 

@@ -221,10 +221,6 @@ async def test_primary_outage_moves_work_to_fallback_and_back(tmp_path: Path) ->
     with serve_in_thread(sim(primary, fallback, time_scale=50.0)) as server:
         cfg = client(server, ["primary", "fallback"], time_scale=50.0,
                      breaker={"failures": 3, "cooldown_s": 15},
-                     retry={"base_s": 0.5, "cap_s": 2}, concurrency={"limit": 2},
-                     providers=None)
-        cfg = client(server, ["primary", "fallback"], time_scale=50.0,
-                     breaker={"failures": 3, "cooldown_s": 15},
                      retry={"base_s": 0.5, "cap_s": 2}, concurrency={"limit": 2})
         events: list[Event] = []
         # Items arrive slowly enough for the job to outlive the outage: ~2 per virtual s.
@@ -245,7 +241,7 @@ async def test_tpm_bound_job_keeps_429s_under_half_a_percent(tmp_path: Path) -> 
     with serve_in_thread(sim(provider(tpm=60_000), time_scale=scale)) as server:
         cfg = client(server, ["main"], time_scale=scale, concurrency={"limit": 8})
         items = make_items(3000)
-        result, store = await run_job(tmp_path, cfg, items)
+        result, _store = await run_job(tmp_path, cfg, items)
     assert (result.exit_status, result.done) == (0, 3000)
     assert result.rate_limited <= 0.005 * result.requests
     # It ran against the limit, not far below it: >= 80% of 60k TPM over the run.

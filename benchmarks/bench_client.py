@@ -1,0 +1,252 @@
+"""Benchmark of the batching client (ratelab issue 3).
+
+1. The three strategies over the same items on one TPM-bound simulated provider, each
+   for the same virtual duration: items/min, tokens/min, 429s, cost per item, and for
+   semantic_batch the efficiency against the DESIGN.md bound in steady state.
+2. The client's own CPU per request at ~1,000 requests/s (in-process transport).
+3. The first article's ratio: tokens per item, single vs 20-item batches
+   (700-token system prompt, 15-token items).
+
+Run from the repository root: ``.venv/bin/python benchmarks/bench_client.py``
+(``--quick`` for a shorter run). Figures are virtual minutes under ``time_scale``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from batchclient import (
+    AiohttpTransport,
+    Event,
+    FunctionTransport,
+    Item,
+    Response,
+    Runner,
+    SqliteJobStore,
+    Task,
+    parse_client_config,
+)
+from batchclient.policy.packing import Packer
+from batchclient.policy.tokens import chat_prompt_tokens, text_tokens
+from simulator.model.config import parse_config
+from simulator.server import serve_in_thread
+
+CODES = list("ABCDEFGH")
+SYSTEM = ("You sort postal addresses into customer segments. " * 60)[:2800]  # 700 tokens
+TASK = Task("segment", SYSTEM, {c: f"segment {c}" for c in CODES}, "gpt-4o-mini")
+TPM = 200_000
+
+
+def make_items(n: int, seed: int = 1) -> list[Item]:
+    """n items of 60 characters (15 tokens) each, ids 100000.."""
+    rng = random.Random(seed)
+    words = ["main", "street", "road", "avenue", "north", "park", "hill", "lane", "court"]
+    out = []
+    for i in range(n):
+        text = f"{rng.randrange(1, 999)} " + " ".join(rng.choice(words) for _ in range(12))
+        out.append(Item(str(100000 + i), (text + " " * 60)[:60].rstrip().ljust(60, ".")))
+    return out
+
+
+def provider_profile() -> dict:
+    return {
+        "name": "tpm-bound",
+        "models": {"gpt-4o-mini": {"input_usd_per_mtok": 0.15, "output_usd_per_mtok": 0.60}},
+        "limits": {"tpm": TPM, "rpm": 10_000, "counting": "reserve", "algorithm": "sliding",
+                   "window_s": 60},
+        "keys": {"sk-ratelab": {}},
+        "latency": {"ttft_s": {"dist": "lognormal", "median": 0.5, "p99": 1.5},
+                    "itl_s": 0.01},
+        "responder": {"kind": "batch_json"},
+    }
+
+
+ARMS = {
+    "naive": {"strategy": "naive", "concurrency": {"limit": 20}},
+    "single": {"strategy": "single", "concurrency": {"limit": 8}},
+    "semantic_batch": {"strategy": "semantic_batch", "concurrency": {"limit": 8},
+                       "batch": {"max_items": 20}},
+}
+
+
+async def run_arm(name: str, items: list[Item], duration_s: float, scale: float,
+                  workdir: Path) -> dict:
+    """One arm on a fresh simulator for ``duration_s`` virtual seconds."""
+    sim = parse_config({"time_scale": scale, "seed": 3, "providers": [provider_profile()]},
+                       "bench")
+    with serve_in_thread(sim) as server:
+        cfg = parse_client_config({
+            **ARMS[name], "time_scale": scale,
+            "providers": [{"name": "tpm-bound", "base_url": server.base_url(),
+                           "api_key": "sk-ratelab", "tpm": TPM}],
+        }, f"arm {name}")
+        store = SqliteJobStore(str(workdir / f"{name}.sqlite"))
+        store.import_items(items)
+        events: list[Event] = []
+        transport = AiohttpTransport(cfg.providers)
+        runner = Runner(TASK, cfg, transport, store, on_event=events.append)
+        loop = asyncio.get_running_loop()
+        loop.call_later(duration_s / scale, runner.stop)
+        try:
+            result = await runner.run()
+        finally:
+            await transport.close()
+    requests = [e for e in events if e.kind == "request"]
+    ok = [e for e in requests if e.status == 200]
+    # Steady state: whole windows after the first minute, by dispatch time (a sliding
+    # window allows TPM in any 60 s, so partial windows would over- or under-count).
+    windows = max(1, int((result.elapsed_s - 60.0) // 60.0))
+    end = 60.0 + 60.0 * windows
+
+    def sent_at(e: Event) -> float:
+        return e.at - e.response_time_ms / 1000.0
+
+    steady = [e for e in ok if 60.0 <= sent_at(e) < end]
+    span_min = float(windows)
+    t0 = requests[0].at if requests else 0.0
+    steady_items = sum(e.items for e in steady)  # items sent in 200-answered requests
+    steady_tokens = sum(e.tokens_in + e.tokens_out for e in steady)
+    tokens_per_req = steady_tokens / len(steady) if steady else 0.0
+    items_per_req = steady_items / len(steady) if steady else 0.0
+    bound_items = TPM * items_per_req / tokens_per_req if tokens_per_req else 0.0
+    return {
+        "arm": name,
+        "elapsed_min": result.elapsed_s / 60.0,
+        "done": result.done,
+        "requests": result.requests,
+        "429s": result.rate_limited,
+        "429_rate": result.rate_limited / max(1, result.requests),
+        "items_per_min": result.done / (result.elapsed_s / 60.0),
+        "tokens_per_min": (result.tokens_in + result.tokens_out) / (result.elapsed_s / 60.0),
+        "steady_items_per_min": steady_items / span_min,
+        "steady_tokens_per_min": steady_tokens / span_min,
+        "bound_items_per_min": bound_items,
+        "efficiency": (steady_items / span_min) / bound_items if bound_items else 0.0,
+        "cost_per_item_usd": result.cost_usd / max(1, result.done),
+        "tokens_per_item": (result.tokens_in + result.tokens_out) / max(1, result.done),
+        "first_request_at": t0,
+    }
+
+
+def cpu_per_request(requests: int, rate_per_s: float, strategy: str) -> dict:
+    """Client CPU per request (process time) with an in-process provider paced to
+    ``rate_per_s`` (every call answers after a fixed wall delay)."""
+    reply_cache: dict[tuple[str, ...], Response] = {}
+
+    async def answer(call):  # type: ignore[no-untyped-def]
+        response = reply_cache.get(call.item_ids)
+        if response is None:
+            content = json.dumps([{"id": int(i), "c": "A"} for i in call.item_ids],
+                                 separators=(",", ":"))
+            body = json.dumps({"choices": [{"message": {"content": content},
+                                            "finish_reason": "stop"}],
+                               "usage": {"prompt_tokens": call.prompt_tokens,
+                                         "completion_tokens": text_tokens(content)}})
+            response = Response(200, {"x-mdb-charged-usd": "0.0001"}, body, elapsed_s=0.05)
+        await asyncio.sleep(0.05)
+        return response
+
+    per_request = 20 if strategy == "semantic_batch" else 1
+    items = make_items(requests * per_request, seed=2)
+    concurrency = max(1, int(rate_per_s * 0.05))
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = parse_client_config({
+            "strategy": strategy, "concurrency": {"limit": concurrency},
+            "throttle": {"enabled": False}, "page_size": 5000,
+            "providers": [{"name": "p", "base_url": "http://in-process/v1", "api_key": "k"}],
+        }, "cpu")
+        store = SqliteJobStore(str(Path(tmp) / "cpu.sqlite"))
+        store.import_items(items)
+        marks: list[tuple[float, float]] = []
+
+        def mark(event: Event) -> None:
+            # CPU from the first answered request on: the steady dispatch loop, without
+            # the one-off validation pass over every item (reported separately).
+            if event.kind == "request" and not marks:
+                marks.append((time.perf_counter(), time.process_time()))
+
+        runner = Runner(TASK, cfg, FunctionTransport(answer), store, on_event=mark)
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        result = asyncio.run(runner.run())
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    steady_wall = time.perf_counter() - marks[0][0] - (time.perf_counter() - wall0 - wall)
+    steady_cpu = cpu0 + cpu - marks[0][1]
+    preflight_cpu = marks[0][1] - cpu0
+    return {"strategy": strategy, "requests": result.requests,
+            "requests_per_s": result.requests / steady_wall,
+            "cpu_us_per_request": 1e6 * steady_cpu / result.requests,
+            "preflight_us_per_item": 1e6 * preflight_cpu / len(items)}
+
+
+def article_ratio() -> dict:
+    """Tokens per item of a single-item call vs a 20-item batch on the article's shapes."""
+    items = make_items(20, seed=3)
+    packer = Packer(TASK, reply_slack_tokens=0)
+    reply_per_item = text_tokens('{"id":100000,"c":"A"},')
+    single = chat_prompt_tokens(packer.messages(items[:1])) + reply_per_item + 1
+    batch = chat_prompt_tokens(packer.messages(items)) + 1 + 20 * reply_per_item
+    return {"system_tokens": text_tokens(SYSTEM), "item_tokens": text_tokens(items[0].text),
+            "single_tokens_per_item": single, "batch_tokens_per_item": batch / 20,
+            "ratio": single / (batch / 20)}
+
+
+def table(rows: list[dict], keys: list[str]) -> str:
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        cells = []
+        for k in keys:
+            v = row[k]
+            if k.endswith("_usd"):
+                cells.append(f"{v:.3e}")
+                continue
+            cells.append(f"{v:,.4f}" if isinstance(v, float) and abs(v) < 10 else
+                         f"{v:,.0f}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter run (~20 s)")
+    parser.add_argument("--minutes", type=float, default=4.2, help="virtual minutes per arm")
+    parser.add_argument("--time-scale", type=float, default=12.0)
+    args = parser.parse_args()
+    minutes = 2.2 if args.quick else args.minutes
+    items = make_items(int(4000 * minutes) + 2000)
+    print(f"# bench_client: TPM {TPM:,}, {minutes:g} virtual min per arm, "
+          f"time_scale {args.time_scale:g}, {len(items):,} items of 15 tokens, "
+          f"700-token system prompt\n")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arm in ARMS:
+            rows.append(asyncio.run(run_arm(arm, items, minutes * 60.0, args.time_scale,
+                                            Path(tmp))))
+    print(table(rows, ["arm", "done", "requests", "429s", "items_per_min", "tokens_per_min",
+                       "steady_items_per_min", "bound_items_per_min", "efficiency",
+                       "cost_per_item_usd", "tokens_per_item"]))
+    batch = next(r for r in rows if r["arm"] == "semantic_batch")
+    print(f"\nsemantic_batch steady state (after the first virtual minute): "
+          f"{100 * batch['efficiency']:.1f}% of the TPM bound, "
+          f"{100 * batch['429_rate']:.2f}% 429s (targets >= 97%, < 0.5%)")
+    cpu = [cpu_per_request(3000, 1000.0, "semantic_batch"), cpu_per_request(3000, 1000.0,
+                                                                             "single")]
+    print("\n" + table(cpu, ["strategy", "requests", "requests_per_s", "cpu_us_per_request",
+                             "preflight_us_per_item"]))
+    ratio = article_ratio()
+    print(f"\narticle shapes: {ratio['single_tokens_per_item']} tokens/item single vs "
+          f"{ratio['batch_tokens_per_item']:.1f} batched: {ratio['ratio']:.1f}x fewer "
+          f"(measured in the runs: single {rows[1]['tokens_per_item']:.0f}, "
+          f"semantic_batch {batch['tokens_per_item']:.1f})")
+
+
+if __name__ == "__main__":
+    main()
