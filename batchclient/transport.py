@@ -18,7 +18,7 @@ import aiohttp
 
 from batchclient.config import ProviderSettings, StreamSettings
 from batchclient.policy.watchdog import repetition_loop
-from batchclient.policy.wire import Call, Response, Usage
+from batchclient.policy.wire import Call, ErrorKind, Response, Usage
 
 
 class Transport(Protocol):
@@ -125,43 +125,41 @@ class AiohttpTransport:
         k = p.time_scale
         start = time.monotonic()
         timeout = aiohttp.ClientTimeout(total=call.timeout_s / k)
+        loop = asyncio.get_running_loop()
+        # The watchdog's first-token deadline covers the wait for the response headers too
+        # (a server may hold them until the first token); it is lifted at the first token.
+        watchdog = asyncio.timeout_at(
+            loop.time() + self.stream.first_token_s / k if call.stream else None)
         try:
-            async with self._get_session().post(
+            async with watchdog, self._get_session().post(
                 f"{p.base_url}/chat/completions", data=json.dumps(call.body),
                 headers=self._headers(p), timeout=timeout,
             ) as resp:
                 headers = _lower(resp.headers)
                 if call.stream and resp.status == 200:
-                    return await self._read_stream(resp, headers, start, k)
+                    return await self._read_stream(resp, headers, start, k, watchdog)
+                watchdog.reschedule(None)
                 body = await resp.text()
                 return Response(resp.status, headers, body,
                                 elapsed_s=(time.monotonic() - start) * k)
         except TimeoutError:
-            return Response(0, elapsed_s=(time.monotonic() - start) * k, error="timeout")
+            kind: ErrorKind = "watchdog_first_token" if watchdog.expired() else "timeout"
+            return Response(0, elapsed_s=(time.monotonic() - start) * k, error=kind)
         except aiohttp.ClientConnectorError:
             return Response(0, elapsed_s=(time.monotonic() - start) * k, error="connect")
         except (aiohttp.ClientError, ConnectionError):
             return Response(0, elapsed_s=(time.monotonic() - start) * k, error="reset")
 
     async def _read_stream(self, resp: aiohttp.ClientResponse, headers: dict[str, str],
-                           start: float, k: float) -> Response:
-        """Read SSE chunks; cancel on a late first token or a repetition loop."""
+                           start: float, k: float, watchdog: asyncio.Timeout) -> Response:
+        """Read SSE chunks; cancel on a late first token (``watchdog``) or a repetition loop."""
         parts: list[str] = []
         finish: str | None = None
         usage: Usage | None = None
         ttft: float | None = None
-        first_deadline = start + self.stream.first_token_s / k
         text_len_checked = 0
         while True:
-            remaining = first_deadline - time.monotonic() if ttft is None else None
-            try:
-                if remaining is not None:
-                    line = await asyncio.wait_for(resp.content.readline(), max(0.0, remaining))
-                else:
-                    line = await resp.content.readline()
-            except TimeoutError:
-                return Response(resp.status, headers, elapsed_s=(time.monotonic() - start) * k,
-                                error="watchdog_first_token")
+            line = await resp.content.readline()
             if not line:
                 break
             text = line.decode().strip()
@@ -180,6 +178,7 @@ class AiohttpTransport:
                 if piece:
                     if ttft is None:
                         ttft = (time.monotonic() - start) * k
+                        watchdog.reschedule(None)
                     parts.append(piece)
                 finish = choice.get("finish_reason") or finish
             raw = chunk.get("usage")

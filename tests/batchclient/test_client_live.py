@@ -247,3 +247,51 @@ async def test_tpm_bound_job_keeps_429s_under_half_a_percent(tmp_path: Path) -> 
     # It ran against the limit, not far below it: >= 80% of 60k TPM over the run.
     tokens_per_min = 60.0 * (result.tokens_in + result.tokens_out) / result.elapsed_s
     assert tokens_per_min > 0.8 * 60_000
+
+
+async def test_stream_watchdog_cancels_slow_first_tokens_and_loops(tmp_path: Path) -> None:
+    faults = {"slow_first_token_rate": 0.2, "slow_first_token_s": 60,
+              "repetition_rate": 0.2}
+    with serve_in_thread(sim(provider(faults=faults, latency={"ttft_s": 0.5, "itl_s": 0.01}),
+                             time_scale=50.0)) as server:
+        cfg = client(server, ["main"], time_scale=50.0,
+                     stream={"enabled": True, "first_token_s": 3, "loop_repeats": 4},
+                     retry={"base_s": 0.2, "cap_s": 1})
+        events: list[Event] = []
+        items = make_items(300)
+        result, store = await run_job(tmp_path, cfg, items, events)
+    assert (result.exit_status, result.done) == (0, 300)
+    assert_all_correct(store, items)
+    errors = {e.error for e in events if e.kind == "request" and e.error}
+    assert "watchdog_first_token" in errors and "watchdog_loop" in errors
+    # Cancelled long before the 60 s slow first token would have arrived.
+    assert result.elapsed_s < 60
+
+
+async def test_money_style_openai_insufficient_quota_is_fatal(tmp_path: Path) -> None:
+    prof = provider(billing={"balance_usd": 0.0005, "money_style": "openai"})
+    with serve_in_thread(sim(prof)) as server:
+        items = make_items(400)
+        result, _ = await run_job(tmp_path, client(server, ["main"]), items)
+    assert result.exit_status == EXIT_BALANCE
+    assert result.done + result.pending == 400 and result.pending > 0
+
+
+def test_cli_refuses_bad_input_with_status_2_before_any_request(tmp_path: Path) -> None:
+    items, items_path, task_path = _files(tmp_path, 5)
+    with items_path.open("a") as handle:
+        handle.write(json.dumps({"id": "0001000", "text": "collides with 1000"}) + "\n")
+    with serve_in_thread(sim(provider())) as server:
+        base = ["--task", str(task_path), "--base-url", server.base_url(), "--api-key-env",
+                "SIM_KEY", "--no-progress"]
+        collide = _cli([str(items_path), "--db", str(tmp_path / "a.sqlite"), *base], _env())
+        _, err = collide.communicate(timeout=30)
+        assert collide.returncode == 2 and "'0001000'" in err.decode()
+        items_path.write_text("".join(json.dumps({"id": i.id, "text": i.text}) + "\n"
+                                      for i in items))
+        bad_model = _cli([str(items_path), "--db", str(tmp_path / "b.sqlite"), *base,
+                          "--model", "no-such-model"], _env())
+        _, err = bad_model.communicate(timeout=30)
+        assert bad_model.returncode == 2 and "no-such-model" in err.decode()
+        stats = admin(server, "main")["keys"]["sk-ratelab"]["models"]
+    assert stats == {} or all(not m["requests"] for m in stats.values())
