@@ -26,7 +26,7 @@ def main() -> None:
     start = time.perf_counter()
     result = plan_scenario(scenario, PlanOptions(items=items))
     wall = time.perf_counter() - start
-    arm = result.summary()["arms"][0]
+    arm = next(a for a in result.summary()["arms"] if a["name"] == "semantic_batch")
     print(f"plan {items:,} items: {wall:.1f} s wall, {result.requests:,} requests, "
           f"{result.steps:,} events, {result.steps / wall:,.0f} events/s, "
           f"{result.requests / wall:,.0f} requests/s; job {arm['duration_s'] / 3600:.2f} h "
