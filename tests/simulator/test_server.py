@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from simulator.model.config import parse_config
+from simulator.model.config import default_config, parse_config
 from simulator.model.tokens import text_tokens
 from simulator.server import RunningServer
 
@@ -134,9 +134,7 @@ async def test_unparsable_bodies_get_openai_errors(
 ) -> None:
     import dataclasses
 
-    from tests.conftest import sim_config
-
-    server = await sim_server(dataclasses.replace(sim_config(), max_body_bytes=4096)
+    server = await sim_server(dataclasses.replace(default_config(), max_body_bytes=4096)
                               if status == 413 else None)
     async with aiohttp.ClientSession() as session, session.post(
         server.url + "/v1/chat/completions", data=body, headers=AUTH

@@ -13,8 +13,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from simulator.model.config import apply_overrides, default_config
 from simulator.server import RunningServer
-from tests.conftest import sim_config
 
 MAX_BODY = 4096
 GOOD_KEY = "sk-ratelab"
@@ -149,7 +149,8 @@ def _assert_openai_error(status: int, payload: bytes) -> None:
 def test_malformed_requests_get_openai_4xx_and_server_keeps_serving(
     sim_thread: Callable[..., RunningServer],
 ) -> None:
-    cfg = dataclasses.replace(sim_config(rpm=10**9, tpm=10**12, balance_usd=10**6),
+    cfg = dataclasses.replace(apply_overrides(default_config(), rpm=10**9, tpm=10**12,
+                                              balance_usd=10**6),
                               max_body_bytes=MAX_BODY)
     server = sim_thread(cfg)
 
