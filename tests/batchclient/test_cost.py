@@ -1,0 +1,35 @@
+"""Cost meter: charge headers, price-table fallback, per model/task totals, low balance."""
+
+from batchclient.config import Price
+from batchclient.cost import CostMeter
+from batchclient.policy.wire import Usage
+from batchclient.progress import ProgressSnapshot, render
+
+
+def test_headers_win_over_the_price_table_and_totals_are_tagged() -> None:
+    meter = CostMeter({"p": {"m": Price(1.0, 2.0)}})
+    assert meter.charge("p", "m", "t", {"x-mdb-charged-usd": "0.5"}, Usage(10, 10)) == 0.5
+    assert meter.charge("p", "m", "t", {}, Usage(1_000_000, 500_000)) == 2.0
+    assert meter.charge("p", "cheap", "u", {}, Usage(10, 10)) == 0.0
+    assert meter.total_usd == 2.5 and meter.by_model == {"m": 2.5, "cheap": 0.0}
+    assert meter.by_task == {"t": 2.5, "u": 0.0}
+
+
+def test_low_balance_fires_once_per_crossing() -> None:
+    meter = CostMeter(low_balance_usd=1.0)
+    meter.charge("p", "m", "t", {"x-mdb-balance-usd": "5"}, None)
+    assert not meter.low_balance_crossed()
+    meter.charge("p", "m", "t", {"x-mdb-balance-usd": "0.9"}, None)
+    assert meter.low_balance_crossed() and not meter.low_balance_crossed()
+    meter.charge("p", "m", "t", {"x-mdb-balance-usd": "10"}, None)  # topped up
+    assert not meter.low_balance_crossed()
+    meter.charge("p", "m", "t", {"x-mdb-balance-usd": "0.5"}, None)
+    assert meter.low_balance_crossed()
+
+
+def test_progress_line() -> None:
+    line = render(ProgressSnapshot(elapsed_s=60.0, done=500, dead=0, total=1000,
+                                   tokens=150_000, cost_usd=0.25, tpm_limit=200_000,
+                                   rate_limited=2), width=10)
+    assert line == ("[#####.....] 500/1000 done 0 dead | 500 items/min | 150,000 tok/min of "
+                    "200,000 (75%) | 429s 2 | $0.2500 | ETA 1:00")
