@@ -65,7 +65,7 @@ def test_errors_name_the_source_and_key(data: object, message: str) -> None:
 def test_task_parsing_and_an_empty_taxonomy() -> None:
     task = parse_task({"system_prompt": "s", "labels": {"A": "alpha"}, "model": "m"}, "t.yaml")
     assert task.labels == {"A": "alpha"} and task.max_tokens_per_item == 16
-    with pytest.raises(ConfigError, match="t.yaml: labels: .*taxonomy has no codes"):
+    with pytest.raises(ConfigError, match=r"t\.yaml: labels: .*taxonomy has no codes"):
         parse_task({"system_prompt": "s", "labels": {}, "model": "m"}, "t.yaml")
-    with pytest.raises(ConfigError, match="t.yaml: model: expected a non-empty string"):
+    with pytest.raises(ConfigError, match=r"t\.yaml: model: expected a non-empty string"):
         parse_task({"system_prompt": "s", "labels": {"A": "a"}}, "t.yaml")
