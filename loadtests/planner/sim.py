@@ -127,7 +127,7 @@ class ArmDriver:
         self._retry[submitted] = (False, stage)
         self.wake()
         result = yield done
-        return result  # type: ignore[no-any-return]
+        return result
 
     # ------------------------------------------------------------------ the loop
 

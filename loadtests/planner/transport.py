@@ -120,7 +120,7 @@ class VirtualTransport:
                 self._waiters.pop((name, result.id), None)
                 self._finish(name, result, 0)
                 return Response(0, elapsed_s=env.now - t0, error="timeout")
-            start = float(waiter.value)
+            start = float(waiter.value or 0.0)
         if call.stream:
             watchdog = self._streams.get(call.provider, self.stream)
             response, end, delivered = self._stream(watchdog, result, start, t0, deadline)
