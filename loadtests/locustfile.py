@@ -178,9 +178,13 @@ def _generator_user(group: UserGroup) -> type[User]:
     })
 
 
-for _group in SCENARIO.load.users:
-    _cls = _closed_user(_group) if _group.mode == "closed" else _generator_user(_group)
-    globals()[_cls.__name__] = _cls
+# Locust collects every User class bound in this module: bind each exactly once
+globals().update(
+    {cls.__name__: cls for cls in (
+        _closed_user(g) if g.mode == "closed" else _generator_user(g)
+        for g in SCENARIO.load.users
+    )}
+)
 
 
 class ScenarioShape(LoadTestShape):

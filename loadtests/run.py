@@ -239,6 +239,9 @@ def _run(args: argparse.Namespace, scenario: Scenario, run_dir: Path, bounds: di
             "wall_s": round(time.monotonic() - started, 3), "run_dir": str(run_dir)}
     summary = summarise(scenario, run_dir, bounds, partial=interrupted or stopped is not None,
                         stopped=stopped, meta=meta)
+    if exit_code not in (0, None) and not interrupted:
+        print(f"ratelab run: Locust exited with {exit_code}; see {run_dir / 'locust.log'}",
+              file=sys.stderr)
     print(f"run folder: {run_dir}", file=sys.stderr)
     if interrupted:
         return EXIT_INTERRUPTED

@@ -1,0 +1,202 @@
+"""``ratelab run`` end to end: shipped scenarios shortened and time-compressed, the real
+simulator, Locust as a subprocess, the run folder and its summary held against the bound."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIOS = ROOT / "scenarios"
+CONTRACT = (
+    "items.total", "items.done", "items.skipped", "items.dead_letter", "items.lost",
+    "requests.total", "requests.ok", "requests.http_429", "requests.http_402",
+    "requests.http_5xx", "requests.timeouts", "requests.retries",
+    "throughput.items_per_min", "throughput.requests_per_min", "throughput.tokens_per_min",
+    "bound.items_per_min", "bound.binding", "bound.efficiency",
+    "latency_ms.p50", "latency_ms.p90", "latency_ms.p95", "latency_ms.p99",
+    "ttft_ms.p50", "ttft_ms.p90", "ttft_ms.p95", "ttft_ms.p99",
+    "cost_usd.total", "cost_usd.per_item",
+    "projection.items", "projection.duration_s", "projection.cost_usd",
+)
+
+
+def ratelab_run(scenario: Path, out: Path, *extra: str, timeout: float = 150) -> int:
+    """Run ``ratelab run`` in a subprocess; returns its exit status."""
+    cmd = [sys.executable, "-m", "loadtests.cli", "run", str(scenario), "--out", str(out),
+           "--no-progress", *extra]
+    return subprocess.run(cmd, cwd=ROOT, timeout=timeout, capture_output=True).returncode
+
+
+def summary(out: Path) -> dict[str, Any]:
+    return json.loads((out / "summary.json").read_text())
+
+
+def arm(s: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(a for a in s["arms"] if a["name"] == name)
+
+
+def dig(node: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "quickstart"
+    assert ratelab_run(SCENARIOS / "quickstart.yaml", out, "--items", "8000") == 0
+    return out
+
+
+def test_quickstart_reaches_the_tpm_bound(quickstart: Path) -> None:
+    s = summary(quickstart)
+    a = arm(s, "batched")
+    assert s["mode"] == "live" and s["partial"] is False and s["ok"] is True
+    assert a["items"]["done"] == 8000 and a["items"]["lost"] == 0
+    assert a["bound"]["binding"] == "tpm"
+    # at least the scenario's 80 %, and never above the physical limit (with slack for the
+    # first window's head start)
+    assert 0.8 <= a["bound"]["efficiency"] <= 1.1
+    assert a["requests"]["rate_429"] <= 0.02
+    assert a["items"]["per_request"] == pytest.approx(20.0)
+
+
+def test_run_folder_is_complete(quickstart: Path) -> None:
+    for name in ("summary.json", "report.md", "report.html", "timeseries.csv",
+                 "locust_stats.csv", "locust.html", "run.json"):
+        assert (quickstart / name).is_file(), name
+    s = summary(quickstart)
+    assert s["schema"] == "ratelab.summary/1" and s["scenario"] == "quickstart"
+    for key in CONTRACT:
+        dig(arm(s, "batched"), key)  # KeyError if a contract key is missing
+    html = (quickstart / "report.html").read_text()
+    pngs = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html)
+    assert len(pngs) >= 4
+    assert all(base64.b64decode(p).startswith(b"\x89PNG") and len(p) > 1000 for p in pngs)
+    # the API key of the simulated provider never reaches the run folder's spec
+    assert "sk-ratelab" not in (quickstart / "run.json").read_text()
+    stats = (quickstart / "locust_stats.csv").read_text()
+    assert "REQ,batched" in stats and "ITEM,batched:done" in stats
+
+
+def test_ci_gate_scenario_holds_its_expectations(tmp_path: Path) -> None:
+    out = tmp_path / "ci"
+    assert ratelab_run(SCENARIOS / "ci-gate.yaml", out, "--items", "6000") == 0
+    a = arm(summary(out), "gated")
+    assert a["items"]["done"] == 6000
+    assert a["items"]["per_request"] >= 19
+    assert a["requests"]["rate_429"] <= 0.01
+    assert a["bound"]["binding"] == "tpm" and a["bound"]["efficiency"] >= 0.8
+
+
+def test_two_processes_do_every_item_exactly_once(tmp_path: Path) -> None:
+    out = tmp_path / "p2"
+    assert ratelab_run(SCENARIOS / "ci-gate.yaml", out, "--items", "6000",
+                       "--processes", "2") == 0
+    done: list[str] = []
+    stores = sorted(out.glob("store-gated-*.sqlite"))
+    assert len(stores) == 2
+    for store in stores:
+        with sqlite3.connect(store) as db:
+            done += [r[0] for r in db.execute("SELECT item_id FROM items WHERE state='done'")]
+    assert len(done) == 6000 and len(set(done)) == 6000
+    a = arm(summary(out), "gated")
+    assert a["items"]["done"] == 6000 and a["items"]["lost"] == 0
+    # requests answered ok carried every item once: nothing was billed twice
+    assert a["items"]["per_request"] * a["requests"]["ok"] == pytest.approx(6000, abs=40)
+
+
+def test_seed001_batching_beats_single_and_naive(tmp_path: Path) -> None:
+    out = tmp_path / "s1"
+    ratelab_run(SCENARIOS / "seed001-semantic-batching.yaml", out, "--items", "600")
+    s = summary(out)
+    naive, single, batch = arm(s, "naive"), arm(s, "single"), arm(s, "semantic_batch")
+    for a in (naive, single, batch):
+        # naive gives an item up after its retries (a dead letter), the others finish all
+        assert a["items"]["done"] + a["items"]["dead_letter"] == 600 and a["items"]["lost"] == 0
+        assert a["throughput"]["items_per_min"] <= a["bound"]["items_per_min"] * 1.1
+    assert single["items"]["done"] == batch["items"]["done"] == 600
+    assert single["bound"]["efficiency"] >= 0.8  # the scenario's expectation
+    assert naive["requests"]["retry_amplification"] > 2  # the article's 429 storm
+    assert naive["requests"]["http_429"] > 0 and single["requests"]["http_429"] == 0
+    assert batch["tokens"]["per_item"] < single["tokens"]["per_item"] / 10
+    assert batch["throughput"]["items_per_min"] > 5 * single["throughput"]["items_per_min"]
+    assert batch["projection"]["cost_usd"] < single["projection"]["cost_usd"] / 5
+
+
+def test_seed002_lanes_cache_and_stages(tmp_path: Path) -> None:
+    out = tmp_path / "s2"
+    assert ratelab_run(SCENARIOS / "seed002-lanes-and-cache.yaml", out, "--items", "1500",
+                       "--duration-s", "300") == 0
+    s = summary(out)
+    bg, chat = arm(s, "background"), arm(s, "chat")
+    assert bg["items"]["done"] + bg["items"]["dead_letter"] == 1500
+    assert bg["items"]["lost"] == 0
+    assert bg["items"]["cached"] > 300  # 40 % duplicates answered without paying twice
+    assert bg["requests"]["retry_amplification"] <= 1.2
+    assert chat["requests"]["total"] > 50 and chat["latency_ms"]["p95"] <= 20000
+    assert chat["requests"]["error_rate"] <= 0.05
+    assert [st["name"] for st in s["stages"]][:2] == ["light", "busy"]
+
+
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,pgid="], capture_output=True, text=True)
+    rows = [tuple(int(x) for x in line.split()) for line in out.stdout.splitlines()]
+    found, frontier = [], {pid}
+    while frontier:
+        children = {p for p, pp, _ in rows if pp in frontier}
+        found += children
+        frontier = children
+    return found
+
+
+def test_ctrl_c_writes_a_partial_summary_and_leaves_no_orphans(tmp_path: Path) -> None:
+    out = tmp_path / "int"
+    cmd = [sys.executable, "-m", "loadtests.cli", "run", str(SCENARIOS / "quickstart.yaml"),
+           "--out", str(out), "--no-progress", "--processes", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list(out.glob("events-*.jsonl")):
+        time.sleep(0.2)
+    time.sleep(1.5)
+    children = _descendants(proc.pid)
+    assert children, "Locust did not start"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 130
+    s = summary(out)
+    a = arm(s, "batched")
+    assert s["partial"] is True and s["stopped"] == "interrupted"
+    assert 0 < a["items"]["done"] < 20000 and a["items"]["lost"] == 0
+    assert a["items"]["done"] + a["items"]["pending"] == 20000
+    alive = []
+    for pid in children:
+        try:
+            os.kill(pid, 0)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    assert alive == []
+
+
+def test_bad_scenario_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    text = (SCENARIOS / "quickstart.yaml").read_text().replace("max_items: 20", "max_itemz: 20")
+    bad.write_text(text.replace("profile: providers/", f"profile: {SCENARIOS}/providers/"))
+    proc = subprocess.run([sys.executable, "-m", "loadtests.cli", "run", str(bad), "--out",
+                           str(tmp_path / "never")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert "bad.yaml:" in proc.stderr and "max_itemz" in proc.stderr
+    assert not (tmp_path / "never").exists()
