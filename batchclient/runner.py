@@ -275,6 +275,9 @@ class Runner:
                     action = Wait(None)
                 timeout = getattr(action, "seconds", None)
                 wall = None if timeout is None else max(0.0, timeout) / self.config.time_scale
+                if wall is None and not tasks and not self.keep_open:
+                    # Nothing in flight and no deadline: re-check soon rather than hang.
+                    wall = 0.05
                 if self.on_progress is not None:
                     wall = self.progress_every_s if wall is None else min(
                         wall, self.progress_every_s)

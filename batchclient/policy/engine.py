@@ -10,13 +10,11 @@ seeded ``random.Random`` given at construction, no I/O.
 from __future__ import annotations
 
 import heapq
-import json
 import random
 import re
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
 from batchclient.config import ClientConfig, ProviderSettings, Task
 from batchclient.cost import CostMeter
@@ -25,9 +23,27 @@ from batchclient.policy.adaptive import AdaptiveBatchSize
 from batchclient.policy.breaker import Breaker
 from batchclient.policy.classify import Classified, Verdict, classify
 from batchclient.policy.concurrency import Concurrency
+from batchclient.policy.job import EXIT_AUTH as EXIT_AUTH
+from batchclient.policy.job import EXIT_BALANCE as EXIT_BALANCE
+from batchclient.policy.job import EXIT_ERROR as EXIT_ERROR
+from batchclient.policy.job import EXIT_INPUT as EXIT_INPUT
+from batchclient.policy.job import EXIT_INTERRUPTED as EXIT_INTERRUPTED
+from batchclient.policy.job import EXIT_OK as EXIT_OK
+from batchclient.policy.job import Action as Action
+from batchclient.policy.job import Counts as Counts
+from batchclient.policy.job import Done as Done
+from batchclient.policy.job import InputError as InputError
+from batchclient.policy.job import InteractiveRequest as InteractiveRequest
+from batchclient.policy.job import ItemResult as ItemResult
+from batchclient.policy.job import Send as Send
+from batchclient.policy.job import Wait as Wait
+from batchclient.policy.job import cache_key as cache_key
+from batchclient.policy.job import hash_text as hash_text
+from batchclient.policy.job import normalise as normalise
+from batchclient.policy.job import task_digest as task_digest
 from batchclient.policy.lanes import LanePolicy
 from batchclient.policy.packing import Packer
-from batchclient.policy.parsing import parse_reply
+from batchclient.policy.parsing import parse_reply, read_completion
 from batchclient.policy.ratelimit_headers import read_rate_headers
 from batchclient.policy.retry import naive_delay, retry_delay
 from batchclient.policy.routing import Predicate, choose_provider, route_model
@@ -40,73 +56,7 @@ from batchclient.policy.tokens import (
 from batchclient.policy.userlimits import UserDecision, UserLimits
 from batchclient.policy.wire import Call, Item, Response, Usage
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_INPUT = 2
-EXIT_BALANCE = 3
-EXIT_AUTH = 4
-EXIT_INTERRUPTED = 130
-
 _ID = re.compile(r"[A-Za-z0-9_.-]+")
-
-
-class InputError(ValueError):
-    """Unusable input (exit status 2): the message names the item or setting."""
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Send this call now."""
-
-    call: Call
-
-
-@dataclass(frozen=True, slots=True)
-class Wait:
-    """Nothing to send: wait ``seconds`` (virtual), or until a response or new items
-    arrive when ``seconds`` is None."""
-
-    seconds: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class Done:
-    """The job is over with this exit status (docs/conventions.md)."""
-
-    status: int
-    reason: str = ""
-
-
-Action = Send | Wait | Done
-
-
-@dataclass(frozen=True, slots=True)
-class ItemResult:
-    """Final state of one item: ``done`` with its code and label, or ``dead`` with the
-    last error. ``cost_usd`` is its share of the batch's charge."""
-
-    item_id: str
-    state: Literal["done", "dead"]
-    code: str | None = None
-    label: str | None = None
-    model: str | None = None
-    provider: str | None = None
-    error: str | None = None
-    cost_usd: float = 0.0
-    attempts: int = 0
-    cache_key: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class InteractiveRequest:
-    """A chat request of the interactive lane (a user is waiting for it)."""
-
-    request_id: int
-    user: str
-    messages: tuple[Mapping[str, str], ...]
-    max_tokens: int
-    model: str
-    submitted_at: float
 
 
 @dataclass(slots=True)
@@ -122,53 +72,9 @@ class _ItemState:
 
 
 @dataclass(slots=True)
-class Counts:
-    """Item counts of the job so far; ``fed = done + dead + pending``."""
-
-    fed: int = 0
-    done: int = 0
-    dead: int = 0
-    cached: int = 0
-    requests: int = 0
-    rate_limited: int = 0
-    errors: int = 0
-    tokens_in: int = 0
-    tokens_out: int = 0
-
-    @property
-    def pending(self) -> int:
-        """Items fed but neither done nor dead (skipped for the next pass when stopped)."""
-        return self.fed - self.done - self.dead
-
-
-@dataclass(slots=True)
 class _Drained:
     results: list[ItemResult] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
-
-
-def normalise(text: str) -> str:
-    """Whitespace-collapsed, lower-cased text: the cache and de-duplication key of an item."""
-    return " ".join(text.split()).lower()
-
-
-def task_digest(task: Task) -> str:
-    """Digest of what makes a task's answers: system prompt, instructions and taxonomy."""
-    labels = json.dumps(sorted(task.labels.items()))
-    return hash_text(task.system_prompt + "\x1f" + task.instructions + "\x1f" + labels)
-
-
-def cache_key(text: str, task: Task, model: str, digest: str | None = None) -> str:
-    """Key of a result in the cache: normalised input, task (prompt and taxonomy), model."""
-    digest = digest if digest is not None else task_digest(task)
-    return f"{model}\x1f{task.name}\x1f{digest}\x1f" + normalise(text)
-
-
-def hash_text(text: str) -> str:
-    """Short stable digest of a text (sha256, 16 hex digits)."""
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class Engine:
@@ -573,29 +479,13 @@ class Engine:
 
     def _reply(self, response: Response, verdict: Classified
                ) -> tuple[str | None, str | None, Usage | None]:
-        content, finish, usage = response.content, response.finish_reason, response.usage
-        if verdict.verdict != Verdict.OK or (content is not None and usage is not None):
-            return content, finish, usage
-        try:
-            data = json.loads(response.body)
-        except json.JSONDecodeError:
-            return content, finish, usage
-        if isinstance(data, dict):
-            choices = data.get("choices")
-            if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-                message = choices[0].get("message")
-                if content is None and isinstance(message, dict):
-                    text = message.get("content")
-                    content = text if isinstance(text, str) else None
-                finish = finish or choices[0].get("finish_reason")
-            raw_usage = data.get("usage")
-            if usage is None and isinstance(raw_usage, dict):
-                try:
-                    usage = Usage(int(raw_usage.get("prompt_tokens", 0)),
-                                  int(raw_usage.get("completion_tokens", 0)))
-                except (TypeError, ValueError):
-                    usage = None
-        return content, finish, usage
+        if verdict.verdict != Verdict.OK or (
+                response.content is not None and response.usage is not None):
+            return response.content, response.finish_reason, response.usage
+        content, finish, usage = read_completion(response.body)
+        return (response.content if response.content is not None else content,
+                response.finish_reason or finish,
+                response.usage if response.usage is not None else usage)
 
     def _dispatch_verdict(self, now: float, call: Call, response: Response,
                           verdict: Classified, content: str | None, finish: str | None,
@@ -710,4 +600,3 @@ class Engine:
         return self._fatal
 
 
-EngineFactory = Callable[[], Engine]

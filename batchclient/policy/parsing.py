@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from batchclient.policy.tokens import canonical_id
+from batchclient.policy.wire import Usage
 
 _DECODER = json.JSONDecoder()
 
@@ -114,3 +115,31 @@ def parse_reply(
         unknown_ids=unknown,
         repeated=frozenset(i for i, count in seen.items() if count > 1),
     )
+
+
+def read_completion(body: str) -> tuple[str | None, str | None, Usage | None]:
+    """(content, finish_reason, usage) of an OpenAI chat-completion JSON body; None parts
+    when the body does not have them."""
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError:
+        return None, None, None
+    if not isinstance(data, dict):
+        return None, None, None
+    content: str | None = None
+    finish: str | None = None
+    usage: Usage | None = None
+    choices = data.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        message = choices[0].get("message")
+        if isinstance(message, dict) and isinstance(message.get("content"), str):
+            content = message["content"]
+        reason = choices[0].get("finish_reason")
+        finish = reason if isinstance(reason, str) else None
+    raw = data.get("usage")
+    if isinstance(raw, dict):
+        try:
+            usage = Usage(int(raw.get("prompt_tokens", 0)), int(raw.get("completion_tokens", 0)))
+        except (TypeError, ValueError):
+            usage = None
+    return content, finish, usage

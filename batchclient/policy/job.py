@@ -1,0 +1,122 @@
+"""Values of a job: the engine's actions, item results, counts, exit statuses, cache keys.
+
+Exit statuses follow docs/conventions.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from batchclient.config import Task
+from batchclient.policy.wire import Call
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_INPUT = 2
+EXIT_BALANCE = 3
+EXIT_AUTH = 4
+EXIT_INTERRUPTED = 130
+
+class InputError(ValueError):
+    """Unusable input (exit status 2): the message names the item or setting."""
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send this call now."""
+
+    call: Call
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Nothing to send: wait ``seconds`` (virtual), or until a response or new items
+    arrive when ``seconds`` is None."""
+
+    seconds: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The job is over with this exit status (docs/conventions.md)."""
+
+    status: int
+    reason: str = ""
+
+
+Action = Send | Wait | Done
+
+
+@dataclass(frozen=True, slots=True)
+class ItemResult:
+    """Final state of one item: ``done`` with its code and label, or ``dead`` with the
+    last error. ``cost_usd`` is its share of the batch's charge."""
+
+    item_id: str
+    state: Literal["done", "dead"]
+    code: str | None = None
+    label: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    error: str | None = None
+    cost_usd: float = 0.0
+    attempts: int = 0
+    cache_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InteractiveRequest:
+    """A chat request of the interactive lane (a user is waiting for it)."""
+
+    request_id: int
+    user: str
+    messages: tuple[Mapping[str, str], ...]
+    max_tokens: int
+    model: str
+    submitted_at: float
+
+
+@dataclass(slots=True)
+class Counts:
+    """Item counts of the job so far; ``fed = done + dead + pending``."""
+
+    fed: int = 0
+    done: int = 0
+    dead: int = 0
+    cached: int = 0
+    requests: int = 0
+    rate_limited: int = 0
+    errors: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+    @property
+    def pending(self) -> int:
+        """Items fed but neither done nor dead (skipped for the next pass when stopped)."""
+        return self.fed - self.done - self.dead
+
+
+def normalise(text: str) -> str:
+    """Whitespace-collapsed, lower-cased text: the cache and de-duplication key of an item."""
+    return " ".join(text.split()).lower()
+
+
+def task_digest(task: Task) -> str:
+    """Digest of what makes a task's answers: system prompt, instructions and taxonomy."""
+    labels = json.dumps(sorted(task.labels.items()))
+    return hash_text(task.system_prompt + "\x1f" + task.instructions + "\x1f" + labels)
+
+
+def cache_key(text: str, task: Task, model: str, digest: str | None = None) -> str:
+    """Key of a result in the cache: normalised input, task (prompt and taxonomy), model."""
+    digest = digest if digest is not None else task_digest(task)
+    return f"{model}\x1f{task.name}\x1f{digest}\x1f" + normalise(text)
+
+
+def hash_text(text: str) -> str:
+    """Short stable digest of a text (sha256, 16 hex digits)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
