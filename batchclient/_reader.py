@@ -1,0 +1,94 @@
+"""Typed access to configuration mappings, with errors naming the source and key path."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or wrong; the message names the file and key path."""
+
+
+class _Reader:
+    """Typed access to one mapping, raising ConfigError with ``source: key.path``."""
+
+    def __init__(self, data: object, source: str, path: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: {path or '<root>'}: expected a mapping")
+        self.data = data
+        self.source = source
+        self.path = path
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def fail(self, name: str, expected: str) -> ConfigError:
+        got = self.data.get(name)
+        return ConfigError(f"{self.source}: {self.key(name)}: expected {expected}, got {got!r}")
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def raw(self, name: str) -> object:
+        self.seen.add(name)
+        return self.data.get(name)
+
+    def str_(self, name: str, default: str | None = None) -> str:
+        value = self.raw(name)
+        if value is None and default is not None:
+            return default
+        if not isinstance(value, str) or not value:
+            raise self.fail(name, "a non-empty string")
+        return value
+
+    def int_(self, name: str, default: int, minimum: int = 0) -> int:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.fail(name, f"an integer >= {minimum}")
+        return value
+
+    def opt_int(self, name: str, minimum: int = 1) -> int | None:
+        if self.raw(name) is None:
+            return None
+        return self.int_(name, 0, minimum)
+
+    def float_(self, name: str, default: float, minimum: float = 0.0) -> float:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+            raise self.fail(name, f"a number >= {minimum}")
+        return float(value)
+
+    def opt_float(self, name: str) -> float | None:
+        if self.raw(name) is None:
+            return None
+        return self.float_(name, 0.0)
+
+    def bool_(self, name: str, default: bool) -> bool:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.fail(name, "true or false")
+        return value
+
+    def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if value not in options:
+            raise self.fail(name, "one of " + ", ".join(options))
+        return str(value)
+
+    def child(self, name: str) -> _Reader:
+        value = self.raw(name)
+        return _Reader({} if value is None else value, self.source, self.key(name))
+
+    def finish(self) -> None:
+        unknown = sorted(str(k) for k in self.data if k not in self.seen)
+        if unknown:
+            raise ConfigError(f"{self.source}: {self.key(unknown[0])}: unknown key")
