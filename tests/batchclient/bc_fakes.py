@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from batchclient.config import ClientConfig, ProviderSettings, Task, parse_client_config
+from batchclient.policy.engine import Done, Engine, Send, Wait
 from batchclient.policy.tokens import chat_prompt_tokens, text_tokens
 from batchclient.policy.wire import Call, Item, Response, Usage
 
@@ -118,3 +119,35 @@ class FakeProvider:
 
 def provider(name: str = "p1", **kw: object) -> ProviderSettings:
     return ProviderSettings(name=name, base_url=f"http://{name}/v1", api_key="k", **kw)  # type: ignore[arg-type]
+
+
+def drive(engine: Engine, fake: Callable[[Call], Response],
+          limit: int = 100000) -> tuple[Done, float, dict]:
+    """Run the engine in virtual time: every call answers after 0.5 s."""
+    now = 0.0
+    inflight: list[tuple[float, object]] = []
+    results: dict[str, object] = {}
+    for _ in range(limit):
+        action = engine.next_action(now)
+        if isinstance(action, Send):
+            inflight.append((now + 0.5, action.call))
+            continue
+        if isinstance(action, Done):
+            for r in engine.drain()[0]:
+                assert r.item_id not in results
+                results[r.item_id] = r
+            return action, now, results
+        assert isinstance(action, Wait)
+        nxt = min([t for t, _ in inflight], default=None)
+        if action.seconds is not None:
+            nxt = min(nxt, now + action.seconds) if nxt is not None else now + action.seconds
+        assert nxt is not None, "engine waits for nothing"
+        now = max(now, nxt)
+        due = [(t, c) for t, c in inflight if t <= now]
+        inflight = [(t, c) for t, c in inflight if t > now]
+        for _, call in due:
+            engine.on_response(now, call, fake(call))  # type: ignore[arg-type]
+        for r in engine.drain()[0]:
+            assert r.item_id not in results, f"{r.item_id} finished twice"
+            results[r.item_id] = r
+    raise AssertionError("engine did not finish")

@@ -5,49 +5,15 @@ from __future__ import annotations
 import random
 
 import pytest
-from bc_fakes import FakeProvider, code_of, config, items, task
+from bc_fakes import FakeProvider, code_of, config, drive, items, task
 
 from batchclient.policy.engine import (
     EXIT_AUTH,
     EXIT_BALANCE,
-    Done,
     Engine,
     InputError,
-    Send,
-    Wait,
 )
 from batchclient.policy.wire import Item
-
-
-def drive(engine: Engine, fake: FakeProvider, limit: int = 100000) -> tuple[Done, float, dict]:
-    """Run the engine in virtual time: every call answers after 0.5 s."""
-    now = 0.0
-    inflight: list[tuple[float, object]] = []
-    results: dict[str, object] = {}
-    for _ in range(limit):
-        action = engine.next_action(now)
-        if isinstance(action, Send):
-            inflight.append((now + 0.5, action.call))
-            continue
-        if isinstance(action, Done):
-            for r in engine.drain()[0]:
-                assert r.item_id not in results
-                results[r.item_id] = r
-            return action, now, results
-        assert isinstance(action, Wait)
-        nxt = min([t for t, _ in inflight], default=None)
-        if action.seconds is not None:
-            nxt = min(nxt, now + action.seconds) if nxt is not None else now + action.seconds
-        assert nxt is not None, "engine waits for nothing"
-        now = max(now, nxt)
-        due = [(t, c) for t, c in inflight if t <= now]
-        inflight = [(t, c) for t, c in inflight if t > now]
-        for _, call in due:
-            engine.on_response(now, call, fake(call))  # type: ignore[arg-type]
-        for r in engine.drain()[0]:
-            assert r.item_id not in results, f"{r.item_id} finished twice"
-            results[r.item_id] = r
-    raise AssertionError("engine did not finish")
 
 
 def make(n: int = 100, **cfg: object) -> Engine:
