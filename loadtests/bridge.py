@@ -4,8 +4,8 @@ Locust monkey-patches ``threading``; the loop runs on a thread started with the
 original ``_thread.start_new_thread``, so it is a real OS thread with its own stack.
 Greenlets submit coroutines with ``asyncio.run_coroutine_threadsafe`` and wait without
 blocking the gevent hub: the future's done-callback (on the loop thread) wakes a gevent
-``AsyncResult`` through ``hub.loop.run_callback_threadsafe``, so thousands of greenlets can
-wait at once (the hub's thread pool has only about ten threads).
+``AsyncResult`` through a gevent async watcher, so thousands of greenlets can wait at once
+(the hub's thread pool has only about ten threads).
 """
 
 from __future__ import annotations
@@ -66,20 +66,28 @@ class AsyncBridge:
         Raises ``gevent.Timeout`` after ``timeout`` wall seconds.
         """
         result: gevent.event.AsyncResult = gevent.event.AsyncResult()
-        hub = gevent.get_hub()
+        # An async watcher keeps the hub's loop alive while the greenlet waits (a bare
+        # run_callback_threadsafe lets the hub see "nothing to wait for" and raise LoopExit);
+        # its send() is the thread-safe wake-up from the asyncio thread.
+        watcher = gevent.get_hub().loop.async_()
 
-        def wake(done: concurrent.futures.Future[T]) -> None:
-            def settle() -> None:
-                exc = done.exception() if not done.cancelled() else asyncio.CancelledError()
-                if exc is not None:
-                    result.set_exception(exc)
-                else:
-                    result.set(done.result())
+        def settle() -> None:
+            if fut.cancelled():
+                result.set_exception(asyncio.CancelledError())
+                return
+            exc = fut.exception()
+            if exc is not None:
+                result.set_exception(exc)
+            else:
+                result.set(fut.result())
 
-            hub.loop.run_callback_threadsafe(settle)
-
-        fut.add_done_callback(wake)
-        value: T = result.get(timeout=timeout)
+        watcher.start(settle)
+        fut.add_done_callback(lambda _done: watcher.send())
+        try:
+            value: T = result.get(timeout=timeout)
+        finally:
+            watcher.stop()
+            watcher.close()
         return value
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
