@@ -189,8 +189,7 @@ class Engine:
             raise InputError(f"item {item.id!r}: id collides with item {other!r} "
                              "(ids must be unique; all-digit ids compare as numbers)")
         sizes = self.packer.sizes(item)
-        _, prompt, max_tokens = self.packer.pack_sizes([sizes], 1, 0)
-        alone = prompt + max_tokens
+        alone = self.packer.alone_tokens(sizes)
         budget = self.config.batch.token_budget
         if alone > budget:
             raise InputError(f"item {item.id!r}: needs {alone} tokens alone, over the "

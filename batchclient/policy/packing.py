@@ -76,6 +76,12 @@ class Packer:
         # id=ID: + text with newlines as spaces has the text's length plus the prefix.
         return len(item.id) + 5 + len(item.text), reply_item_chars(item.id, self._code_len)
 
+    def alone_tokens(self, sizes: tuple[int, int]) -> int:
+        """Prompt plus ``max_tokens`` of a request carrying only the item of ``sizes``."""
+        instructions = len(self.task.instructions)
+        chars = instructions + sizes[0] + (1 if instructions else 0)
+        return self._fixed + (chars + 3) // 4 + (2 + sizes[1] + 3) // 4 + self.reply_slack_tokens
+
     def pack_sizes(self, sizes: Sequence[tuple[int, int]], max_items: int,
                    token_budget: int) -> tuple[int, int, int]:
         """Greedy fit from the head of ``sizes``: (count, prompt tokens, max_tokens).

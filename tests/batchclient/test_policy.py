@@ -217,3 +217,9 @@ def test_engine_config_defaults_are_the_article_values() -> None:
     cfg = config()
     assert cfg.throttle.steps == ((0.85, 0.3), (0.95, 0.8), (0.98, 2.0))
     assert cfg.batch.max_items == 20 and cfg.strategy == "semantic_batch"
+
+
+def test_alone_tokens_matches_a_one_item_batch() -> None:
+    packer = Packer(task())
+    for item in (Item("1", "x"), Item("abc-9", "y" * 77), Item("0042", "z" * 3)):
+        assert packer.alone_tokens(packer.sizes(item)) == packer.request_tokens([item])
