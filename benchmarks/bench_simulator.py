@@ -29,11 +29,14 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.queues import Queue as MPQueue
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from simulator.model.config import SimulatorConfig
 
 REQUEST_BODY = {
     "model": "gpt-4o-mini",
@@ -56,7 +59,7 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _sim_config(ttft_ms: float) -> object:
+def _sim_config(ttft_ms: float) -> SimulatorConfig:
     from simulator.model.config import apply_overrides, default_config
 
     # Limits and billing stay on (computed, headers rendered) but never bind.
@@ -75,7 +78,45 @@ def _serve_sim(ttft_ms: float, cpu: int | None, ready: MPQueue) -> None:
     from simulator.server import start_server
 
     async def run() -> None:
-        server = await start_server(_sim_config(ttft_ms))  # type: ignore[arg-type]
+        server = await start_server(_sim_config(ttft_ms))
+        ready.put(server.port)
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+def _serve_replay(cpu: int | None, ready: MPQueue) -> None:
+    """The real shell serving one real model decision over and over: the shell's own cost
+    (parsing, the reply body, headers, finish bookkeeping) without the model's."""
+    _pin(cpu)
+    _raise_fd_limit()
+    from simulator import server as shell
+    from simulator.model.plan import Admission
+
+    config = _sim_config(0.0)
+    model = shell.build_providers(config)["default"]
+    decision = model.chat(0.0, API_KEY, REQUEST_BODY)
+    assert isinstance(decision, Admission)
+    first: Admission = decision
+
+    class Replay:
+        name = "default"
+
+        def __init__(self) -> None:
+            self.ids = 0
+
+        def chat(self, now: float, api_key: str | None, body: object) -> Admission:
+            self.ids += 1
+            return Admission(self.ids, "chat", first.model, False, False, first.headers,
+                             first.plan, first.created)
+
+        def finish(self, now: float, admission: Admission, delivered: int) -> list[Admission]:
+            return []
+
+    shell.build_providers = lambda cfg, epoch_s=None: {"default": Replay()}  # type: ignore[assignment,misc]
+
+    async def run() -> None:
+        server = await shell.start_server(config)
         ready.put(server.port)
         await asyncio.Event().wait()
 
@@ -114,7 +155,8 @@ class _Server:
         self.process.join(10)
 
 
-def _start(ctx: mp.context.SpawnContext, target: object, *args: object) -> _Server:
+def _start(ctx: mp.context.SpawnContext, target: Callable[..., None], *args: object
+           ) -> _Server:
     ready: MPQueue = ctx.Queue()
     process = ctx.Process(target=target, args=(*args, ready), daemon=True)
     process.start()
@@ -289,14 +331,18 @@ def throughput(args: argparse.Namespace, ctx: mp.context.SpawnContext) -> float:
     print(f"{'round':>5} {'(a) bare/s':>11} {'(b) sim/s':>10} {'b/a':>5}   "
           f"{'(a) per CPU-s':>13} {'(b) per CPU-s':>13} {'b/a':>5}  statuses (b)")
     rows = []
+    replays: list[float] = []
     for n in range(1, args.rounds + 1):
         wall, per_cpu = {}, {}
         statuses: object = {}
-        for name in ("bare", "sim"):
+        names = ("bare", "sim", "replay") if args.decompose else ("bare", "sim")
+        for name in names:
             if name == "bare":
                 server = _start(ctx, _serve_bare, body, headers, server_cpu)
-            else:
+            elif name == "sim":
                 server = _start(ctx, _serve_sim, 0.0, server_cpu)
+            else:
+                server = _start(ctx, _serve_replay, server_cpu)
             try:
                 cpu_before = _cpu_seconds(server.process.pid)
                 result = _load(ctx, server.port, args.connections, args.seconds, 0.5, 0.0,
@@ -304,10 +350,13 @@ def throughput(args: argparse.Namespace, ctx: mp.context.SpawnContext) -> float:
                 cpu_used = _cpu_seconds(server.process.pid) - cpu_before
             finally:
                 server.stop()
-            wall[name] = int(result["ok"]) / float(result["seconds"])  # type: ignore[call-overload]
+            wall[name] = int(result["ok"]) / float(result["seconds"])  # type: ignore[call-overload,arg-type]
             per_cpu[name] = int(result["total"]) / cpu_used  # type: ignore[call-overload]
             if name == "sim":
                 statuses = result["statuses"]
+        if args.decompose:
+            replays.append(per_cpu["replay"] / per_cpu["bare"])
+            statuses = f"{statuses}  shell-only/a per CPU-s {replays[-1]:.2f}"
         row = (wall["bare"], wall["sim"], wall["sim"] / wall["bare"],
                per_cpu["bare"], per_cpu["sim"], per_cpu["sim"] / per_cpu["bare"])
         rows.append(row)
@@ -316,6 +365,9 @@ def throughput(args: argparse.Namespace, ctx: mp.context.SpawnContext) -> float:
     med = [statistics.median(col) for col in zip(*rows, strict=True)]
     print(f"{'med':>5} {med[0]:>11.0f} {med[1]:>10.0f} {med[2]:>5.2f}   {med[3]:>13.0f} "
           f"{med[4]:>13.0f} {med[5]:>5.2f}")
+    if replays:
+        print(f"shell alone (replaying one model decision) per CPU-s / (a): median "
+              f"{statistics.median(replays):.2f}")
     print(f"target b/a >= 0.50: wall {'met' if med[2] >= 0.5 else 'NOT met'}, "
           f"per CPU-second {'met' if med[5] >= 0.5 else 'NOT met'}")
     return med[5]
@@ -362,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-seconds", type=float, default=8.0,
                         help="measured seconds of the scheduling test")
     parser.add_argument("--latency-rounds", type=int, default=2, help="scheduling rounds")
+    parser.add_argument("--decompose", action="store_true",
+                        help="also serve (c): the shell replaying one model decision, to "
+                             "split the simulator's cost into shell and model")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
     args = parser.parse_args(argv)
