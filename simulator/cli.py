@@ -30,7 +30,6 @@ _SHOWN_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-", "x-mdb-", "retry-afte
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the options of ``ratelab serve``."""
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.description = (
         "Serve one or more simulated providers over OpenAI's HTTP API: POST "
         "/v1/chat/completions, POST /v1/embeddings, GET /v1/models (the first provider), "
@@ -43,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="provider profiles in YAML (e.g. scenarios/providers/*.yaml); "
                              "default: the built-in paid tier")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind; anything but loopback exposes the simulator")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (0 picks a free one)")
+                        help="address to bind (default 127.0.0.1); anything but loopback "
+                             "exposes the simulator")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
     parser.add_argument("--rpm", type=int, metavar="N",
                         help="requests per minute per key and model (sliding 60 s window)")
     parser.add_argument("--tpm", type=int, metavar="N",
@@ -61,9 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compress time: one wall second stands for K virtual seconds; "
                              "latencies, windows and retry-after shrink by K")
     parser.add_argument("--seed", type=int, metavar="N",
-                        help="seed of every random draw (latency, responders, faults)")
+                        help="seed of every random draw: latency, responders, faults "
+                             "(default 0, or the config's seed)")
     parser.add_argument("--admin-token", metavar="T",
-                        help="bearer token of the admin API (default: ratelab-admin)")
+                        help="bearer token of the admin API (default ratelab-admin, or the "
+                             "config's admin_token)")
     parser.add_argument("--demo", action="store_true",
                         help="start on a free port, send one real chat request over HTTP, "
                              "print request, status, rate-limit and billing headers and "

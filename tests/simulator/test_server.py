@@ -7,12 +7,13 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from simulator.model.config import default_config, parse_config
+from simulator.model.config import apply_overrides, default_config, load_config, parse_config
 from simulator.model.tokens import text_tokens
 from simulator.server import RunningServer
 
@@ -298,3 +299,48 @@ async def test_client_leaving_a_stream_frees_its_slot(sim_server: Start) -> None
                 break
         status, _, raw = await _post(server, "/v1/chat/completions", {**CHAT, "max_tokens": 2})
         assert status == 200, raw
+
+
+async def test_stream_chunks_are_paced_by_ttft_and_itl_in_virtual_time(sim_server: Start) -> None:
+    # TTFT 1,000 ms and ITL 200 ms virtual at time_scale 20: the first chunk is due 50 wall
+    # ms after the request, each later one 10 wall ms after the previous. Sleeps are never
+    # early, so the server's virtual clock at each arrival is at least the due time.
+    server = await sim_server(ttft_ms=1000.0, itl_ms=200.0, time_scale=20.0)
+    clock = server.app.clock
+    body = {**CHAT, "max_tokens": 5, "stream": True}
+    arrivals: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        start = clock.now()
+        async with session.post(server.url + "/v1/chat/completions", json=body,
+                                headers=AUTH) as resp:
+            async for line in resp.content:
+                if line.startswith(b"data: {") and b'"content":"' in line \
+                        and b'"role"' not in line:
+                    arrivals.append(clock.now() - start)
+    assert len(arrivals) == 5, arrivals
+    for i, t in enumerate(arrivals):
+        assert t >= 1.0 + 0.2 * i - 1e-6, arrivals
+
+
+PROFILES = sorted((Path(__file__).resolve().parents[2] / "scenarios" / "providers").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=[p.stem for p in PROFILES])
+async def test_every_shipped_profile_serves_a_chat_request(sim_server: Start, path: Path) -> None:
+    cfg = apply_overrides(load_config(path), ttft_ms=0.0, itl_ms=0.0, time_scale=1000.0)
+    profile = cfg.providers[0]
+    key = profile.keys[0].key if profile.keys else "sk-any"
+    model = next(m.name for m in profile.models if m.kind == "chat")
+    server = await sim_server(cfg)
+    body = {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(20):  # a profile may inject random faults; one success is enough
+        try:
+            status, _, raw = await _post(server, "/v1/chat/completions", body,
+                                         {"Authorization": f"Bearer {key}"})
+        except aiohttp.ClientError:
+            continue  # an injected connection reset
+        if status == 200:
+            break
+        assert 400 <= status < 600 and "error" in json.loads(raw)
+    assert status == 200, raw
+    assert json.loads(raw)["choices"][0]["message"]["role"] == "assistant"
