@@ -1,1 +1,4 @@
-"""The simulated OpenAI-compatible provider: a pure model (``simulator.model``) and its aiohttp shell."""
+"""The simulated OpenAI-compatible provider.
+
+A pure model (``simulator.model``) and its aiohttp shell (``simulator.server``).
+"""
