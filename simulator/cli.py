@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1); anything but loopback "
                              "exposes the simulator")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    parser.add_argument("--port", type=int, default=8000,
+                        help="TCP port (default 8000; 0 picks a free one)")
     parser.add_argument("--rpm", type=int, metavar="N",
                         help="requests per minute per key and model (sliding 60 s window)")
     parser.add_argument("--tpm", type=int, metavar="N",

@@ -10,13 +10,15 @@ from collections.abc import Awaitable, Callable
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from simulator.model.config import SimulatorConfig, parse_config
 from simulator.model.tokens import text_tokens
 from simulator.server import RunningServer
 
 Start = Callable[..., Awaitable[RunningServer]]
-MESSAGES = [{"role": "user", "content": "Write a short line about rate limits."}]
+MESSAGES: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "Write a short line about rate limits."}]
 FAST = {"ttft_ms": 0.0, "itl_ms": 0.0}
 
 
