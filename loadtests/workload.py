@@ -14,6 +14,8 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
+
 from loadtests.scenario_model import IdScheme, Size, Workload
 
 CHARS_PER_TOKEN = 4
@@ -96,25 +98,94 @@ class WorkItem:
     poison: bool = False
 
 
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_INDEX_MUL = 0xD1B54A32D192ED03
+# filler variants kept per item size: texts differ by their tag and one of these tails
+_FILLERS_PER_SIZE = 64
+# items made per numpy pass when iterating
+_PAGE = 4096
+
+
+def _mix64(z: int) -> int:
+    """splitmix64's finaliser: a well-spread 64-bit hash of ``z``."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _mix64_array(z: np.ndarray) -> np.ndarray:
+    """``_mix64`` over a uint64 array (wrapping arithmetic, same values)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+class _ItemRng(random.Random):
+    """The draws of one item: a counter-based splitmix64 stream from a 64-bit start state.
+
+    Draw ``k`` (1-based) is ``_mix64(state + k * golden)``, so a page of items can draw the
+    same numbers in numpy. Seeding ``random.Random`` fills a 624-word state (about 6 us); an
+    item needs a handful of draws, and ``gauss``, ``randrange`` and ``choices`` keep working
+    on top of ``random()`` and ``getrandbits()``.
+    """
+
+    _state: int
+
+    def seed(self, a: object = None, version: int = 2) -> None:
+        if not isinstance(a, int):
+            raise TypeError("an item stream starts from a 64-bit integer state")
+        self._state = a & _MASK64
+        self.gauss_next = None
+
+    def _next(self) -> int:
+        self._state = (self._state + _GOLDEN) & _MASK64
+        return _mix64(self._state)
+
+    def random(self) -> float:
+        return (self._next() >> 11) * _UNIT
+
+    def getrandbits(self, k: int, /) -> int:
+        out = 0
+        bits = 0
+        while bits < k:
+            out = (out << 64) | self._next()
+            bits += 64
+        return out >> (bits - k)
+
+    def getstate(self) -> tuple[object, ...]:  # type: ignore[override]
+        return (self._state, self.gauss_next)
+
+    def setstate(self, state: tuple[object, ...], /) -> None:
+        self._state, self.gauss_next = state  # type: ignore[assignment]
+
+
+_UNIT = 2.0 ** -53
+
+
 class WorkloadGenerator:
-    """Items of a workload as a pure function of ``(seed, index)``; lazy, or by index."""
+    """Items of a workload as a pure function of ``(seed, index)``; lazy, or by index.
+
+    Item ``index`` draws from its own counter-based stream: 1 duplicate or not, 2 which
+    earlier item it repeats, 3 poison or not, 4 which cached filler tail, 5+ its size.
+    """
 
     def __init__(self, workload: Workload, seed: int, count: int | None = None) -> None:
         self.workload = workload
         self.seed = seed
         self.count = workload.items if count is None else count
+        self._key = _mix64((seed * _GOLDEN) & _MASK64)
+        self._fillers: dict[int, tuple[str, ...]] = {}
 
-    def _rng(self, index: int) -> random.Random:
-        # one independent stream per index: items need no state from their neighbours
-        return random.Random((self.seed << 40) ^ index)
+    def _start(self, index: int) -> int:
+        return self._key ^ ((index * _INDEX_MUL) & _MASK64)
 
     def _decide(self, index: int) -> tuple[random.Random, int | None]:
-        """The item's RNG (positioned after its own draws) and the earlier index it repeats."""
-        rng = self._rng(index)
+        """The item's RNG (positioned after draws 1-2) and the earlier index it repeats."""
+        rng = _ItemRng(self._start(index))
         dup = rng.random() < self.workload.duplicate_rate
-        if dup and index > 0:
-            return rng, rng.randrange(index)
-        return rng, None
+        target = int(rng.random() * index)
+        return rng, (target if dup and index > 0 else None)
 
     def item(self, index: int) -> WorkItem:
         """Item ``index`` (0-based); duplicates repeat the exact text of an earlier original."""
@@ -126,25 +197,42 @@ class WorkloadGenerator:
             root = target
             rng, target = self._decide(root)
         poison = rng.random() < self.workload.poison_rate
+        pick = rng.random()
         tokens = max(1, sample_size(self.workload.item_tokens, rng))
-        text = self._text(root, tokens, poison, rng)
+        return self._make(index, root, tokens, poison, pick)
+
+    def _make(self, index: int, root: int, tokens: int, poison: bool, pick: float) -> WorkItem:
+        text = self._text(root, tokens, poison, pick)
         return WorkItem(
             index=index,
             id=item_id(self.workload.ids, self.seed, index),
             text=text,
-            tokens=text_tokens(text),
+            tokens=len(text) // CHARS_PER_TOKEN,  # exact: texts are 4 * tokens characters
             duplicate_of=root if root != index else None,
             poison=poison,
         )
 
-    @staticmethod
-    def _text(root: int, tokens: int, poison: bool, rng: random.Random) -> str:
+    def _filler(self, tokens: int, pick: float) -> str:
+        """One of the cached filler lines of ``tokens`` tokens (built once per size)."""
+        fillers = self._fillers.get(tokens)
+        if fillers is None:
+            fillers = tuple(filler_text(tokens, random.Random(f"{self.seed}:{tokens}:{i}"))
+                            for i in range(_FILLERS_PER_SIZE))
+            self._fillers[tokens] = fillers
+        return fillers[int(pick * _FILLERS_PER_SIZE)]
+
+    def _text(self, root: int, tokens: int, poison: bool, pick: float) -> str:
         # a base-36 tag of the original's index keeps originals distinct from each other
         tag = _base36(root) if tokens >= 2 else ""
         if poison:
             tag = f"{POISON_MARKER} {tag}".strip()
             tokens = max(tokens, text_tokens(tag))
-        return filler_text(tokens, rng, tag)
+        filler = self._filler(tokens, pick)
+        if not tag:
+            return filler
+        text = f"{tag} {filler}"[: tokens * CHARS_PER_TOKEN]
+        # a trailing space would vanish under the responder's normalisation; keep sizes exact
+        return text[:-1] + "x" if text.endswith(" ") else text
 
     def __iter__(self) -> Iterator[WorkItem]:
         return self.items()
@@ -152,8 +240,27 @@ class WorkloadGenerator:
     def items(self, start: int = 0, stop: int | None = None, step: int = 1) -> Iterator[WorkItem]:
         """Items ``start, start+step, ...`` below ``stop`` (default: the count), lazily."""
         end = self.count if stop is None else stop
-        for index in range(start, end, step):
-            yield self.item(index)
+        size = self.workload.item_tokens
+        if size.dist != "constant" or step <= 0:
+            for index in range(start, end, step):
+                yield self.item(index)
+            return
+        tokens = max(1, sample_size(size, random.Random(0)))  # constant: no draw
+        dup_rate = self.workload.duplicate_rate
+        poison_rate = self.workload.poison_rate
+        for first in range(start, end, _PAGE * step):
+            indices = range(first, min(end, first + _PAGE * step), step)
+            start_states = np.uint64(self._key) ^ (
+                np.arange(indices.start, indices.stop, step, dtype=np.uint64)
+                * np.uint64(_INDEX_MUL))
+            draws = [(_mix64_array(start_states + np.uint64((k * _GOLDEN) & _MASK64))
+                      >> np.uint64(11)).astype(np.float64) * _UNIT for k in (1, 3, 4)]
+            dup, poison, pick = (d.tolist() for d in draws)
+            for i, index in enumerate(indices):
+                if dup[i] < dup_rate and index > 0:
+                    yield self.item(index)
+                else:
+                    yield self._make(index, index, tokens, poison[i] < poison_rate, pick[i])
 
 
 def _base36(number: int) -> str:

@@ -52,21 +52,20 @@ class ArmEvents:
         """Recorder events for one answered call (None: items answered by the cache) and
         the engine events it caused."""
         out: list[Event] = []
-        done_here = 0
-        items: list[Event] = []
+        # items of one answer reach their outcomes at the same instant: one event per outcome
+        finished: dict[str, int] = {}
         request: ClientEvent | None = None
+        sent = self.sent
         for event in drained:
-            if event.kind == "request" and request is None:
-                request = event
-            elif event.kind == "item":
+            if event.kind == "item":
                 outcome = ITEM_OUTCOME.get(event.outcome)
                 if outcome is None:
                     continue
                 if event.item_id is not None:
-                    self.sent.pop(event.item_id, None)
-                if outcome == "done":
-                    done_here += 1
-                items.append(Event(now, "item", self.arm, outcome, stage=stage))
+                    sent.pop(event.item_id, None)
+                finished[outcome] = finished.get(outcome, 0) + 1
+            elif event.kind == "request" and request is None:
+                request = event
         if request is not None and call is not None and response is not None:
             outcome = request_outcome(response)
             out.append(Event(
@@ -74,9 +73,10 @@ class ArmEvents:
                 latency_s=request.response_time_ms / 1000.0,
                 ttft_s=None if request.ttft_ms is None else request.ttft_ms / 1000.0,
                 tokens_in=request.tokens_in, tokens_out=request.tokens_out,
-                items=len(call.item_ids), items_ok=done_here if outcome == "ok" else None,
+                items=len(call.item_ids), items_ok=finished.get("done", 0) if outcome == "ok" else None,
                 cost_usd=request.cost_usd, retry=retry,
                 truncated=response.finish_reason == "length", stage=stage,
             ))
-        out.extend(items)
+        out.extend(Event(now, "item", self.arm, outcome, items=n, stage=stage)
+                   for outcome, n in finished.items())
         return out

@@ -46,6 +46,8 @@ import math
 import random
 from collections import deque
 
+import numpy as np
+
 from simulator.model import errors, faults, latency, responder
 from simulator.model.billing import Account, cost_usd
 from simulator.model.config import KeyProfile, LimitSpec, ModelProfile, ProviderProfile
@@ -135,6 +137,8 @@ class Provider:
         self._fault_rng = random.Random(f"{seed}:{self.name}:faults")
         self._reply_rng = random.Random(f"{seed}:{self.name}:responder")
         self._latency_rng = random.Random(f"{seed}:{self.name}:latency")
+        self._gap_rng = np.random.default_rng(
+            random.Random(f"{seed}:{self.name}:gaps").getrandbits(64))
         self._tenants = {k.key: _Tenant(k) for k in self.profile.keys}
 
     # ------------------------------------------------------------------ helpers
@@ -306,7 +310,7 @@ class Provider:
             factor = latency.gpu_itl_factor(self.profile.gpu, self._seqs)
         ttft = latency.ttft(spec, rng, live.prompt) + live.slow_s
         chunks = live.chunks
-        gaps = latency.gaps(spec, rng, len(chunks) - 1, factor)
+        gaps = latency.gaps(spec, self._gap_rng, len(chunks) - 1, factor)
         completion = live.n * len(chunks)
         live.admission.plan = ResponsePlan(
             ttft_s=ttft, itl_s=gaps, chunks=chunks, finish_reason=live.finish_reason,

@@ -31,12 +31,13 @@ def test_seeded_figures_are_exact() -> None:
         repeats += item.text in seen
         seen.add(item.text)
     assert len(items) == 10_000
-    assert repeats == 997  # exact repeats of earlier texts: ~10%
-    assert sum(i.duplicate_of is not None for i in items) == 997
-    assert sum(i.poison for i in items) == 98  # ~1%
-    assert sum(i.tokens for i in items) == 150_879
-    assert (min(i.tokens for i in items), max(i.tokens for i in items)) == (3, 31)
-    assert items[1].text == "w1 avenue summit juniper pine larch ridge flint reef willowx"
+    # figures of the counter-based per-item stream (splitmix64) and cached filler tails
+    assert repeats == 925  # exact repeats of earlier texts: ~10%
+    assert sum(i.duplicate_of is not None for i in items) == 925
+    assert sum(i.poison for i in items) == 112  # ~1%
+    assert sum(i.tokens for i in items) == 150_736
+    assert (min(i.tokens for i in items), max(i.tokens for i in items)) == (3, 32)
+    assert items[1].text == "w1 street mesa robin indigo jade opal spruce salt dune bay h"
 
 
 def test_sizes_follow_the_ratelab_tokenizer() -> None:
@@ -63,6 +64,19 @@ def test_random_access_matches_iteration_and_strides_split_the_work() -> None:
     assert [gen.item(i) for i in (5, 150, 299)] == [whole[5], whole[150], whole[299]]
     halves = list(gen.items(0, None, 2)) + list(gen.items(1, None, 2))
     assert sorted(i.index for i in halves) == list(range(300))
+
+
+def test_paged_iteration_of_constant_sizes_matches_random_access() -> None:
+    # constant sizes are drawn a page at a time in numpy: the same numbers as item(i)
+    workload = Workload(items=9000, duplicate_rate=0.1, poison_rate=0.05,
+                        item_tokens=Size(value=15))
+    gen = WorkloadGenerator(workload, seed=11)
+    whole = list(gen)
+    assert whole[::97] == [gen.item(i) for i in range(0, 9000, 97)]
+    assert list(gen.items(5, 8000, 1000)) == [gen.item(i) for i in range(5, 8000, 1000)]
+    assert sum(i.poison for i in whole) == 461
+    assert sum(i.duplicate_of is not None for i in whole) == 878
+    assert {len(i.text) for i in whole} == {60}
 
 
 def test_generation_is_lazy() -> None:
