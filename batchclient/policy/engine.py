@@ -14,7 +14,7 @@ import random
 import re
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from batchclient.config import ClientConfig, ProviderSettings, Task
 from batchclient.cost import CostMeter
@@ -148,8 +148,6 @@ class Engine:
             limits = p.limits_for(model)
             settings = self.config.throttle
             if self.strategy == "naive":
-                from dataclasses import replace
-
                 settings = replace(settings, enabled=False, use_headers=False)
             throttle = Throttle(settings, limits.tpm, limits.rpm, p.reserve_max_tokens)
             self._throttles[key] = throttle
@@ -180,11 +178,14 @@ class Engine:
     def check_item(self, item: Item) -> tuple[int, int]:
         """Raise InputError naming the item when it can never be processed; returns its
         packing sizes (prompt line and reply characters)."""
+        return self._check(item, canonical_id(item.id))
+
+    def _check(self, item: Item, canon: str) -> tuple[int, int]:
         if not _ID.fullmatch(item.id):
             raise InputError(f"item {item.id!r}: id must match [A-Za-z0-9_.-]+")
         if not item.text.strip():
             raise InputError(f"item {item.id!r}: empty text")
-        other = self._keys.get(canonical_id(item.id))
+        other = self._keys.get(canon)
         if other is not None:
             raise InputError(f"item {item.id!r}: id collides with item {other!r} "
                              "(ids must be unique; all-digit ids compare as numbers)")
@@ -203,8 +204,8 @@ class Engine:
         sizes: list[tuple[int, int]] = []
         canons: list[str] = []
         for item in page:
-            sizes.append(self.check_item(item))
             canon = canonical_id(item.id)
+            sizes.append(self._check(item, canon))
             if canon in seen:
                 raise InputError(f"item {item.id!r}: id collides with item {seen[canon]!r}")
             seen[canon] = item.id
@@ -406,8 +407,6 @@ class Engine:
                     self.counts.cached += 1
                 else:
                     self.counts.dead += 1
-                from dataclasses import replace
-
                 self._out.results.append(replace(result, item_id=follower, cost_usd=0.0))
                 self._out.events.append(Event(
                     "item", self.task.name, now, "cached" if result.state == "done" else "dead",

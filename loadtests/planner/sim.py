@@ -10,6 +10,7 @@ fresh provider, or side by side; interactive user groups beside them) and feeds 
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from collections import deque
@@ -133,16 +134,12 @@ class ArmDriver:
 
     def _feed(self) -> None:
         engine = self.engine
-        while engine.wants_items:
+        while wanted := engine.wants_items:
             if self.source is None:
                 if not self.keep_open:
                     engine.end_of_items()
                 return
-            page: list[Item] = []
-            for item in self.source:
-                page.append(item)
-                if len(page) >= engine.wants_items:
-                    break
+            page: list[Item] = list(itertools.islice(self.source, wanted))
             if not page:
                 engine.end_of_items()
                 self.source = None
