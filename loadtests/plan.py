@@ -36,7 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also answer the capacity questions (deadline needs, users held, "
                              "GPUs, optimal batch size); takes several planning runs")
     parser.add_argument("--sample-items", type=int, default=2000,
-                        help="items per planning run of the capacity searches")
+                        help="items per planning run of the capacity searches (grown to span "
+                             "--sample-span-s)")
+    parser.add_argument("--sample-span-s", type=float, default=600.0,
+                        help="virtual seconds a capacity sample spans at least, so limit "
+                             "windows reach their steady state (default 600)")
+    parser.add_argument("--target-users", type=int, default=None,
+                        help="users a self-hosted GPU profile must hold (default: the user "
+                             "group's largest stage)")
 
 
 def _fail(message: str) -> int:
@@ -44,16 +51,18 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _capacity(scenario: Any, summary: dict[str, Any], sample: int) -> dict[str, Any]:
+def _capacity(scenario: Any, summary: dict[str, Any], sample: int,
+              target_users: int | None = None, span_s: float = 600.0) -> dict[str, Any]:
     from loadtests.planner.batchsize import optimal_batch_size
     from loadtests.planner.capacity import deadline_answers, gpus_needed, users_held
 
     out: dict[str, Any] = {}
     if scenario.load.batch is not None:
-        out["deadline"] = deadline_answers(scenario, summary, sample)
+        out["deadline"] = deadline_answers(scenario, summary, sample, span_s)
         for arm in scenario.load.batch.arms:
             if scenario.arm(arm).strategy == "semantic_batch":
-                out["batch_size"] = optimal_batch_size(scenario, arm, sample_items=sample)
+                out["batch_size"] = optimal_batch_size(scenario, arm, sample_items=sample,
+                                                         min_span_s=span_s)
                 break
     users: dict[str, Any] = {}
     for group in scenario.load.users:
@@ -62,7 +71,7 @@ def _capacity(scenario: Any, summary: dict[str, Any], sample: int) -> dict[str, 
         p95 = limits.get("max_latency_p95_ms", slo.threshold_ms if slo else 10_000.0)
         rate = limits.get("max_429_rate", limits.get("max_error_rate", 0.01))
         answer = users_held(scenario, group.name, max_p95_ms=p95, max_429_rate=rate)
-        target = max((s.users or 0 for s in group.stages), default=0)
+        target = target_users or max((s.users or 0 for s in group.stages), default=0)
         arm = scenario.arm(group.arm)
         spec = scenario.provider(arm.providers[0])
         gpu = getattr(spec.config, "gpu", None)
@@ -129,7 +138,8 @@ def main(args: argparse.Namespace) -> int:
         summary = sweep_summary(summary, run_sweep(scenario, points, items=args.items,
                                                    processes=args.processes))
     if args.capacity:
-        summary["plan"].update(_capacity(scenario, summary, args.sample_items))
+        summary["plan"].update(_capacity(scenario, summary, args.sample_items,
+                                         args.target_users, args.sample_span_s))
     out = args.out or f"runs/{scenario.name}-plan-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = write_run_folder(out, result, summary)
     for arm in summary["arms"]:
@@ -142,6 +152,19 @@ def main(args: argparse.Namespace) -> int:
               f"USD {proj['cost_usd'] or 0:,.2f}")
     print(f"planned in {result.wall_s:.2f} s ({result.requests:,} requests, "
           f"{summary['plan']['events_per_s']:,.0f} events/s); report: {folder}/report.html")
+    for name, answer in (summary["plan"].get("deadline") or {}).items():
+        found = {k: (a["value"] if a else None) for k, a in answer.items()
+                 if k in ("keys", "tier_tpm", "batch_size")}
+        print(f"{name}: deadline {answer['deadline_s']:,.0f} s met now: {answer['meets_now']}; "
+              f"smallest meeting it: {found}")
+    if "batch_size" in summary["plan"] and summary["plan"]["batch_size"]["best"]:
+        best = summary["plan"]["batch_size"]["best"]
+        print(f"optimal batch size: {best['batch_size']} "
+              f"({best['goodput_items_per_min']:,.0f} items/min goodput)")
+    for group, answer in (summary["plan"].get("users") or {}).items():
+        print(f"{group}: holds {answer['users']} users (p95 <= "
+              f"{answer['threshold_p95_ms']:,.0f} ms); {answer['target_users']} users need "
+              f"{answer['gpus']} GPUs")
     if live is not None:
         rows = fidelity_rows(summary, live)
         print(fidelity_text(rows))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from loadtests.planner.sim import PlanOptions, plan_scenario
+from loadtests.planner.capacity import MIN_SPAN_S, arm_figures
 from loadtests.scenario import Scenario, ScenarioError, with_overrides
 
 __all__ = ["SIZES", "optimal_batch_size"]
@@ -20,8 +20,10 @@ SIZES = (1, 2, 5, 10, 15, 20, 30, 40, 60, 80)
 
 
 def optimal_batch_size(scenario: Scenario, arm: str, *, sizes: Sequence[int] = SIZES,
-                       sample_items: int = 2000) -> dict[str, Any]:
-    """Plan ``arm`` at each batch size and return every point and the best by goodput."""
+                       sample_items: int = 2000,
+                       min_span_s: float = MIN_SPAN_S) -> dict[str, Any]:
+    """Plan ``arm`` at each batch size (on a sample spanning at least ``min_span_s`` virtual
+    seconds) and return every point and the best by goodput."""
     entry = scenario.arm(arm)
     base_size = int((entry.client.get("batch") or {}).get("max_items", 20))
     provider = entry.providers[0]
@@ -37,8 +39,9 @@ def optimal_batch_size(scenario: Scenario, arm: str, *, sizes: Sequence[int] = S
             variant = with_overrides(scenario, overrides)
         except ScenarioError:
             continue
-        summary = plan_scenario(variant, PlanOptions(items=sample_items)).summary()
-        figures = next(a for a in summary["arms"] if a["name"] == arm)
+        figures = arm_figures(variant, arm, sample_items, min_span_s)
+        if figures is None:
+            continue
         points.append({
             "batch_size": size,
             "goodput_items_per_min": figures["throughput"]["items_per_min"],

@@ -73,7 +73,8 @@ class ArmEvents:
                 latency_s=request.response_time_ms / 1000.0,
                 ttft_s=None if request.ttft_ms is None else request.ttft_ms / 1000.0,
                 tokens_in=request.tokens_in, tokens_out=request.tokens_out,
-                items=len(call.item_ids), items_ok=finished.get("done", 0) if outcome == "ok" else None,
+                items=len(call.item_ids),
+                items_ok=finished.get("done", 0) if outcome == "ok" else None,
                 cost_usd=request.cost_usd, retry=retry,
                 truncated=response.finish_reason == "length", stage=stage,
             ))
