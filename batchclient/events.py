@@ -18,7 +18,11 @@ class Event:
     """One telemetry event. Times in milliseconds, money in USD, ``at`` virtual seconds.
 
     For requests ``outcome`` is the classification (ok, retry, never_retry,
-    fatal_balance, fatal_auth); for items it is done, cached, skip or dead.
+    fatal_balance, fatal_auth); for items it is done, cached, skip or dead. ``call_id``
+    ties an item to the request whose reply finished it (None for cache hits);
+    a request's ``items_ok`` counts the items its reply resolved (None unless ok),
+    ``finish_reason`` and ``truncated`` (cut at ``max_tokens``) describe the reply, and
+    ``lane`` tells interactive chats from background batches.
     """
 
     kind: EventKind
@@ -37,6 +41,11 @@ class Event:
     item_id: str | None = None
     error: str | None = None
     balance_usd: float | None = None
+    call_id: int | None = None
+    finish_reason: str | None = None
+    truncated: bool = False
+    items_ok: int | None = None
+    lane: str = "background"
 
 
 EventHook = Callable[[Event], None]

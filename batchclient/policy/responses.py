@@ -1,0 +1,263 @@
+"""What the engine does with an answer: settle the throttle, meter the cost, emit the
+request event, and finish, skip, retry or dead-letter the items of the call.
+
+``ResponseHandling`` is a mixin of ``Engine`` (one concern per file): it only reads and
+writes the engine state declared below. Pure like the engine: ``now`` is virtual seconds.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import deque
+from dataclasses import replace
+
+from batchclient.config import ClientConfig, ProviderSettings, Task
+from batchclient.cost import CostMeter
+from batchclient.events import Event
+from batchclient.policy.adaptive import AdaptiveBatchSize
+from batchclient.policy.breaker import Breaker
+from batchclient.policy.classify import Classified, Verdict, classify
+from batchclient.policy.concurrency import Concurrency
+from batchclient.policy.job import EXIT_AUTH, EXIT_BALANCE, Counts, Done, ItemResult
+from batchclient.policy.parsing import parse_reply, read_completion
+from batchclient.policy.ratelimit_headers import read_rate_headers
+from batchclient.policy.retry import naive_delay, retry_delay
+from batchclient.policy.state import Drained, ItemState
+from batchclient.policy.throttle import Throttle
+from batchclient.policy.tokens import text_tokens
+from batchclient.policy.wire import Call, Response, Usage
+
+
+class ResponseHandling:
+    """The engine's response half (see the module docstring)."""
+
+    task: Task
+    config: ClientConfig
+    rng: random.Random
+    strategy: str
+    counts: Counts
+    cost: CostMeter
+    concurrency: Concurrency
+    adaptive: AdaptiveBatchSize | None
+    breakers: dict[str, Breaker]
+    _provider: dict[str, ProviderSettings]
+    _items: dict[str, ItemState]
+    _ready: dict[str, deque[str]]
+    _delayed: list[tuple[float, int, str]]
+    _followers: dict[str, list[str]]
+    _leaders: dict[str, str]
+    _inflight: dict[int, Call]
+    _interactive_out: dict[int, tuple[Response, Classified]]
+    _rate_limited_until: dict[str, float]
+    _background_inflight: int
+    _max_items: int
+    _seq: int
+    _fatal: Done | None
+    _out: Drained
+
+    def throttle(self, provider: str, model: str) -> Throttle:
+        """The rolling-window throttle of (provider, model) (the engine's)."""
+        raise NotImplementedError
+
+    def _requeue(self, item_id: str, not_before: float | None, now: float) -> None:
+        state = self._items[item_id]
+        state.state = "queued"
+        if not_before is None or not_before <= now:
+            self._ready.setdefault(state.model, deque()).appendleft(item_id)
+        else:
+            self._seq += 1
+            heapq.heappush(self._delayed, (not_before, self._seq, item_id))
+
+    def _finish(self, item_id: str, result: ItemResult, now: float) -> None:
+        state = self._items.pop(item_id)
+        state.state = result.state
+        if result.state == "done":
+            self.counts.done += 1
+        else:
+            self.counts.dead += 1
+        self._out.results.append(result)
+        self._out.events.append(Event(
+            "item", self.task.name, now, "done" if result.state == "done" else "dead",
+            provider=result.provider or "", model=result.model or "", item_id=item_id,
+            cost_usd=result.cost_usd, error=result.error))
+        if self._leaders.get(state.key) == item_id:
+            del self._leaders[state.key]
+            for follower in self._followers.pop(state.key, []):
+                self._items.pop(follower, None)
+                if result.state == "done":
+                    self.counts.done += 1
+                    self.counts.cached += 1
+                else:
+                    self.counts.dead += 1
+                self._out.results.append(replace(result, item_id=follower, cost_usd=0.0))
+                self._out.events.append(Event(
+                    "item", self.task.name, now, "cached" if result.state == "done" else "dead",
+                    item_id=follower, error=result.error))
+
+    def _fail_items(self, call: Call, now: float, reason: str, delay: float | None,
+                    count_attempt: bool, dead_now: bool = False) -> None:
+        limit = self.config.retry.max_attempts
+        for item_id in call.item_ids:
+            state = self._items[item_id]
+            state.last_error = reason
+            if count_attempt:
+                state.attempts += 1
+            if dead_now or state.attempts >= limit:
+                self._finish(item_id, ItemResult(
+                    item_id, "dead", model=call.model, provider=call.provider, error=reason,
+                    attempts=state.attempts, cache_key=state.key), now)
+            else:
+                self._requeue(item_id, None if delay is None else now + delay, now)
+
+    def on_response(self, now: float, call: Call, response: Response) -> None:
+        """Account for what came back for ``call`` at ``now``."""
+        self._inflight.pop(call.call_id, None)
+        provider = self._provider[call.provider]
+        throttle = self.throttle(call.provider, call.model)
+        verdict = classify(response, provider.time_scale)
+        content, finish, usage = self._reply(response, verdict)
+        counted = verdict.verdict == Verdict.OK or (
+            response.error is None and response.status >= 500)
+        actual = usage.total if usage is not None else (
+            call.prompt_tokens + (text_tokens(content) if content else 0))
+        throttle.settle(now, call.call_id, actual, counted=counted and verdict.verdict not in (
+            Verdict.FATAL_AUTH, Verdict.FATAL_BALANCE))
+        throttle.observe(now, read_rate_headers(response.headers, provider.time_scale))
+        charged = 0.0
+        if response.status and response.status < 500 and response.status != 402:
+            charged = self.cost.charge(call.provider, call.model, self.task.name,
+                                       response.headers, usage)
+        else:
+            self.cost.charge(call.provider, call.model, self.task.name, response.headers, None)
+        if usage is not None:
+            self.counts.tokens_in += usage.prompt_tokens
+            self.counts.tokens_out += usage.completion_tokens
+        self._out.events.append(Event(
+            "request", f"{self.strategy}:{call.model}", now, verdict.verdict.value,
+            provider=call.provider, model=call.model, status=response.status,
+            response_time_ms=response.elapsed_s * 1000.0,
+            ttft_ms=None if response.ttft_s is None else response.ttft_s * 1000.0,
+            tokens_in=usage.prompt_tokens if usage else 0,
+            tokens_out=usage.completion_tokens if usage else 0, items=len(call.item_ids),
+            cost_usd=charged, error=None if verdict.verdict == Verdict.OK else verdict.reason,
+            balance_usd=self.cost.balance_usd))
+        if self.cost.low_balance_crossed():
+            self._out.events.append(Event("balance", self.task.name, now, "low_balance",
+                                          provider=call.provider,
+                                          balance_usd=self.cost.balance_usd))
+        if call.lane == "interactive":
+            if verdict.server_error:
+                self.breakers[call.provider].on_failure(now)
+            elif response.status:
+                self.breakers[call.provider].on_success(now)
+            if verdict.rate_limited and verdict.retry_after_s is not None:
+                throttle.block(now + verdict.retry_after_s)
+            self._interactive_out[call.call_id] = (response, verdict)
+            return
+        self._background_inflight -= 1
+        self._dispatch_verdict(now, call, response, verdict, content, finish, charged)
+
+    def _reply(self, response: Response, verdict: Classified
+               ) -> tuple[str | None, str | None, Usage | None]:
+        if verdict.verdict != Verdict.OK or (
+                response.content is not None and response.usage is not None):
+            return response.content, response.finish_reason, response.usage
+        content, finish, usage = read_completion(response.body)
+        return (response.content if response.content is not None else content,
+                response.finish_reason or finish,
+                response.usage if response.usage is not None else usage)
+
+    def _dispatch_verdict(self, now: float, call: Call, response: Response,
+                          verdict: Classified, content: str | None, finish: str | None,
+                          charged: float) -> None:
+        breaker = self.breakers[call.provider]
+        throttle = self.throttle(call.provider, call.model)
+        kind = verdict.verdict
+        if kind == Verdict.OK:
+            breaker.on_success(now)
+            self.concurrency.on_success(now, response.elapsed_s)
+            self._accept(now, call, content or "", finish, charged)
+            return
+        if verdict.server_error:
+            breaker.on_failure(now)
+            self.counts.errors += 1
+        elif response.status:
+            breaker.on_success(now)
+        if kind in (Verdict.FATAL_BALANCE, Verdict.FATAL_AUTH):
+            status = EXIT_BALANCE if kind == Verdict.FATAL_BALANCE else EXIT_AUTH
+            if self._fatal is None:
+                self._fatal = Done(status, verdict.reason)
+            for item_id in call.item_ids:
+                self._items[item_id].last_error = verdict.reason
+                self._requeue(item_id, None, now)
+            return
+        if kind == Verdict.NEVER_RETRY:
+            self.counts.errors += 1
+            if verdict.rate_limited and len(call.item_ids) > 1:
+                # "Request too large": the batch, not the items, is at fault; halve it.
+                if self.adaptive is not None:
+                    self.adaptive.size = max(1, len(call.item_ids) // 2)
+                else:
+                    self._max_items = max(1, len(call.item_ids) // 2)
+                self._fail_items(call, now, verdict.reason, None, count_attempt=False)
+                return
+            self._fail_items(call, now, verdict.reason, None, count_attempt=True, dead_now=True)
+            return
+        # RETRY
+        if verdict.rate_limited:
+            self.counts.rate_limited += 1
+            self.concurrency.on_rate_limited(now, response.elapsed_s)
+            if self.strategy == "naive":
+                n = max(self._items[i].attempts for i in call.item_ids)
+                for item_id in call.item_ids:
+                    self._items[item_id].attempts += 1
+                delay = naive_delay(n, self.rng, self.config.retry)
+                self._fail_items(call, now, verdict.reason, delay, count_attempt=False)
+                return
+            delay = retry_delay(call.attempt, self.rng, self.config.retry, verdict.retry_after_s)
+            throttle.block(now + delay)
+            self._rate_limited_until[call.provider] = now + delay
+            # 429s pace the job, they are not the items' fault: no attempt counted.
+            self._fail_items(call, now, verdict.reason, None, count_attempt=False)
+            return
+        n = max(self._items[i].attempts for i in call.item_ids)
+        delay = retry_delay(n, self.rng, self.config.retry, verdict.retry_after_s)
+        self._fail_items(call, now, verdict.reason, delay, count_attempt=True)
+
+    def _accept(self, now: float, call: Call, content: str, finish: str | None,
+                charged: float) -> None:
+        parsed = parse_reply(content, call.item_ids, self.task.labels, finish)
+        share = charged / max(1, len(parsed.codes))
+        for item_id, code in parsed.codes.items():
+            state = self._items[item_id]
+            self._finish(item_id, ItemResult(
+                item_id, "done", code, self.task.labels[code], call.model, call.provider,
+                cost_usd=share, attempts=state.attempts + 1, cache_key=state.key), now)
+        if self.adaptive is not None:
+            self.adaptive.on_reply(len(call.item_ids), len(parsed.codes), parsed.truncated,
+                                   parsed.malformed)
+        not_answered = [*parsed.missing, *parsed.rejected]
+        damaged = parsed.truncated or parsed.malformed
+        for item_id in not_answered:
+            state = self._items[item_id]
+            reason = parsed.rejected.get(item_id, "left out of the reply")
+            repeated = item_id in parsed.repeated
+            # A cut or garbled reply is the batch's fault, not the items' it lost; a
+            # repeated id is a glitch of the reply: it counts as a failed attempt.
+            if repeated:
+                state.attempts += 1
+            elif item_id in parsed.rejected or not damaged:
+                state.misses += 1
+            if parsed.truncated and item_id in parsed.missing:
+                reason = "reply cut at max_tokens"
+            state.last_error = reason
+            if (state.misses >= self.config.retry.max_misses
+                    or state.attempts >= self.config.retry.max_attempts):
+                self._finish(item_id, ItemResult(
+                    item_id, "dead", model=call.model, provider=call.provider, error=reason,
+                    attempts=state.attempts + state.misses, cache_key=state.key), now)
+            else:
+                # Skip: back to the queue for the next pass, no error noise.
+                self._items[item_id].state = "queued"
+                self._ready.setdefault(state.model, deque()).append(item_id)
