@@ -7,7 +7,7 @@ L * W / 60 in any window (Azure's 600 RPM over 1 s allows 10). All times are vir
 from __future__ import annotations
 
 import math
-from collections import deque
+from array import array
 from dataclasses import dataclass
 
 from simulator.model.config import LimitSpec
@@ -16,28 +16,50 @@ INF = math.inf
 # float slack so that a request admitted "exactly at" the reset time is admitted
 _EPS = 1e-9
 DAY_S = 86_400.0
+# expired entries dropped from a sliding window's buffers once this many have piled up
+_COMPACT_AT = 1024
 
 
 class SlidingWindow:
-    """Rolling window: amounts added in the last ``window_s`` seconds must sum to <= capacity."""
+    """Rolling window: amounts added in the last ``window_s`` seconds must sum to <= capacity.
 
-    __slots__ = ("_entries", "capacity", "total", "window_s")
+    Entries live in two parallel ``array('d')`` (times, amounts) read from a head index, so
+    a window holding a minute of traffic is two flat buffers the garbage collector never
+    traverses (one list per entry made full collections stall a busy server for tens of
+    ms). A handle is the entry's sequence number; entries before the head have expired.
+    """
+
+    __slots__ = ("_amounts", "_base", "_head", "_times", "capacity", "total", "window_s")
 
     def __init__(self, capacity: float, window_s: float):
         self.capacity = capacity
         self.window_s = window_s
         self.total = 0.0
-        # entries are [time, amount, live]; `live` goes False when the entry leaves the window
-        self._entries: deque[list] = deque()
+        self._times = array("d")
+        self._amounts = array("d")
+        self._head = 0  # index of the oldest entry still in the window
+        self._base = 0  # sequence number (handle) of index 0
 
     def _expire(self, now: float) -> None:
-        horizon = now - self.window_s + _EPS
-        entries = self._entries
-        while entries and entries[0][0] <= horizon:
-            entry = entries.popleft()
-            entry[2] = False
-            self.total -= entry[1]
-        if not entries:
+        times = self._times
+        head = self._head
+        end = len(times)
+        if head < end and times[head] <= now - self.window_s + _EPS:
+            horizon = now - self.window_s + _EPS
+            amounts = self._amounts
+            total = self.total
+            while head < end and times[head] <= horizon:
+                total -= amounts[head]
+                head += 1
+            self.total = total
+            if head == end or (head >= _COMPACT_AT and 2 * head >= end):
+                # drop the expired prefix: amortised O(1) per entry
+                del times[:head]
+                del self._amounts[:head]
+                self._base += head
+                head = 0
+            self._head = head
+        if head == len(times):
             self.total = 0.0  # drop accumulated float error
 
     def used(self, now: float) -> float:
@@ -54,34 +76,39 @@ class SlidingWindow:
         if excess <= _EPS:
             return 0.0
         freed = 0.0
-        for t, a, _live in self._entries:
-            freed += a
+        times, amounts = self._times, self._amounts
+        for i in range(self._head, len(times)):
+            freed += amounts[i]
             if freed >= excess - _EPS:
-                return max(0.0, t + self.window_s - now)
+                return max(0.0, times[i] + self.window_s - now)
         return self.window_s  # unreachable when amount <= capacity
 
     def add(self, now: float, amount: float) -> object:
         """Count ``amount`` at ``now``; returns a handle for ``adjust``."""
         self._expire(now)
-        entry = [now, float(amount), True]
-        self._entries.append(entry)
+        handle = self._base + len(self._times)
+        self._times.append(now)
+        self._amounts.append(amount)
         self.total += amount
-        return entry
+        return handle
 
     def adjust(self, now: float, handle: object, delta: float) -> None:
         """Change an earlier amount by ``delta`` (settling a reservation); no-op once it expired."""
-        entry = handle
-        if isinstance(entry, list) and entry[2]:
-            delta = max(delta, -entry[1])
-            entry[1] += delta
+        if not isinstance(handle, int):
+            return
+        i = handle - self._base
+        if self._head <= i < len(self._amounts):
+            amount = self._amounts[i]
+            delta = max(delta, -amount)
+            self._amounts[i] = amount + delta
             self.total += delta
 
     def reset_in(self, now: float) -> float:
         """Seconds until the window is empty again (back to its initial state)."""
         self._expire(now)
-        if not self._entries or self.total <= _EPS:
+        if self._head == len(self._times) or self.total <= _EPS:
             return 0.0
-        return max(0.0, self._entries[-1][0] + self.window_s - now)
+        return max(0.0, self._times[-1] + self.window_s - now)
 
 
 class TokenBucket:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from simulator.model.config import LimitSpec
 from simulator.model.limits import (
@@ -37,6 +41,100 @@ def test_sliding_window_settles_a_live_entry_and_ignores_an_expired_one() -> Non
     assert w.used(65.0) == 100
     w.adjust(65.0, late, -100)
     assert w.used(65.0) == 0
+
+
+class _ListWindow:
+    """The sliding window as first written (one [time, amount, live] list per entry): the
+    reference the flat-buffer SlidingWindow must match figure for figure."""
+
+    def __init__(self, capacity: float, window_s: float):
+        self.capacity, self.window_s, self.total = capacity, window_s, 0.0
+        self.entries: list[list] = []
+
+    def _expire(self, now: float) -> None:
+        while self.entries and self.entries[0][0] <= now - self.window_s + 1e-9:
+            entry = self.entries.pop(0)
+            entry[2] = False
+            self.total -= entry[1]
+        if not self.entries:
+            self.total = 0.0
+
+    def used(self, now: float) -> float:
+        self._expire(now)
+        return self.total
+
+    def wait(self, now: float, amount: float) -> float:
+        if amount > self.capacity + 1e-9:
+            return math.inf
+        self._expire(now)
+        excess = self.total + amount - self.capacity
+        if excess <= 1e-9:
+            return 0.0
+        freed = 0.0
+        for t, a, _live in self.entries:
+            freed += a
+            if freed >= excess - 1e-9:
+                return max(0.0, t + self.window_s - now)
+        return self.window_s
+
+    def add(self, now: float, amount: float) -> list:
+        self._expire(now)
+        entry = [now, float(amount), True]
+        self.entries.append(entry)
+        self.total += amount
+        return entry
+
+    def adjust(self, handle: list, delta: float) -> None:
+        if handle[2]:
+            delta = max(delta, -handle[1])
+            handle[1] += delta
+            self.total += delta
+
+    def reset_in(self, now: float) -> float:
+        self._expire(now)
+        if not self.entries or self.total <= 1e-9:
+            return 0.0
+        return max(0.0, self.entries[-1][0] + self.window_s - now)
+
+
+_OPS = st.lists(st.tuples(
+    st.sampled_from([0.0, 0.0, 0.001, 0.25, 1.0, 7.5, 30.0]),  # time step, seconds
+    st.sampled_from(["add", "adjust", "wait", "reset_in", "used"]),
+    st.integers(0, 700),  # amount, or a delta of amount - 350
+    st.integers(0, 10**6),  # which earlier handle to adjust
+), max_size=400)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_OPS)
+def test_sliding_window_matches_the_list_reference_exactly(ops: list) -> None:
+    fast, ref = SlidingWindow(1000.0, 10.0), _ListWindow(1000.0, 10.0)
+    handles: list[tuple[object, list]] = []
+    now = 0.0
+    for step, op, amount, pick in ops:
+        now += step
+        if op == "add":
+            handles.append((fast.add(now, amount), ref.add(now, amount)))
+        elif op == "adjust" and handles:
+            mine, theirs = handles[pick % len(handles)]
+            fast.adjust(now, mine, amount - 350)
+            ref.adjust(theirs, amount - 350)
+        elif op == "wait":
+            assert fast.wait(now, amount) == ref.wait(now, amount)
+        elif op == "reset_in":
+            assert fast.reset_in(now) == ref.reset_in(now)
+        assert fast.used(now) == ref.used(now)
+
+
+def test_sliding_window_keeps_no_object_per_entry() -> None:
+    # A minute of traffic is two flat buffers: nothing per entry for the collector to walk.
+    w = SlidingWindow(10**9, 60.0)
+    for i in range(5000):
+        w.adjust(i * 0.01, w.add(i * 0.01, 600), -500)
+    assert w.used(50.0) == 5000 * 100
+    reachable = [y for x in gc.get_referents(w) if not isinstance(x, type)
+                 for y in gc.get_referents(x) if not isinstance(y, type)]
+    assert reachable == []
 
 
 def test_token_bucket_refills_continuously() -> None:
