@@ -61,6 +61,8 @@ class ProviderSettings:
 
     ``reserve_max_tokens`` tells whether the provider counts ``max_tokens`` against TPM at
     admission (True) or only actual usage; ``time_scale`` is the wire compression factor.
+    ``count_refused`` tells whether requests it refuses (429, 402, 400) still count against
+    its RPM window, as OpenAI's do (the default).
     """
 
     name: str
@@ -72,6 +74,7 @@ class ProviderSettings:
     reserve_max_tokens: bool = True
     prices: Mapping[str, Price] = field(default_factory=dict)
     failover_on_429: bool = False
+    count_refused: bool = True
 
     def limits_for(self, model: str) -> ModelLimits:
         """Limits that apply to ``model`` here (per-model entry, else the provider's)."""
@@ -230,6 +233,7 @@ def _provider(r: _Reader, default_scale: float) -> ProviderSettings:
         limits=limits, model_limits=model_limits,
         reserve_max_tokens=counting == "reserve_max_tokens", prices=prices,
         failover_on_429=r.bool_("failover_on_429", False),
+        count_refused=r.bool_("count_refused", True),
     )
     r.finish()
     return settings

@@ -47,9 +47,12 @@ class InteractiveClient:
         max_tokens: int = 256,
         model: str | None = None,
         tier: str | None = None,
+        stream: bool | None = None,
     ) -> ChatReply:
-        """Send one chat; raises UserLimited when the user's bucket refuses it."""
-        outcome = await self.runner.chat(user, messages, max_tokens, model, tier)
+        """Send one chat (streamed when ``stream``, else as the client's ``stream.enabled``);
+        raises UserLimited when the user's bucket refuses it. The reply is final: retries
+        and failover to the next provider already happened."""
+        outcome = await self.runner.chat(user, messages, max_tokens, model, tier, stream)
         if isinstance(outcome, UserDecision):
             raise UserLimited(outcome.reason, outcome.retry_in_s)
         response, classified = outcome

@@ -125,14 +125,16 @@ class Runner:
         max_tokens: int,
         model: str | None = None,
         tier: str | None = None,
+        stream: bool | None = None,
     ) -> tuple[Response, Classified] | UserDecision:
         """Send a chat request through the interactive lane of the running job; returns
-        the response and its classification, or the per-user refusal."""
+        the final response (after retries and failover) and its classification, or the
+        per-user refusal. ``stream`` None follows the client's ``stream.enabled``."""
         await self._started.wait()
         engine = self.engine
         assert engine is not None and self._wake is not None
         submitted = engine.submit_interactive(self.clock.now(), user, messages, max_tokens,
-                                              model, tier)
+                                              model, tier, stream)
         if isinstance(submitted, UserDecision):
             return submitted
         future: asyncio.Future[tuple[Response, Classified]] = (
@@ -199,7 +201,7 @@ class Runner:
                 for item in items:
                     code = hits.get(keys[item.id])
                     if code is not None and code in self.task.labels:
-                        engine.complete_from_cache(item, code)
+                        engine.complete_from_cache(item, code, self.clock.now())
                     else:
                         fresh.append(item)
                 items = fresh
@@ -222,10 +224,11 @@ class Runner:
     def _complete(self, engine: Engine, call: Call, response: Response) -> None:
         engine.on_response(self.clock.now(), call, response)
         self._flush(engine)
-        if call.lane == "interactive":
-            outcome = engine.interactive_result(call.call_id)
-            future = self._futures.pop(call.call_id, None)
-            if future is not None and outcome is not None and not future.done():
+        # Interactive answers are final after their retries; a fatal answer to any call
+        # also answers the requests still queued.
+        for request_id, outcome in engine.drain_interactive():
+            future = self._futures.pop(request_id, None)
+            if future is not None and not future.done():
                 future.set_result(outcome)
 
     async def _send(self, call: Call) -> tuple[Call, Response]:

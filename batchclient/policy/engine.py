@@ -24,6 +24,7 @@ from batchclient.policy.adaptive import AdaptiveBatchSize
 from batchclient.policy.breaker import Breaker
 from batchclient.policy.classify import Classified
 from batchclient.policy.concurrency import Concurrency
+from batchclient.policy.interactive_lane import InteractiveLane
 from batchclient.policy.job import EXIT_AUTH as EXIT_AUTH
 from batchclient.policy.job import EXIT_BALANCE as EXIT_BALANCE
 from batchclient.policy.job import EXIT_ERROR as EXIT_ERROR
@@ -50,15 +51,14 @@ from batchclient.policy.state import Drained, ItemState
 from batchclient.policy.throttle import Throttle
 from batchclient.policy.tokens import (
     canonical_id,
-    chat_prompt_tokens,
 )
-from batchclient.policy.userlimits import UserDecision, UserLimits
+from batchclient.policy.userlimits import UserLimits
 from batchclient.policy.wire import Call, Item, Response
 
 _ID = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-class Engine(ResponseHandling):
+class Engine(ResponseHandling, InteractiveLane):
     """Pure state machine of one job (see the module docstring)."""
 
     def __init__(
@@ -116,6 +116,8 @@ class Engine(ResponseHandling):
                                                                 background_ceiling=1.0)
         self._interactive: deque[InteractiveRequest] = deque()
         self._interactive_out: dict[int, tuple[Response, Classified]] = {}
+        self._interactive_calls: dict[int, InteractiveRequest] = {}
+        self._now = 0.0
         self._background_inflight = 0
 
     # ----------------------------------------------------------------- items
@@ -209,8 +211,9 @@ class Engine(ResponseHandling):
         """The source has no more items."""
         self._exhausted = True
 
-    def complete_from_cache(self, item: Item, code: str) -> None:
-        """Record an item answered by the result cache (not sent, not paid)."""
+    def complete_from_cache(self, item: Item, code: str, now: float | None = None) -> None:
+        """Record an item answered by the result cache (not sent, not paid) at ``now``
+        (virtual seconds; default the latest time the engine was told)."""
         if code not in self.task.labels:
             return
         self.counts.fed += 1
@@ -218,65 +221,8 @@ class Engine(ResponseHandling):
         self.counts.done += 1
         self.counts.cached += 1
         self._out.results.append(ItemResult(item.id, "done", code, self.task.labels[code]))
-        self._out.events.append(Event("item", self.task.name, 0.0, "cached", item_id=item.id))
-
-    # ----------------------------------------------------------------- interactive lane
-
-    def submit_interactive(
-        self,
-        now: float,
-        user: str,
-        messages: Iterable[Mapping[str, str]],
-        max_tokens: int,
-        model: str | None = None,
-        tier: str | None = None,
-    ) -> int | UserDecision:
-        """Queue a chat request in the interactive lane; returns its request id, or the
-        per-user refusal (over the user's requests per minute or tokens per day)."""
-        msgs = tuple(dict(m) for m in messages)
-        if self._fatal is not None:
-            return UserDecision(False, 0.0, self._fatal.reason or "job stopped")
-        if self.user_limits is not None:
-            decision = self.user_limits.admit(now, user, chat_prompt_tokens(msgs) + max_tokens,
-                                              tier)
-            if not decision.allowed:
-                return decision
-        request_id = self._next_call
-        self._next_call += 1
-        self._interactive.append(InteractiveRequest(request_id, user, msgs, max_tokens,
-                                                    model or self.task.model, now))
-        return request_id
-
-    def interactive_result(self, request_id: int) -> tuple[Response, Classified] | None:
-        """The response to an interactive request once it came back (popped)."""
-        return self._interactive_out.pop(request_id, None)
-
-    def _next_interactive(self, now: float) -> Action | None:
-        if not self._interactive or len(self._inflight) >= self.concurrency.limit:
-            return None
-        req = self._interactive[0]
-        provider = choose_provider(now, self.providers, self.breakers,
-                                   lambda p: self._rate_limited_until.get(p, 0.0), req.model,
-                                   self._serves)
-        if provider is None:
-            return Wait(None) if self._inflight else Wait(self.config.breaker.cooldown_s)
-        throttle = self.throttle(provider, req.model)
-        prompt = chat_prompt_tokens(req.messages)
-        reserve = throttle.estimate(prompt, req.max_tokens, req.max_tokens)
-        wait = throttle.delay(now, reserve, self.concurrency.limit, graduated=False)
-        if wait > 0:
-            return Wait(wait)
-        self._interactive.popleft()
-        call = Call(call_id=req.request_id, provider=provider, model=req.model, item_ids=(),
-                    body={"model": req.model, "messages": [dict(m) for m in req.messages],
-                          "max_tokens": req.max_tokens, "user": req.user},
-                    prompt_tokens=prompt, max_tokens=req.max_tokens, reserved_tokens=reserve,
-                    attempt=0, timeout_s=self.config.timeout_s, lane="interactive", sent_at=now)
-        throttle.reserve(now, call.call_id, reserve)
-        self.breakers[provider].on_dispatch(now)
-        self._inflight[call.call_id] = call
-        self.counts.requests += 1
-        return Send(call)
+        self._out.events.append(Event("item", self.task.name, self._now if now is None else now,
+                                      "cached", item_id=item.id))
 
     # ----------------------------------------------------------------- decisions
 
@@ -288,6 +234,19 @@ class Engine(ResponseHandling):
 
     def next_action(self, now: float) -> Action:
         """What to do at ``now``: send a call, wait, or finish."""
+        self._now = now
+        action = self._next(now)
+        if isinstance(action, Send) or not self._interactive:
+            return action
+        # An interactive retry waits out its backoff: wake for it, never finish before it.
+        due = self._interactive_wait(now)
+        if due is None:
+            return action
+        if isinstance(action, Wait) and action.seconds is not None:
+            return Wait(min(action.seconds, due))
+        return Wait(due)
+
+    def _next(self, now: float) -> Action:
         if self._fatal is not None:
             return Wait(None) if self._inflight else self._fatal
         self._release_delayed(now)

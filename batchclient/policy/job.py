@@ -70,7 +70,11 @@ class ItemResult:
 
 @dataclass(frozen=True, slots=True)
 class InteractiveRequest:
-    """A chat request of the interactive lane (a user is waiting for it)."""
+    """A chat request of the interactive lane (a user is waiting for it).
+
+    ``attempt`` counts failed sends, ``not_before`` (virtual s) holds a retry for its
+    backoff, ``avoid`` names providers that just failed it (failover).
+    """
 
     request_id: int
     user: str
@@ -78,6 +82,10 @@ class InteractiveRequest:
     max_tokens: int
     model: str
     submitted_at: float
+    stream: bool = False
+    attempt: int = 0
+    not_before: float = 0.0
+    avoid: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)

@@ -11,6 +11,7 @@ import heapq
 import random
 from collections import deque
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from batchclient.config import ClientConfig, ProviderSettings, Task
 from batchclient.cost import CostMeter
@@ -54,11 +55,15 @@ class ResponseHandling:
     _max_items: int
     _seq: int
     _fatal: Done | None
+    _now: float
     _out: Drained
 
-    def throttle(self, provider: str, model: str) -> Throttle:
-        """The rolling-window throttle of (provider, model) (the engine's)."""
-        raise NotImplementedError
+    if TYPE_CHECKING:
+        # Provided by the other halves of Engine.
+        def throttle(self, provider: str, model: str) -> Throttle: ...
+        def _on_interactive(self, now: float, call: Call, response: Response,
+                            verdict: Classified, throttle: Throttle) -> None: ...
+        def _fail_interactive_queue(self, outcome: tuple[Response, Classified]) -> None: ...
 
     def _requeue(self, item_id: str, not_before: float | None, now: float) -> None:
         state = self._items[item_id]
@@ -69,7 +74,8 @@ class ResponseHandling:
             self._seq += 1
             heapq.heappush(self._delayed, (not_before, self._seq, item_id))
 
-    def _finish(self, item_id: str, result: ItemResult, now: float) -> None:
+    def _finish(self, item_id: str, result: ItemResult, now: float,
+                call_id: int | None = None) -> None:
         state = self._items.pop(item_id)
         state.state = result.state
         if result.state == "done":
@@ -80,7 +86,7 @@ class ResponseHandling:
         self._out.events.append(Event(
             "item", self.task.name, now, "done" if result.state == "done" else "dead",
             provider=result.provider or "", model=result.model or "", item_id=item_id,
-            cost_usd=result.cost_usd, error=result.error))
+            cost_usd=result.cost_usd, error=result.error, call_id=call_id))
         if self._leaders.get(state.key) == item_id:
             del self._leaders[state.key]
             for follower in self._followers.pop(state.key, []):
@@ -93,7 +99,7 @@ class ResponseHandling:
                 self._out.results.append(replace(result, item_id=follower, cost_usd=0.0))
                 self._out.events.append(Event(
                     "item", self.task.name, now, "cached" if result.state == "done" else "dead",
-                    item_id=follower, error=result.error))
+                    item_id=follower, error=result.error, call_id=call_id))
 
     def _fail_items(self, call: Call, now: float, reason: str, delay: float | None,
                     count_attempt: bool, dead_now: bool = False) -> None:
@@ -106,23 +112,22 @@ class ResponseHandling:
             if dead_now or state.attempts >= limit:
                 self._finish(item_id, ItemResult(
                     item_id, "dead", model=call.model, provider=call.provider, error=reason,
-                    attempts=state.attempts, cache_key=state.key), now)
+                    attempts=state.attempts, cache_key=state.key), now, call.call_id)
             else:
                 self._requeue(item_id, None if delay is None else now + delay, now)
 
+
+
     def on_response(self, now: float, call: Call, response: Response) -> None:
         """Account for what came back for ``call`` at ``now``."""
+        self._now = now
         self._inflight.pop(call.call_id, None)
         provider = self._provider[call.provider]
         throttle = self.throttle(call.provider, call.model)
         verdict = classify(response, provider.time_scale)
         content, finish, usage = self._reply(response, verdict)
-        counted = verdict.verdict == Verdict.OK or (
-            response.error is None and response.status >= 500)
-        actual = usage.total if usage is not None else (
-            call.prompt_tokens + (text_tokens(content) if content else 0))
-        throttle.settle(now, call.call_id, actual, counted=counted and verdict.verdict not in (
-            Verdict.FATAL_AUTH, Verdict.FATAL_BALANCE))
+        tokens, requests = self._window_usage(call, response, verdict, content, usage, provider)
+        throttle.settle(now, call.call_id, tokens, requests=requests)
         throttle.observe(now, read_rate_headers(response.headers, provider.time_scale))
         charged = 0.0
         if response.status and response.status < 500 and response.status != 402:
@@ -133,7 +138,17 @@ class ResponseHandling:
         if usage is not None:
             self.counts.tokens_in += usage.prompt_tokens
             self.counts.tokens_out += usage.completion_tokens
-        self._out.events.append(Event(
+        # The request event goes before the item events its reply causes.
+        events = self._out.events
+        at = len(events)
+        items_ok: int | None = None
+        if call.lane == "interactive":
+            self._on_interactive(now, call, response, verdict, throttle)
+        else:
+            self._background_inflight -= 1
+            items_ok = self._dispatch_verdict(now, call, response, verdict, content, finish,
+                                              charged)
+        events.insert(at, Event(
             "request", f"{self.strategy}:{call.model}", now, verdict.verdict.value,
             provider=call.provider, model=call.model, status=response.status,
             response_time_ms=response.elapsed_s * 1000.0,
@@ -141,22 +156,42 @@ class ResponseHandling:
             tokens_in=usage.prompt_tokens if usage else 0,
             tokens_out=usage.completion_tokens if usage else 0, items=len(call.item_ids),
             cost_usd=charged, error=None if verdict.verdict == Verdict.OK else verdict.reason,
-            balance_usd=self.cost.balance_usd))
+            balance_usd=self.cost.balance_usd, call_id=call.call_id, finish_reason=finish,
+            truncated=finish == "length", items_ok=items_ok, lane=call.lane))
         if self.cost.low_balance_crossed():
-            self._out.events.append(Event("balance", self.task.name, now, "low_balance",
-                                          provider=call.provider,
-                                          balance_usd=self.cost.balance_usd))
-        if call.lane == "interactive":
-            if verdict.server_error:
-                self.breakers[call.provider].on_failure(now)
-            elif response.status:
-                self.breakers[call.provider].on_success(now)
-            if verdict.rate_limited and verdict.retry_after_s is not None:
-                throttle.block(now + verdict.retry_after_s)
-            self._interactive_out[call.call_id] = (response, verdict)
-            return
-        self._background_inflight -= 1
-        self._dispatch_verdict(now, call, response, verdict, content, finish, charged)
+            events.append(Event("balance", self.task.name, now, "low_balance",
+                                provider=call.provider, balance_usd=self.cost.balance_usd))
+
+    @staticmethod
+    def _window_usage(call: Call, response: Response, verdict: Classified,
+                      content: str | None, usage: Usage | None,
+                      provider: ProviderSettings) -> tuple[int, int]:
+        """(tokens, requests) the provider counted for this call in its window, as it does:
+        an answer its usage; a 5xx one request and no tokens; a refusal (429, 402, 400)
+        one request when the provider counts refused requests; no reply nothing."""
+        kind = verdict.verdict
+        if kind == Verdict.OK:
+            tokens = usage.total if usage is not None else (
+                call.prompt_tokens + (text_tokens(content) if content else 0))
+            return tokens, 1
+        status = response.status
+        if response.error is not None or not status:
+            return 0, 0
+        if status >= 500:
+            return 0, 1
+        # "Request too large" was never admitted nor counted.
+        too_large = kind == Verdict.NEVER_RETRY and verdict.rate_limited
+        if status in (400, 402, 429) and not too_large and provider.count_refused:
+            return 0, 1
+        return 0, 0
+
+    def _stop_fatal(self, verdict: Classified, response: Response) -> None:
+        """A fatal answer (money, authentication) stops dispatch for the whole key: the
+        job ends with its exit status once in-flight requests are back."""
+        if self._fatal is None:
+            status = EXIT_BALANCE if verdict.verdict == Verdict.FATAL_BALANCE else EXIT_AUTH
+            self._fatal = Done(status, verdict.reason)
+        self._fail_interactive_queue((response, verdict))
 
     def _reply(self, response: Response, verdict: Classified
                ) -> tuple[str | None, str | None, Usage | None]:
@@ -170,28 +205,27 @@ class ResponseHandling:
 
     def _dispatch_verdict(self, now: float, call: Call, response: Response,
                           verdict: Classified, content: str | None, finish: str | None,
-                          charged: float) -> None:
+                          charged: float) -> int | None:
+        """Finish, skip, retry or dead-letter the call's items; returns how many items
+        the reply resolved (None unless it was answered)."""
         breaker = self.breakers[call.provider]
         throttle = self.throttle(call.provider, call.model)
         kind = verdict.verdict
         if kind == Verdict.OK:
             breaker.on_success(now)
             self.concurrency.on_success(now, response.elapsed_s)
-            self._accept(now, call, content or "", finish, charged)
-            return
+            return self._accept(now, call, content or "", finish, charged)
         if verdict.server_error:
             breaker.on_failure(now)
             self.counts.errors += 1
         elif response.status:
             breaker.on_success(now)
         if kind in (Verdict.FATAL_BALANCE, Verdict.FATAL_AUTH):
-            status = EXIT_BALANCE if kind == Verdict.FATAL_BALANCE else EXIT_AUTH
-            if self._fatal is None:
-                self._fatal = Done(status, verdict.reason)
+            self._stop_fatal(verdict, response)
             for item_id in call.item_ids:
                 self._items[item_id].last_error = verdict.reason
                 self._requeue(item_id, None, now)
-            return
+            return None
         if kind == Verdict.NEVER_RETRY:
             self.counts.errors += 1
             if verdict.rate_limited and len(call.item_ids) > 1:
@@ -201,9 +235,9 @@ class ResponseHandling:
                 else:
                     self._max_items = max(1, len(call.item_ids) // 2)
                 self._fail_items(call, now, verdict.reason, None, count_attempt=False)
-                return
+                return None
             self._fail_items(call, now, verdict.reason, None, count_attempt=True, dead_now=True)
-            return
+            return None
         # RETRY
         if verdict.rate_limited:
             self.counts.rate_limited += 1
@@ -214,26 +248,28 @@ class ResponseHandling:
                     self._items[item_id].attempts += 1
                 delay = naive_delay(n, self.rng, self.config.retry)
                 self._fail_items(call, now, verdict.reason, delay, count_attempt=False)
-                return
+                return None
             delay = retry_delay(call.attempt, self.rng, self.config.retry, verdict.retry_after_s)
             throttle.block(now + delay)
             self._rate_limited_until[call.provider] = now + delay
             # 429s pace the job, they are not the items' fault: no attempt counted.
             self._fail_items(call, now, verdict.reason, None, count_attempt=False)
-            return
+            return None
         n = max(self._items[i].attempts for i in call.item_ids)
         delay = retry_delay(n, self.rng, self.config.retry, verdict.retry_after_s)
         self._fail_items(call, now, verdict.reason, delay, count_attempt=True)
+        return None
 
     def _accept(self, now: float, call: Call, content: str, finish: str | None,
-                charged: float) -> None:
+                charged: float) -> int:
         parsed = parse_reply(content, call.item_ids, self.task.labels, finish)
         share = charged / max(1, len(parsed.codes))
         for item_id, code in parsed.codes.items():
             state = self._items[item_id]
             self._finish(item_id, ItemResult(
                 item_id, "done", code, self.task.labels[code], call.model, call.provider,
-                cost_usd=share, attempts=state.attempts + 1, cache_key=state.key), now)
+                cost_usd=share, attempts=state.attempts + 1, cache_key=state.key), now,
+                call.call_id)
         if self.adaptive is not None:
             self.adaptive.on_reply(len(call.item_ids), len(parsed.codes), parsed.truncated,
                                    parsed.malformed)
@@ -256,8 +292,10 @@ class ResponseHandling:
                     or state.attempts >= self.config.retry.max_attempts):
                 self._finish(item_id, ItemResult(
                     item_id, "dead", model=call.model, provider=call.provider, error=reason,
-                    attempts=state.attempts + state.misses, cache_key=state.key), now)
+                    attempts=state.attempts + state.misses, cache_key=state.key), now,
+                    call.call_id)
             else:
                 # Skip: back to the queue for the next pass, no error noise.
                 self._items[item_id].state = "queued"
                 self._ready.setdefault(state.model, deque()).append(item_id)
+        return len(parsed.codes)

@@ -83,14 +83,16 @@ class Throttle:
         self.used_requests += 1
         self._last_dispatch = now
 
-    def settle(self, now: float, key: int, tokens: int, counted: bool = True) -> None:
+    def settle(self, now: float, key: int, tokens: int, counted: bool = True,
+               requests: int | None = None) -> None:
         """Replace a reservation by the actual usage; ``counted=False`` when the provider
-        did not count the request at all (refused with 429, connection failed)."""
+        did not count the request at all (connection failed); ``requests`` overrides the
+        request count (a refusal the provider counts against RPM but not TPM)."""
         entry = self._by_key.pop(key, None)
         if entry is None or not entry.alive:
             return
         new_tokens = tokens if counted else 0
-        new_requests = 1 if counted else 0
+        new_requests = requests if requests is not None else (1 if counted else 0)
         self.used_tokens += new_tokens - entry.tokens
         self.used_requests += new_requests - entry.requests
         entry.tokens, entry.requests = new_tokens, new_requests

@@ -41,6 +41,7 @@ class Call:
 
     ``prompt_tokens`` is the exact ratelab-tokenizer prompt size, ``reserved_tokens`` what
     the throttle reserved for it, ``timeout_s`` the virtual deadline of the whole call.
+    ``request_id`` is the interactive request a call is an attempt of (None for batches).
     """
 
     call_id: int
@@ -56,6 +57,7 @@ class Call:
     stream: bool = False
     lane: Literal["background", "interactive"] = "background"
     sent_at: float = 0.0
+    request_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
