@@ -1,69 +1,70 @@
-"""The plan of a scenario against a compressed live run of it: the client's asyncio runner
-over HTTP against the real simulator on a loopback port, built from the same assembly."""
+"""``ratelab plan --compare`` against real ``ratelab run`` folders of shipped scenarios.
+
+Each scenario is copied with ``time_scale`` 20 or 30 (a live run costs real milliseconds per
+request, multiplied by the compression: at 60 the live side runs ~5% slow, at 30 ~2-4%),
+shortened with ``--items``, run live in a subprocess (Locust patches the interpreter), then
+planned with ``--compare``: exit status 0 means every figure of every arm (items/min,
+requests/min, 429 count, duration, cost) is within 5%. The live run may exit 1 (the
+shortened job misses the scenario's own ``expect:`` thresholds); its folder is complete.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from batchclient.runner import JobResult, Runner
-from batchclient.store import SqliteJobStore
-from batchclient.transport import AiohttpTransport
-from loadtests.planner.assemble import arm_setup, items, simulator_config, task_for
-from loadtests.planner.compare import relative_error
-from loadtests.planner.sim import plan_scenario
-from loadtests.scenario import load_scenario
-from simulator.server import serve_in_thread
+from loadtests.cli import main
 
-HERE = Path(__file__).parent / "scenarios"
+SCENARIOS = Path(__file__).parents[3] / "scenarios"
 
 
-def live_run(path: Path, tmp_path: Path) -> JobResult:
-    scenario = load_scenario(path)
-    arm = scenario.arms[0]
-    setup = arm_setup(scenario, arm)
-    with serve_in_thread(simulator_config(scenario)) as server:
-        providers = tuple(
-            dataclasses.replace(p, base_url=server.base_url(setup.routes[p.name][0]))
-            for p in setup.config.providers)
-        config = dataclasses.replace(setup.config, providers=providers)
-        store = SqliteJobStore(str(tmp_path / "job.sqlite"))
-        store.import_items(items(scenario))
-
-        async def go() -> JobResult:
-            async with AiohttpTransport(providers, config.stream) as transport:
-                runner = Runner(task_for(scenario, arm), config, transport, store)
-                return await runner.run()
-
-        try:
-            return asyncio.run(go())
-        finally:
-            store.close()
+def compressed_copy(name: str, tmp_path: Path, time_scale: int = 30,
+                    arms: str | None = None) -> Path:
+    """The shipped scenario ``name`` at ``time_scale`` (and only the batch ``arms`` given, a
+    YAML flow list), beside a link to the shipped profiles."""
+    folder = tmp_path / "scenarios"
+    folder.mkdir()
+    (folder / "providers").symlink_to(SCENARIOS / "providers")
+    text = (SCENARIOS / f"{name}.yaml").read_text()
+    copy = folder / f"{name}.yaml"
+    text = re.sub(r"(?m)^time_scale: .*$", f"time_scale: {time_scale}", text)
+    if arms is not None:
+        text = re.sub(r"(?m)^  batch: \{", f"  batch: {{arms: {arms}, ", text)
+    copy.write_text(text)
+    return copy
 
 
-@pytest.mark.parametrize("name", ["fid-batch", "fid-single", "fid-rpm"])
-def test_plan_within_5_percent_of_live(name: str, tmp_path: Path) -> None:
-    path = HERE / f"{name}.yaml"
-    live = live_run(path, tmp_path)
-    plan = plan_scenario(load_scenario(path)).summary()["arms"][0]
-    assert live.done == plan["items"]["done"] == live.total
-    measured = {
-        "items_per_min": live.done / live.elapsed_s * 60.0,
-        "requests_per_min": live.requests / live.elapsed_s * 60.0,
-        "duration_s": live.elapsed_s,
-        "cost_usd": live.cost_usd,
-    }
-    predicted = {
-        "items_per_min": plan["throughput"]["items_per_min"],
-        "requests_per_min": plan["throughput"]["requests_per_min"],
-        "duration_s": plan["duration_s"],
-        "cost_usd": plan["cost_usd"]["total"],
-    }
-    errors = {k: relative_error(predicted[k], measured[k]) for k in measured}
-    print(name, measured, predicted, errors)
-    for key, error in errors.items():
-        assert error is not None and abs(error) <= 0.05, (key, predicted[key], measured[key])
-    assert abs(plan["requests"]["http_429"] - live.rate_limited) <= max(2, 0.05 * live.requests)
+@pytest.mark.timeout(120)
+# seed 001 runs its single arm only: the naive arm's ~1,000 refused requests a minute each
+# cost real milliseconds live, and 600 items batched are 30 latency-bound requests in 14
+# virtual seconds; at 30x both drift 3-8% with the machine's load (docs/planner.md).
+# ci-gate and quickstart hold semantic batching at the TPM bound.
+@pytest.mark.parametrize("name, items, time_scale, arms", [
+    ("ci-gate", 6000, 20, None),                # semantic batching at the TPM bound
+    ("quickstart", 6000, 20, None),             # the README's first run
+    ("seed001-semantic-batching", 600, 30, "[single]"),
+])
+def test_plan_within_5_percent_of_ratelab_run(name: str, items: int, time_scale: int,
+                                               arms: str | None, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    scenario = compressed_copy(name, tmp_path, time_scale, arms)
+    run_dir = tmp_path / "run"
+    live = subprocess.run(
+        [sys.executable, "-m", "loadtests.cli", "run", str(scenario), "--items", str(items),
+         "--out", str(run_dir), "--no-progress"],
+        capture_output=True, text=True, timeout=100, check=False)
+    assert live.returncode in (0, 1), live.stderr[-2000:]
+    assert (run_dir / "summary.json").is_file()
+    status = main(["plan", str(scenario), "--compare", str(run_dir),
+                   "--out", str(tmp_path / "plan")])
+    table = capsys.readouterr().out
+    print(table)
+    assert status == 0, table
+    rows = [line.split() for line in table.splitlines() if line.endswith("%")]
+    assert {r[1] for r in rows} >= {"items/min", "requests/min", "429s", "duration", "cost"}
+    # the 429 count and the bill are the provider model's own: they agree exactly
+    assert all(r[-1] == "+0.0%" for r in rows if r[1] in ("429s", "cost"))
