@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "job": "batchclient.cli",
     "run": "loadtests.run",
     "plan": "loadtests.plan",
+    "gateway": "gateway.cli",
 }
 
 

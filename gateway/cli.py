@@ -1,0 +1,71 @@
+"""``ratelab gateway``: run the queue-fronted service until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from dataclasses import replace
+
+from batchclient._reader import ConfigError
+from gateway.config import GatewayConfig, default_config, load_config
+from gateway.server import start_gateway
+
+HELP = ("Run the queue-fronted gateway: enqueue, poll or subscribe, per-user limits by tier, "
+        "interactive and background lanes, shared through Redis with --redis.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the gateway's flags."""
+    parser.add_argument("--config", metavar="FILE",
+                        help="gateway YAML (upstreams, tiers, users, lanes, batching); "
+                             "default: one upstream at --upstream with the default tiers")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8080, help="port (0 picks a free one)")
+    parser.add_argument("--redis", metavar="URL",
+                        help="share tasks, users' buckets and the provider window through "
+                             "this Redis (redis://HOST:PORT/DB)")
+    parser.add_argument("--workers", type=int, help="worker count (overrides the config)")
+    parser.add_argument("--db", metavar="PATH", help="SQLite task store without --redis")
+    parser.add_argument("--upstream", default="http://127.0.0.1:8000/v1",
+                        help="provider base URL when no --config is given "
+                             "(default: `ratelab serve --port 8000`)")
+
+
+def _config(args: argparse.Namespace) -> GatewayConfig:
+    cfg = load_config(args.config) if args.config else default_config(args.upstream)
+    if args.workers is not None:
+        if args.workers < 1 or args.workers <= cfg.lanes.reserved_workers:
+            raise ConfigError(f"--workers: expected more than lanes.reserved_workers "
+                              f"({cfg.lanes.reserved_workers}), got {args.workers}")
+        cfg = replace(cfg, workers=args.workers)
+    return cfg
+
+
+async def _serve(cfg: GatewayConfig, args: argparse.Namespace) -> None:
+    gw = await start_gateway(cfg, host=args.host, port=args.port, redis_url=args.redis,
+                             db_path=args.db)
+    backend = f"Redis {args.redis}" if args.redis else f"SQLite {args.db or cfg.db_path}"
+    print(f"ratelab gateway on {gw.url} -> {cfg.upstream.base_url} "
+          f"({cfg.workers} workers, state in {backend})", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await gw.close()
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run until Ctrl-C; 2 on a bad configuration."""
+    try:
+        cfg = _config(args)
+    except ConfigError as exc:
+        print(f"ratelab gateway: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(cfg, args))
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"ratelab gateway: {exc}", file=sys.stderr)
+        return 1
+    return 0

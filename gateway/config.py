@@ -1,0 +1,236 @@
+"""Gateway configuration: frozen dataclasses parsed once, errors naming file and key path.
+
+Rates are per virtual minute, durations virtual seconds (``time_scale`` compresses them
+as in docs/conventions.md), sizes bytes, tokens by the ratelab tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+
+import yaml
+
+from batchclient._reader import ConfigError, _Reader
+from batchclient.config import DEFAULT_INSTRUCTIONS
+
+LANES: tuple[str, ...] = ("interactive", "background")
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """One provider the gateway calls with its shared key; ``rpm``/``tpm`` are the limits
+    the gateway enforces for that key across every gateway process (None: unlimited)."""
+
+    name: str
+    base_url: str
+    api_key: str
+    models: tuple[str, ...] = ("gpt-4o-mini",)
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TierLimits:
+    """A pricing tier: requests per minute (bucket of ``burst`` requests), tokens per day."""
+
+    rpm: float | None = 10.0
+    tokens_per_day: int | None = 100_000
+    burst: float | None = None
+
+    @property
+    def capacity(self) -> float | None:
+        """Requests the bucket holds when full (``burst``, else one minute's worth)."""
+        return self.burst if self.burst is not None else self.rpm
+
+
+@dataclass(frozen=True, slots=True)
+class LaneSettings:
+    """Interactive-lane protection: ``reserved_workers`` never take background work and the
+    background lane plans at most ``background_ceiling`` of the provider window;
+    ``interactive_p95_budget_s`` is the latency target the benchmark checks."""
+
+    interactive_p95_budget_s: float = 2.0
+    reserved_workers: int = 2
+    background_ceiling: float = 0.8
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingSettings:
+    """Semantic batching of ``item``-form background tasks: up to ``max_items`` per
+    request, ``labels`` code -> name, a shared ``system_prompt``."""
+
+    enabled: bool = True
+    max_items: int = 20
+    token_budget: int = 16000
+    max_misses: int = 3
+    system_prompt: str = "You classify short texts."
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(
+        {c: c for c in "ABCDEFGH"}))
+    instructions: str = DEFAULT_INSTRUCTIONS
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """The whole gateway: upstreams (the first is used), tiers, users, lanes, workers."""
+
+    upstreams: tuple[Upstream, ...]
+    tiers: Mapping[str, TierLimits]
+    default_tier: str
+    users: Mapping[str, str] = field(default_factory=dict)
+    lanes: LaneSettings = LaneSettings()
+    workers: int = 8
+    batching: BatchingSettings = BatchingSettings()
+    time_scale: float = 1.0
+    max_body_bytes: int = 1024 * 1024
+    lease_s: float = 300.0
+    max_attempts: int = 5
+    request_timeout_s: float = 120.0
+    default_max_tokens: int = 256
+    db_path: str = "gateway.db"
+
+    @property
+    def upstream(self) -> Upstream:
+        """The provider every task goes to."""
+        return self.upstreams[0]
+
+    def tier_of(self, user: str) -> str:
+        """The tier name of ``user`` (the default tier when unlisted)."""
+        return self.users.get(user, self.default_tier)
+
+
+DEFAULT_TIERS: Mapping[str, TierLimits] = MappingProxyType({
+    "free": TierLimits(rpm=10, tokens_per_day=100_000),
+    "pro": TierLimits(rpm=60, tokens_per_day=1_000_000),
+    "enterprise": TierLimits(rpm=600, tokens_per_day=None),
+})
+
+
+def default_config(base_url: str = "http://127.0.0.1:8000/v1", api_key: str = "sk-ratelab",
+                   **changes: object) -> GatewayConfig:
+    """The documented defaults in front of one provider (the simulator's default key)."""
+    cfg = GatewayConfig(upstreams=(Upstream("default", base_url, api_key),),
+                        tiers=DEFAULT_TIERS, default_tier="free")
+    return replace(cfg, **changes) if changes else cfg  # type: ignore[arg-type]
+
+
+def _upstream(r: _Reader) -> Upstream:
+    key = r.raw("api_key")
+    env = r.raw("api_key_env")
+    if env is not None:
+        if not isinstance(env, str) or not env:
+            raise r.fail("api_key_env", "the name of an environment variable")
+        if env not in os.environ:
+            raise ConfigError(f"{r.source}: {r.key('api_key_env')}: environment variable "
+                              f"{env!r} is not set")
+        key = os.environ[env]
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"{r.source}: {r.key('api_key')}: expected a non-empty string "
+                          "(or api_key_env naming a variable)")
+    models = r.raw("models")
+    if models is None:
+        models = ["gpt-4o-mini"]
+    if not isinstance(models, list) or not models or not all(
+            isinstance(m, str) and m for m in models):
+        raise r.fail("models", "a non-empty list of model names")
+    base_url = r.str_("base_url").rstrip("/")
+    up = Upstream(r.str_("name", "default"), base_url, key, tuple(models),
+                  r.opt_int("rpm"), r.opt_int("tpm"))
+    r.finish()
+    return up
+
+
+def _tier(r: _Reader) -> TierLimits:
+    rpm = r.opt_float("rpm")
+    burst = r.opt_float("burst")
+    for name, value in (("rpm", rpm), ("burst", burst)):
+        if value is not None and value <= 0:
+            raise r.fail(name, "a number > 0")
+    tier = TierLimits(rpm, r.opt_int("tokens_per_day"), burst)
+    r.finish()
+    return tier
+
+
+def parse_config(data: object, source: str) -> GatewayConfig:
+    """Parse a gateway configuration mapping; ``source`` names the file in errors."""
+    r = _Reader(data, source, "")
+    ups_raw = r.raw("upstreams")
+    if not isinstance(ups_raw, list) or not ups_raw:
+        raise r.fail("upstreams", "a non-empty list of provider mappings")
+    upstreams = tuple(_upstream(_Reader(u, source, f"upstreams[{i}]"))
+                      for i, u in enumerate(ups_raw))
+    tiers_raw = r.raw("tiers")
+    if tiers_raw is None:
+        tiers: Mapping[str, TierLimits] = DEFAULT_TIERS
+    else:
+        if not isinstance(tiers_raw, dict) or not tiers_raw:
+            raise r.fail("tiers", "a mapping of tier name to limits")
+        tiers = MappingProxyType({str(name): _tier(r.child("tiers").child(str(name)))
+                                  for name in tiers_raw})
+    default_tier = r.str_("default_tier", next(iter(tiers)))
+    if default_tier not in tiers:
+        raise r.fail("default_tier", "one of " + ", ".join(tiers))
+    users_raw = r.raw("users") or {}
+    if not isinstance(users_raw, dict):
+        raise r.fail("users", "a mapping of user id to tier name")
+    for user, tier in users_raw.items():
+        if tier not in tiers:
+            raise ConfigError(f"{source}: users.{user}: expected one of {', '.join(tiers)}, "
+                              f"got {tier!r}")
+    users = MappingProxyType({str(u): str(t) for u, t in users_raw.items()})
+    workers = r.int_("workers", 8, 1)
+    lr = r.child("lanes")
+    lanes = LaneSettings(
+        lr.float_("interactive_p95_budget_s", 2.0), lr.int_("reserved_workers", 2, 0),
+        lr.float_("background_ceiling", 0.8), lr.bool_("enabled", True))
+    if lanes.background_ceiling > 1:
+        raise lr.fail("background_ceiling", "a fraction in [0, 1]")
+    if lanes.reserved_workers >= workers:
+        raise lr.fail("reserved_workers", f"fewer than workers ({workers})")
+    lr.finish()
+    br = r.child("batching")
+    labels_raw = br.raw("labels")
+    labels: Mapping[str, str] = BatchingSettings().labels
+    if labels_raw is not None:
+        if isinstance(labels_raw, list) and labels_raw:
+            labels = MappingProxyType({str(c): str(c) for c in labels_raw})
+        elif isinstance(labels_raw, dict) and labels_raw:
+            labels = MappingProxyType({str(c): str(n) for c, n in labels_raw.items()})
+        else:
+            raise br.fail("labels", "a list of codes or a mapping code -> label")
+    batching = BatchingSettings(
+        br.bool_("enabled", True), br.int_("max_items", 20, 1), br.int_("token_budget", 16000, 1),
+        br.int_("max_misses", 3, 1), br.str_("system_prompt", "You classify short texts."),
+        labels, br.str_("instructions", DEFAULT_INSTRUCTIONS))
+    br.finish()
+    cfg = GatewayConfig(
+        upstreams=upstreams, tiers=tiers, default_tier=default_tier, users=users, lanes=lanes,
+        workers=workers, batching=batching,
+        time_scale=r.float_("time_scale", 1.0, 1e-9),
+        max_body_bytes=r.int_("max_body_bytes", 1024 * 1024, 1),
+        lease_s=r.float_("lease_s", 300.0, 1e-9),
+        max_attempts=r.int_("max_attempts", 5, 1),
+        request_timeout_s=r.float_("request_timeout_s", 120.0, 1e-9),
+        default_max_tokens=r.int_("default_max_tokens", 256, 1),
+        db_path=r.str_("db_path", "gateway.db"),
+    )
+    r.finish()
+    return cfg
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read a YAML gateway configuration (``yaml.safe_load``) and parse it."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    return parse_config(data, source)

@@ -1,0 +1,114 @@
+"""In-process event hub (task state changes and streamed tokens) and the gateway's counters.
+
+The hub only reaches subscribers in the same process; an SSE subscriber also polls the
+store, so with Redis it sees changes made by another gateway process too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict, deque
+from collections.abc import Mapping
+from typing import Any
+
+Event = dict[str, Any]
+
+
+class EventHub:
+    """Fan-out of per-task events to the asyncio queues subscribed to that task."""
+
+    def __init__(self) -> None:
+        self._subs: dict[str, set[asyncio.Queue[Event]]] = defaultdict(set)
+
+    def subscribe(self, task_id: str) -> asyncio.Queue[Event]:
+        """A queue receiving every later event of ``task_id``."""
+        q: asyncio.Queue[Event] = asyncio.Queue()
+        self._subs[task_id].add(q)
+        return q
+
+    def unsubscribe(self, task_id: str, q: asyncio.Queue[Event]) -> None:
+        """Stop delivering to ``q``."""
+        subs = self._subs.get(task_id)
+        if subs is not None:
+            subs.discard(q)
+            if not subs:
+                del self._subs[task_id]
+
+    def publish(self, task_id: str, event: Event) -> None:
+        """Deliver ``event`` to the task's subscribers (none: dropped)."""
+        for q in self._subs.get(task_id, ()):
+            q.put_nowait(event)
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    idx = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[idx]
+
+
+class Metrics:
+    """Counters of one gateway process: accepted and refused tasks, outcomes, latencies
+    (virtual seconds from acceptance to a final state, the last ``keep`` per lane)."""
+
+    def __init__(self, keep: int = 20000) -> None:
+        self.accepted: dict[str, int] = defaultdict(int)
+        self.refused: dict[tuple[str, str], int] = defaultdict(int)
+        self.finished: dict[tuple[str, str], int] = defaultdict(int)
+        self.upstream_calls: dict[int, int] = defaultdict(int)
+        self.unavailable = 0
+        self._latency: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=keep))
+
+    def observe_latency(self, lane: str, seconds: float) -> None:
+        """Record one time-to-result."""
+        self._latency[lane].append(seconds)
+
+    def latency(self, lane: str) -> dict[str, float]:
+        """p50/p95/p99 and count of the lane's recent times to result (seconds)."""
+        values = sorted(self._latency.get(lane, ()))
+        return {"count": float(len(values)), "p50": _quantile(values, 0.5),
+                "p95": _quantile(values, 0.95), "p99": _quantile(values, 0.99)}
+
+    def snapshot(self, depths: Mapping[str, int] | None) -> dict[str, Any]:
+        """Everything as JSON-ready values (``GET /metrics?format=json``)."""
+        return {
+            "queue_depth": dict(depths) if depths is not None else None,
+            "accepted": dict(self.accepted),
+            "refused": [{"tier": t, "limit": lim, "count": n}
+                        for (t, lim), n in sorted(self.refused.items())],
+            "finished": [{"lane": lane, "state": s, "count": n}
+                         for (lane, s), n in sorted(self.finished.items())],
+            "upstream_calls": {str(k): v for k, v in sorted(self.upstream_calls.items())},
+            "state_unavailable": self.unavailable,
+            "latency_s": {lane: self.latency(lane) for lane in sorted(self._latency)},
+        }
+
+    def prometheus(self, depths: Mapping[str, int] | None) -> str:
+        """The same figures in Prometheus text format."""
+        lines = ["# TYPE ratelab_gateway_queue_depth gauge"]
+        for q, n in sorted((depths or {}).items()):
+            lines.append(f'ratelab_gateway_queue_depth{{queue="{q}"}} {n}')
+        lines.append("# TYPE ratelab_gateway_accepted_total counter")
+        for lane, n in sorted(self.accepted.items()):
+            lines.append(f'ratelab_gateway_accepted_total{{lane="{lane}"}} {n}')
+        lines.append("# TYPE ratelab_gateway_refused_total counter")
+        for (tier, limit), n in sorted(self.refused.items()):
+            lines.append(f'ratelab_gateway_refused_total{{tier="{tier}",limit="{limit}"}} {n}')
+        lines.append("# TYPE ratelab_gateway_finished_total counter")
+        for (lane, state), n in sorted(self.finished.items()):
+            lines.append(f'ratelab_gateway_finished_total{{lane="{lane}",state="{state}"}} {n}')
+        lines.append("# TYPE ratelab_gateway_upstream_calls_total counter")
+        for status, n in sorted(self.upstream_calls.items()):
+            lines.append(f'ratelab_gateway_upstream_calls_total{{status="{status}"}} {n}')
+        lines.append("# TYPE ratelab_gateway_state_unavailable_total counter")
+        lines.append(f"ratelab_gateway_state_unavailable_total {self.unavailable}")
+        lines.append("# TYPE ratelab_gateway_time_to_result_seconds summary")
+        for lane in sorted(self._latency):
+            stats = self.latency(lane)
+            for q in ("p50", "p95", "p99"):
+                quant = {"p50": "0.5", "p95": "0.95", "p99": "0.99"}[q]
+                lines.append(f'ratelab_gateway_time_to_result_seconds{{lane="{lane}",'
+                             f'quantile="{quant}"}} {stats[q]:.6f}')
+            lines.append(f'ratelab_gateway_time_to_result_seconds_count{{lane="{lane}"}} '
+                         f'{int(stats["count"])}')
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,179 @@
+"""In-process state: SQLite task store (WAL, group commit), dict-backed buckets and window.
+
+One gateway process owns the SQLite file, so at open every task left ``running`` by a
+previous process is re-queued (its lease died with that process) and ``done`` tasks stay
+done: a restart loses no accepted task and pays for no finished one twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections import deque
+from collections.abc import Mapping, Sequence
+
+from gateway.config import TierLimits
+from gateway.limits import SlidingWindow, UserBuckets, UserDecision, admit_user, full_buckets
+from gateway.state import QUEUES, TaskRecord
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    queue TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    misses INTEGER NOT NULL DEFAULT 0,
+    updated REAL NOT NULL DEFAULT 0,
+    result TEXT,
+    error TEXT,
+    status INTEGER
+);
+CREATE INDEX IF NOT EXISTS tasks_open ON tasks(state) WHERE state IN ('queued', 'running');
+"""
+_COLUMNS = "id, spec, state, attempts, misses, updated, result, error, status"
+
+
+def _json(value: object) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+class SqliteTaskStore:
+    """Tasks in a SQLite file (WAL); the queues are in-memory deques rebuilt at open.
+
+    ``put`` returns only after the transaction holding the task has committed; puts that
+    arrive in the same loop tick share one commit (group commit).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._queues: dict[str, deque[TaskRecord]] = {q: deque() for q in QUEUES}
+        self._pending: list[tuple[TaskRecord, asyncio.Future[None]]] = []
+        self._flush_scheduled = False
+        self.recovered = self._recover()
+
+    def _recover(self) -> int:
+        """Re-queue what a previous process left queued or running, in arrival order."""
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM tasks WHERE state IN ('queued', 'running') ORDER BY seq"
+        ).fetchall()
+        self._db.execute("UPDATE tasks SET state = 'queued' WHERE state = 'running'")
+        for row in rows:
+            task = TaskRecord.from_parts(*row)
+            task.state = "queued"
+            self._queues[task.queue].append(task)
+        return sum(1 for row in rows if row[2] == "running")
+
+    async def put(self, task: TaskRecord) -> None:
+        """Store and queue ``task`` once its commit is done."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((task, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        await future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, []
+        try:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT INTO tasks (id, queue, spec, state, updated) VALUES (?, ?, ?, ?, ?)",
+                [(t.id, t.queue, t.spec_json(), t.state, t.created) for t, _ in pending])
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            for _, future in pending:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for task, future in pending:
+            self._queues[task.queue].append(task)
+            if not future.done():
+                future.set_result(None)
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        """The stored task, or None."""
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM tasks WHERE id = ?",
+                               (task_id,)).fetchone()
+        return None if row is None else TaskRecord.from_parts(*row)
+
+    async def claim(self, queues: Sequence[str], now: float, lease_s: float,
+                    batch_max: int = 1) -> list[TaskRecord]:
+        """Take the head of the first non-empty queue (up to ``batch_max`` from ``batch``)."""
+        for name in queues:
+            q = self._queues[name]
+            if not q:
+                continue
+            n = batch_max if name == "batch" else 1
+            out = [q.popleft() for _ in range(min(n, len(q)))]
+            for task in out:
+                task.state = "running"
+                task.attempts += 1
+                task.updated = now
+            # Not committed on its own: a crash while running re-queues it either way.
+            self._db.executemany(
+                "UPDATE tasks SET state = 'running', attempts = ?, updated = ? WHERE id = ?",
+                [(t.attempts, now, t.id) for t in out])
+            return out
+        return []
+
+    async def finish(self, task: TaskRecord, now: float) -> bool:
+        """Commit the final state and result; False if it was already final."""
+        cur = self._db.execute(
+            "UPDATE tasks SET state = ?, result = ?, error = ?, status = ?, misses = ?, "
+            "updated = ? WHERE id = ? AND state NOT IN ('done', 'failed', 'dead_lettered')",
+            (task.state, _json(task.result), _json(task.error), task.status, task.misses, now,
+             task.id))
+        return cur.rowcount == 1
+
+    async def requeue(self, task: TaskRecord, now: float) -> None:
+        """Back to the front of its queue."""
+        task.state = "queued"
+        self._db.execute("UPDATE tasks SET state = 'queued', misses = ?, updated = ? "
+                         "WHERE id = ?", (task.misses, now, task.id))
+        self._queues[task.queue].appendleft(task)
+
+    async def depths(self) -> Mapping[str, int]:
+        """Waiting tasks per queue."""
+        return {name: len(q) for name, q in self._queues.items()}
+
+    async def close(self) -> None:
+        """Flush what is pending and close the file."""
+        if self._pending:
+            self._flush()
+        self._db.close()
+
+
+class MemoryUserLimiter:
+    """Per-user buckets in a dict (one gateway process)."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, UserBuckets] = {}
+
+    async def admit(self, user: str, tier: TierLimits, now: float,
+                    tokens: int) -> UserDecision:
+        """``admit_user`` on this user's buckets (created full on first sight)."""
+        state = self._buckets.get(user)
+        if state is None:
+            state = self._buckets[user] = full_buckets(tier, now)
+        return admit_user(state, tier, now, tokens)
+
+
+class MemoryProviderWindow:
+    """The provider window of one gateway process."""
+
+    def __init__(self, rpm: int | None, tpm: int | None) -> None:
+        self.window = SlidingWindow(rpm, tpm)
+
+    async def acquire(self, now: float, tokens: int, ceiling: float) -> float:
+        """``SlidingWindow.acquire``."""
+        return self.window.acquire(now, tokens, ceiling)

@@ -1,0 +1,171 @@
+"""Shared state in Redis: tasks in hashes, one list per queue, leases in a sorted set,
+per-user buckets and the provider window, each step one Lua script (``redis_scripts``).
+
+Several gateway processes pointed at one Redis share the provider quota and the users'
+limits. A task whose worker died is re-queued when its lease expires; ``finish`` stores
+the result and drops the lease in one step and never overwrites a final state. Any
+connection failure surfaces as ``StateUnavailable`` (the HTTP layer answers 503).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway import redis_scripts as lua
+from gateway.config import TierLimits
+from gateway.limits import DAY_S, WINDOW_S, UserDecision
+from gateway.state import QUEUES, StateUnavailable, TaskRecord
+
+T = TypeVar("T")
+
+
+def connect(url: str, timeout_s: float = 2.0) -> aioredis.Redis:
+    """A client that fails fast (no hidden retries) so an outage shows at once as 503."""
+    return aioredis.Redis.from_url(
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0), decode_responses=True)
+
+
+async def _guard(call: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return await call()
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise StateUnavailable(f"Redis unreachable: {exc}") from exc
+
+
+def _dump(value: object) -> str:
+    return "" if value is None else json.dumps(value, separators=(",", ":"))
+
+
+class RedisState:
+    """TaskStore, UserLimiter and ProviderWindow over one Redis connection pool.
+
+    ``prefix`` namespaces every key (tests and separate deployments on one Redis);
+    ``time_scale`` converts virtual durations to Redis expiry times.
+    """
+
+    def __init__(self, client: aioredis.Redis, *, prefix: str = "ratelab:gw:",
+                 rpm: int | None = None, tpm: int | None = None,
+                 time_scale: float = 1.0) -> None:
+        self.r = client
+        self.prefix = prefix
+        self.rpm = rpm
+        self.tpm = tpm
+        self.time_scale = time_scale
+        self._admit = client.register_script(lua.USER_ADMIT)
+        self._acquire = client.register_script(lua.PROVIDER_ACQUIRE)
+        self._enqueue = client.register_script(lua.ENQUEUE)
+        self._claim = client.register_script(lua.CLAIM)
+        self._finish = client.register_script(lua.FINISH)
+        self._requeue = client.register_script(lua.REQUEUE)
+
+    def _task_key(self, task_id: str) -> str:
+        return f"{self.prefix}task:{task_id}"
+
+    def _queue_key(self, queue: str) -> str:
+        return f"{self.prefix}q:{queue}"
+
+    async def ping(self) -> bool:
+        """True when Redis answers."""
+        return bool(await _guard(self.r.ping))
+
+    # ------------------------------------------------------------ TaskStore
+
+    async def put(self, task: TaskRecord) -> None:
+        """Store the task hash and queue its id, atomically."""
+        await _guard(lambda: self._enqueue(
+            keys=[self._task_key(task.id), self._queue_key(task.queue)],
+            args=[task.id, task.spec_json(), repr(task.created)]))
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        """The task, or None."""
+        h: dict[str, str] = await _guard(
+            lambda: self.r.hgetall(self._task_key(task_id)))  # type: ignore[arg-type,return-value]
+        if not h or "spec" not in h:
+            return None
+        status = h.get("status") or None
+        return TaskRecord.from_parts(
+            task_id, h["spec"], h.get("state", "queued"), int(h.get("attempts", 0)),
+            int(h.get("misses", 0)), float(h.get("updated", 0.0)), h.get("result") or None,
+            h.get("error") or None, int(status) if status else None)
+
+    async def claim(self, queues: Sequence[str], now: float, lease_s: float,
+                    batch_max: int = 1) -> list[TaskRecord]:
+        """Re-queue expired leases, then lease the next task(s) (see ``TaskStore``)."""
+        raw: list[str] = await _guard(lambda: self._claim(
+            keys=[f"{self.prefix}leases"],
+            args=[self.prefix, repr(now), repr(now + lease_s), batch_max, *queues]))
+        out = []
+        for i in range(0, len(raw), 3):
+            attempts, misses = raw[i + 2].split(":")
+            out.append(TaskRecord.from_parts(raw[i], raw[i + 1], "running", int(attempts),
+                                             int(misses), now, None, None, None))
+        return out
+
+    async def finish(self, task: TaskRecord, now: float) -> bool:
+        """Store the final state and result, drop the lease; False if already final."""
+        done = await _guard(lambda: self._finish(
+            keys=[self._task_key(task.id), f"{self.prefix}leases"],
+            args=[task.id, task.state, _dump(task.result), _dump(task.error),
+                  "" if task.status is None else str(task.status), task.misses, repr(now)]))
+        return bool(done)
+
+    async def requeue(self, task: TaskRecord, now: float) -> None:
+        """Back to the front of its queue (only if still running under our lease)."""
+        task.state = "queued"
+        await _guard(lambda: self._requeue(
+            keys=[self._task_key(task.id), f"{self.prefix}leases", self._queue_key(task.queue)],
+            args=[task.id, task.misses, repr(now)]))
+
+    async def depths(self) -> Mapping[str, int]:
+        """Waiting tasks per queue."""
+        async def run() -> list[Any]:
+            pipe = self.r.pipeline(transaction=False)
+            for q in QUEUES:
+                pipe.llen(self._queue_key(q))
+            return await pipe.execute()
+        lengths = await _guard(run)
+        return {q: int(n) for q, n in zip(QUEUES, lengths, strict=True)}
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        with contextlib.suppress(RedisError):
+            await self.r.aclose()
+
+    # ------------------------------------------------------------ UserLimiter
+
+    async def admit(self, user: str, tier: TierLimits, now: float,
+                    tokens: int) -> UserDecision:
+        """One atomic bucket step for ``user`` (``gateway.limits.admit_user`` in Lua)."""
+        # Idle buckets refill completely within a day; keep them a little longer.
+        ttl_ms = max(1000, math.ceil(2 * DAY_S / self.time_scale * 1000))
+        res = await _guard(lambda: self._admit(
+            keys=[f"{self.prefix}user:{user}"],
+            args=[repr(now), -1 if tier.rpm is None else repr(float(tier.rpm)),
+                  repr(float(tier.capacity or 0.0)),
+                  -1 if tier.tokens_per_day is None else tier.tokens_per_day, tokens, ttl_ms]))
+        allowed, limit, wait = int(res[0]), str(res[1]), float(res[2])
+        return UserDecision(bool(allowed), limit, wait)
+
+    # ------------------------------------------------------------ ProviderWindow
+
+    async def acquire(self, now: float, tokens: int, ceiling: float) -> float:
+        """One atomic step of the shared sliding window (``SlidingWindow`` in Lua)."""
+        res = await _guard(lambda: self._acquire(
+            keys=[f"{self.prefix}window", f"{self.prefix}window:tokens"],
+            args=[repr(now), repr(WINDOW_S), -1 if self.rpm is None else self.rpm,
+                  -1 if self.tpm is None else self.tpm, tokens, repr(ceiling),
+                  uuid.uuid4().hex]))
+        return float(res)

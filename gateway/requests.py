@@ -1,0 +1,127 @@
+"""Validation of incoming task bodies into values, with OpenAI-shaped error objects.
+
+Pure: takes the decoded JSON and the header values, returns a ``TaskRequest`` or a
+``BadRequest`` (status, code, param, message); no aiohttp here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from batchclient.policy.tokens import chat_prompt_tokens, text_tokens
+from gateway.config import LANES, GatewayConfig
+
+ITEM_ID = re.compile(r"[A-Za-z0-9_.-]+")
+USER_HEADER = "X-Ratelab-User"
+LANE_HEADER = "X-Ratelab-Lane"
+# Reply object of one packed item and its share of the instruction line (tokens).
+ITEM_OVERHEAD_TOKENS = 8
+
+
+class BadRequest(Exception):
+    """A 4xx answer: HTTP status, OpenAI error ``code``, the offending ``param``, words."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI error object."""
+        return error_body(self.message, "invalid_request_error", self.code, self.param)
+
+
+def error_body(message: str, type_: str, code: str, param: str | None = None,
+               **extra: object) -> dict[str, Any]:
+    """``{"error": {"message", "type", "param", "code", ...}}`` as OpenAI sends it."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code,
+                      **extra}}
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRequest:
+    """A validated task: who, which lane and queue, the body kept, the tokens it may cost."""
+
+    user: str
+    lane: str
+    queue: str
+    body: dict[str, Any]
+    tokens: int
+    stream: bool
+
+
+def _bad(code: str, message: str, param: str | None = None) -> BadRequest:
+    return BadRequest(400, code, message, param)
+
+
+def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("invalid_messages", "'messages' must be a non-empty array of "
+                   "{role, content} objects.", "messages")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
+            raise _bad("invalid_messages", f"messages[{i}] must be an object with string "
+                       "'role' and 'content'.", f"messages[{i}]")
+    return messages
+
+
+def parse_task(body: object, headers: Mapping[str, str], cfg: GatewayConfig,
+               default_lane: str) -> TaskRequest:
+    """Validate a ``POST /v1/tasks`` or ``/v1/chat/completions`` body; raises BadRequest."""
+    if not isinstance(body, dict):
+        raise _bad("invalid_body", "The request body must be a JSON object.")
+    user = body.get("user", headers.get(USER_HEADER))
+    if not isinstance(user, str) or not user.strip():
+        raise _bad("missing_user", "A user id is required: the 'user' field or the "
+                   f"{USER_HEADER} header.", "user")
+    lane = body.get("lane", headers.get(LANE_HEADER, default_lane))
+    if lane not in LANES:
+        raise _bad("invalid_lane", f"Unknown lane {lane!r}; expected one of "
+                   + ", ".join(LANES) + ".", "lane")
+    model = body.get("model")
+    if model is not None and model not in cfg.upstream.models:
+        raise BadRequest(400, "model_not_found", f"The model {model!r} is not served here; "
+                         "expected one of " + ", ".join(cfg.upstream.models) + ".", "model")
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+    if max_tokens is not None and (isinstance(max_tokens, bool)
+                                   or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise _bad("invalid_max_tokens", "'max_tokens' must be an integer >= 1.", "max_tokens")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("invalid_stream", "'stream' must be true or false.", "stream")
+    item = body.get("item")
+    if item is not None:
+        return _item_task(body, item, user, lane, cfg)
+    messages = _messages(body)
+    tokens = chat_prompt_tokens(messages) + (max_tokens or cfg.default_max_tokens)
+    queue = lane if cfg.lanes.enabled else "shared"
+    return TaskRequest(user, lane, queue, dict(body), tokens, stream)
+
+
+def _item_task(body: Mapping[str, Any], item: object, user: str, lane: str,
+               cfg: GatewayConfig) -> TaskRequest:
+    if not (isinstance(item, dict) and isinstance(item.get("text"), str)
+            and isinstance(item.get("id"), str | int) and not isinstance(item.get("id"), bool)
+            and ITEM_ID.fullmatch(str(item["id"]))):
+        raise _bad("invalid_item", "'item' must be {\"id\": [A-Za-z0-9_.-]+, \"text\": string}.",
+                   "item")
+    if not cfg.batching.enabled:
+        raise _bad("batching_disabled", "This gateway does not pack items; send 'messages'.",
+                   "item")
+    if lane != "background":
+        raise _bad("invalid_lane", "Item tasks are packed in the background lane; "
+                   "send lane 'background'.", "lane")
+    if body.get("stream"):
+        raise _bad("invalid_stream", "Item tasks cannot stream.", "stream")
+    tokens = text_tokens(str(item["text"])) + len(str(item["id"])) // 4 + ITEM_OVERHEAD_TOKENS
+    kept = {"item": {"id": str(item["id"]), "text": str(item["text"])}}
+    if body.get("model"):
+        kept["model"] = body["model"]
+    return TaskRequest(user, lane, "batch", kept, tokens, False)

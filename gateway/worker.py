@@ -1,0 +1,297 @@
+"""The worker pool: leases tasks (interactive first), paces them through the shared
+provider window and calls the provider with the batching client's transport, retry and
+classification policy; ``item`` tasks of the background lane are packed with semantic
+batching (``batchclient.policy.packing``/``parsing``).
+
+Lane protection: the first ``lanes.reserved_workers`` workers only ever take interactive
+tasks, and background calls may fill only ``lanes.background_ceiling`` of the provider
+window, so a background flood leaves room for a waiting user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import random
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+
+from batchclient.config import RetrySettings, Task
+from batchclient.policy.classify import Verdict, classify
+from batchclient.policy.packing import Packer
+from batchclient.policy.parsing import parse_reply, read_completion
+from batchclient.policy.retry import retry_delay
+from batchclient.policy.wire import Call, Item, Response
+from batchclient.transport import Transport
+from gateway.clock import GatewayClock
+from gateway.config import GatewayConfig
+from gateway.events import EventHub, Metrics
+from gateway.state import ProviderWindow, StateUnavailable, TaskRecord, TaskStore
+from gateway.upstream import completion_from_stream, stream_chat
+
+log = logging.getLogger(__name__)
+
+# Gateway-only fields of a task body, never forwarded upstream.
+GATEWAY_FIELDS = ("lane", "batchable", "item")
+IDLE_POLL_S = 0.05      # wall seconds an idle worker waits before looking again
+STATE_RETRY_S = 0.2     # wall seconds between attempts while Redis is away
+RETRY = RetrySettings(base_s=0.5, cap_s=30.0)
+
+
+def worker_queues(cfg: GatewayConfig, index: int) -> tuple[str, ...]:
+    """Queues worker ``index`` claims from, in priority order."""
+    if not cfg.lanes.enabled:
+        return ("shared", "batch")
+    if index < cfg.lanes.reserved_workers:
+        return ("interactive",)
+    return ("interactive", "batch", "background")
+
+
+def upstream_body(task: TaskRecord, cfg: GatewayConfig) -> dict[str, Any]:
+    """The chat body sent to the provider: gateway fields removed, model and max_tokens set
+    (so the provider reserves what the gateway's window counted)."""
+    body = {k: v for k, v in task.body.items() if k not in GATEWAY_FIELDS}
+    body["model"] = body.get("model") or cfg.upstream.models[0]
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        body["max_tokens"] = cfg.default_max_tokens
+    body.pop("stream_options", None)
+    body["stream"] = False
+    return body
+
+
+class WorkerPool:
+    """``cfg.workers`` asyncio workers over one store, window and transport."""
+
+    def __init__(self, cfg: GatewayConfig, store: TaskStore, window: ProviderWindow,
+                 transport: Transport, clock: GatewayClock, hub: EventHub, metrics: Metrics,
+                 *, seed: int = 0) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.window = window
+        self.transport = transport
+        self.clock = clock
+        self.hub = hub
+        self.metrics = metrics
+        self.rng = random.Random(seed)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._idle: deque[asyncio.Future[None]] = deque()
+        self._call_ids = itertools.count(1)
+        self._session: aiohttp.ClientSession | None = None
+        b = cfg.batching
+        self.packer = Packer(Task("gateway", b.system_prompt, b.labels, cfg.upstream.models[0],
+                                  instructions=b.instructions))
+
+    def start(self) -> None:
+        """Start the workers on the running loop."""
+        self._session = aiohttp.ClientSession()
+        self._tasks = [asyncio.create_task(self._worker(i), name=f"gateway-worker-{i}")
+                       for i in range(self.cfg.workers)]
+
+    async def close(self) -> None:
+        """Stop the workers; tasks they held stay leased and are re-queued later."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._session is not None:
+            await self._session.close()
+
+    def wake(self) -> None:
+        """Wake one idle worker (a task was queued)."""
+        while self._idle:
+            fut = self._idle.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    async def _wait_for_work(self) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._idle.append(fut)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(fut, IDLE_POLL_S)
+
+    async def _worker(self, index: int) -> None:
+        queues = worker_queues(self.cfg, index)
+        while True:
+            try:
+                tasks = await self.store.claim(queues, self.clock.now(), self.cfg.lease_s,
+                                               self.cfg.batching.max_items)
+            except StateUnavailable:
+                await asyncio.sleep(STATE_RETRY_S)
+                continue
+            if not tasks:
+                await self._wait_for_work()
+                continue
+            for task in tasks:
+                self.hub.publish(task.id, {"state": "running", "attempts": task.attempts})
+            if tasks[0].queue == "batch":
+                await self._run_batch(tasks)
+            else:
+                await self._run_one(tasks[0])
+
+    # ------------------------------------------------------------------ helpers
+
+    def _ceiling(self, task: TaskRecord) -> float:
+        if not self.cfg.lanes.enabled or task.lane == "interactive":
+            return 1.0
+        return self.cfg.lanes.background_ceiling
+
+    async def _through_window(self, tokens: int, ceiling: float) -> None:
+        """Wait until the shared provider window admits a call of ``tokens``."""
+        while True:
+            try:
+                wait = await self.window.acquire(self.clock.now(), tokens, ceiling)
+            except StateUnavailable:
+                await asyncio.sleep(STATE_RETRY_S)
+                continue
+            if wait <= 0:
+                return
+            await asyncio.sleep(min(self.clock.wall(wait), 0.25))
+
+    async def _save(self, task: TaskRecord, *, final: bool) -> None:
+        """Store the outcome, retrying while the state is away (the result is never lost)."""
+        while True:
+            try:
+                if final:
+                    stored = await self.store.finish(task, self.clock.now())
+                else:
+                    await self.store.requeue(task, self.clock.now())
+                    stored = False
+                break
+            except StateUnavailable:
+                await asyncio.sleep(STATE_RETRY_S)
+        if final and stored:
+            self.metrics.finished[(task.lane, task.state)] += 1
+            self.metrics.observe_latency(task.lane, self.clock.now() - task.created)
+            event: dict[str, Any] = {"state": task.state}
+            if task.result is not None:
+                event["result"] = task.result
+            if task.error is not None:
+                event["error"] = task.error
+            self.hub.publish(task.id, event)
+        elif not final:
+            self.hub.publish(task.id, {"state": "queued", "misses": task.misses})
+
+    async def _send(self, task: TaskRecord, body: dict[str, Any], tokens: int,
+                    attempt: int, item_ids: tuple[str, ...] = ()) -> Response:
+        up = self.cfg.upstream
+        if task.body.get("stream") and not item_ids and self._session is not None:
+            body = {**body, "stream": True}
+            return await stream_chat(
+                self._session, up.base_url, up.api_key, body, self.cfg.request_timeout_s,
+                self.cfg.time_scale,
+                lambda piece: self.hub.publish(task.id, {"token": piece}))
+        max_tokens = int(body.get("max_tokens") or self.cfg.default_max_tokens)
+        call = Call(next(self._call_ids), up.name, str(body["model"]), item_ids, body,
+                    tokens - max_tokens, max_tokens, tokens, attempt,
+                    self.cfg.request_timeout_s, lane="interactive"
+                    if task.lane == "interactive" else "background")
+        return await self.transport.send(call)
+
+    # ------------------------------------------------------------------ one task
+
+    async def _run_one(self, task: TaskRecord) -> None:
+        body = upstream_body(task, self.cfg)
+        ceiling = self._ceiling(task)
+        attempt = 0
+        while True:
+            await self._through_window(task.tokens, ceiling)
+            response = await self._send(task, body, task.tokens, attempt)
+            self.metrics.upstream_calls[response.status] += 1
+            verdict = classify(response, self.cfg.time_scale)
+            if verdict.verdict == Verdict.OK:
+                task.state, task.status = "done", response.status
+                if response.content is not None and not response.body:
+                    task.result = completion_from_stream(response, str(body["model"]),
+                                                         task.id)
+                else:
+                    task.result = json.loads(response.body)
+                break
+            attempt += 1
+            if verdict.verdict == Verdict.RETRY and attempt < self.cfg.max_attempts:
+                await self.clock.sleep(retry_delay(attempt - 1, self.rng, RETRY,
+                                                   verdict.retry_after_s))
+                continue
+            task.status = response.status or None
+            if verdict.verdict == Verdict.RETRY:
+                task.state = "dead_lettered"
+                task.error = {"type": "upstream_error", "code": "retries_exhausted",
+                              "message": f"gave up after {attempt} attempts: {verdict.reason}"}
+            else:
+                task.state = "failed"
+                task.error = _upstream_error(response, verdict.reason)
+            break
+        await self._save(task, final=True)
+
+    # ------------------------------------------------------------------ packed items
+
+    async def _run_batch(self, tasks: Sequence[TaskRecord]) -> None:
+        b = self.cfg.batching
+        items = [Item(t.id, str(t.body["item"]["text"])) for t in tasks]
+        n = max(1, self.packer.pack(items, b.max_items, b.token_budget))
+        for task in tasks[n:]:
+            task.attempts -= 1  # not sent: the claim did not cost it an attempt
+            await self._save(task, final=False)
+        tasks, items = list(tasks[:n]), items[:n]
+        model = str(tasks[0].body.get("model") or self.cfg.upstream.models[0])
+        max_tokens = self.packer.max_tokens(items)
+        body: dict[str, Any] = {"model": model, "messages": self.packer.messages(items),
+                                "max_tokens": max_tokens, "temperature": 0}
+        tokens = self.packer.prompt_tokens(items) + max_tokens
+        await self._through_window(tokens, self._ceiling(tasks[0]))
+        response = await self._send(tasks[0], body, tokens, tasks[0].attempts - 1,
+                                    tuple(i.id for i in items))
+        self.metrics.upstream_calls[response.status] += 1
+        verdict = classify(response, self.cfg.time_scale)
+        if verdict.verdict == Verdict.OK:
+            content, finish, _ = read_completion(response.body)
+            parsed = parse_reply(content or "", [i.id for i in items], b.labels, finish)
+            for task in tasks:
+                code = parsed.codes.get(task.id)
+                if code is not None:
+                    task.state, task.status = "done", response.status
+                    task.result = {"id": task.body["item"].get("id"), "code": code,
+                                   "label": b.labels[code]}
+                    await self._save(task, final=True)
+                    continue
+                task.misses += 1
+                if task.misses >= b.max_misses:
+                    task.state = "dead_lettered"
+                    task.error = {"type": "upstream_error", "code": "item_never_answered",
+                                  "message": f"the reply left the item out {task.misses} "
+                                             "times" + (f" ({parsed.rejected[task.id]})"
+                                                        if task.id in parsed.rejected else "")}
+                    await self._save(task, final=True)
+                else:
+                    await self._save(task, final=False)
+            return
+        retryable = verdict.verdict == Verdict.RETRY
+        if retryable:
+            await self.clock.sleep(retry_delay(tasks[0].attempts - 1, self.rng, RETRY,
+                                               verdict.retry_after_s))
+        for task in tasks:
+            if retryable and task.attempts < self.cfg.max_attempts:
+                await self._save(task, final=False)
+                continue
+            task.status = response.status or None
+            task.state = "dead_lettered" if retryable else "failed"
+            task.error = _upstream_error(response, verdict.reason)
+            await self._save(task, final=True)
+
+
+def _upstream_error(response: Response, reason: str) -> dict[str, Any]:
+    """The provider's OpenAI error object when it sent one, else one built from ``reason``."""
+    try:
+        data = json.loads(response.body) if response.body else None
+    except json.JSONDecodeError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        return dict(data["error"])
+    return {"type": "upstream_error", "code": response.error or f"http_{response.status}",
+            "message": reason}

@@ -1,0 +1,164 @@
+"""End to end through HTTP: enqueue, poll, SSE, pass-through, bad input, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+
+from gateway.server import RunningGateway
+from tests.gateway.conftest import gateway_config
+
+CHAT = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}
+
+
+async def poll(session: aiohttp.ClientSession, gw: RunningGateway, task_id: str,
+               timeout_s: float = 15.0) -> dict[str, Any]:
+    """Poll a task until it is final."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        async with session.get(f"{gw.url}/v1/tasks/{task_id}") as r:
+            assert r.status == 200
+            data: dict[str, Any] = await r.json()
+        if data["state"] in ("done", "failed", "dead_lettered"):
+            return data
+        assert asyncio.get_running_loop().time() < deadline, data
+        await asyncio.sleep(0.02)
+
+
+async def test_enqueue_poll_result(sim_server, gateway) -> None:
+    sim = await sim_server(time_scale=20, seed=3)
+    gw = await gateway(gateway_config(sim))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{gw.url}/v1/tasks", json={**CHAT, "user": "ann",
+                                                       "lane": "interactive"}) as r:
+            assert r.status == 202
+            accepted = await r.json()
+            assert r.headers["Location"] == f"/v1/tasks/{accepted['id']}"
+        assert accepted["state"] == "queued" and accepted["id"].startswith("task_")
+        done = await poll(s, gw, accepted["id"])
+    assert done["state"] == "done"
+    assert done["attempts"] == 1
+    assert done["result"]["object"] == "chat.completion"
+    assert done["result"]["choices"][0]["message"]["content"]
+    assert done["result"]["usage"]["prompt_tokens"] == 3 + 3 + 3  # "Say hello." = 3 tokens
+
+
+async def test_sse_events_state_changes_and_tokens(sim_server, gateway) -> None:
+    sim = await sim_server(time_scale=20, seed=4)
+    gw = await gateway(gateway_config(sim))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{gw.url}/v1/tasks", json={**CHAT, "user": "ann", "stream": True,
+                                                       "lane": "interactive"}) as r:
+            task_id = (await r.json())["id"]
+        events: list[tuple[str, dict[str, Any]]] = []
+        async with s.get(f"{gw.url}/v1/tasks/{task_id}/events") as r:
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            kind = ""
+            async for raw in r.content:
+                line = raw.decode().strip()
+                if line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:"):
+                    events.append((kind, json.loads(line[5:])))
+    kinds = [k for k, _ in events]
+    states = [e["state"] for k, e in events if k == "state"]
+    assert kinds[-1] == "end"
+    assert states[-1] == "done"
+    assert states == sorted(set(states), key=states.index)  # each state once, in order
+    tokens = "".join(e["token"] for k, e in events if k == "token")
+    final = [e for k, e in events if k == "state" and e["state"] == "done"][0]
+    assert final["result"]["choices"][0]["message"]["content"] == tokens or states[0] == "done"
+
+
+async def test_pass_through_and_streaming(sim_server, gateway) -> None:
+    sim = await sim_server(time_scale=20, seed=5)
+    gw = await gateway(gateway_config(sim))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{gw.url}/v1/chat/completions", json=CHAT,
+                          headers={"X-Ratelab-User": "ann"}) as r:
+            assert r.status == 200
+            body = await r.json()
+            task_id = r.headers["x-ratelab-task-id"]
+        assert body["object"] == "chat.completion"
+        async with s.get(f"{gw.url}/v1/tasks/{task_id}") as r:
+            assert (await r.json())["lane"] == "interactive"
+        async with s.post(f"{gw.url}/v1/chat/completions",
+                          json={**CHAT, "user": "pat", "stream": True}) as r:
+            assert r.status == 200
+            text = await r.text()
+    chunks = [json.loads(line[5:]) for line in text.splitlines()
+              if line.startswith("data:") and line != "data: [DONE]"]
+    assert text.rstrip().endswith("data: [DONE]")
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+
+
+async def test_openai_sdk_pass_through(sim_server, gateway) -> None:
+    import openai
+    sim = await sim_server(time_scale=20, seed=6)
+    gw = await gateway(gateway_config(sim))
+    client = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+    reply = await client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+        user="ann")
+    await client.close()
+    assert reply.choices[0].message.content
+    assert reply.usage is not None and reply.usage.completion_tokens <= 8
+
+
+async def test_bad_input(sim_server, gateway) -> None:
+    sim = await sim_server(time_scale=20)
+    gw = await gateway(gateway_config(sim, max_body_bytes=2000))
+    cases: list[tuple[str, object, int, str]] = [
+        ("/v1/tasks", b"{not json", 400, "invalid_json"),
+        ("/v1/tasks", [1, 2], 400, "invalid_body"),
+        ("/v1/tasks", {**CHAT}, 400, "missing_user"),
+        ("/v1/tasks", {**CHAT, "user": "ann", "lane": "urgent"}, 400, "invalid_lane"),
+        ("/v1/tasks", {"user": "ann", "messages": []}, 400, "invalid_messages"),
+        ("/v1/tasks", {**CHAT, "user": "ann", "model": "gpt-9"}, 400, "model_not_found"),
+        ("/v1/tasks", {**CHAT, "user": "ann", "max_tokens": 0}, 400, "invalid_max_tokens"),
+        ("/v1/tasks", {"user": "ann", "item": {"id": "a b", "text": "x"}}, 400,
+         "invalid_item"),
+        ("/v1/tasks", {"user": "ann", "messages": [{"role": "user", "content": "x" * 5000}]},
+         413, "request_too_large"),
+        ("/v1/chat/completions", {"messages": CHAT["messages"]}, 400, "missing_user"),
+    ]
+    async with aiohttp.ClientSession() as s:
+        for path, body, status, code in cases:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            async with s.post(f"{gw.url}{path}", data=data,
+                              headers={"Content-Type": "application/json"}) as r:
+                err = await r.json()
+                assert (r.status, err["error"]["code"]) == (status, code), (body, err)
+                assert err["error"]["type"] and err["error"]["message"]
+        async with s.get(f"{gw.url}/v1/tasks/task_nope") as r:
+            assert r.status == 404
+            assert (await r.json())["error"]["code"] == "task_not_found"
+        async with s.get(f"{gw.url}/v1/tasks/task_nope/events") as r:
+            assert r.status == 404
+        async with s.get(f"{gw.url}/v1/nothing") as r:
+            assert r.status == 404
+            assert (await r.json())["error"]["code"] == "unknown_url"
+
+
+async def test_healthz_and_metrics(sim_server, gateway) -> None:
+    sim = await sim_server(time_scale=20)
+    gw = await gateway(gateway_config(sim))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{gw.url}/healthz") as r:
+            assert (r.status, (await r.json())["backend"]) == (200, "sqlite")
+        for _ in range(6):
+            async with s.post(f"{gw.url}/v1/tasks", json={**CHAT, "user": "ann"}) as r:
+                pass
+        async with s.get(f"{gw.url}/metrics?format=json") as r:
+            m = await r.json()
+        async with s.get(f"{gw.url}/metrics") as r:
+            text = await r.text()
+    assert m["accepted"] == {"background": 5}
+    assert m["refused"] == [{"tier": "free", "limit": "requests_per_minute", "count": 1}]
+    assert set(m["queue_depth"]) == {"interactive", "batch", "background", "shared"}
+    assert 'ratelab_gateway_refused_total{tier="free",limit="requests_per_minute"} 1' in text
+    assert "ratelab_gateway_queue_depth{queue=\"background\"}" in text
