@@ -194,6 +194,7 @@ class GatewayApp:
         (``event: token``) until the task is final, then ``event: end``."""
         task_id = request.match_info["id"]
         q = self.hub.subscribe(task_id)
+        replay = self.hub.tokens(task_id)  # same tick as subscribe: no token lost or doubled
         try:
             task = await self._task_or_404(request)
             if isinstance(task, web.Response):
@@ -201,9 +202,17 @@ class GatewayApp:
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-cache"})
             await resp.prepare(request)
-            first = {"state": task.state, **({"result": task.result} if task.result else {}),
-                     **({"error": task.error} if task.error else {})}
-            await q.put(first)
+            current = {"state": task.state,
+                       **({"result": task.result} if task.result else {}),
+                       **({"error": task.error} if task.error else {})}
+            # Replay the tokens streamed before we subscribed, in order; the current state
+            # first unless it is final (then every token belongs before it).
+            fresh = []
+            while not q.empty():
+                fresh.append(q.get_nowait())
+            ordered = [*replay, *fresh, current] if task.final else [current, *replay, *fresh]
+            for event in ordered:
+                q.put_nowait(event)
             async for event in self._follow(task_id, q):
                 kind = "token" if "token" in event else "state"
                 await resp.write(f"event: {kind}\ndata: {json.dumps(event)}\n\n".encode())

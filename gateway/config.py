@@ -76,7 +76,12 @@ class BatchingSettings:
 
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
-    """The whole gateway: upstreams (the first is used), tiers, users, lanes, workers."""
+    """The whole gateway: upstreams (the first is used), tiers, users, lanes, workers.
+
+    ``lease_s`` is how long a running task stays leased before another worker may take it
+    again (longer than any call); ``window_margin_s`` keeps a call in the gateway's provider
+    window that much past 60 s, since the provider admitted it a little after we sent it.
+    """
 
     upstreams: tuple[Upstream, ...]
     tiers: Mapping[str, TierLimits]
@@ -92,6 +97,7 @@ class GatewayConfig:
     request_timeout_s: float = 120.0
     default_max_tokens: int = 256
     db_path: str = "gateway.db"
+    window_margin_s: float = 1.0
 
     @property
     def upstream(self) -> Upstream:
@@ -217,6 +223,7 @@ def parse_config(data: object, source: str) -> GatewayConfig:
         request_timeout_s=r.float_("request_timeout_s", 120.0, 1e-9),
         default_max_tokens=r.int_("default_max_tokens", 256, 1),
         db_path=r.str_("db_path", "gateway.db"),
+        window_margin_s=r.float_("window_margin_s", 1.0),
     )
     r.finish()
     return cfg

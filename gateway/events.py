@@ -15,16 +15,27 @@ Event = dict[str, Any]
 
 
 class EventHub:
-    """Fan-out of per-task events to the asyncio queues subscribed to that task."""
+    """Fan-out of per-task events to the asyncio queues subscribed to that task.
 
-    def __init__(self) -> None:
+    The tokens of a streaming task are also kept (``keep_s`` wall seconds after it ends) so
+    a subscriber who arrives late still gets the whole reply.
+    """
+
+    def __init__(self, keep_s: float = 60.0, max_tokens: int = 100_000) -> None:
         self._subs: dict[str, set[asyncio.Queue[Event]]] = defaultdict(set)
+        self._tokens: dict[str, list[Event]] = {}
+        self.keep_s = keep_s
+        self.max_tokens = max_tokens
 
     def subscribe(self, task_id: str) -> asyncio.Queue[Event]:
         """A queue receiving every later event of ``task_id``."""
         q: asyncio.Queue[Event] = asyncio.Queue()
         self._subs[task_id].add(q)
         return q
+
+    def tokens(self, task_id: str) -> list[Event]:
+        """Token events of the task seen so far by this process."""
+        return list(self._tokens.get(task_id, ()))
 
     def unsubscribe(self, task_id: str, q: asyncio.Queue[Event]) -> None:
         """Stop delivering to ``q``."""
@@ -36,6 +47,17 @@ class EventHub:
 
     def publish(self, task_id: str, event: Event) -> None:
         """Deliver ``event`` to the task's subscribers (none: dropped)."""
+        if "token" in event:
+            kept = self._tokens.setdefault(task_id, [])
+            if len(kept) < self.max_tokens:
+                kept.append(event)
+        elif (event.get("state") in ("done", "failed", "dead_lettered", "queued")
+              and task_id in self._tokens):
+            if event["state"] == "queued":
+                del self._tokens[task_id]   # retried: the next attempt streams anew
+            else:
+                asyncio.get_running_loop().call_later(
+                    self.keep_s, self._tokens.pop, task_id, None)
         for q in self._subs.get(task_id, ()):
             q.put_nowait(event)
 

@@ -14,7 +14,14 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 
 from gateway.config import TierLimits
-from gateway.limits import SlidingWindow, UserBuckets, UserDecision, admit_user, full_buckets
+from gateway.limits import (
+    WINDOW_S,
+    SlidingWindow,
+    UserBuckets,
+    UserDecision,
+    admit_user,
+    full_buckets,
+)
 from gateway.state import QUEUES, TaskRecord
 
 _SCHEMA = """
@@ -171,8 +178,8 @@ class MemoryUserLimiter:
 class MemoryProviderWindow:
     """The provider window of one gateway process."""
 
-    def __init__(self, rpm: int | None, tpm: int | None) -> None:
-        self.window = SlidingWindow(rpm, tpm)
+    def __init__(self, rpm: int | None, tpm: int | None, margin_s: float = 1.0) -> None:
+        self.window = SlidingWindow(rpm, tpm, WINDOW_S + margin_s)
 
     async def acquire(self, now: float, tokens: int, ceiling: float) -> float:
         """``SlidingWindow.acquire``."""

@@ -58,8 +58,9 @@ class RedisState:
 
     def __init__(self, client: aioredis.Redis, *, prefix: str = "ratelab:gw:",
                  rpm: int | None = None, tpm: int | None = None,
-                 time_scale: float = 1.0) -> None:
+                 time_scale: float = 1.0, window_margin_s: float = 1.0) -> None:
         self.r = client
+        self.window_s = WINDOW_S + window_margin_s
         self.prefix = prefix
         self.rpm = rpm
         self.tpm = tpm
@@ -165,7 +166,7 @@ class RedisState:
         """One atomic step of the shared sliding window (``SlidingWindow`` in Lua)."""
         res = await _guard(lambda: self._acquire(
             keys=[f"{self.prefix}window", f"{self.prefix}window:tokens"],
-            args=[repr(now), repr(WINDOW_S), -1 if self.rpm is None else self.rpm,
+            args=[repr(now), repr(self.window_s), -1 if self.rpm is None else self.rpm,
                   -1 if self.tpm is None else self.tpm, tokens, repr(ceiling),
                   uuid.uuid4().hex]))
         return float(res)

@@ -72,11 +72,13 @@ async def start_gateway(config: GatewayConfig, *, host: str = "127.0.0.1", port:
     window: ProviderWindow
     if redis_url is not None:
         state = RedisState(connect(redis_url), prefix=redis_prefix, rpm=up.rpm, tpm=up.tpm,
-                           time_scale=config.time_scale)
+                           time_scale=config.time_scale,
+                           window_margin_s=config.window_margin_s)
         store, limiter, window, ping, backend = state, state, state, state.ping, "redis"
     else:
         store = SqliteTaskStore(db_path or config.db_path)
-        limiter, window = MemoryUserLimiter(), MemoryProviderWindow(up.rpm, up.tpm)
+        limiter = MemoryUserLimiter()
+        window = MemoryProviderWindow(up.rpm, up.tpm, config.window_margin_s)
         ping, backend = None, "sqlite"
     hub, metrics = EventHub(), Metrics()
     transport = AiohttpTransport([ProviderSettings(up.name, up.base_url, up.api_key,

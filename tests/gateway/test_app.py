@@ -69,8 +69,8 @@ async def test_sse_events_state_changes_and_tokens(sim_server, gateway) -> None:
     assert states[-1] == "done"
     assert states == sorted(set(states), key=states.index)  # each state once, in order
     tokens = "".join(e["token"] for k, e in events if k == "token")
-    final = [e for k, e in events if k == "state" and e["state"] == "done"][0]
-    assert final["result"]["choices"][0]["message"]["content"] == tokens or states[0] == "done"
+    final = next(e for k, e in events if k == "state" and e["state"] == "done")
+    assert tokens and final["result"]["choices"][0]["message"]["content"] == tokens
 
 
 async def test_pass_through_and_streaming(sim_server, gateway) -> None:
