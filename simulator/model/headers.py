@@ -11,10 +11,25 @@ from datetime import UTC, datetime
 
 from simulator.model.limits import LimitState, Window
 
+# Rendered durations by whole milliseconds: a busy window renders the same few values
+# (a full minute, a second) on every response. Bounded: cleared when it fills up.
+_DURATIONS: dict[int, str] = {}
+_DURATIONS_MAX = 4096
+
 
 def format_duration(seconds: float) -> str:
     """Go-style duration as OpenAI sends it, to the ms: ``20ms``, ``1.574s``, ``6m0s``."""
-    ms = max(0, math.ceil(seconds * 1000.0 - 1e-6))
+    ms = math.ceil(seconds * 1000.0 - 1e-6)
+    text = _DURATIONS.get(ms)
+    if text is None:
+        text = _render_ms(max(0, ms))
+        if len(_DURATIONS) >= _DURATIONS_MAX:
+            _DURATIONS.clear()
+        _DURATIONS[ms] = text
+    return text
+
+
+def _render_ms(ms: int) -> str:
     if ms == 0:
         return "0s"
     if ms < 1000:
@@ -46,6 +61,24 @@ def _remaining(window: Window, now: float) -> int:
     return max(0, int(window.capacity - window.used(now) + 1e-9))
 
 
+# header names built once, not per response: (limit, remaining, reset) per window
+_OPENAI_NAMES = tuple(
+    (f"x-ratelimit-limit-{s}", f"x-ratelimit-remaining-{s}", f"x-ratelimit-reset-{s}")
+    for s in ("requests", "tokens"))
+_CAPACITIES: dict[float, str] = {}
+
+
+def _capacity_text(capacity: float) -> str:
+    """``str(int(capacity))``, memoised: a provider has a handful of capacities."""
+    text = _CAPACITIES.get(capacity)
+    if text is None:
+        text = str(int(capacity))
+        if len(_CAPACITIES) >= _DURATIONS_MAX:
+            _CAPACITIES.clear()
+        _CAPACITIES[capacity] = text
+    return text
+
+
 class HeaderRenderer:
     """Renders the rate-limit headers of one provider's style from a key+model limit state."""
 
@@ -69,12 +102,13 @@ class HeaderRenderer:
 
     def _openai(self, state: LimitState, now: float, out: dict[str, str]) -> None:
         scale = self.time_scale
-        for suffix, window in (("requests", state.requests), ("tokens", state.tokens)):
+        for (limit, remaining, reset), window in zip(_OPENAI_NAMES,
+                                                     (state.requests, state.tokens),
+                                                     strict=True):
             if window is not None:
-                out[f"x-ratelimit-limit-{suffix}"] = str(int(window.capacity))
-                out[f"x-ratelimit-remaining-{suffix}"] = str(_remaining(window, now))
-                out[f"x-ratelimit-reset-{suffix}"] = format_duration(
-                    window.reset_in(now) / scale)
+                out[limit] = _capacity_text(window.capacity)
+                out[remaining] = str(_remaining(window, now))
+                out[reset] = format_duration(window.reset_in(now) / scale)
 
     def _anthropic(self, state: LimitState, now: float, out: dict[str, str]) -> None:
         for part, window, rounded in (("requests", state.requests, False),
