@@ -147,7 +147,7 @@ def _chunk_times(admission: Admission, t0: float) -> list[float]:
     plan = admission.plan
     assert plan is not None
     times = [t0 + plan.ttft_s]
-    for gap in plan.itl_s[: max(0, len(plan.chunks) - 1)]:
+    for gap in plan.itl_s[: max(0, plan.n_chunks - 1)]:
         times.append(times[-1] + gap)
     fault = plan.fault
     if fault is not None and fault.kind == "stall":
@@ -312,10 +312,10 @@ class SimulatorApp:
         else:
             await self.clock.sleep_until(_chunk_times(admission, t0)[-1])
         body = wire.chat_completion(
-            admission.id, admission.created, admission.model, "".join(plan.chunks),
+            admission.id, admission.created, admission.model, plan.text,
             plan.finish_reason, plan.usage, admission.n,
         )
-        sent.chunks = len(plan.chunks)
+        sent.chunks = plan.n_chunks
         return web.Response(body=body, content_type=JSON_TYPE, headers=admission.headers)
 
     async def _reply_stream(
@@ -337,7 +337,8 @@ class SimulatorApp:
         resp.headers["Cache-Control"] = "no-cache"
         cut = fault.at_chunk if fault is not None and fault.kind in ("reset", "error") else None
         try:
-            for i in range(len(plan.chunks) + 1):
+            n_chunks = plan.n_chunks
+            for i in range(n_chunks + 1):
                 await self.clock.sleep_until(times[min(i, len(times) - 1)])
                 if i == cut and fault is not None and fault.kind == "reset":
                     _reset_connection(request)  # at 0: before any byte
@@ -348,7 +349,7 @@ class SimulatorApp:
                 if i == cut:
                     await resp.write(frames.error())
                     return resp
-                if i == len(plan.chunks):
+                if i == n_chunks:
                     break
                 await resp.write(frames.content(plan.chunks[i]))
                 sent.chunks += 1
@@ -356,7 +357,7 @@ class SimulatorApp:
             if admission.include_usage:
                 await resp.write(frames.usage(plan.usage))
             await resp.write(wire.DONE_FRAME)
-            sent.chunks = len(plan.chunks)
+            sent.chunks = n_chunks
         except ConnectionError:
             # The client went away: finish() hears how much it received.
             log.debug("client left stream %s after %d chunks", admission.id, sent.chunks)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from simulator.model.tokens import CHARS_PER_TOKEN, split_chunks
+
 
 @dataclass(frozen=True, slots=True)
 class Usage:
@@ -25,14 +27,35 @@ class Fault:
 
 @dataclass(frozen=True, slots=True)
 class ResponsePlan:
-    """How to deliver a reply: first-chunk delay, gaps between chunks, the chunks, the fault."""
+    """How to deliver a reply: first-chunk delay, gaps between chunks, the text, the fault.
+
+    The reply goes out in chunks of 4 characters, one token each (the last may be
+    shorter); ``chunks`` splits ``text`` on first use only, since a non-stream reply is
+    sent whole and never needs the split.
+    """
 
     ttft_s: float  # virtual seconds before the first byte/chunk
-    itl_s: tuple[float, ...]  # virtual gap before each later chunk (len(chunks) - 1)
-    chunks: tuple[str, ...]  # 4 characters = 1 token each
+    itl_s: tuple[float, ...]  # virtual gap before each later chunk (n_chunks - 1)
+    text: str  # the whole reply
     finish_reason: str  # stop | length | error
     usage: Usage
     fault: Fault | None = None
+    _chunks: tuple[str, ...] | None = field(default=None, init=False, repr=False,
+                                            compare=False)
+
+    @property
+    def n_chunks(self) -> int:
+        """Number of chunks (tokens) of the reply."""
+        return (len(self.text) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
+
+    @property
+    def chunks(self) -> tuple[str, ...]:
+        """The reply split into its streamed chunks (computed once)."""
+        chunks = self._chunks
+        if chunks is None:
+            chunks = split_chunks(self.text)
+            object.__setattr__(self, "_chunks", chunks)  # a cache: the value is unchanged
+        return chunks
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,8 @@ Contract with the shell (``simulator/server.py``) and the SimPy planner:
 * Every Admission must be ended by exactly one ``finish(now, admission, delivered_tokens)``
   (completed, faulted or client gone; a second call is ignored). ``delivered_tokens`` is
   the number of chunks of ``plan.chunks`` sent per choice (chunks are one token each), so
-  ``len(plan.chunks)`` means complete; with ``n > 1`` every choice carries the same chunks
+  ``plan.n_chunks`` (``len(plan.chunks)``) means complete; with ``n > 1`` every choice
+  carries the same chunks
   and the model multiplies. Finishing a queued admission (plan None) withdraws it.
 * ``Admission.plan`` is None while the request waits FIFO for a GPU slot (profiles with
   ``gpu:``); ``finish`` returns the admissions it started, their ``plan`` now set, whose
@@ -36,7 +37,9 @@ Contract with the shell (``simulator/server.py``) and the SimPy planner:
 * Extensions beyond the first contract (backwards compatible): ``Provider(...,
   epoch_s=...)``; ``Admission.n``, ``.inputs`` and ``.encoding_format``;
   ``responder.embedding_vector(text, dims)`` builds deterministic embedding vectors;
-  ``stats.render_prometheus([p.stats() for p in providers])`` renders ``/metrics``.
+  ``stats.render_prometheus([p.stats() for p in providers])`` renders ``/metrics``;
+  ``ResponsePlan.text`` (the whole reply) and ``.n_chunks``, with ``.chunks`` split from
+  the text on first use.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from simulator.model.headers import HeaderRenderer, retry_headers
 from simulator.model.limits import LimitState, Ticket
 from simulator.model.plan import Admission, Fault, Refusal, ResponsePlan, Usage
 from simulator.model.stats import Counters
-from simulator.model.tokens import chat_prompt_tokens, split_chunks
+from simulator.model.tokens import chat_prompt_tokens, text_tokens
 from simulator.model.validate import ChatRequest, EmbeddingRequest, parse_chat, parse_embeddings
 
 __all__ = ["Admission", "Fault", "Provider", "Refusal", "ResponsePlan", "Usage"]
@@ -90,13 +93,12 @@ class _Tenant:
 class _Live:
     """Bookkeeping of one admission until ``finish``."""
 
-    __slots__ = ("admission", "chunks", "counter", "fault", "finish_reason", "model", "n",
-                 "prompt", "slow_s", "started", "state", "tenant", "ticket")
+    __slots__ = ("admission", "counter", "fault", "finish_reason", "model", "n", "n_chunks",
+                 "prompt", "slow_s", "started", "state", "tenant", "text", "ticket")
 
     def __init__(self, admission: Admission, tenant: _Tenant, model: ModelProfile,
                  state: LimitState, ticket: Ticket, counter: Counters, prompt: int, n: int,
-                 chunks: tuple[str, ...], finish_reason: str, fault: Fault | None,
-                 slow_s: float):
+                 text: str, finish_reason: str, fault: Fault | None, slow_s: float):
         self.admission = admission
         self.tenant = tenant
         self.model = model
@@ -105,7 +107,8 @@ class _Live:
         self.counter = counter
         self.prompt = prompt
         self.n = n
-        self.chunks = chunks
+        self.text = text
+        self.n_chunks = text_tokens(text)  # chunks of 4 characters, one token each
         self.finish_reason = finish_reason
         self.fault = fault
         self.slow_s = slow_s
@@ -271,10 +274,10 @@ class Provider:
         else:
             reply = responder.respond(self.profile.responder, self._reply_rng,
                                       req.last_user_text, limit_max)
-        chunks = split_chunks(reply.text)
-        drawn = (faults.draw_connection_fault(fault_spec, self._fault_rng, len(chunks))
+        n_chunks = text_tokens(reply.text)  # one token per streamed chunk
+        drawn = (faults.draw_connection_fault(fault_spec, self._fault_rng, n_chunks)
                  if self._stream_faults else faults.NO_FAULTS)
-        completion = req.n * len(chunks)
+        completion = req.n * n_chunks
         ticket = state.admit(now, reserved, prompt)
         charged = cost_usd(model, prompt, completion)
         tenant.account.charge(charged)
@@ -290,7 +293,7 @@ class Provider:
             include_usage=req.include_usage, headers=headers, plan=None,
             created=int(self.epoch_s + now / self.time_scale), n=req.n,
         )
-        live = _Live(admission, tenant, model, state, ticket, counter, prompt, req.n, chunks,
+        live = _Live(admission, tenant, model, state, ticket, counter, prompt, req.n, reply.text,
                      reply.finish_reason, drawn.fault, drawn.slow_first_token_s)
         self._live[admission.id] = live
         if gpu is not None and self._seqs >= gpu.max_seqs:
@@ -309,11 +312,10 @@ class Provider:
             self._seqs += 1
             factor = latency.gpu_itl_factor(self.profile.gpu, self._seqs)
         ttft = latency.ttft(spec, rng, live.prompt) + live.slow_s
-        chunks = live.chunks
-        gaps = latency.gaps(spec, self._gap_rng, len(chunks) - 1, factor)
-        completion = live.n * len(chunks)
+        gaps = latency.gaps(spec, self._gap_rng, live.n_chunks - 1, factor)
+        completion = live.n * live.n_chunks
         live.admission.plan = ResponsePlan(
-            ttft_s=ttft, itl_s=gaps, chunks=chunks, finish_reason=live.finish_reason,
+            ttft_s=ttft, itl_s=gaps, text=live.text, finish_reason=live.finish_reason,
             usage=Usage(live.prompt, completion, live.prompt + completion), fault=live.fault,
         )
 
@@ -360,7 +362,7 @@ class Provider:
             tenant.account.headers(charged, headers)
         plan = ResponsePlan(
             ttft_s=latency.sample(self.profile.latency.embeddings_s, self._latency_rng),
-            itl_s=(), chunks=(), finish_reason="stop", usage=Usage(prompt, 0, prompt),
+            itl_s=(), text="", finish_reason="stop", usage=Usage(prompt, 0, prompt),
         )
         admission = Admission(
             id=next(self._ids), kind="embeddings", model=model.name, stream=False,
@@ -369,7 +371,7 @@ class Provider:
             n_inputs=len(req.inputs), dims=req.dimensions or model.dims, inputs=req.inputs,
             encoding_format=req.encoding_format,
         )
-        live = _Live(admission, tenant, model, state, ticket, counter, prompt, 1, (), "stop",
+        live = _Live(admission, tenant, model, state, ticket, counter, prompt, 1, "", "stop",
                      None, 0.0)
         live.started = True  # embeddings never queue for a GPU slot
         self._live[admission.id] = live
@@ -382,12 +384,12 @@ class Provider:
         live = self._live.pop(admission.id, None)
         if live is None:
             return []
-        planned = live.n * len(live.chunks)
+        planned = live.n * live.n_chunks
         if not live.started:
             delivered = 0
             self._queue.remove(admission.id)
         else:
-            delivered = live.n * min(max(0, delivered_tokens), len(live.chunks))
+            delivered = live.n * min(max(0, delivered_tokens), live.n_chunks)
         live.state.settle(now, live.ticket, delivered)
         missing = planned - delivered
         if missing > 0:

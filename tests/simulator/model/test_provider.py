@@ -158,7 +158,9 @@ def test_usage_matches_the_reply_and_streams_in_4_character_chunks() -> None:
                                 stream_options={"include_usage": True}))
     assert isinstance(adm, Admission) and adm.plan is not None
     assert adm.stream and adm.include_usage
+    assert adm.plan.text == "abcdefgh" and adm.plan.n_chunks == 2
     assert adm.plan.chunks == ("abcd", "efgh")
+    assert adm.plan.chunks is adm.plan.chunks  # split once, on first use
     assert adm.plan.finish_reason == "length"
     assert (adm.plan.usage.prompt_tokens, adm.plan.usage.completion_tokens) == (9, 2)
 
