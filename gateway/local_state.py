@@ -126,7 +126,7 @@ class SqliteTaskStore:
                 task.state = "running"
                 task.attempts += 1
                 task.updated = now
-            # Not committed on its own: a crash while running re-queues it either way.
+            # Autocommit, no fsync (synchronous=NORMAL): a crash while running re-queues it.
             self._db.executemany(
                 "UPDATE tasks SET state = 'running', attempts = ?, updated = ? WHERE id = ?",
                 [(t.attempts, now, t.id) for t in out])

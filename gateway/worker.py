@@ -48,7 +48,8 @@ def worker_queues(cfg: GatewayConfig, index: int) -> tuple[str, ...]:
     """Queues worker ``index`` claims from, in priority order."""
     if not cfg.lanes.enabled:
         return ("shared", "batch")
-    if index < cfg.lanes.reserved_workers:
+    # At least one worker always takes background work, whatever the configuration says.
+    if index < min(cfg.lanes.reserved_workers, cfg.workers - 1):
         return ("interactive",)
     return ("interactive", "batch", "background")
 
@@ -130,10 +131,19 @@ class WorkerPool:
                 continue
             for task in tasks:
                 self.hub.publish(task.id, {"state": "running", "attempts": task.attempts})
-            if tasks[0].queue == "batch":
-                await self._run_batch(tasks)
-            else:
-                await self._run_one(tasks[0])
+            try:
+                if tasks[0].queue == "batch":
+                    await self._run_batch(tasks)
+                else:
+                    await self._run_one(tasks[0])
+            except Exception as exc:  # a bug must not kill the worker nor strand the task
+                log.exception("gateway worker %d: task %s failed", index, tasks[0].id)
+                for task in tasks:
+                    if not task.final:
+                        task.state = "failed"
+                        task.error = {"type": "internal_error", "code": "worker_error",
+                                      "message": f"{type(exc).__name__}: {exc}"}
+                        await self._save(task, final=True)
 
     # ------------------------------------------------------------------ helpers
 

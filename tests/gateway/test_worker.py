@@ -1,0 +1,125 @@
+"""Workers: lanes (interactive ahead of a background backlog, and FIFO without lanes),
+semantic batching of item tasks, restart recovery from the SQLite store."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from typing import Any
+
+import aiohttp
+import yaml
+
+from gateway.config import LaneSettings
+from gateway.server import RunningGateway
+from simulator.model.config import DEFAULT_PROVIDER_YAML, parse_config
+from simulator.model.responder import expected_code
+from tests.gateway.conftest import gateway_config
+from tests.gateway.test_app import poll
+
+CHAT = {"messages": [{"role": "user", "content": "one more"}], "max_tokens": 8}
+
+
+async def post_all(gw: RunningGateway, bodies: list[dict[str, Any]]) -> list[str]:
+    async with aiohttp.ClientSession() as s:
+        ids = []
+        for body in bodies:
+            async with s.post(f"{gw.url}/v1/tasks", json=body) as r:
+                assert r.status == 202, await r.text()
+                ids.append((await r.json())["id"])
+        return ids
+
+
+async def finish_order(gw: RunningGateway, ids: list[str]) -> list[float]:
+    async with aiohttp.ClientSession() as s:
+        for task_id in ids:
+            assert (await poll(s, gw, task_id))["state"] == "done"
+    times = []
+    for task_id in ids:
+        task = await gw.store.get(task_id)
+        assert task is not None
+        times.append(task.updated)
+    return times
+
+
+async def lane_run(sim_server, gateway, tmp_path, lanes: bool) -> tuple[list[float], list[float]]:
+    sim = await sim_server(time_scale=10, ttft_ms=500, itl_ms=1, seed=2)
+    cfg = gateway_config(sim, time_scale=10, workers=3,
+                         lanes=LaneSettings(reserved_workers=1, enabled=lanes))
+    gw = await gateway(cfg, db_path=str(tmp_path / f"lanes-{lanes}.db"))
+    background = await post_all(gw, [{**CHAT, "user": "bench", "lane": "background"}] * 30)
+    interactive = await post_all(gw, [{**CHAT, "user": "bench", "lane": "interactive"}] * 3)
+    return await finish_order(gw, background), await finish_order(gw, interactive)
+
+
+async def test_interactive_served_ahead_of_background_backlog(sim_server, gateway,
+                                                              tmp_path) -> None:
+    background, interactive = await lane_run(sim_server, gateway, tmp_path, lanes=True)
+    # All three interactive tasks finish while at least 20 background tasks still wait.
+    later = sorted(background)[-20]
+    assert max(interactive) < later
+
+
+async def test_without_lanes_interactive_waits_behind_the_backlog(sim_server, gateway,
+                                                                  tmp_path) -> None:
+    background, interactive = await lane_run(sim_server, gateway, tmp_path, lanes=False)
+    ahead = sorted(background)[27]   # FIFO: 28 of the 30 queued earlier finish first
+    assert min(interactive) > ahead
+
+
+async def test_item_tasks_packed_with_semantic_batching(sim_server, gateway) -> None:
+    provider = yaml.safe_load(DEFAULT_PROVIDER_YAML)
+    provider["responder"] = {"kind": "batch_json"}
+    sim = await sim_server(parse_config({"providers": [provider], "time_scale": 20, "seed": 9},
+                                        "<test>"), ttft_ms=300, itl_ms=1)
+    gw = await gateway(gateway_config(sim, time_scale=20, workers=2))
+    texts = [f"product number {i} in aisle {i % 7}" for i in range(44)] + ["POISON pill"]
+    bodies = [{"user": "bench", "lane": "background", "item": {"id": f"sku-{i}", "text": t}}
+              for i, t in enumerate(texts)]
+    async with aiohttp.ClientSession() as s:
+        ids = await asyncio.gather(*[_post(s, gw, b) for b in bodies])
+        results = [await poll(s, gw, task_id) for task_id in ids]
+    codes = tuple("ABCDEFGH")
+    for i, (text, res) in enumerate(zip(texts[:-1], results[:-1], strict=True)):
+        assert res["state"] == "done"
+        assert res["result"] == {"id": f"sku-{i}", "code": expected_code(text, codes),
+                                 "label": expected_code(text, codes)}
+    assert results[-1]["state"] == "dead_lettered"
+    assert results[-1]["error"]["code"] == "item_never_answered"
+    calls = sum(gw.metrics.upstream_calls.values())
+    assert calls <= 20 < len(texts)  # packed: far fewer calls than items
+
+
+async def _post(s: aiohttp.ClientSession, gw: RunningGateway, body: dict[str, Any]) -> str:
+    async with s.post(f"{gw.url}/v1/tasks", json=body) as r:
+        assert r.status == 202, await r.text()
+        task_id: str = (await r.json())["id"]
+        return task_id
+
+
+async def test_restart_loses_nothing_and_pays_nothing_twice(sim_server, gateway,
+                                                            tmp_path) -> None:
+    sim = await sim_server(time_scale=10, ttft_ms=1000, itl_ms=1, seed=4)
+    cfg = replace(gateway_config(sim, time_scale=10, workers=3,
+                                 lanes=LaneSettings(reserved_workers=1)))
+    db = str(tmp_path / "restart.db")
+    first = await gateway(cfg, db_path=db)
+    ids = await post_all(first, [{**CHAT, "user": "bench"}] * 10)
+    async with aiohttp.ClientSession() as s:
+        await poll(s, first, ids[0])
+    await asyncio.sleep(0.01)
+    before = {t.id: t for t in [await first.store.get(i) for i in ids] if t is not None}
+    done_before = {i: t.result for i, t in before.items() if t.state == "done"}
+    running = [i for i, t in before.items() if t.state == "running"]
+    await first.close()                       # stop with tasks in flight
+    assert done_before and running
+    second = await gateway(cfg, db_path=db)
+    assert second.store.recovered == len(running)  # type: ignore[attr-defined]
+    async with aiohttp.ClientSession() as s:
+        after = {i: await poll(s, second, i) for i in ids}
+    assert {a["state"] for a in after.values()} == {"done"}
+    for task_id, result in done_before.items():   # finished work is not paid again
+        assert after[task_id]["result"] == result and after[task_id]["attempts"] == 1
+    for task_id in running:                        # in flight at the stop: run again
+        assert after[task_id]["attempts"] == 2
+    assert sum(second.metrics.upstream_calls.values()) == 10 - len(done_before)
