@@ -55,6 +55,7 @@ def test_user_buckets_exact_on_seeded_sequence() -> None:
     # capacity + rpm/60 * T requests and tokens_per_day + tpd/86400 * T tokens.
     for user, got in accepted.items():
         tier = TIERS[tier_of(user)]
+        assert tier.rpm is not None and tier.tokens_per_day is not None
         for i in range(len(got)):
             for j in range(i, min(len(got), i + 80)):
                 span = got[j][0] - got[i][0]

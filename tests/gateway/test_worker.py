@@ -114,7 +114,7 @@ async def test_restart_loses_nothing_and_pays_nothing_twice(sim_server, gateway,
     await first.close()                       # stop with tasks in flight
     assert done_before and running
     second = await gateway(cfg, db_path=db)
-    assert second.store.recovered == len(running)  # type: ignore[attr-defined]
+    assert getattr(second.store, "recovered", None) == len(running)
     async with aiohttp.ClientSession() as s:
         after = {i: await poll(s, second, i) for i in ids}
     assert {a["state"] for a in after.values()} == {"done"}

@@ -1,0 +1,50 @@
+"""``ratelab gateway`` as a real process: serves, answers, stops on Ctrl-C; bad config -> 2."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from loadtests.cli import build_parser, main
+
+
+def test_help_lists_the_flags() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    text = sub.choices["gateway"].format_help()  # type: ignore[attr-defined]
+    for flag in ("--config", "--port", "--host", "--redis", "--workers", "--db"):
+        assert flag in text
+
+
+def test_bad_config_exits_2(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text("upstreams: []\n")
+    assert main(["gateway", "--config", str(path)]) == 2
+    assert "gw.yaml: upstreams: expected a non-empty list" in capsys.readouterr().err
+
+
+def test_serves_until_interrupted(sim_thread, tmp_path: Path) -> None:
+    sim = sim_thread(time_scale=20)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loadtests.cli", "gateway", "--port", "0", "--upstream",
+         sim.base_url(), "--db", str(tmp_path / "gw.db"), "--workers", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("ratelab gateway on http://127.0.0.1:"), line
+        url = line.split()[3]
+        body = json.dumps({"user": "ann", "messages": [{"role": "user", "content": "hi"}],
+                           "max_tokens": 5}).encode()
+        req = urllib.request.Request(f"{url}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=20) as r:
+            assert json.loads(r.read())["object"] == "chat.completion"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=20)
+    assert code == 130
