@@ -15,7 +15,7 @@ from loadtests.cli import build_parser, main
 def test_help_lists_the_flags() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    text = sub.choices["gateway"].format_help()  # type: ignore[attr-defined]
+    text = sub.choices["gateway"].format_help()  # type: ignore[index]
     for flag in ("--config", "--port", "--host", "--redis", "--workers", "--db"):
         assert flag in text
 
