@@ -100,10 +100,10 @@ class InteractiveLane:
         return out
 
     def _interactive_wait(self, now: float) -> float | None:
-        """Virtual seconds until the earliest queued interactive retry is due (None: none
-        is waiting for its backoff)."""
-        due = [r.not_before for r in self._interactive]
-        return max(0.0, min(due) - now) if due else None
+        """Virtual seconds until the earliest interactive retry still in its backoff is due
+        (None: none is)."""
+        due = [r.not_before for r in self._interactive if r.not_before > now]
+        return min(due) - now if due else None
 
     def _choose_for(self, now: float, req: InteractiveRequest) -> str | None:
         def blocked(p: str) -> float:

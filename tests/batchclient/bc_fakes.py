@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from batchclient.config import ClientConfig, ProviderSettings, Task, parse_client_config
+from batchclient.events import Event
 from batchclient.policy.engine import Done, Engine, Send, Wait
 from batchclient.policy.tokens import chat_prompt_tokens, text_tokens
 from batchclient.policy.wire import Call, Item, Response, Usage
@@ -121,9 +122,17 @@ def provider(name: str = "p1", **kw: object) -> ProviderSettings:
     return ProviderSettings(name=name, base_url=f"http://{name}/v1", api_key="k", **kw)  # type: ignore[arg-type]
 
 
+def _drained(engine: Engine, events: list[Event] | None) -> list:
+    results, evs = engine.drain()
+    if events is not None:
+        events.extend(evs)
+    return results
+
+
 def drive(engine: Engine, fake: Callable[[Call], Response],
-          limit: int = 100000) -> tuple[Done, float, dict]:
-    """Run the engine in virtual time: every call answers after 0.5 s."""
+          limit: int = 100000, events: list[Event] | None = None) -> tuple[Done, float, dict]:
+    """Run the engine in virtual time: every call answers after 0.5 s (the engine's
+    events are appended to ``events`` when given)."""
     now = 0.0
     inflight: list[tuple[float, object]] = []
     results: dict[str, object] = {}
@@ -133,7 +142,7 @@ def drive(engine: Engine, fake: Callable[[Call], Response],
             inflight.append((now + 0.5, action.call))
             continue
         if isinstance(action, Done):
-            for r in engine.drain()[0]:
+            for r in _drained(engine, events):
                 assert r.item_id not in results
                 results[r.item_id] = r
             return action, now, results
@@ -147,7 +156,7 @@ def drive(engine: Engine, fake: Callable[[Call], Response],
         inflight = [(t, c) for t, c in inflight if t > now]
         for _, call in due:
             engine.on_response(now, call, fake(call))  # type: ignore[arg-type]
-        for r in engine.drain()[0]:
+        for r in _drained(engine, events):
             assert r.item_id not in results, f"{r.item_id} finished twice"
             results[r.item_id] = r
     raise AssertionError("engine did not finish")

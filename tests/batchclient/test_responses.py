@@ -1,0 +1,75 @@
+"""What the engine does with an answer: request and item events, window accounting."""
+
+from __future__ import annotations
+
+import json
+import random
+
+from bc_fakes import FakeProvider, config, drive, items, task
+
+from batchclient.events import Event
+from batchclient.policy.engine import Engine, Send
+from batchclient.policy.wire import Item, Response
+
+
+def make(n: int, **cfg: object) -> Engine:
+    engine = Engine(task(), config(**cfg), random.Random(1))
+    engine.add_items(items(n))
+    engine.end_of_items()
+    return engine
+
+
+def test_item_events_name_the_request_that_finished_them() -> None:
+    engine = make(100)
+    events: list[Event] = []
+    fake = FakeProvider(seed=4, faults={"drop": 0.1, "truncate": 0.2})
+    done, _, _ = drive(engine, fake, events=events)
+    assert done.status == 0
+    requests = {e.call_id: e for e in events if e.kind == "request"}
+    finished: dict[int, int] = {}
+    for e in events:
+        if e.kind == "item" and e.outcome == "done":
+            assert e.call_id is not None and e.call_id in requests
+            finished[e.call_id] = finished.get(e.call_id, 0) + 1
+    # each request reports exactly the items its own reply resolved
+    assert {cid: r.items_ok for cid, r in requests.items() if r.items_ok} == finished
+    assert sum(finished.values()) == 100
+    cut = [r for r in requests.values() if r.truncated]
+    assert cut and all(r.finish_reason == "length" and r.items_ok is not None
+                       and r.items_ok < r.items for r in cut)
+    # the request event comes before the item events it caused
+    first_item = {e.call_id: i for i, e in reversed(list(enumerate(events)))
+                  if e.kind == "item"}
+    index = {e.call_id: i for i, e in enumerate(events) if e.kind == "request"}
+    assert all(index[cid] < at for cid, at in first_item.items())
+
+
+def test_a_cache_hit_is_stamped_with_the_current_time() -> None:
+    engine = Engine(task(), config(), random.Random(1))
+    engine.complete_from_cache(Item("1", "product number 1 with words"), "A", now=42.5)
+    engine.next_action(50.0)
+    engine.complete_from_cache(Item("2", "product number 2 with words"), "B")
+    events = engine.drain()[1]
+    assert [(e.at, e.outcome, e.call_id) for e in events] == [(42.5, "cached", None),
+                                                              (50.0, "cached", None)]
+
+
+def _refused(count_refused: bool, status: int) -> tuple[int, int]:
+    engine = make(20, providers=[{"name": "p1", "base_url": "http://p1/v1", "api_key": "k",
+                                  "count_refused": count_refused}])
+    action = engine.next_action(0.0)
+    assert isinstance(action, Send)
+    body = json.dumps({"error": {"type": "requests", "code": "rate_limit_exceeded",
+                                 "message": "Rate limit reached"}})
+    engine.on_response(0.5, action.call, Response(status, {"retry-after": "1"}, body))
+    return engine.throttle("p1", "m1").usage(0.5)
+
+
+def test_refused_requests_count_against_rpm_as_the_provider_does() -> None:
+    # OpenAI counts a refused request against RPM (never its tokens): the default.
+    assert config().providers[0].count_refused is True
+    assert _refused(True, 429) == (0, 1)
+    assert _refused(False, 429) == (0, 0)
+    assert _refused(True, 402) == (0, 1)
+    # a 5xx is one request and no tokens; no reply at all is nothing
+    assert _refused(False, 503) == (0, 1)
