@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -34,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from gateway.config import LaneSettings, TierLimits, default_config  # noqa: E402
 from gateway.server import start_gateway  # noqa: E402
-from simulator.model.config import apply_overrides, default_config as sim_default  # noqa: E402
+from simulator.model.config import apply_overrides  # noqa: E402
+from simulator.model.config import default_config as sim_default  # noqa: E402
 from simulator.server import serve_in_thread, start_server  # noqa: E402
 
 CONCURRENCY = 64
@@ -52,7 +52,7 @@ lanes: {{reserved_workers: 1}}
 
 # ------------------------------------------------------------------ enqueue throughput
 
-def _load(url: str, seconds: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
+def _load(url: str, seconds: float, out: mp.Queue) -> None:
     async def run() -> tuple[int, int, float]:
         ok = bad = 0
         connector = aiohttp.TCPConnector(limit=CONCURRENCY)
@@ -94,9 +94,9 @@ def enqueue_throughput(seconds: float, folder: Path, sim_url: str,
     try:
         assert proc.stdout is not None
         url = proc.stdout.readline().split()[3]
-        warm: mp.Queue = mp.Queue()  # type: ignore[type-arg]
+        warm: mp.Queue = mp.Queue()
         _load(url, 0.5, warm)
-        out: mp.Queue = mp.Queue()  # type: ignore[type-arg]
+        out: mp.Queue = mp.Queue()
         loader = mp.Process(target=_load, args=(url, seconds, out))
         loader.start()
         ok, bad, span = out.get(timeout=seconds + 60)
