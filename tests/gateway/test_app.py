@@ -162,3 +162,17 @@ async def test_healthz_and_metrics(sim_server, gateway) -> None:
     assert set(m["queue_depth"]) == {"interactive", "batch", "background", "shared"}
     assert 'ratelab_gateway_refused_total{tier="free",limit="requests_per_minute"} 1' in text
     assert "ratelab_gateway_queue_depth{queue=\"background\"}" in text
+
+
+async def test_pass_through_under_the_same_user_limits(sim_server, gateway) -> None:
+    sim = await sim_server(time_scale=20)
+    gw = await gateway(gateway_config(sim))
+    async with aiohttp.ClientSession() as s:
+        got = []
+        for i in range(7):   # free tier: 5 requests in a burst, tasks and chats together
+            path = "/v1/tasks" if i % 2 else "/v1/chat/completions"
+            async with s.post(f"{gw.url}{path}", json={**CHAT, "user": "ann"}) as r:
+                got.append((path, r.status))
+                body = await r.json()
+    assert [status for _, status in got] == [200, 202, 200, 202, 200, 429, 429]
+    assert body["error"]["limit"] == "requests_per_minute"

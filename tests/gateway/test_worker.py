@@ -123,3 +123,32 @@ async def test_restart_loses_nothing_and_pays_nothing_twice(sim_server, gateway,
     for task_id in running:                        # in flight at the stop: run again
         assert after[task_id]["attempts"] == 2
     assert sum(second.metrics.upstream_calls.values()) == 10 - len(done_before)
+
+
+async def test_upstream_errors_fail_or_dead_letter(sim_server, gateway) -> None:
+    provider = yaml.safe_load(DEFAULT_PROVIDER_YAML)
+    provider["faults"] = {"error_500_rate": 1.0}
+    sim = await sim_server(parse_config({"providers": [provider], "time_scale": 50, "seed": 3},
+                                        "<test>"), ttft_ms=10, itl_ms=1)
+    gw = await gateway(gateway_config(sim, time_scale=50, max_attempts=3))
+    async with aiohttp.ClientSession() as s:
+        task_id = await _post(s, gw, {**CHAT, "user": "bench"})
+        dead = await poll(s, gw, task_id)
+        async with s.post(f"{gw.url}/v1/chat/completions",
+                          json={**CHAT, "user": "bench"}) as r:
+            passthrough = (r.status, await r.json())
+    assert dead["state"] == "dead_lettered" and dead["attempts"] == 1
+    assert dead["error"]["code"] == "retries_exhausted"
+    assert dead["error"]["message"].startswith("gave up after 3 attempts: HTTP 500")
+    assert passthrough[0] == 500 and passthrough[1]["error"]["code"] == "retries_exhausted"
+    assert gw.metrics.upstream_calls == {500: 6}
+
+
+async def test_provider_refusal_fails_the_task(sim_server, gateway) -> None:
+    sim = await sim_server(time_scale=20)
+    gw = await gateway(gateway_config(sim))
+    async with aiohttp.ClientSession() as s:
+        body = {"user": "bench", "messages": CHAT["messages"], "max_tokens": 100_000}
+        failed = await poll(s, gw, await _post(s, gw, body))
+    assert failed["state"] == "failed" and failed["upstream_status"] == 400
+    assert failed["error"]["type"] == "invalid_request_error"
