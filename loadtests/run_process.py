@@ -87,8 +87,10 @@ def to_recorder(ev: ClientEvent, arm: str, now: float, stage: str | None = None)
             tokens_in=ev.tokens_in,
             tokens_out=ev.tokens_out,
             items=ev.items,
+            items_ok=ev.items_ok,  # counted by the client per call_id, not from log order
             cost_usd=ev.cost_usd,
             retry=ev.outcome == "retry",
+            truncated=ev.truncated,
             stage=stage,
         )
     if ev.kind == "item":
