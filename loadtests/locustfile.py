@@ -23,10 +23,9 @@ from locust import LoadTestShape, User, constant, events, task
 from locust.env import Environment
 from locust.runners import MasterRunner
 
+from loadtests.run_plans import run_scenario
 from loadtests.run_process import ProcessState, chat_sizes, open_process
-from loadtests.run_setup import apply_overrides
-from loadtests.rundir import SLOTS_FILE, SPEC_ENV, RunSpec, SlotClaims
-from loadtests.scenario import load_scenario
+from loadtests.rundir import SLOTS_FILE, SPEC_ENV, RunSpec, SlotClaims, started
 from loadtests.scenario_model import UserGroup
 from loadtests.shapes import LoadPlan, arrivals, read_trace
 
@@ -36,7 +35,8 @@ _SPEC_PATH = os.environ.get(SPEC_ENV)
 if not _SPEC_PATH:
     raise RuntimeError(f"{SPEC_ENV} is not set: start this locustfile with `ratelab run`")
 SPEC = RunSpec.read(_SPEC_PATH)
-SCENARIO = apply_overrides(load_scenario(SPEC.scenario_path), SPEC.duration_s, SPEC.items)
+SCENARIO, _ = run_scenario(SPEC.scenario_path, SPEC.duration_s, SPEC.items, SPEC.overrides)
+SPEC = started(SPEC, SlotClaims(os.path.join(SPEC.run_dir, SLOTS_FILE)))
 PLAN = LoadPlan(SCENARIO, SPEC.slots)
 K = SCENARIO.time_scale
 
@@ -102,8 +102,10 @@ class BatchJobUser(_Idle):
             self._fut = st.bridge.submit(st.run_batch(slot))
             try:
                 st.bridge.wait(self._fut)
-            except Exception:
+            except Exception as exc:
                 log.exception("batch slot %s failed", slot)
+                st.log.record("job_failed", {"slot": slot, "pid": os.getpid(),
+                                             "error": f"{type(exc).__name__}: {exc}"})
                 _fire("ERR", "batch-job", "batch job failed")
             finally:
                 st.log.flush()

@@ -130,6 +130,8 @@ class _ArmAcc:
         self.latencies: list[float] = []
         self.ttfts: list[float] = []
         self.tpots: list[float] = []
+        # (dispatch time, items resolved, tokens) of every successful request: steady rate
+        self.dispatched: list[tuple[float, int, int]] = []
         self.first = math.inf
         self.last = -math.inf
         self.bucket: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -226,8 +228,12 @@ class Recorder:
         acc.truncated += event.truncated
         acc.items_sent += event.items
         if event.outcome == "ok":
+            resolved = event.items if event.items_ok is None else event.items_ok
             acc.items_ok_sent += event.items
-            acc.items_resolved += event.items if event.items_ok is None else event.items_ok
+            acc.items_resolved += resolved
+            acc.dispatched.append(
+                (event.t - event.latency_s, resolved, event.tokens_in + event.tokens_out)
+            )
         acc.tokens_in += event.tokens_in
         acc.tokens_out += event.tokens_out
         acc.cost += event.cost_usd

@@ -6,7 +6,7 @@ Rates are per virtual minute; latencies in milliseconds; money in USD (docs/summ
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,6 +15,36 @@ if TYPE_CHECKING:
     from loadtests.recorder import Recorder
 
 PERCENTILES = (50, 90, 95, 99)
+STEADY_WINDOW_S = 60.0
+
+
+def steady_rate(
+    dispatched: Sequence[tuple[float, int, int]], window_s: float = STEADY_WINDOW_S
+) -> dict[str, Any]:
+    """Items and tokens per virtual minute dispatched in the whole windows after the first.
+
+    ``dispatched`` holds (dispatch time s, items resolved, tokens) per successful request.
+    Windows start at the first dispatch; the first one (the empty rolling window's head start)
+    is left out, and so is any window not wholly before the last dispatch (the job's tail), so
+    the figure is what the limits allow once they bind, not where the job happened to end.
+    ``None`` rates when the job dispatched for less than two whole windows.
+    """
+    empty: dict[str, Any] = {"items_per_min": None, "tokens_per_min": None, "windows": 0,
+                             "start_s": None, "end_s": None}
+    if not dispatched:
+        return empty
+    times = [d[0] for d in dispatched]
+    first, last = min(times), max(times)
+    windows = math.floor((last - first - window_s) / window_s + 1e-9)
+    if windows < 1:
+        return empty
+    lo = first + window_s
+    hi = lo + windows * window_s
+    items = sum(n for t, n, _ in dispatched if lo <= t < hi)
+    tokens = sum(k for t, _, k in dispatched if lo <= t < hi)
+    minutes = windows * window_s / 60.0
+    return {"items_per_min": items / minutes, "tokens_per_min": tokens / minutes,
+            "windows": windows, "start_s": lo, "end_s": hi}
 
 
 def _pcts(values: list[float]) -> dict[str, float | None]:
@@ -63,6 +93,7 @@ def arm_summary(rec: Recorder, name: str, pending: int = 0) -> dict[str, Any]:
             "fraction": _ratio(good, total),
         }
     per_item_cost = _ratio(acc.cost, done)
+    steady = steady_rate(acc.dispatched)
     summary: dict[str, Any] = {
         "name": name,
         "strategy": info.strategy,
@@ -105,6 +136,9 @@ def arm_summary(rec: Recorder, name: str, pending: int = 0) -> dict[str, Any]:
             "tokens_per_min": _ratio(tokens, minutes),
             "input_tokens_per_min": _ratio(acc.tokens_in, minutes),
             "output_tokens_per_min": _ratio(acc.tokens_out, minutes),
+            "steady_items_per_min": steady["items_per_min"],
+            "steady_tokens_per_min": steady["tokens_per_min"],
+            "steady": steady,
         },
         "tokens": {
             "input": acc.tokens_in,
@@ -113,7 +147,7 @@ def arm_summary(rec: Recorder, name: str, pending: int = 0) -> dict[str, Any]:
             "per_item": _ratio(tokens, done) if done else None,
             "per_request": _ratio(tokens, total),
         },
-        "bound": _bound_obj(rec, name, items_per_min),
+        "bound": _bound_obj(rec, name, items_per_min, steady["items_per_min"]),
         "latency_ms": _pcts(acc.latencies),
         "ttft_ms": _pcts(acc.ttfts),
         "tpot_ms": _pcts(acc.tpots),
@@ -132,7 +166,9 @@ def arm_summary(rec: Recorder, name: str, pending: int = 0) -> dict[str, Any]:
     return summary
 
 
-def _bound_obj(rec: Recorder, name: str, achieved: float) -> dict[str, Any]:
+def _bound_obj(
+    rec: Recorder, name: str, achieved: float, steady: float | None = None
+) -> dict[str, Any]:
     bound = rec.bound(name)
     inputs = rec.arms[name].bound
     if bound is None or inputs is None:
@@ -140,6 +176,7 @@ def _bound_obj(rec: Recorder, name: str, achieved: float) -> dict[str, Any]:
             "items_per_min": None,
             "binding": None,
             "efficiency": None,
+            "steady_efficiency": None,
             "terms": {},
             "limits": {},
         }
@@ -159,6 +196,7 @@ def _bound_obj(rec: Recorder, name: str, achieved: float) -> dict[str, Any]:
         "items_per_min": bound.items_per_min,
         "binding": bound.binding,
         "efficiency": bound.efficiency(achieved),
+        "steady_efficiency": None if steady is None else bound.efficiency(steady),
         "terms": dict(bound.terms),
         "limits": limits | {"keys": inputs.keys},
         "batch_size": inputs.batch_size,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -21,15 +22,23 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from loadtests.progress import EventTail, guard_tripped, render
 from loadtests.recorder import recorder_for, write_timeseries_csv
-from loadtests.run_setup import SetupError, apply_overrides, bound_inputs, client_config, job_items
-from loadtests.rundir import SPEC_ENV, SPEC_FILE, RunSpec, default_run_dir, read_run
-from loadtests.scenario import load_scenario
+from loadtests.run_plans import LiveSweep, parse_set, run_scenario
+from loadtests.run_setup import SetupError, bound_inputs, client_config, job_items
+from loadtests.rundir import (
+    SLOTS_FILE,
+    SPEC_ENV,
+    SPEC_FILE,
+    RunSpec,
+    SlotClaims,
+    default_run_dir,
+    read_run,
+)
 from loadtests.scenario_model import Scenario
 from loadtests.scenario_schema import ScenarioError
 
@@ -49,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration-s", type=float, help="override duration_s (virtual seconds)")
     parser.add_argument("--items", type=int, help="override the workload's item count")
     parser.add_argument("--no-progress", action="store_true", help="no live progress line")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a scenario key (dotted; arms and providers by name), "
+                             "e.g. arms.gated.client.batch.max_items=10; repeatable")
 
 
 class _Interrupted(Exception):
@@ -135,19 +147,32 @@ def _bounds(scenario: Scenario, urls: Mapping[str, str], run_dir: Path) -> dict[
 
 
 def summarise(scenario: Scenario, run_dir: Path, bounds: Mapping[str, Any], *, partial: bool,
-              stopped: str | None, meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge the run folder's events into summary.json, timeseries.csv and the report."""
+              stopped: str | None, meta: Mapping[str, Any], sweep: LiveSweep | None = None,
+              parts: Sequence[tuple[Path, float]] = (),
+              extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Merge the run folder's events (or those of ``parts``: folder and virtual-time offset,
+    the SLO probes) into summary.json, timeseries.csv and the report."""
     from reports.report import write_report
     from reports.summary import write_summary
 
-    events, records = read_run(run_dir)
-    recorder = recorder_for(scenario, "live", bounds)
+    events: list[Any] = []
+    records: list[dict[str, Any]] = []
+    for folder, offset in parts or ((run_dir, 0.0),):
+        found, others = read_run(folder)
+        events += [dataclasses.replace(e, t=e.t + offset) for e in found] if offset else found
+        records += others
+    sweep = sweep or LiveSweep()
+    recorder = recorder_for(scenario, "live", bounds, sweep_values=sweep.values,
+                            sweep_key=sweep.key)
     recorder.meta.update(meta)
     recorder.add_many(events)
     jobs = [r for r in records if r.get("type") == "job"]
     batch = scenario.load.batch
     slots = int(meta.get("processes", 1))
     pending: dict[str, int] = {}
+    if any(r.get("type") == "job_failed" for r in records) and not partial:
+        # a batch slot crashed (see locust.log): the run did not finish its work
+        partial, stopped = True, stopped or "batch_failed"
     for name in batch.arms if batch else ():
         mine = [j for j in jobs if j["arm"] == name]
         acc = recorder._acc[name]
@@ -160,6 +185,7 @@ def summarise(scenario: Scenario, run_dir: Path, bounds: Mapping[str, Any], *, p
             pending[name] = max(0, job_items(scenario) - settled)
     summary = recorder.summary(partial=partial, pending=pending)
     summary["stopped"] = stopped
+    summary.update(extra or {})
     write_summary(summary, run_dir / "summary.json")
     write_timeseries_csv(recorder.timeseries_rows(), run_dir / "timeseries.csv")
     write_report(run_dir)
@@ -170,12 +196,20 @@ def main(args: argparse.Namespace) -> int:
     """Run the scenario; 0 when it completed and its expectations hold, 1 when one failed or
     the error guard stopped it, 2 on unusable input, 130 when interrupted."""
     try:
-        scenario = apply_overrides(load_scenario(args.scenario), args.duration_s, args.items)
+        overrides = dict(parse_set(text) for text in args.set)
+        scenario, sweep = run_scenario(args.scenario, args.duration_s, args.items, overrides)
     except ScenarioError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_INPUT
+    except ValueError as exc:
+        print(f"ratelab run: {exc}", file=sys.stderr)
+        return EXIT_INPUT
     if args.processes < 1:
         print("ratelab run: --processes: expected an integer >= 1", file=sys.stderr)
+        return EXIT_INPUT
+    if scenario.load.slo_search is not None and scenario.load.batch is not None:
+        print(f"{args.scenario}: load.slo_search: an SLO search probes user groups only; "
+              "drop load.batch (or search in a scenario of its own)", file=sys.stderr)
         return EXIT_INPUT
     target_env = scenario.target.api_key_env if scenario.target else None
     if target_env and not os.environ.get(target_env):
@@ -191,68 +225,105 @@ def main(args: argparse.Namespace) -> int:
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in signals}
     try:
-        return _run(args, scenario, run_dir, bounds, target_env)
+        return _run(args, scenario, run_dir, bounds, target_env, overrides, sweep)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _run(args: argparse.Namespace, scenario: Scenario, run_dir: Path, bounds: dict[str, Any],
-         target_env: str | None) -> int:
-    interrupted = False
-    stopped: str | None = None
-    exit_code: int | None = None
-    started = time.monotonic()
+@dataclasses.dataclass(slots=True)
+class _Served:
+    """What a Locust run needs from the parent: the served URLs and the admin API."""
+
+    urls: dict[str, str]
+    admin_url: str | None
+    admin_token: str
+    target_env: str | None
+
+
+def locust_once(args: argparse.Namespace, scenario: Scenario, run_dir: Path, served: _Served,
+                bounds: Mapping[str, Any], overrides: Mapping[str, Any],
+                duration_s: float | None) -> tuple[str | None, int | None]:
+    """One Locust run of ``scenario`` into ``run_dir``: (why it stopped early, Locust's exit
+    status). _Interrupted propagates after Locust is stopped."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = RunSpec(
+        scenario_path=str(Path(args.scenario).resolve()), run_dir=str(run_dir.resolve()),
+        origin_monotonic=time.monotonic(), time_scale=scenario.time_scale,
+        provider_urls=served.urls, slots=args.processes, duration_s=duration_s,
+        items=args.items, admin_url=served.admin_url, target_key_env=served.target_env,
+        headless=not args.ui, overrides=dict(overrides),
+    )
+    spec.write(run_dir / SPEC_FILE)
+    env = {**os.environ, SPEC_ENV: str((run_dir / SPEC_FILE).resolve())}
     proc: subprocess.Popen[bytes] | None = None
     try:
-        with _simulator(scenario) as (urls, admin_url, admin_token):
-            spec = RunSpec(
-                scenario_path=str(Path(args.scenario).resolve()), run_dir=str(run_dir.resolve()),
-                origin_monotonic=time.monotonic(), time_scale=scenario.time_scale,
-                provider_urls=urls, slots=args.processes, duration_s=args.duration_s,
-                items=args.items, admin_url=admin_url, target_key_env=target_env,
-                headless=not args.ui,
-            )
-            spec.write(run_dir / SPEC_FILE)
-            env = {**os.environ, SPEC_ENV: str((run_dir / SPEC_FILE).resolve())}
-            with (run_dir / "locust.log").open("wb") as log:
-                proc = subprocess.Popen(locust_command(spec, run_dir, args.processes, args.ui),
-                                        env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-                stopped = _watch(proc, scenario, run_dir, spec, bounds, admin_url, admin_token,
-                                 show=not args.no_progress)
-                exit_code = proc.returncode
-    except _Interrupted:
-        interrupted = True
-        stopped = "interrupted"
-        if proc is not None:
-            _stop(proc)
+        with (run_dir / "locust.log").open("wb") as log:
+            proc = subprocess.Popen(locust_command(spec, run_dir, args.processes, args.ui),
+                                    env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            stopped = _watch(proc, scenario, run_dir, spec, bounds, served,
+                             show=not args.no_progress)
+            return stopped, proc.returncode
     finally:
         if proc is not None and proc.poll() is None:
             _stop(proc)
         elif proc is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _run(args: argparse.Namespace, scenario: Scenario, run_dir: Path, bounds: dict[str, Any],
+         target_env: str | None, overrides: Mapping[str, Any], sweep: LiveSweep) -> int:
+    interrupted = False
+    stopped: str | None = None
+    exit_code: int | None = None
+    started = time.monotonic()
+    parts: list[tuple[Path, float]] = []
+    extra: dict[str, Any] = {}
+    try:
+        with _simulator(scenario) as (urls, admin_url, admin_token):
+            served = _Served(urls, admin_url, admin_token, target_env)
+            if scenario.load.slo_search is not None:
+                from loadtests.run_slo import search
+
+                def probe(folder: Path, probe_overrides: Mapping[str, Any]) -> str | None:
+                    return locust_once(args, scenario, folder, served, bounds,
+                                       {**overrides, **probe_overrides}, None)[0]
+
+                result = search(scenario, run_dir, probe, parts)
+                extra["slo_search"] = result
+                stopped = None
+                exit_code = 0
+            else:
+                stopped, exit_code = locust_once(args, scenario, run_dir, served, bounds,
+                                                 overrides, args.duration_s)
+    except _Interrupted:
+        interrupted = True
+        stopped = "interrupted"
     if not args.no_progress:
         print(file=sys.stderr)
     meta = {"processes": args.processes, "locust_exit": exit_code,
             "wall_s": round(time.monotonic() - started, 3), "run_dir": str(run_dir)}
+    if overrides:
+        meta["overrides"] = dict(overrides)
     summary = summarise(scenario, run_dir, bounds, partial=interrupted or stopped is not None,
-                        stopped=stopped, meta=meta)
+                        stopped=stopped, meta=meta, sweep=sweep, parts=parts, extra=extra)
     if exit_code not in (0, None) and not interrupted:
         print(f"ratelab run: Locust exited with {exit_code}; see {run_dir / 'locust.log'}",
               file=sys.stderr)
     print(f"run folder: {run_dir}", file=sys.stderr)
     if interrupted:
         return EXIT_INTERRUPTED
-    if stopped is not None or not summary.get("ok", True):
+    if summary.get("stopped") == "batch_failed":
+        print(f"ratelab run: a batch job failed; see {run_dir / 'locust.log'}", file=sys.stderr)
+    if summary.get("stopped") is not None or not summary.get("ok", True):
         return EXIT_FAILED
     return EXIT_OK
 
 
 def _watch(proc: subprocess.Popen[bytes], scenario: Scenario, run_dir: Path, spec: RunSpec,
-           bounds: Mapping[str, Any], admin_url: str | None, admin_token: str,
-           show: bool) -> str | None:
+           bounds: Mapping[str, Any], served: _Served, show: bool) -> str | None:
     """Wait for Locust, printing progress, doing top-ups; returns why it was stopped early."""
     tail = EventTail(run_dir)
     guard = scenario.load.error_guard
@@ -264,13 +335,19 @@ def _watch(proc: subprocess.Popen[bytes], scenario: Scenario, run_dir: Path, spe
     items_total = job_items(scenario) * (len(scenario.load.batch.arms) if scenario.load.batch
                                          else 0)
     tpm = _tpm_limit(scenario, bounds)
+    claims: SlotClaims | None = None
+    origin: float | None = None
     while proc.poll() is None:
         time.sleep(0.25)
         totals = tail.poll()
-        now = spec.virtual_now()
-        while topups and topups[0].at_s <= now and admin_url:
+        if origin is None:
+            # virtual time starts when Locust has loaded the run (rundir.started)
+            claims = claims or SlotClaims(run_dir / SLOTS_FILE)
+            origin = claims.get("origin")
+        now = -1.0 if origin is None else (time.monotonic() - origin) * spec.time_scale
+        while topups and topups[0].at_s <= now and served.admin_url:
             t = topups.pop(0)
-            _topup(admin_url, admin_token, t.provider, t.key, t.usd)
+            _topup(served.admin_url, served.admin_token, t.provider, t.key, t.usd)
         if show:
             print("\r" + render(totals, items_total, tpm), end="", file=sys.stderr, flush=True)
         if guard_tripped(totals, max_rate, guard.min_requests):
@@ -279,4 +356,6 @@ def _watch(proc: subprocess.Popen[bytes], scenario: Scenario, run_dir: Path, spe
         if cap is not None and totals.cost_usd >= cap:
             _stop(proc)
             return "spend_cap"
+    if claims is not None:
+        claims.close()
     return None

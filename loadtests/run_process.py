@@ -31,9 +31,9 @@ from batchclient.store import SqliteJobStore
 from batchclient.transport import AiohttpTransport
 from loadtests.bridge import AsyncBridge
 from loadtests.recorder import Event, outcome_for_status
-from loadtests.run_setup import apply_overrides, arm_task, client_config, slot_items
-from loadtests.rundir import SLOTS_FILE, EventLog, RunSpec, SlotClaims
-from loadtests.scenario import load_scenario
+from loadtests.run_plans import run_scenario
+from loadtests.run_setup import arm_task, client_config, slot_items
+from loadtests.rundir import SLOTS_FILE, EventLog, RunSpec, SlotClaims, started
 from loadtests.scenario_model import Arm, Scenario, UserGroup
 from loadtests.shapes import stage_at
 from loadtests.workload import filler_text, sample_size
@@ -292,9 +292,10 @@ def open_process(spec_path: str | Path) -> ProcessState:
     from loadtests.bridge import get_bridge
 
     spec = RunSpec.read(spec_path)
-    scenario = apply_overrides(load_scenario(spec.scenario_path), spec.duration_s, spec.items)
+    scenario, _ = run_scenario(spec.scenario_path, spec.duration_s, spec.items, spec.overrides)
     run_dir = Path(spec.run_dir)
     claims = SlotClaims(run_dir / SLOTS_FILE)
+    spec = started(spec, claims)
     return ProcessState(
         spec=spec,
         scenario=scenario,

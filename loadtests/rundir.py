@@ -81,6 +81,13 @@ class RunSpec:
         return (time.monotonic() - self.origin_monotonic) * self.time_scale
 
 
+def started(spec: RunSpec, claims: SlotClaims) -> RunSpec:
+    """``spec`` with virtual time starting when Locust first loaded the run (shared by every
+    process through ``claims``), so Locust's start-up does not eat the first stage."""
+    origin = claims.set_once("origin", time.monotonic())
+    return dataclasses.replace(spec, origin_monotonic=origin)
+
+
 class EventLog:
     """Append-only JSONL of recorder events and job records; safe to call from any thread."""
 

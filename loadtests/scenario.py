@@ -41,7 +41,14 @@ from loadtests.scenario_schema import (
     schema_problems,
 )
 
-__all__ = ["Scenario", "ScenarioError", "load_scenario", "parse_scenario", "with_overrides"]
+__all__ = [
+    "Scenario",
+    "ScenarioError",
+    "load_scenario",
+    "parse_scenario",
+    "set_dotted",
+    "with_overrides",
+]
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -83,11 +90,12 @@ def with_overrides(scenario: Scenario, overrides: Mapping[str, Any]) -> Scenario
     doc = copy.deepcopy(_thaw(scenario.raw))
     lines = LineMap(str(scenario.path), {(): 1})
     for key, value in overrides.items():
-        _set_dotted(doc, key, value, str(scenario.path))
+        set_dotted(doc, key, value, str(scenario.path))
     return parse_scenario(doc, lines, scenario.path)
 
 
-def _set_dotted(doc: dict[str, Any], key: str, value: Any, file: str) -> None:
+def set_dotted(doc: dict[str, Any], key: str, value: Any, file: str) -> None:
+    """Set dotted ``key`` in the plain document ``doc`` (list elements by name or index)."""
     parts = key.split(".")
     node: Any = doc
     walked: list[str] = []

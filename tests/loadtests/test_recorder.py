@@ -181,3 +181,34 @@ def test_sweep_and_knee() -> None:
     sweep = rec.summary()["sweep"]
     assert [p["value"] for p in sweep["points"]] == [1, 2, 4, 8]
     assert sweep["knee"]["value"] == 4.0 and sweep["key"] == "concurrency"
+
+
+def test_steady_rate_counts_whole_windows_after_the_first_by_dispatch_time() -> None:
+    from loadtests.recorder_summary import steady_rate
+
+    # a burst of 30 requests in the first 10 s, then one request every 2 s until t=250 s
+    dispatched = [(0.3 * n, 20, 1000) for n in range(30)]
+    dispatched += [(10.0 + 2.0 * n, 10, 500) for n in range(121)]
+    steady = steady_rate(dispatched)
+    # windows [60,120) and [120,180): [180,240) ends before the last dispatch (250) too
+    assert steady["windows"] == 3 and steady["start_s"] == 60.0 and steady["end_s"] == 240.0
+    assert steady["items_per_min"] == 300.0  # 30 requests of 10 items per window
+    assert steady["tokens_per_min"] == 15000.0
+    assert steady_rate(dispatched[:30])["items_per_min"] is None  # no whole second window
+    assert steady_rate([])["windows"] == 0
+
+
+def test_summary_holds_the_steady_rate_beside_the_whole_run_rate() -> None:
+    rec = Recorder("s", "live", [ArmInfo("a", "semantic_batch", 4000, BOUND)])
+    for n in range(200):
+        t = 1.0 * n + 1.0
+        rec.add(Event(t, "request", "a", "ok", 200, latency_s=1.0, tokens_in=1100, items=20))
+        rec.add(Event(t, "item", "a", "done", items=20))
+    arm = rec.summary()["arms"][0]
+    # dispatches from 0 to 199 s: windows [60,120) and [120,180) hold 60 requests each
+    assert arm["throughput"]["steady"]["windows"] == 2
+    assert arm["throughput"]["steady_items_per_min"] == 1200.0
+    assert arm["throughput"]["steady_tokens_per_min"] == 66000.0
+    assert arm["bound"]["steady_efficiency"] == pytest.approx(
+        1200.0 / arm["bound"]["items_per_min"]
+    )
