@@ -148,6 +148,8 @@ def _messages(body: dict) -> tuple[tuple[str, ...], str]:
         if role is None:
             raise Invalid(invalid_request(f"Missing required parameter: '{param}.role'.",
                                           f"{param}.role", "missing_required_parameter"))
+        if not isinstance(role, str):  # a list or object is unhashable: no set lookup
+            raise _type_error(f"{param}.role", "a string", role)
         if role not in ROLES:
             raise Invalid(invalid_request(
                 f"Invalid value: '{role}'. Supported values are: 'system', 'developer', "
@@ -175,8 +177,72 @@ def _messages(body: dict) -> tuple[tuple[str, ...], str]:
     return tuple(texts), last_user
 
 
+# The fields of a typical request, each checked inline by ``_plain_chat``.
+_PLAIN_FIELDS = frozenset({
+    "model", "messages", "max_tokens", "max_completion_tokens", "n", "stream",
+    "stream_options", "temperature", "top_p", "seed", "user",
+})
+
+
+def _plain_chat(body: object) -> ChatRequest | None:
+    """The common well-formed body read in one pass: plain fields of the right types and
+    string contents. None for anything else, which the full validation then explains;
+    whatever this accepts, the full validation accepts with the same result."""
+    if type(body) is not dict or not body.keys() <= _PLAIN_FIELDS:
+        return None
+    model = body.get("model")
+    messages = body.get("messages")
+    if type(model) is not str or type(messages) is not list or not messages:
+        return None
+    texts = []
+    last_user = ""
+    for message in messages:
+        if type(message) is not dict:
+            return None
+        role = message.get("role")
+        content = message.get("content")
+        if type(role) is not str or role not in ROLES or type(content) is not str:
+            return None
+        texts.append(content)
+        if role == "user":
+            last_user = content
+    max_tokens = body.get("max_tokens")
+    max_completion = body.get("max_completion_tokens")
+    n = body.get("n")
+    for value, hi in ((max_tokens, 10**9), (max_completion, 10**9), (n, 128)):
+        if value is not None and (type(value) is not int or not 1 <= value <= hi):
+            return None
+    stream = body.get("stream")
+    if stream is not None and type(stream) is not bool:
+        return None
+    include_usage = False
+    options = body.get("stream_options")
+    if options is not None:
+        if type(options) is not dict or not stream:
+            return None
+        usage = options.get("include_usage")
+        if usage is not None and type(usage) is not bool:
+            return None
+        include_usage = bool(usage)
+    for param, top in (("temperature", 2.0), ("top_p", 1.0)):
+        number = body.get(param)
+        if number is not None and (type(number) not in (int, float) or not 0.0 <= number <= top):
+            return None
+    user = body.get("user")
+    if user is not None and type(user) is not str:
+        return None
+    return ChatRequest(
+        model=model, texts=tuple(texts), last_user_text=last_user,
+        max_tokens=max_completion if max_completion is not None else max_tokens,
+        n=n or 1, best_of=1, stream=bool(stream), include_usage=include_usage,
+    )
+
+
 def parse_chat(body: object) -> ChatRequest | dict:
     """A ChatRequest, or the 400 body saying what is wrong with ``body``."""
+    plain = _plain_chat(body)
+    if plain is not None:
+        return plain
     try:
         data = _check_fields(body, CHAT_FIELDS)
         texts, last_user = _messages(data)
