@@ -304,7 +304,12 @@ class GatewayApp:
         except StateUnavailable:
             depths = None
         if request.query.get("format") == "json":
-            return _json(200, self.metrics.snapshot(depths))
+            snap = self.metrics.snapshot(depths)
+            budget = self.cfg.lanes.interactive_p95_budget_s
+            p95 = self.metrics.latency("interactive")["p95"]
+            snap["interactive_p95_budget_s"] = budget
+            snap["interactive_p95_within_budget"] = p95 <= budget
+            return _json(200, snap)
         return web.Response(text=self.metrics.prometheus(depths), content_type="text/plain")
 
 

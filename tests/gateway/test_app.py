@@ -160,6 +160,7 @@ async def test_healthz_and_metrics(sim_server, gateway) -> None:
     assert m["accepted"] == {"background": 5}
     assert m["refused"] == [{"tier": "free", "limit": "requests_per_minute", "count": 1}]
     assert set(m["queue_depth"]) == {"interactive", "batch", "background", "shared"}
+    assert m["interactive_p95_budget_s"] == 2.0 and m["interactive_p95_within_budget"]
     assert 'ratelab_gateway_refused_total{tier="free",limit="requests_per_minute"} 1' in text
     assert "ratelab_gateway_queue_depth{queue=\"background\"}" in text
 
