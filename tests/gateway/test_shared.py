@@ -126,3 +126,18 @@ async def _until_accepted(url: str, timeout_s: float = 10.0) -> dict[str, Any]:
                 assert r.status == 503
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
+
+
+async def test_redis_lease_expiry_recovers_a_dead_gateways_tasks(redis_server, sim_server,
+                                                                 gateway) -> None:
+    sim = await sim_server(time_scale=10, ttft_ms=1000, itl_ms=1, seed=8)
+    cfg = replace(gateway_config(sim, time_scale=10, workers=3), lease_s=3.0)
+    first = await gateway(cfg, redis_url=redis_server.url)
+    ids = [body["id"] for _, body in await submit([first.url], [{**CHAT, "user": "bench"}] * 6)]
+    await asyncio.sleep(0.05)
+    await first.close()        # dies with calls in flight: their leases stay behind
+    second = await gateway(cfg, redis_url=redis_server.url)
+    results = await wait_all(second.url, ids, timeout_s=20)
+    assert {r["state"] for r in results} == {"done"}
+    rerun = [r for r in results if r["attempts"] == 2]
+    assert rerun and sum(second.metrics.upstream_calls.values()) == 6
