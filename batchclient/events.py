@@ -13,7 +13,9 @@ from typing import Literal
 EventKind = Literal["request", "item", "balance"]
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is built per request and per item on the client's hot path, and a frozen
+# dataclass pays an object.__setattr__ per field (5x the cost). Treat events as read-only.
+@dataclass(slots=True)
 class Event:
     """One telemetry event. Times in milliseconds, money in USD, ``at`` virtual seconds.
 

@@ -222,8 +222,8 @@ class Runner:
                 self.on_low_balance(event.balance_usd or 0.0)
 
     def _complete(self, engine: Engine, call: Call, response: Response) -> None:
+        """Feed one answer to the engine (the caller flushes: one transaction per wake)."""
         engine.on_response(self.clock.now(), call, response)
-        self._flush(engine)
         # Interactive answers are final after their retries; a fatal answer to any call
         # also answers the requests still queued.
         for request_id, outcome in engine.drain_interactive():
@@ -289,10 +289,15 @@ class Runner:
                 waitables: set[asyncio.Future[object]] = {*tasks, waker}  # type: ignore[arg-type]
                 await asyncio.wait(waitables, timeout=wall, return_when=asyncio.FIRST_COMPLETED)
                 waker.cancel()
-                for fut in [t for t in tasks if t.done()]:
+                finished = [t for t in tasks if t.done()]
+                for fut in finished:
                     tasks.discard(fut)
                     call, response = fut.result()
                     self._complete(engine, call, response)
+                if finished:
+                    # Every batch answered in this wake is committed in one transaction
+                    # before anything else is sent: a kill still loses only calls in flight.
+                    self._flush(engine)
                 now = self.clock.now()
                 if self.on_progress is not None and now - last_progress >= (
                         self.progress_every_s * self.config.time_scale):

@@ -187,6 +187,14 @@ def cpu_per_request(requests: int, rate_per_s: float, strategy: str) -> dict:
             "preflight_us_per_item": 1e6 * preflight_cpu / len(items)}
 
 
+def cpu_table() -> str:
+    """CPU per request of 20-item batches and of single-item requests at ~1,000/s."""
+    cpu = [cpu_per_request(3000, 1000.0, "semantic_batch"),
+           cpu_per_request(3000, 1000.0, "single")]
+    return table(cpu, ["strategy", "requests", "requests_per_s", "cpu_us_per_request",
+                       "preflight_us_per_item"])
+
+
 def article_ratio() -> dict:
     """Tokens per item of a single-item call vs a 20-item batch on the article's shapes."""
     items = make_items(20, seed=3)
@@ -219,7 +227,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shorter run (~20 s)")
     parser.add_argument("--minutes", type=float, default=4.2, help="virtual minutes per arm")
     parser.add_argument("--time-scale", type=float, default=12.0)
+    parser.add_argument("--cpu-only", action="store_true",
+                        help="only the client CPU per request (~10 s)")
     args = parser.parse_args()
+    if args.cpu_only:
+        print(cpu_table())
+        return
     minutes = 2.2 if args.quick else args.minutes
     items = make_items(int(4000 * minutes) + 2000)
     print(f"# bench_client: TPM {TPM:,}, {minutes:g} virtual min per arm, "
@@ -237,10 +250,7 @@ def main() -> None:
     print(f"\nsemantic_batch steady state (after the first virtual minute): "
           f"{100 * batch['efficiency']:.1f}% of the TPM bound, "
           f"{100 * batch['429_rate']:.2f}% 429s (targets >= 97%, < 0.5%)")
-    cpu = [cpu_per_request(3000, 1000.0, "semantic_batch"), cpu_per_request(3000, 1000.0,
-                                                                             "single")]
-    print("\n" + table(cpu, ["strategy", "requests", "requests_per_s", "cpu_us_per_request",
-                             "preflight_us_per_item"]))
+    print("\n" + cpu_table())
     ratio = article_ratio()
     print(f"\narticle shapes: {ratio['single_tokens_per_item']} tokens/item single vs "
           f"{ratio['batch_tokens_per_item']:.1f} batched: {ratio['ratio']:.1f}x fewer "

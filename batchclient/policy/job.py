@@ -51,7 +51,8 @@ class Done:
 Action = Send | Wait | Done
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one per item on the hot path (see batchclient.events). Read-only by use.
+@dataclass(slots=True)
 class ItemResult:
     """Final state of one item: ``done`` with its code and label, or ``dead`` with the
     last error. ``cost_usd`` is its share of the batch's charge."""
