@@ -29,7 +29,8 @@ class SlidingWindow:
     ms). A handle is the entry's sequence number; entries before the head have expired.
     """
 
-    __slots__ = ("_amounts", "_base", "_head", "_times", "capacity", "total", "window_s")
+    __slots__ = ("_amounts", "_base", "_expired_at", "_head", "_times", "capacity", "total",
+                 "window_s")
 
     def __init__(self, capacity: float, window_s: float):
         self.capacity = capacity
@@ -39,8 +40,14 @@ class SlidingWindow:
         self._amounts = array("d")
         self._head = 0  # index of the oldest entry still in the window
         self._base = 0  # sequence number (handle) of index 0
+        # the `now` of the last expiry: a response checks, counts and renders one window
+        # several times at one instant, and entries added since are all younger
+        self._expired_at = math.nan
 
     def _expire(self, now: float) -> None:
+        if now == self._expired_at:
+            return
+        self._expired_at = now
         times = self._times
         head = self._head
         end = len(times)
