@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -111,6 +112,7 @@ class Runner:
         self._wake: asyncio.Event | None = None
         self._futures: dict[int, asyncio.Future[tuple[Response, Classified]]] = {}
         self._started = asyncio.Event()
+        self._finished: deque[asyncio.Task[tuple[Call, Response]]] = deque()
 
     def stop(self) -> None:
         """Ask the run to stop dispatching; in-flight requests finish, results are saved."""
@@ -234,6 +236,13 @@ class Runner:
     async def _send(self, call: Call) -> tuple[Call, Response]:
         return call, await self.transport.send(call)
 
+    def _task_done(self, task: asyncio.Task[tuple[Call, Response]]) -> None:
+        # A done-callback per call, rather than asyncio.wait over every task in flight at
+        # every wake (which costs O(in flight) per wake).
+        self._finished.append(task)
+        if self._wake is not None:
+            self._wake.set()
+
     def _snapshot(self, engine: Engine, start: float, total: int) -> ProgressSnapshot:
         c = engine.counts
         tpm = next((t.tpm for t in engine._throttles.values() if t.tpm), None)
@@ -252,6 +261,7 @@ class Runner:
         start = self.clock.now()
         cursor = 0
         tasks: set[asyncio.Task[tuple[Call, Response]]] = set()
+        loop = asyncio.get_running_loop()
         last_progress = -1e18
         interrupted = False
         status = EXIT_OK
@@ -269,7 +279,9 @@ class Runner:
                 else:
                     action = engine.next_action(self.clock.now())
                 if isinstance(action, Send):
-                    tasks.add(asyncio.ensure_future(self._send(action.call)))
+                    task = asyncio.ensure_future(self._send(action.call))
+                    task.add_done_callback(self._task_done)
+                    tasks.add(task)
                     continue
                 if isinstance(action, Done):
                     if not (self.keep_open and action.status == EXIT_OK and not self._stop):
@@ -284,12 +296,14 @@ class Runner:
                 if self.on_progress is not None:
                     wall = self.progress_every_s if wall is None else min(
                         wall, self.progress_every_s)
-                self._wake.clear()
-                waker = asyncio.ensure_future(self._wake.wait())
-                waitables: set[asyncio.Future[object]] = {*tasks, waker}  # type: ignore[arg-type]
-                await asyncio.wait(waitables, timeout=wall, return_when=asyncio.FIRST_COMPLETED)
-                waker.cancel()
-                finished = [t for t in tasks if t.done()]
+                if not self._finished:
+                    self._wake.clear()
+                    timer = None if wall is None else loop.call_later(wall, self._wake.set)
+                    await self._wake.wait()
+                    if timer is not None:
+                        timer.cancel()
+                finished = list(self._finished)
+                self._finished.clear()
                 for fut in finished:
                     tasks.discard(fut)
                     call, response = fut.result()

@@ -88,6 +88,13 @@ class ResponseHandling:
             provider=result.provider or "", model=result.model or "", item_id=item_id,
             cost_usd=result.cost_usd, error=result.error, call_id=call_id))
         if self._leaders.get(state.key) == item_id:
+            self._release_followers(state, result, now, call_id)
+
+    def _release_followers(self, state: ItemState, result: ItemResult, now: float,
+                           call_id: int | None) -> None:
+        """The leader of a duplicate group finished: its duplicates finish alike."""
+        item_id = result.item_id
+        if self._leaders.get(state.key) == item_id:
             del self._leaders[state.key]
             for follower in self._followers.pop(state.key, []):
                 self._items.pop(follower, None)
@@ -263,13 +270,24 @@ class ResponseHandling:
     def _accept(self, now: float, call: Call, content: str, finish: str | None,
                 charged: float) -> int:
         parsed = parse_reply(content, call.item_ids, self.task.labels, finish)
-        share = charged / max(1, len(parsed.codes))
-        for item_id, code in parsed.codes.items():
-            state = self._items[item_id]
-            self._finish(item_id, ItemResult(
-                item_id, "done", code, self.task.labels[code], call.model, call.provider,
-                cost_usd=share, attempts=state.attempts + 1, cache_key=state.key), now,
-                call.call_id)
+        codes = parsed.codes
+        share = charged / max(1, len(codes))
+        # The hot path of a job (one pass per answered item): _finish inlined.
+        labels = self.task.labels
+        items, leaders = self._items, self._leaders
+        results, events = self._out.results, self._out.events
+        name, model, provider, call_id = self.task.name, call.model, call.provider, call.call_id
+        for item_id, code in codes.items():
+            state = items.pop(item_id)
+            state.state = "done"
+            result = ItemResult(item_id, "done", code, labels[code], model, provider, None,
+                                share, state.attempts + 1, state.key)
+            results.append(result)
+            events.append(Event("item", name, now, "done", provider=provider, model=model,
+                                cost_usd=share, item_id=item_id, call_id=call_id))
+            if leaders.get(state.key) == item_id:
+                self._release_followers(state, result, now, call_id)
+        self.counts.done += len(codes)
         if self.adaptive is not None:
             self.adaptive.on_reply(len(call.item_ids), len(parsed.codes), parsed.truncated,
                                    parsed.malformed)
