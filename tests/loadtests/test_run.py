@@ -91,20 +91,10 @@ def test_run_folder_is_complete(quickstart: Path) -> None:
     assert "REQ,batched" in stats and "ITEM,batched:done" in stats
 
 
-def test_ci_gate_scenario_holds_its_expectations(tmp_path: Path) -> None:
-    out = tmp_path / "ci"
-    assert ratelab_run(SCENARIOS / "ci-gate.yaml", out, "--items", "6000") == 0
-    a = arm(summary(out), "gated")
-    assert a["items"]["done"] == 6000
-    assert a["items"]["per_request"] >= 19
-    assert a["requests"]["rate_429"] <= 0.01
-    assert a["bound"]["binding"] == "tpm" and a["bound"]["efficiency"] >= 0.8
-
-
 def test_two_processes_do_every_item_exactly_once(tmp_path: Path) -> None:
     out = tmp_path / "p2"
     assert ratelab_run(SCENARIOS / "ci-gate.yaml", out, "--items", "6000",
-                       "--processes", "2") == 0
+                       "--processes", "2", "--set", "time_scale=60") == 0
     done: list[str] = []
     stores = sorted(out.glob("store-gated-*.sqlite"))
     assert len(stores) == 2
