@@ -208,7 +208,8 @@ class Runner:
                         fresh.append(item)
                 items = fresh
                 self._flush(engine)
-            engine.add_items(items)
+            # preflight() checked every stored item; the store keeps ids unique
+            engine.add_items(items, checked=True)
         return cursor
 
     def _flush(self, engine: Engine) -> None:
