@@ -84,36 +84,43 @@ def parse_reply(
     """Match a reply to the ``sent_ids`` of its batch; see the module docstring."""
     by_key = {canonical_id(item_id): item_id for item_id in sent_ids}
     elements, damaged = _objects(text)
-    seen: dict[str, int] = {}
     found: dict[str, str] = {}
     rejected: dict[str, str] = {}
+    counts: dict[str, int] = {}
     unknown = 0
     for element in elements:
-        if not isinstance(element, dict):
+        if type(element) is not dict:
             continue
-        key = _reply_id(element.get("id"))
-        item_id = by_key.get(key) if key is not None else None
+        raw = element.get("id")
+        # The common case first: an all-digit id comes back as a JSON integer.
+        if type(raw) is int and raw >= 0:
+            item_id = by_key.get(str(raw))
+        else:
+            key = _reply_id(raw)
+            item_id = by_key.get(key) if key is not None else None
         if item_id is None:
             unknown += 1
             continue
-        seen[item_id] = seen.get(item_id, 0) + 1
+        if item_id in counts:
+            counts[item_id] += 1
+            continue
+        counts[item_id] = 1
         code = element.get("c")
-        if not isinstance(code, str) or code not in labels:
-            rejected[item_id] = f"code {code!r} outside the taxonomy"
+        if type(code) is str and code in labels:
+            found[item_id] = code
         else:
-            found.setdefault(item_id, code)
-    for item_id, count in seen.items():
-        if count > 1:
-            found.pop(item_id, None)
-            rejected[item_id] = f"id repeated {count} times in the reply"
-    for item_id in rejected:
+            rejected[item_id] = f"code {code!r} outside the taxonomy"
+    repeated = frozenset(i for i, n in counts.items() if n > 1) if len(counts) < len(
+        elements) - unknown else frozenset()
+    for item_id in repeated:
         found.pop(item_id, None)
-    missing = tuple(i for i in sent_ids if i not in found and i not in rejected)
+        rejected[item_id] = f"id repeated {counts[item_id]} times in the reply"
+    missing = () if len(found) + len(rejected) == len(sent_ids) else tuple(
+        i for i in sent_ids if i not in found and i not in rejected)
     return ParsedReply(
         codes=found, rejected=rejected, missing=missing,
         truncated=finish_reason == "length", malformed=damaged and finish_reason != "length",
-        unknown_ids=unknown,
-        repeated=frozenset(i for i, count in seen.items() if count > 1),
+        unknown_ids=unknown, repeated=repeated,
     )
 
 
