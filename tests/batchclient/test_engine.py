@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from bc_fakes import FakeProvider, code_of, config, drive, items, task
+from tests.batchclient.bc_fakes import FakeProvider, code_of, config, drive, items, task
 
 from batchclient.policy.engine import (
     EXIT_AUTH,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from bc_fakes import FakeProvider, config, drive, task
+from tests.batchclient.bc_fakes import FakeProvider, config, drive, task
 
 from batchclient.fanout import fan_out
 from batchclient.policy.engine import Engine

@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from test_client_live import TASK, assert_all_correct, client, make_items, provider, sim
+from tests.batchclient.test_client_live import TASK, assert_all_correct, client, make_items, provider, sim
 
 from batchclient import (
     AiohttpTransport,

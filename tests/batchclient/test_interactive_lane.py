@@ -6,7 +6,7 @@ import json
 import random
 from collections.abc import Callable
 
-from bc_fakes import FakeProvider, config, items, task
+from tests.batchclient.bc_fakes import FakeProvider, config, items, task
 
 from batchclient.events import Event
 from batchclient.policy.classify import Verdict

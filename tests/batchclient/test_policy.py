@@ -7,7 +7,7 @@ import json
 import random
 
 import pytest
-from bc_fakes import config, provider, task
+from tests.batchclient.bc_fakes import config, provider, task
 
 from batchclient.config import (
     BreakerSettings,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 
-from bc_fakes import FakeProvider, config, drive, items, task
+from tests.batchclient.bc_fakes import FakeProvider, config, drive, items, task
 
 from batchclient.events import Event
 from batchclient.policy.engine import Engine, Send

@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from bc_fakes import FakeProvider, code_of, config, items, task
+from tests.batchclient.bc_fakes import FakeProvider, code_of, config, items, task
 
 from batchclient.cache import SqliteResultCache
 from batchclient.clock import ScaledClock

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from synthetic import build_run
+from tests.reports.synthetic import build_run
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from synthetic import build_run
+from tests.reports.synthetic import build_run
 
 from reports import compare, gate
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from sim_model_helpers import admitted, chat, provider, refused
+from tests.simulator.model.sim_model_helpers import admitted, chat, provider, refused
 
 from simulator.model.billing import BALANCE_HEADER, CHARGED_HEADER
 from simulator.model.config import default_config

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sim_model_helpers import chat, provider
+from tests.simulator.model.sim_model_helpers import chat, provider
 
 from simulator.model.provider import Admission, Refusal
 

@@ -7,7 +7,7 @@ import math
 import random
 
 import pytest
-from sim_model_helpers import chat, provider
+from tests.simulator.model.sim_model_helpers import chat, provider
 
 from simulator.model.config import FaultSpec, ResponderSpec
 from simulator.model.faults import draw_connection_fault, random_5xx

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sim_model_helpers import admitted, chat, provider
+from tests.simulator.model.sim_model_helpers import admitted, chat, provider
 
 from simulator.model.stats import mask_key, render_prometheus
 
