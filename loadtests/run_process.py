@@ -176,7 +176,10 @@ class ProcessState:
     def stage_of(self, group: UserGroup, now: float) -> str | None:
         """The stage of ``group`` at virtual time ``now``."""
         at = stage_at(group.stages, now)
-        return None if at is None else at.stage.name
+        if at is None:
+            # past the last stage (Locust's shape ticks once a wall second): still its load
+            return group.stages[-1].name if group.stages and now > 0 else None
+        return at.stage.name
 
     def config(self, arm: Arm) -> ClientConfig:
         """The client settings of ``arm`` for this run."""

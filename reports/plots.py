@@ -216,8 +216,11 @@ def sweep_curve(summary: Mapping[str, Any]) -> bytes | None:
         label=f"knee at {knee['value']:g}",
         zorder=3,
     )
+    if min(xs) > 0 and max(xs) / min(xs) >= 8:
+        ax.set_xscale("log", base=2)  # doubling steps, evenly spaced
     ax.set_xlabel(str(sweep.get("key") or "setting"))
-    ax.set_ylabel("items / min")
+    steady = str(sweep.get("figure", "")).endswith("steady_items_per_min")
+    ax.set_ylabel("steady items / min" if steady else "items / min")
     ax.set_title("Throughput against the swept setting")
     ax.legend(fontsize=8)
     return _png(fig)

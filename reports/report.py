@@ -150,6 +150,10 @@ def headline(summary: Mapping[str, Any]) -> str:
             + "."
         )
     advice = what_to_change(arm)
+    slo = _slo_blocks(summary)
+    if slo:
+        # an SLO search answers its own question first
+        text = f"{slo[1][1]} {text}"
     return f"{text} {advice}".strip()
 
 
@@ -301,6 +305,7 @@ def _blocks(summary: Mapping[str, Any]) -> list[Block]:
                 ],
             ),
         ]
+    blocks += _slo_blocks(summary)
     sweep = summary.get("sweep")
     if sweep:
         knee = sweep["knee"]
@@ -331,8 +336,41 @@ def _blocks(summary: Mapping[str, Any]) -> list[Block]:
     return blocks
 
 
-def render_markdown(summary: Mapping[str, Any], plot_titles: Sequence[str] = ()) -> str:
-    """The Markdown report (tables; the plots live in report.html)."""
+def _slo_blocks(summary: Mapping[str, Any]) -> list[Block]:
+    """The SLO search: the answer in a sentence, then every probe."""
+    slo = summary.get("slo_search")
+    if not slo:
+        return []
+    what = "users" if slo["variable"] == "users" else "requests/s"
+    target = f"p{slo['percentile']:g} {slo['metric'].upper()} <= {fmt_ms(slo['threshold_ms'])}"
+    if slo.get("best") is None:
+        answer = f"No probed load met {target}: even {slo['probes'][0]['value']:g} {what} failed."
+    else:
+        answer = (
+            f"The highest load meeting {target} is **{slo['best']:g} {what}**, with a goodput "
+            f"of {slo['goodput_per_s']:.2f} requests/s meeting the SLO."
+        )
+    rows = [
+        (
+            f"{p['value']:g}",
+            fmt_int(p["requests"]),
+            fmt_int(p["failed"]),
+            fmt_ms(p["measured_ms"]),
+            f"{p['goodput_per_s']:.2f}",
+            "ok" if p["ok"] else "FAILED",
+        )
+        for p in slo["probes"]
+    ]
+    headers = (what, "requests", "failed", f"p{slo['percentile']:g} {slo['metric']}",
+               "goodput/s", "verdict")
+    return [("h2", "SLO search"), ("p", answer), ("table", headers, rows)]
+
+
+def render_markdown(
+    summary: Mapping[str, Any], plot_titles: Sequence[str] = (), plot_files: Sequence[str] = ()
+) -> str:
+    """The Markdown report: tables, then the plots as images (``plot_files``, PNGs written
+    beside report.md) or, without files, their titles (they live in report.html)."""
     out: list[str] = []
     for block in _blocks(summary):
         kind = block[0]
@@ -348,7 +386,11 @@ def render_markdown(summary: Mapping[str, Any], plot_titles: Sequence[str] = ())
             out.append("|" + "---|" * len(headers))
             out.extend("| " + " | ".join(str(c) for c in row) + " |" for row in rows)
             out.append("")
-    if plot_titles:
+    if plot_titles and plot_files:
+        out.append("## Plots\n")
+        for title, name in zip(plot_titles, plot_files, strict=True):
+            out.append(f"### {title}\n\n![{title}]({name})\n")
+    elif plot_titles:
         out.append("## Plots\n")
         out.append("In report.html: " + "; ".join(plot_titles) + ".\n")
     return "\n".join(out)
@@ -421,12 +463,20 @@ def read_timeseries(path: str | Path) -> list[dict[str, Any]]:
 
 
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.html`` into ``run_dir`` from its summary and time series."""
+    """Write ``report.md`` (with ``plot-<key>.png`` beside it) and ``report.html`` (plots
+    embedded) into ``run_dir`` from its summary and time series."""
     run_dir = Path(run_dir)
     summary = load_summary(run_dir / "summary.json")
     rows = read_timeseries(run_dir / "timeseries.csv")
     plots = render_all(summary, rows)
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
-    md_path.write_text(render_markdown(summary, [t for _, t, _ in plots]), encoding="utf-8")
+    files = []
+    for key, _, png in plots:
+        # beside report.md, so the Markdown shows them wherever the folder is opened
+        (run_dir / f"plot-{key}.png").write_bytes(png)
+        files.append(f"plot-{key}.png")
+    md_path.write_text(
+        render_markdown(summary, [t for _, t, _ in plots], files), encoding="utf-8"
+    )
     html_path.write_text(render_html(summary, plots), encoding="utf-8")
     return md_path, html_path

@@ -141,6 +141,31 @@ def test_seed002_lanes_cache_and_stages(tmp_path: Path) -> None:
     assert [st["name"] for st in s["stages"]][:2] == ["light", "busy"]
 
 
+def test_seed000_sweep_finds_the_knee_at_the_tpm_limit(tmp_path: Path) -> None:
+    out = tmp_path / "s0"
+    ratelab_run(SCENARIOS / "seed000-concurrency-sweep.yaml", out, "--items", "300",
+                "--set", "sweep={arms.single.client.concurrency.limit: [2, 4, 8, 16]}")
+    s = summary(out)
+    assert [a["name"] for a in s["arms"]] == ["single-2", "single-4", "single-8", "single-16"]
+    assert [a["sweep_value"] for a in s["arms"]] == [2.0, 4.0, 8.0, 16.0]
+    for a in s["arms"]:
+        assert a["items"]["done"] == 300 and a["items"]["lost"] == 0
+        assert a["throughput"]["items_per_min"] <= a["bound"]["items_per_min"] * 1.1
+    sweep = s["sweep"]
+    assert sweep["key"] == "arms.single.client.concurrency.limit"
+    rates = [p["items_per_min"] for p in sweep["points"]]
+    # latency binds at 2 and 4 in flight (throughput doubles), the TPM window from 8 on:
+    # the article's ~270 single-item requests a minute
+    assert rates[1] > 1.6 * rates[0]
+    assert arm(s, "single-2")["bound"]["binding"] == "latency"
+    assert arm(s, "single-16")["bound"]["binding"] == "tpm"
+    assert 240 <= rates[3] <= 290 and rates[3] < rates[2] * 1.05
+    assert sweep["knee"]["value"] in (4.0, 8.0)
+    report = (out / "report.md").read_text()
+    assert "## Sweep of arms.single.client.concurrency.limit" in report
+    assert "![Sweep curve with the knee](plot-sweep.png)" in report
+
+
 def _descendants(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-eo", "pid=,ppid=,pgid="], capture_output=True, text=True)
     rows = [tuple(int(x) for x in line.split()) for line in out.stdout.splitlines()]
@@ -190,3 +215,26 @@ def test_bad_scenario_is_refused_before_anything_starts(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "bad.yaml:" in proc.stderr and "max_itemz" in proc.stderr
     assert not (tmp_path / "never").exists()
+
+
+def test_slo_search_doubles_then_bisects_to_the_gpu_capacity(tmp_path: Path) -> None:
+    out = tmp_path / "slo"
+    assert ratelab_run(SCENARIOS / "slo-search.yaml", out,
+                       "--set", "load.slo_search.start=16", "--set", "load.slo_search.tolerance=0.2",
+                       "--set", "load.slo_search.step_duration_s=40") == 0
+    s = summary(out)
+    slo = s["slo_search"]
+    probes = [(p["value"], p["ok"]) for p in slo["probes"]]
+    # doubling while the SLO holds, then bisection between the last pass and the first fail
+    assert [v for v, _ in probes[:3]] == [16.0, 32.0, 64.0]
+    assert probes[0][1] and probes[1][1] and not probes[2][1]  # 64 users queue on 48 slots
+    assert probes[3][0] == 48.0 and len(probes) <= 6
+    assert slo["best"] is not None and 32 <= slo["best"] < 64
+    best = next(p for p in slo["probes"] if p["value"] == slo["best"])
+    assert best["measured_ms"] <= 2000 and best["failed"] == 0
+    assert slo["goodput_per_s"] == best["goodput_per_s"] > 0
+    # every probe is a stage of the summary, its requests counted, none dropped
+    stages = {st["name"]: st for st in s["stages"]}
+    assert set(stages) == {f"probe-{i}" for i in range(len(probes))}
+    assert sum(st["requests"] for st in stages.values()) == arm(s, "chat")["requests"]["total"]
+    assert "## SLO search" in (out / "report.md").read_text()

@@ -54,3 +54,13 @@ def test_stage_and_projection_tables(run_dir: Path) -> None:
     assert "## Stages" in text and "| stage1 |" in text
     assert "## Projection" in text and "## Sweep of batch_size" in text
     assert "The knee is at 20" in text
+
+
+def test_markdown_shows_the_plots_written_beside_it(run_dir: Path) -> None:
+    md, _ = write_report(run_dir)
+    text = md.read_text()
+    linked = re.findall(r"!\[[^\]]+\]\((plot-\w+\.png)\)", text)
+    assert linked == [f"plot-{key}.png" for key in PLOTS]
+    for name in linked:
+        data = (run_dir / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
