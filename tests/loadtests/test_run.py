@@ -220,7 +220,8 @@ def test_bad_scenario_is_refused_before_anything_starts(tmp_path: Path) -> None:
 def test_slo_search_doubles_then_bisects_to_the_gpu_capacity(tmp_path: Path) -> None:
     out = tmp_path / "slo"
     assert ratelab_run(SCENARIOS / "slo-search.yaml", out,
-                       "--set", "load.slo_search.start=16", "--set", "load.slo_search.tolerance=0.2",
+                       "--set", "load.slo_search.start=16",
+                       "--set", "load.slo_search.tolerance=0.2",
                        "--set", "load.slo_search.step_duration_s=40") == 0
     s = summary(out)
     slo = s["slo_search"]

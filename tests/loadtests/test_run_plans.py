@@ -76,7 +76,7 @@ def test_probe_overrides_replace_the_searched_groups_stages() -> None:
 
 def test_failures_count_as_infinitely_slow_in_the_percentile() -> None:
     fast = [0.1] * 19
-    assert failing_percentile_ms(fast + [0.5], 0, 95) == pytest.approx(100.0)
+    assert failing_percentile_ms([*fast, 0.5], 0, 95) == pytest.approx(100.0)
     assert failing_percentile_ms(fast, 1, 95) == pytest.approx(100.0)  # the 20th is the failure
     assert failing_percentile_ms(fast, 2, 95) is None  # failures reach the 95th percentile
     assert failing_percentile_ms([], 0, 95) is None
