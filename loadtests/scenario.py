@@ -8,6 +8,7 @@ dotted-key overrides (the planner's sweeps) and checks the result the same way.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -74,6 +75,14 @@ def parse_scenario(data: Any, lines: LineMap, path: Path) -> Scenario:
     problems, scenario = plugin_problems(scenario, lines)
     if problems:
         raise ScenarioError(problems)
+    if "gateway" in doc:
+        from loadtests.scenario_gateway import parse_gateway
+
+        names = tuple(p.name for p in scenario.providers)
+        problems, section = parse_gateway(doc["gateway"], lines, names, str(path))
+        if problems:
+            raise ScenarioError(problems)
+        scenario = dataclasses.replace(scenario, gateway=section)
     return scenario
 
 

@@ -252,6 +252,7 @@ class Scenario:
     expect: Expect = field(default_factory=Expect)
     sweep: tuple[tuple[str, tuple[Any, ...]], ...] = ()
     raw: Mapping[str, Any] = field(default_factory=_empty)
+    gateway: object | None = None  # loadtests.scenario_gateway.GatewaySection, when present
 
     def arm(self, name: str) -> Arm:
         """The arm called ``name`` (KeyError if none)."""
