@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from loadtests.bound import Bound
     from loadtests.recorder import Recorder
 
 PERCENTILES = (50, 90, 95, 99)
@@ -158,7 +159,8 @@ def arm_summary(rec: Recorder, name: str, pending: int = 0) -> dict[str, Any]:
             "per_request": _ratio(acc.cost, total),
         },
         "projection": _projection(
-            rec, name, items_per_min, per_item_cost if done else None, bound is not None
+            rec, name, *_projection_rate(items_per_min, steady["items_per_min"], bound),
+            per_item_cost if done else None, bound is not None,
         ),
     }
     if info.sweep_value is not None:
@@ -205,15 +207,32 @@ def _bound_obj(
     }
 
 
+def _projection_rate(
+    items_per_min: float, steady: float | None, bound: Bound | None
+) -> tuple[float, str]:
+    """The rate a long job would keep: the steady rate when measured, else the run's rate
+    capped at the bound (a job shorter than the rolling window runs faster than any long
+    job can: the empty window's head start), else the run's rate."""
+    if steady is not None:
+        return steady, "steady"
+    if bound is not None and 0 < bound.items_per_min < items_per_min:
+        return bound.items_per_min, "bound"
+    return items_per_min, "run"
+
+
 def _projection(
-    rec: Recorder, name: str, items_per_min: float, per_item: float | None, has_bound: bool
+    rec: Recorder, name: str, items_per_min: float, basis: str, per_item: float | None,
+    has_bound: bool,
 ) -> dict[str, Any]:
-    """Time and cost to finish ``project_items`` at the achieved rate, and what a deadline needs."""
+    """Time and cost to finish ``project_items`` at ``items_per_min``, and what a deadline
+    needs."""
     items = rec.project_items
     deadline = rec.project_deadline_s
     duration = items / items_per_min * 60.0 if items_per_min > 0 else None
     out: dict[str, Any] = {
         "items": items,
+        "items_per_min": items_per_min,
+        "basis": basis,
         "duration_s": duration,
         "cost_usd": per_item * items if per_item is not None else None,
         "deadline_s": deadline,
