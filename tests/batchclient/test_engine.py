@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-from tests.batchclient.bc_fakes import FakeProvider, code_of, config, drive, items, task
 
 from batchclient.policy.engine import (
     EXIT_AUTH,
@@ -14,6 +13,7 @@ from batchclient.policy.engine import (
     InputError,
 )
 from batchclient.policy.wire import Item
+from tests.batchclient.bc_fakes import FakeProvider, code_of, config, drive, items, task
 
 
 def make(n: int = 100, **cfg: object) -> Engine:

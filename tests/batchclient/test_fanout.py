@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import random
 
-from tests.batchclient.bc_fakes import FakeProvider, config, drive, task
-
 from batchclient.fanout import fan_out
 from batchclient.policy.engine import Engine
 from batchclient.policy.wire import Call, Item, Response
 from batchclient.transport import FunctionTransport
+from tests.batchclient.bc_fakes import FakeProvider, config, drive, task
 
 
 async def test_fan_out_has_every_model_in_flight_at_once() -> None:

@@ -6,7 +6,6 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from tests.batchclient.test_client_live import TASK, assert_all_correct, client, make_items, provider, sim
 
 from batchclient import (
     AiohttpTransport,
@@ -23,6 +22,14 @@ from batchclient import (
 )
 from batchclient.policy.classify import Verdict
 from simulator.server import serve_in_thread
+from tests.batchclient.test_client_live import (
+    TASK,
+    assert_all_correct,
+    client,
+    make_items,
+    provider,
+    sim,
+)
 
 HELLO = [{"role": "user", "content": "Where is my parcel?"}]
 

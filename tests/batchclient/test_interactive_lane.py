@@ -6,12 +6,11 @@ import json
 import random
 from collections.abc import Callable
 
-from tests.batchclient.bc_fakes import FakeProvider, config, items, task
-
 from batchclient.events import Event
 from batchclient.policy.classify import Verdict
 from batchclient.policy.engine import EXIT_AUTH, EXIT_BALANCE, Done, Engine, Send, Wait
 from batchclient.policy.wire import Call, Response
+from tests.batchclient.bc_fakes import FakeProvider, config, items, task
 
 TWO = [{"name": "p1", "base_url": "http://p1/v1", "api_key": "k"},
        {"name": "p2", "base_url": "http://p2/v1", "api_key": "k"}]

@@ -7,7 +7,6 @@ import json
 import random
 
 import pytest
-from tests.batchclient.bc_fakes import config, provider, task
 
 from batchclient.config import (
     BreakerSettings,
@@ -29,6 +28,7 @@ from batchclient.policy.tokens import chat_prompt_tokens, reply_tokens, text_tok
 from batchclient.policy.userlimits import Tier, UserLimits
 from batchclient.policy.watchdog import repetition_loop
 from batchclient.policy.wire import Item, Response
+from tests.batchclient.bc_fakes import config, provider, task
 
 LABELS = {c: c.lower() for c in "ABCDEFGH"}
 

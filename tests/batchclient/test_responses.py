@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import random
 
-from tests.batchclient.bc_fakes import FakeProvider, config, drive, items, task
-
 from batchclient.events import Event
 from batchclient.policy.engine import Engine, Send
 from batchclient.policy.wire import Item, Response
+from tests.batchclient.bc_fakes import FakeProvider, config, drive, items, task
 
 
 def make(n: int, **cfg: object) -> Engine:

@@ -7,7 +7,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from tests.batchclient.bc_fakes import FakeProvider, code_of, config, items, task
 
 from batchclient.cache import SqliteResultCache
 from batchclient.clock import ScaledClock
@@ -18,6 +17,7 @@ from batchclient.policy.wire import Item, Response
 from batchclient.runner import Runner
 from batchclient.store import SqliteJobStore
 from batchclient.transport import FunctionTransport
+from tests.batchclient.bc_fakes import FakeProvider, code_of, config, items, task
 
 
 def runner(tmp_path: Path, fake: object, n: int = 100, name: str = "job", **kw: object) -> Runner:
