@@ -130,6 +130,9 @@ def arm_summary(rec: Recorder, name: str, pending: int = 0) -> dict[str, Any]:
             "rate_429": _ratio(req["http_429"], total),
             "error_rate": _ratio(total - req["ok"] - req["http_429"], total),
             "retry_amplification": _ratio(total, needed) if needed > 0 else None,
+            # requests needed (not retries) that never got a 2xx: what a user saw fail
+            "unrecovered": max(0, needed - req["ok"]),
+            "unrecovered_rate": _ratio(max(0, needed - req["ok"]), needed),
         },
         "throughput": {
             "items_per_min": items_per_min,

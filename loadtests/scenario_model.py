@@ -214,6 +214,7 @@ THRESHOLD_KEYS: tuple[str, ...] = (
     "max_tokens_per_item",
     "min_items_per_request",
     "max_retry_amplification",
+    "max_unrecovered_rate",
     "max_latency_p95_ms",
     "max_ttft_p95_ms",
     "max_dead_letter",

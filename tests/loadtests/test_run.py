@@ -176,6 +176,28 @@ def test_seed000_sweep_finds_the_knee_at_the_tpm_limit(tmp_path: Path) -> None:
     assert "![Sweep curve with the knee](plot-sweep.png)" in report
 
 
+def test_seed003_failover_and_watchdog_keep_users_served(tmp_path: Path) -> None:
+    out = tmp_path / "s3"
+    ratelab_run(SCENARIOS / "seed003-failover-and-streaming.yaml", out, "--duration-s", "160",
+                "--set", "time_scale=10",
+                "--set", "load.users.crowd.stages=[{name: ramp, duration_s: 80, users: 100,"
+                         " spawn_rate: 20}, {name: full, duration_s: 80, users: 250,"
+                         " spawn_rate: 50}]",
+                "--set", "providers.primary.faults.outages="
+                         "[{start_s: 40, end_s: 100, status: 503}]")
+    s = summary(out)
+    chat = arm(s, "chat")
+    r = chat["requests"]
+    assert s["partial"] is False and r["total"] > 500
+    assert r["http_5xx"] > 0  # the primary's outage was met ...
+    assert r["cancelled"] > 0  # ... and the watchdog cut slow or looping streams ...
+    assert r["unrecovered"] == 0 and r["retries"] == r["total"] - r["ok"]  # ... all retried ok
+    assert chat["ttft_ms"]["p95"] is not None and chat["ttft_ms"]["p50"] < 2000
+    assert {c["threshold"]: c["ok"] for c in s["checks"]} == {
+        "max_unrecovered_rate": True, "max_retry_amplification": True, "max_ttft_p95_ms": True}
+    assert [st["name"] for st in s["stages"]] == ["ramp", "full"]
+
+
 def _descendants(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-eo", "pid=,ppid=,pgid="], capture_output=True, text=True)
     rows = [tuple(int(x) for x in line.split()) for line in out.stdout.splitlines()]
