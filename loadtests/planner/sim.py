@@ -152,7 +152,7 @@ class ArmDriver:
                 for item in page:
                     code = hits.get(keys[item.id])
                     if code is not None and code in self.task.labels:
-                        engine.complete_from_cache(item, code)
+                        engine.complete_from_cache(item, code, now=self.env.now)
                     else:
                         fresh.append(item)
                 page = fresh
@@ -177,10 +177,11 @@ class ArmDriver:
         engine = self.engine
         engine.on_response(self.env.now, call, response)
         self._flush(call, response, retry, stage)
-        if call.lane == "interactive":
-            outcome = engine.interactive_result(call.call_id)
-            done = self._interactive.pop(call.call_id, None)
-            if done is not None and outcome is not None:
+        # As the live Runner does: a chat may take several attempts (new call ids, one
+        # request id), so waiters are resolved from the engine's finished chats only.
+        for request_id, outcome in engine.drain_interactive():
+            done = self._interactive.pop(request_id, None)
+            if done is not None:
                 done.succeed(outcome)
 
     def run(self) -> Generator[simpy.Event, Any, None]:

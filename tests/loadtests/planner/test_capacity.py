@@ -23,9 +23,9 @@ def test_deadline_answers_name_the_smallest_keys_tier_and_batch_size() -> None:
     assert answers["deadline_s"] == 5400.0
     assert answers["meets_now"] is False
     keys, tier, size = answers["keys"], answers["tier_tpm"], answers["batch_size"]
-    assert keys["value"] == 2 and round(keys["duration_s"]) == 3112
-    assert tier["value"] == 200_000 and round(tier["duration_s"]) == 1800
-    assert size["value"] == 40 and round(size["duration_s"]) == 5023
+    assert keys["value"] == 2 and round(keys["duration_s"]) == 3672
+    assert tier["value"] == 200_000 and round(tier["duration_s"]) == 1811
+    assert size["value"] == 40 and round(size["duration_s"]) == 5109
     assert size["cost_usd"] == pytest.approx(0.8513, abs=1e-4)
 
 
