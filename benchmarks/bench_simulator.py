@@ -8,7 +8,12 @@
    Rounds alternate (a) and (b); the table shows each round and the medians.
 2. Scheduling error: the simulator with a constant configured latency (TTFT, no ITL)
    and 1,000 requests kept in flight; per request, served latency (client-observed, send
-   to last byte) minus the configured latency, p50/p90/p99/max in milliseconds.
+   to last byte) minus the configured latency, p50/p90/p99/max in milliseconds. Each
+   round also serves the same load from a bare aiohttp handler that only sleeps the
+   configured latency: that p99 is the floor this machine and event loop allow.
+
+Servers run as ``ratelab serve`` runs them: the simulator with the serving GC settings
+of ``simulator/gc_tuning.py`` (``--default-gc`` measures it without them).
 
 Targets (issue 2): (b) >= 50% of (a); p99 scheduling error <= 2 ms.
 
@@ -72,20 +77,20 @@ def _sim_config(ttft_ms: float) -> SimulatorConfig:
 # -- server processes ------------------------------------------------------------------
 
 
-def _serve_sim(ttft_ms: float, cpu: int | None, ready: MPQueue) -> None:
+def _serve_sim(ttft_ms: float, tune_gc: bool, cpu: int | None, ready: MPQueue) -> None:
     _pin(cpu)
     _raise_fd_limit()
     from simulator.server import start_server
 
     async def run() -> None:
-        server = await start_server(_sim_config(ttft_ms))
+        server = await start_server(_sim_config(ttft_ms), tune_gc=tune_gc)
         ready.put(server.port)
         await asyncio.Event().wait()
 
     asyncio.run(run())
 
 
-def _serve_replay(cpu: int | None, ready: MPQueue) -> None:
+def _serve_replay(tune_gc: bool, cpu: int | None, ready: MPQueue) -> None:
     """The real shell serving one real model decision over and over: the shell's own cost
     (parsing, the reply body, headers, finish bookkeeping) without the model's."""
     _pin(cpu)
@@ -116,20 +121,24 @@ def _serve_replay(cpu: int | None, ready: MPQueue) -> None:
     shell.build_providers = lambda cfg, epoch_s=None: {"default": Replay()}  # type: ignore[assignment,misc]
 
     async def run() -> None:
-        server = await shell.start_server(config)
+        server = await shell.start_server(config, tune_gc=tune_gc)
         ready.put(server.port)
         await asyncio.Event().wait()
 
     asyncio.run(run())
 
 
-def _serve_bare(body: bytes, headers: dict[str, str], cpu: int | None, ready: MPQueue) -> None:
+def _serve_bare(body: bytes, headers: dict[str, str], sleep_s: float, cpu: int | None,
+                ready: MPQueue) -> None:
+    """A plain aiohttp handler replaying ``body`` and ``headers`` after ``sleep_s``."""
     _pin(cpu)
     _raise_fd_limit()
     from aiohttp import web
 
     async def handler(request: web.Request) -> web.Response:
         await request.read()
+        if sleep_s > 0:
+            await asyncio.sleep(sleep_s)
         return web.Response(body=body, headers=headers)
 
     async def run() -> None:
@@ -298,6 +307,15 @@ async def _capture(port: int) -> tuple[bytes, dict[str, str]]:
         return body, {k: v for k, v in resp.headers.items() if k.lower() not in skip}
 
 
+def _reply(ctx: mp.context.SpawnContext, cpu: int | None) -> tuple[bytes, dict[str, str]]:
+    """Body and headers of one reply of a freshly started zero-latency simulator."""
+    sim = _start(ctx, _serve_sim, 0.0, True, cpu)
+    try:
+        return asyncio.run(_capture(sim.port))
+    finally:
+        sim.stop()
+
+
 def _cpu_seconds(pid: int | None) -> float:
     """User + system CPU seconds a process has used so far (Linux /proc)."""
     try:
@@ -322,9 +340,7 @@ def throughput(args: argparse.Namespace, ctx: mp.context.SpawnContext) -> float:
     is the fairer one: time other processes take from the core does not count against it.
     """
     server_cpu, load_cpu = _cpus()
-    sim = _start(ctx, _serve_sim, 0.0, server_cpu)
-    body, headers = asyncio.run(_capture(sim.port))
-    sim.stop()
+    body, headers = _reply(ctx, server_cpu)
     print(f"\n1) throughput: {args.connections} keep-alive connections, {args.seconds:g} s per "
           f"measurement, server on CPU {server_cpu}, load generator on CPU {load_cpu}; "
           f"reply {len(body)} bytes")
@@ -338,11 +354,11 @@ def throughput(args: argparse.Namespace, ctx: mp.context.SpawnContext) -> float:
         names = ("bare", "sim", "replay") if args.decompose else ("bare", "sim")
         for name in names:
             if name == "bare":
-                server = _start(ctx, _serve_bare, body, headers, server_cpu)
+                server = _start(ctx, _serve_bare, body, headers, 0.0, server_cpu)
             elif name == "sim":
-                server = _start(ctx, _serve_sim, 0.0, server_cpu)
+                server = _start(ctx, _serve_sim, 0.0, args.tune_gc, server_cpu)
             else:
-                server = _start(ctx, _serve_replay, server_cpu)
+                server = _start(ctx, _serve_replay, args.tune_gc, server_cpu)
             try:
                 cpu_before = _cpu_seconds(server.process.pid)
                 result = _load(ctx, server.port, args.connections, args.seconds, 0.5, 0.0,
@@ -373,32 +389,56 @@ def throughput(args: argparse.Namespace, ctx: mp.context.SpawnContext) -> float:
     return med[5]
 
 
+def _errors_ms(result: dict[str, object], latency_s: float) -> list[float]:
+    served: list[float] = result["latencies"]  # type: ignore[assignment]
+    if not served:
+        raise SystemExit(f"no successful request: statuses {result['statuses']}")
+    return sorted((x - latency_s) * 1000.0 for x in served)
+
+
 def scheduling(args: argparse.Namespace, ctx: mp.context.SpawnContext) -> float:
-    """Served minus configured latency with ``--inflight`` requests in flight; returns p99 ms."""
+    """Served minus configured latency with ``--inflight`` requests in flight, for the
+    simulator and (unless ``--skip-floor``) a bare handler sleeping as long; returns the
+    simulator's median p99 in ms."""
     server_cpu, load_cpu = _cpus()
     latency_s = args.latency_ms / 1000.0
     print(f"\n2) scheduling error: configured latency {args.latency_ms:g} ms (TTFT, non-stream), "
           f"{args.inflight} requests in flight (about {args.inflight / latency_s:.0f} req/s), "
-          f"{args.latency_seconds:g} s measured")
-    print(f"{'round':>5} {'requests':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}")
-    p99s = []
+          f"{args.latency_seconds:g} s measured; floor = bare aiohttp handler sleeping as long")
+    print(f"{'round':>5} {'requests':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}"
+          f"   {'floor p50':>9} {'floor p99':>9} {'floor max':>9}")
+    body, headers = ((b"", {}) if args.skip_floor else _reply(ctx, server_cpu))
+    p99s, floors = [], []
     for n in range(1, args.latency_rounds + 1):
-        server = _start(ctx, _serve_sim, args.latency_ms, server_cpu)
+        floor = ""
+        if not args.skip_floor:
+            server = _start(ctx, _serve_bare, body, headers, latency_s, server_cpu)
+            try:
+                result = _load(ctx, server.port, args.inflight, args.latency_seconds,
+                               latency_s, latency_s, load_cpu)
+            finally:
+                server.stop()
+            f_errors = _errors_ms(result, latency_s)
+            fq = statistics.quantiles(f_errors, n=100, method="inclusive")
+            floors.append(fq[98])
+            floor = f"   {fq[49]:>9.2f} {fq[98]:>9.2f} {f_errors[-1]:>9.2f}"
+        server = _start(ctx, _serve_sim, args.latency_ms, args.tune_gc, server_cpu)
         try:
             result = _load(ctx, server.port, args.inflight, args.latency_seconds, latency_s,
                            latency_s, load_cpu)
         finally:
             server.stop()
-        served: list[float] = result["latencies"]  # type: ignore[assignment]
-        errors = sorted((x - latency_s) * 1000.0 for x in served)
-        if not errors:
-            raise SystemExit(f"no successful request: statuses {result['statuses']}")
+        errors = _errors_ms(result, latency_s)
         q = statistics.quantiles(errors, n=100, method="inclusive")
         p99s.append(q[98])
         print(f"{n:>5} {len(errors):>9} {q[49]:>8.2f} {q[89]:>8.2f} {q[98]:>8.2f} "
-              f"{errors[-1]:>8.2f}")
+              f"{errors[-1]:>8.2f}{floor}")
     p99 = statistics.median(p99s)
     print(f"median p99 {p99:.2f} ms; target p99 <= 2 ms: {'met' if p99 <= 2.0 else 'NOT met'}")
+    if floors:
+        print(f"floor (bare handler, same load) median p99 {statistics.median(floors):.2f} ms; "
+              f"simulator minus floor, median of rounds "
+              f"{statistics.median(s - f for s, f in zip(p99s, floors, strict=True)):+.2f} ms")
     return p99
 
 
@@ -417,6 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decompose", action="store_true",
                         help="also serve (c): the shell replaying one model decision, to "
                              "split the simulator's cost into shell and model")
+    parser.add_argument("--skip-floor", action="store_true",
+                        help="scheduling test without the bare-handler floor rounds")
+    parser.add_argument("--default-gc", dest="tune_gc", action="store_false",
+                        help="serve the simulator with CPython's default GC settings instead "
+                             "of ratelab serve's (simulator/gc_tuning.py)")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
     args = parser.parse_args(argv)

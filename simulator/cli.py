@@ -116,7 +116,8 @@ def _banner(server: RunningServer, cfg: SimulatorConfig) -> str:
 
 
 async def _serve(cfg: SimulatorConfig, host: str, port: int) -> int:
-    server = await start_server(cfg, host=host, port=port)
+    # this process exists to serve: settle the garbage collector for it (gc_tuning.py)
+    server = await start_server(cfg, host=host, port=port, tune_gc=True)
     print(_banner(server, cfg), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from simulator import wire
+from simulator import gc_tuning, wire
 from simulator.metrics import ShellCounters, render_metrics
 from simulator.model.config import SimulatorConfig
 from simulator.model.errors import error_body, server_error
@@ -459,9 +459,14 @@ class RunningServer:
 
 
 async def start_server(
-    config: SimulatorConfig, *, host: str = "127.0.0.1", port: int = 0
+    config: SimulatorConfig, *, host: str = "127.0.0.1", port: int = 0,
+    tune_gc: bool = False,
 ) -> RunningServer:
-    """Start the simulator on the running loop; ``port=0`` picks a free port."""
+    """Start the simulator on the running loop; ``port=0`` picks a free port.
+
+    ``tune_gc`` applies ``simulator.gc_tuning.tune_for_serving`` once listening: a
+    process-wide setting for a process that exists to serve (``ratelab serve``).
+    """
     providers = build_providers(config, epoch_s=time.time())
     shell = SimulatorApp(config, providers)
     runner = web.AppRunner(
@@ -473,6 +478,8 @@ async def start_server(
     await site.start()
     bound = runner.addresses[0][1]
     shown = f"[{host}]" if ":" in host else host
+    if tune_gc:
+        gc_tuning.tune_for_serving()
     return RunningServer(
         url=f"http://{shown}:{bound}", host=host, port=bound, providers=providers, app=shell,
         _runner=runner, loop=asyncio.get_running_loop(),
