@@ -1,7 +1,8 @@
 """``ratelab plan --compare`` against real ``ratelab run`` folders of shipped scenarios.
 
-Each scenario is copied with ``time_scale`` 20 or 30 (a live run costs real milliseconds per
-request, multiplied by the compression: at 60 the live side runs ~5% slow, at 30 ~2-4%),
+Each scenario is copied with ``time_scale`` 10 or 15 (a live run costs real milliseconds per
+request, multiplied by the compression: at 60 the live side runs ~5-10% slow, at 20-30 2-4%
+on a quiet machine and up to 12% on a loaded one; 10-15 keeps the margin under load),
 shortened with ``--items``, run live in a subprocess (Locust patches the interpreter), then
 planned with ``--compare``: exit status 0 means every figure of every arm (items/min,
 requests/min, 429 count, duration, cost) is within 5%. The live run may exit 1 (the
@@ -44,9 +45,9 @@ def compressed_copy(name: str, tmp_path: Path, time_scale: int = 30,
 # virtual seconds; at 30x both drift 3-8% with the machine's load (docs/planner.md).
 # ci-gate and quickstart hold semantic batching at the TPM bound.
 @pytest.mark.parametrize("name, items, time_scale, arms", [
-    ("ci-gate", 6000, 20, None),                # semantic batching at the TPM bound
-    ("quickstart", 6000, 20, None),             # the README's first run
-    ("seed001-semantic-batching", 600, 30, "[single]"),
+    ("ci-gate", 6000, 10, None),                # semantic batching at the TPM bound
+    ("quickstart", 6000, 10, None),             # the README's first run
+    ("seed001-semantic-batching", 600, 15, "[single]"),
 ])
 def test_plan_within_5_percent_of_ratelab_run(name: str, items: int, time_scale: int,
                                                arms: str | None, tmp_path: Path,
