@@ -271,6 +271,7 @@ class SimulatorApp:
         now = self.clock.now()
         call = served.provider.chat if kind == "chat" else served.provider.embeddings
         result = call(now, _api_key(request), body)
+        del body  # not held (with its lists and dicts) while the reply sleeps
         if isinstance(result, Refusal):
             self.counters.response(name, kind, result.status)
             return _json(result.status, result.body, result.headers)

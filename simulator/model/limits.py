@@ -254,6 +254,10 @@ class Denial:
         return math.isinf(self.wait_s)
 
 
+def _denial(name: str, window: Window, now: float, amount: float) -> Denial:
+    return Denial(name, window.capacity, window.used(now), amount, window.wait(now, amount))
+
+
 @dataclass(slots=True)
 class Ticket:
     """What an admission counted, kept to settle it at finish."""
@@ -301,18 +305,18 @@ class LimitState:
         """The first limit that refuses a request counting ``reserved`` TPM tokens, or None."""
         if self.concurrency is not None and self.inflight >= self.concurrency:
             return Denial(CONCURRENCY, self.concurrency, self.inflight, 1, 1.0)
-        checks = (
-            (REQUESTS, self.requests, 1),
-            (TOKENS, self.tokens, reserved),
-            (INPUT, self.input, prompt),
-            (OUTPUT, self.output, 1),  # output is counted as generated: only "not exhausted"
-            (DAY, self.day, prompt),
-        )
-        for name, window, amount in checks:
-            if window is not None:
-                wait = window.wait(now, amount)
-                if wait > 0.0:
-                    return Denial(name, window.capacity, window.used(now), amount, wait)
+        # spelled out rather than looped over a tuple built per request: the hot path
+        if self.requests is not None and self.requests.wait(now, 1) > 0.0:
+            return _denial(REQUESTS, self.requests, now, 1)
+        if self.tokens is not None and self.tokens.wait(now, reserved) > 0.0:
+            return _denial(TOKENS, self.tokens, now, reserved)
+        if self.input is not None and self.input.wait(now, prompt) > 0.0:
+            return _denial(INPUT, self.input, now, prompt)
+        # output is counted as generated: the check is only "not exhausted"
+        if self.output is not None and self.output.wait(now, 1) > 0.0:
+            return _denial(OUTPUT, self.output, now, 1)
+        if self.day is not None and self.day.wait(now, prompt) > 0.0:
+            return _denial(DAY, self.day, now, prompt)
         return None
 
     def retry_wait(self, now: float, reserved: int, prompt: int) -> float:
