@@ -181,12 +181,18 @@ def _generator_user(group: UserGroup) -> type[User]:
 
 
 # Locust collects every User class bound in this module: bind each exactly once
-globals().update(
-    {cls.__name__: cls for cls in (
-        _closed_user(g) if g.mode == "closed" else _generator_user(g)
-        for g in SCENARIO.load.users
-    )}
-)
+if SCENARIO.gateway is not None:
+    from loadtests.gateway_users import install
+
+    globals().update(install(SCENARIO, SPEC, __name__, events.test_start.add_listener,
+                             events.quitting.add_listener))
+else:
+    globals().update(
+        {cls.__name__: cls for cls in (
+            _closed_user(g) if g.mode == "closed" else _generator_user(g)
+            for g in SCENARIO.load.users
+        )}
+    )
 
 
 class ScenarioShape(LoadTestShape):

@@ -28,6 +28,7 @@ from typing import Any
 
 from loadtests.progress import EventTail, guard_tripped, render
 from loadtests.recorder import recorder_for, write_timeseries_csv
+from loadtests.run_gateway import GatewayStartError, serve_gateway
 from loadtests.run_plans import LiveSweep, parse_set, run_scenario
 from loadtests.run_setup import SetupError, bound_inputs, client_config, job_items
 from loadtests.rundir import (
@@ -282,7 +283,8 @@ def _run(args: argparse.Namespace, scenario: Scenario, run_dir: Path, bounds: di
     parts: list[tuple[Path, float]] = []
     extra: dict[str, Any] = {}
     try:
-        with _simulator(scenario) as (urls, admin_url, admin_token):
+        with _simulator(scenario) as (urls, admin_url, admin_token), \
+                serve_gateway(scenario, urls, admin_url, admin_token, run_dir) as gateway:
             served = _Served(urls, admin_url, admin_token, target_env)
             if scenario.load.slo_search is not None:
                 from loadtests.run_slo import search
@@ -298,9 +300,14 @@ def _run(args: argparse.Namespace, scenario: Scenario, run_dir: Path, bounds: di
             else:
                 stopped, exit_code = locust_once(args, scenario, run_dir, served, bounds,
                                                  overrides, args.duration_s)
+                if gateway is not None:
+                    extra["gateway"] = gateway.finish(run_dir)
     except _Interrupted:
         interrupted = True
         stopped = "interrupted"
+    except GatewayStartError as exc:
+        print(f"ratelab run: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     if not args.no_progress:
         print(file=sys.stderr)
     meta = {"processes": args.processes, "locust_exit": exit_code,

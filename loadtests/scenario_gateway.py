@@ -24,6 +24,8 @@ HARNESS_KEYS: tuple[str, ...] = (
 OWNED_BY_SCENARIO: tuple[str, ...] = ("upstreams", "time_scale", "db_path", "users")
 RESULT_MODES: tuple[str, ...] = ("poll", "sse")
 JOB_USER = "batch-job"
+GATEWAY_FILE = "gateway.json"     # in the run folder: the gateway URLs for the users
+TASKS_GLOB = "gateway-*.jsonl"    # in the run folder: the users' task lines
 
 
 @dataclass(frozen=True, slots=True)
