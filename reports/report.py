@@ -306,6 +306,9 @@ def _blocks(summary: Mapping[str, Any]) -> list[Block]:
             ),
         ]
     blocks += _slo_blocks(summary)
+    from reports.gateway_section import gateway_blocks
+
+    blocks += gateway_blocks(summary)
     sweep = summary.get("sweep")
     if sweep:
         knee = sweep["knee"]
