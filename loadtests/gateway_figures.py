@@ -72,7 +72,8 @@ def window_allowance(tier: TierLimits) -> float:
 
 def replay_violations(tasks: Sequence[Admitted], tier: TierLimits) -> list[str]:
     """Ids of ``tasks`` (one user's admitted tasks) that ``admit_user`` would have refused."""
-    slack = replace(tier, burst=(tier.capacity + REPLAY_SLACK) if tier.rpm is not None else None)
+    cap = tier.capacity
+    slack = replace(tier, burst=cap + REPLAY_SLACK if cap is not None else None)
     ordered = sorted(tasks, key=lambda a: a.created)
     if not ordered:
         return []
