@@ -22,7 +22,7 @@ HARNESS_KEYS: tuple[str, ...] = (
     "background",
 )
 OWNED_BY_SCENARIO: tuple[str, ...] = ("upstreams", "time_scale", "db_path", "users")
-RESULT_MODES: tuple[str, ...] = ("poll", "sse")
+RESULT_MODES: tuple[str, ...] = ("poll",)   # SSE subscription: not driven yet
 JOB_USER = "batch-job"
 GATEWAY_FILE = "gateway.json"     # in the run folder: the gateway URLs for the users
 TASKS_GLOB = "gateway-*.jsonl"    # in the run folder: the users' task lines
