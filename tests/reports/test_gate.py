@@ -8,9 +8,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from tests.reports.synthetic import build_run
 
 from reports import compare, gate
+from tests.reports.synthetic import build_run
 
 
 def args(summary: Path, baseline: Path, **kw: object) -> argparse.Namespace:

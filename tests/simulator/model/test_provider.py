@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from tests.simulator.model.sim_model_helpers import admitted, chat, provider, refused
 
 from simulator.model.billing import BALANCE_HEADER, CHARGED_HEADER
 from simulator.model.config import default_config
 from simulator.model.provider import Admission, Provider, Refusal
+from tests.simulator.model.sim_model_helpers import admitted, chat, provider, refused
 
 MDB = """
 name: mdb

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from tests.simulator.model.sim_model_helpers import chat, provider
-
 from simulator.model.provider import Admission, Refusal
+from tests.simulator.model.sim_model_helpers import chat, provider
 
 RPM60 = """
 name: t

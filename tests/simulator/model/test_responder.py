@@ -7,12 +7,12 @@ import math
 import random
 
 import pytest
-from tests.simulator.model.sim_model_helpers import chat, provider
 
 from simulator.model.config import FaultSpec, ResponderSpec
 from simulator.model.faults import draw_connection_fault, random_5xx
 from simulator.model.provider import Admission
 from simulator.model.responder import batch_json, expected_code, parse_items, respond
+from tests.simulator.model.sim_model_helpers import chat, provider
 
 CODES = ("A", "B", "C", "D", "E", "F", "G", "H")
 PROMPT = "Classify each item.\n" + "\n".join(

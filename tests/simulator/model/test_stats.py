@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from tests.simulator.model.sim_model_helpers import admitted, chat, provider
-
 from simulator.model.stats import mask_key, render_prometheus
+from tests.simulator.model.sim_model_helpers import admitted, chat, provider
 
 
 def test_stats_and_prometheus_text() -> None:
