@@ -11,6 +11,8 @@
    to last byte) minus the configured latency, p50/p90/p99/max in milliseconds. Each
    round also serves the same load from a bare aiohttp handler that only sleeps the
    configured latency: that p99 is the floor this machine and event loop allow.
+3. The model alone, in-process: CPU microseconds per request of parsing the body,
+   ``chat``, rendering the reply body and ``finish`` (``--skip-model`` to leave it out).
 
 Servers run as ``ratelab serve`` runs them: the simulator with the serving GC settings
 of ``simulator/gc_tuning.py`` (``--default-gc`` measures it without them).
@@ -42,6 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from simulator.model.config import SimulatorConfig
+from simulator.model.plan import Admission
 
 REQUEST_BODY = {
     "model": "gpt-4o-mini",
@@ -96,7 +99,6 @@ def _serve_replay(tune_gc: bool, cpu: int | None, ready: MPQueue) -> None:
     _pin(cpu)
     _raise_fd_limit()
     from simulator import server as shell
-    from simulator.model.plan import Admission
 
     config = _sim_config(0.0)
     model = shell.build_providers(config)["default"]
@@ -442,6 +444,34 @@ def scheduling(args: argparse.Namespace, ctx: mp.context.SpawnContext) -> float:
     return p99
 
 
+def model_alone(requests: int = 50_000) -> float:
+    """CPU microseconds per request of the model alone, in this process: parse the body,
+    ``chat``, render the reply body, ``finish`` (what the shell adds is measured by (c))."""
+    from simulator import wire
+    from simulator.server import build_providers
+
+    provider = build_providers(_sim_config(0.0))["default"]
+    raw = json.dumps(REQUEST_BODY).encode()
+    now = 0.0
+    per_round = []
+    for _ in range(6):  # the first round warms up
+        started = time.process_time()
+        for _ in range(requests // 5):
+            now += 0.002  # 500 requests/s of virtual time: the windows expire as they fill
+            admission = provider.chat(now, API_KEY, json.loads(raw.decode()))
+            assert isinstance(admission, Admission) and admission.plan is not None
+            plan = admission.plan
+            wire.chat_completion(admission.id, admission.created, admission.model, plan.text,
+                                 plan.finish_reason, plan.usage, admission.n)
+            provider.finish(now, admission, plan.n_chunks)
+        per_round.append((time.process_time() - started) / (requests // 5) * 1e6)
+    best = min(per_round[1:])
+    print(f"\n3) model alone in-process (parse, chat, reply body, finish): {best:.1f} us CPU per "
+          f"request (best of 5 rounds of {requests // 5:,}; median "
+          f"{statistics.median(per_round[1:]):.1f})")
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run both measurements and print their tables; exit status 0."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -464,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
                              "of ratelab serve's (simulator/gc_tuning.py)")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--skip-model", action="store_true")
     args = parser.parse_args(argv)
     ctx = mp.get_context("spawn")
     load = "/".join(f"{x:.2f}" for x in os.getloadavg())
@@ -473,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         throughput(args, ctx)
     if not args.skip_latency:
         scheduling(args, ctx)
+    if not args.skip_model:
+        model_alone()
     print(f"load average at the end: {'/'.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
