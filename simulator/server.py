@@ -141,22 +141,6 @@ def _close_connection(request: web.Request) -> None:
         transport.close()
 
 
-def _chunk_times(admission: Admission, t0: float) -> list[float]:
-    """Virtual time at which each chunk is due (one entry even for an empty reply);
-    a stall fault delays chunk ``at_chunk`` and everything after it."""
-    plan = admission.plan
-    assert plan is not None
-    times = [t0 + plan.ttft_s]
-    for gap in plan.itl_s[: max(0, plan.n_chunks - 1)]:
-        times.append(times[-1] + gap)
-    fault = plan.fault
-    if fault is not None and fault.kind == "stall":
-        at = min(fault.at_chunk, len(times) - 1)
-        for i in range(at, len(times)):
-            times[i] += fault.duration_s
-    return times
-
-
 class SimulatorApp:
     """The request handlers of one server: the providers, the clock and the counters."""
 
@@ -304,14 +288,14 @@ class SimulatorApp:
             _close_connection(request)
             return web.Response(status=504)
         elif fault.kind in ("reset", "error"):
-            times = _chunk_times(admission, t0)
+            times = plan.chunk_times(t0)
             await self.clock.sleep_until(times[min(fault.at_chunk, len(times) - 1)])
             if fault.kind == "reset":
                 _reset_connection(request)
                 return web.Response(status=502)
             return _json(500, server_error(500), admission.headers)
         else:
-            await self.clock.sleep_until(_chunk_times(admission, t0)[-1])
+            await self.clock.sleep_until(plan.chunk_times(t0)[-1])
         body = wire.chat_completion(
             admission.id, admission.created, admission.model, plan.text,
             plan.finish_reason, plan.usage, admission.n,
@@ -330,7 +314,7 @@ class SimulatorApp:
             await self.clock.sleep_until(t0 + fault.duration_s)
             _close_connection(request)
             return web.Response(status=504)
-        times = _chunk_times(admission, t0)
+        times = plan.chunk_times(t0)
         frames = wire.ChunkWriter(admission.id, admission.created, admission.model,
                                   admission.include_usage, admission.n)
         resp = web.StreamResponse(status=200, headers=admission.headers)
@@ -375,7 +359,7 @@ class SimulatorApp:
             await self.clock.sleep_until(t0 + fault.duration_s)
             _close_connection(request)
             return web.Response(status=504)
-        await self.clock.sleep_until(_chunk_times(admission, t0)[-1])
+        await self.clock.sleep_until(plan.chunk_times(t0)[-1])
         if fault is not None and fault.kind == "reset":
             _reset_connection(request)
             return web.Response(status=502)

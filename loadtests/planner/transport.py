@@ -19,24 +19,10 @@ from batchclient.config import StreamSettings
 from batchclient.policy.watchdog import repetition_loop
 from batchclient.policy.wire import Call, Response, Usage
 from simulator.model.errors import server_error
-from simulator.model.plan import Admission, Refusal, ResponsePlan
+from simulator.model.plan import Admission, Refusal
 from simulator.model.provider import Provider
 
-__all__ = ["VirtualTransport", "chunk_times"]
-
-
-def chunk_times(plan: ResponsePlan, t0: float) -> list[float]:
-    """Virtual time each chunk is due (one entry even for an empty reply); a stall delays
-    chunk ``at_chunk`` and every later one (as the simulator's shell sends them)."""
-    times = [t0 + plan.ttft_s]
-    for gap in plan.itl_s[: max(0, len(plan.chunks) - 1)]:
-        times.append(times[-1] + gap)
-    fault = plan.fault
-    if fault is not None and fault.kind == "stall":
-        at = min(fault.at_chunk, len(times) - 1)
-        for i in range(at, len(times)):
-            times[i] += fault.duration_s
-    return times
+__all__ = ["VirtualTransport"]
 
 
 def _lower(headers: Mapping[str, str]) -> dict[str, str]:
@@ -138,7 +124,7 @@ class VirtualTransport:
     @staticmethod
     def _next_write(admission: Admission, start: float, delivered: int) -> float:
         assert admission.plan is not None
-        times = chunk_times(admission.plan, start)
+        times = admission.plan.chunk_times(start)
         return times[min(delivered, len(times) - 1)]
 
     def _plain(self, admission: Admission, start: float, t0: float,
@@ -146,7 +132,7 @@ class VirtualTransport:
         """A non-stream reply: (response, virtual end time, chunks delivered)."""
         plan = admission.plan
         assert plan is not None
-        times = chunk_times(plan, start)
+        times = plan.chunk_times(start)
         fault = plan.fault
         headers = _lower(admission.headers)
         if fault is not None and fault.kind == "hold":
@@ -187,7 +173,7 @@ class VirtualTransport:
             if end >= deadline:
                 return Response(0, elapsed_s=deadline - t0, error="timeout"), deadline, 0
             return Response(0, elapsed_s=end - t0, error="reset"), end, 0
-        times = chunk_times(plan, start)
+        times = plan.chunk_times(start)
         cut = fault.at_chunk if fault is not None and fault.kind in ("reset", "error") else None
         first_deadline = t0 + watchdog.first_token_s
         if plan.chunks and cut != 0 and times[0] > first_deadline:

@@ -48,6 +48,20 @@ class ResponsePlan:
         """Number of chunks (tokens) of the reply."""
         return (len(self.text) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
 
+    def chunk_times(self, t0: float) -> list[float]:
+        """Virtual time (seconds) each chunk is due when the reply starts at ``t0``: one
+        entry even for an empty reply; a stall fault delays chunk ``at_chunk`` and every
+        later one. The server sleeps until these times; the planner waits for them."""
+        times = [t0 + self.ttft_s]
+        for gap in self.itl_s[: max(0, self.n_chunks - 1)]:
+            times.append(times[-1] + gap)
+        fault = self.fault
+        if fault is not None and fault.kind == "stall":
+            at = min(fault.at_chunk, len(times) - 1)
+            for i in range(at, len(times)):
+                times[i] += fault.duration_s
+        return times
+
     @property
     def chunks(self) -> tuple[str, ...]:
         """The reply split into its streamed chunks (computed once)."""
