@@ -145,11 +145,13 @@ def main(args: argparse.Namespace) -> int:
     for arm in summary["arms"]:
         t = arm["throughput"]
         proj = arm["projection"]
-        hours = proj["duration_s"] / 3600 if proj["duration_s"] else float("nan")
-        print(f"{arm['name']}: {t['items_per_min']:,.0f} items/min, "
-              f"{t['requests_per_min']:,.0f} requests/min, {arm['requests']['http_429']} 429s, "
-              f"bound {arm['bound']['binding']}; {proj['items']:,} items in {hours:,.1f} h, "
-              f"USD {proj['cost_usd'] or 0:,.2f}")
+        line = (f"{arm['name']}: {t['items_per_min']:,.0f} items/min, "
+                f"{t['requests_per_min']:,.0f} requests/min, "
+                f"{arm['requests']['http_429']} 429s, bound {arm['bound']['binding']}")
+        if proj["duration_s"]:  # interactive arms have no batch job to project
+            line += (f"; {proj['items']:,} items in {proj['duration_s'] / 3600:,.1f} h, "
+                     f"USD {proj['cost_usd'] or 0:,.2f}")
+        print(line)
     print(f"planned in {result.wall_s:.2f} s ({result.requests:,} requests, "
           f"{summary['plan']['events_per_s']:,.0f} events/s); report: {folder}/report.html")
     for name, answer in (summary["plan"].get("deadline") or {}).items():

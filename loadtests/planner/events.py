@@ -75,6 +75,7 @@ class ArmEvents:
                 tokens_in=request.tokens_in, tokens_out=request.tokens_out,
                 items=len(call.item_ids),
                 items_ok=finished.get("done", 0) if outcome == "ok" else None,
+                # as the live runner counts it: a failed request the client will send again
                 cost_usd=request.cost_usd, retry=retry,
                 truncated=response.finish_reason == "length", stage=stage,
             ))

@@ -98,6 +98,7 @@ class ArmDriver:
         self._wake = env.event()
         self._stop = False
         self._retry: dict[int, tuple[bool, str | None]] = {}
+        self._chat_stage: dict[int, str | None] = {}  # request id -> its user's stage
         self._interactive: dict[int, simpy.Event] = {}
         self.status: int | None = None
         self.requests = 0
@@ -118,14 +119,16 @@ class ArmDriver:
 
     def chat(self, user: str, messages: list[dict[str, str]], max_tokens: int,
              stage: str | None) -> Generator[simpy.Event, Any,
-                                             tuple[Response, Classified] | UserDecision]:
-        """A SimPy process: one interactive request through the lane (the runner's ``chat``)."""
+                                             tuple[Response, Classified] | UserDecision | None]:
+        """A SimPy process: one interactive request through the lane (the runner's ``chat``);
+        None when the arm stopped at the end of the run before answering it."""
         submitted = self.engine.submit_interactive(self.env.now, user, messages, max_tokens)
         if isinstance(submitted, UserDecision):
             return submitted
         done = self.env.event()
         self._interactive[submitted] = done
         self._retry[submitted] = (False, stage)
+        self._chat_stage[submitted] = stage
         self.wake()
         result = yield done
         return result
@@ -181,6 +184,7 @@ class ArmDriver:
         # request id), so waiters are resolved from the engine's finished chats only.
         for request_id, outcome in engine.drain_interactive():
             done = self._interactive.pop(request_id, None)
+            self._chat_stage.pop(request_id, None)
             if done is not None:
                 done.succeed(outcome)
 
@@ -203,6 +207,10 @@ class ArmDriver:
                 call = action.call
                 if call.lane != "interactive":
                     self._retry[call.call_id] = (self.adapter.on_send(call), None)
+                elif call.call_id not in self._retry:
+                    # a further attempt of a chat (new call id, same request id): a retry
+                    request_id = call.request_id if call.request_id is not None else -1
+                    self._retry[call.call_id] = (True, self._chat_stage.get(request_id))
                 self.requests += 1
                 inflight += 1
                 env.process(self._send(call))
@@ -228,10 +236,11 @@ class ArmDriver:
                 self._complete(call, response, retry, stage)
         self._flush(None, None, False, None)
         self.finished = env.now
+        # Chats still waiting when the run ends (queued behind a user limit or a backoff)
+        # are never answered, as when Locust stops its users: their callers just stop.
         for done in self._interactive.values():
             if not done.triggered:
-                done.fail(PlanError("the arm stopped before answering"))
-                done.defused = True
+                done.succeed(None)
 
 
 # ---------------------------------------------------------------------- interactive users
@@ -252,6 +261,8 @@ def _closed_user(env: simpy.Environment, driver: ArmDriver, group: UserGroup,
         text, max_tokens = _user_prompt(group, scenario, rng)
         outcome = yield from driver.chat(user, [{"role": "user", "content": text}],
                                          max_tokens, stage)
+        if outcome is None:
+            return
         if isinstance(outcome, UserDecision):
             driver.record([Event(env.now, "request", driver.setup.arm.name, "http_429",
                                  status=429, stage=stage)])

@@ -80,3 +80,16 @@ def test_offline_alternative_halves_the_price() -> None:
     assert alt["requests"] == 100_000
     assert alt["files"] == 2
     assert alt["pick"] == "online"
+
+
+def test_failover_scenario_retries_chats_on_the_backup_and_users_see_no_failure() -> None:
+    shipped = Path(__file__).parents[3] / "scenarios" / "seed003-failover-and-streaming.yaml"
+    summary = plan_scenario(load_scenario(shipped), PlanOptions(stop_at_s=300)).summary()
+    chat = summary["arms"][0]["requests"]
+    # the primary's outage fails requests, each sent again (to the backup once the
+    # breaker opens): retries are counted, and what users saw fail stays under 1%
+    assert chat["http_5xx"] > 0 and chat["retries"] > 0
+    assert chat["retry_amplification"] > 1.0
+    assert chat["unrecovered_rate"] <= 0.01
+    assert chat["total"] == chat["ok"] + chat["http_429"] + chat["http_5xx"] + chat["http_4xx"] \
+        + chat["timeouts"] + chat["errors"] + chat["cancelled"] + chat["http_402"]
