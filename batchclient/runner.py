@@ -113,6 +113,8 @@ class Runner:
         self._futures: dict[int, asyncio.Future[tuple[Response, Classified]]] = {}
         self._started = asyncio.Event()
         self._finished: deque[asyncio.Task[tuple[Call, Response]]] = deque()
+        # item id -> store seq of the items fed and not yet saved (rowid updates)
+        self._seqs: dict[str, int] = {}
 
     def stop(self) -> None:
         """Ask the run to stop dispatching; in-flight requests finish, results are saved."""
@@ -193,6 +195,9 @@ class Runner:
                 break
             cursor = page[-1][0]
             items = [item for _, item in page]
+            seqs = self._seqs
+            for seq, item in page:
+                seqs[item.id] = seq
             if self.cache is not None:
                 digest = task_digest(self.task)
                 keys = {item.id: cache_key(item.text, self.task, route_model(
@@ -215,7 +220,10 @@ class Runner:
     def _flush(self, engine: Engine) -> None:
         results, events = engine.drain()
         if results:
-            self.store.save_results(results)
+            seqs = self._seqs
+            self.store.save_results(results, seqs)
+            for result in results:
+                seqs.pop(result.item_id, None)
             if self.cache is not None:
                 self.cache.put_many(results)
         for event in events:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -63,8 +63,10 @@ class JobStore(Protocol):
         """Up to ``limit`` pending items with ``seq > after_seq``, in seq order."""
         ...
 
-    def save_results(self, results: Sequence[ItemResult]) -> int:
-        """Commit one batch of results; return how many rows changed."""
+    def save_results(self, results: Sequence[ItemResult],
+                     seqs: Mapping[str, int] | None = None) -> int:
+        """Commit one batch of results; return how many rows changed. ``seqs`` may map
+        item ids to the ``seq`` their ``page`` gave them (a faster update)."""
         ...
 
     def counts(self) -> StoreCounts:
@@ -149,31 +151,50 @@ class SqliteJobStore:
         rows = self._retry(lambda: self._conn.execute(
             "SELECT seq, item_id, text, tag FROM items WHERE result IS NULL AND "
             "state = 'pending' AND seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall())
-        return [(int(r[0]), Item(str(r[1]), str(r[2]), r[3])) for r in rows]
+        # TEXT columns come back as str: no conversion per row.
+        return [(r[0], Item(r[1], r[2], r[3])) for r in rows]
 
-    def save_results(self, results: Sequence[ItemResult]) -> int:
-        """One transaction per batch; a row is only written while its result is NULL."""
+    def save_results(self, results: Sequence[ItemResult],
+                     seqs: Mapping[str, int] | None = None) -> int:
+        """One transaction per batch; a row is only written while its result is NULL.
+
+        Rows whose id ``seqs`` maps (from ``page``) are updated by their integer ``seq``
+        (the rowid: no lookup in the item_id index), the others by item_id.
+        """
         if not results:
             return 0
+        by_seq = seqs if seqs is not None else {}
+        done_seq: list[tuple[object, ...]] = []
+        done_id: list[tuple[object, ...]] = []
+        dead_seq: list[tuple[object, ...]] = []
+        dead_id: list[tuple[object, ...]] = []
+        for r in results:
+            seq = by_seq.get(r.item_id)
+            if r.state == "done":
+                row: tuple[object, ...] = (r.code, r.label, r.attempts, r.cost_usd, r.model,
+                                           r.provider, r.item_id if seq is None else seq)
+                (done_id if seq is None else done_seq).append(row)
+            else:
+                row = (r.error, r.attempts, r.model, r.provider,
+                       r.item_id if seq is None else seq)
+                (dead_id if seq is None else dead_seq).append(row)
 
         def run() -> int:
             conn = self._conn
             changed = 0
             conn.execute("BEGIN IMMEDIATE")
             try:
-                done = [(r.code, r.label, r.attempts, r.cost_usd, r.model, r.provider, r.item_id)
-                        for r in results if r.state == "done"]
-                dead = [(r.error, r.attempts, r.model, r.provider, r.item_id)
-                        for r in results if r.state != "done"]
-                if done:
-                    changed += conn.executemany(
-                        "UPDATE items SET result = ?, label = ?, state = 'done', error = NULL,"
-                        " attempts = ?, cost_usd = ?, model = ?, provider = ? "
-                        "WHERE item_id = ? AND result IS NULL", done).rowcount
-                if dead:
-                    changed += conn.executemany(
-                        "UPDATE items SET state = 'dead', error = ?, attempts = ?, model = ?,"
-                        " provider = ? WHERE item_id = ? AND result IS NULL", dead).rowcount
+                for rows, column in ((done_seq, "seq"), (done_id, "item_id")):
+                    if rows:
+                        changed += conn.executemany(
+                            "UPDATE items SET result = ?, label = ?, state = 'done', error = NULL,"
+                            " attempts = ?, cost_usd = ?, model = ?, provider = ? "
+                            f"WHERE {column} = ? AND result IS NULL", rows).rowcount
+                for rows, column in ((dead_seq, "seq"), (dead_id, "item_id")):
+                    if rows:
+                        changed += conn.executemany(
+                            "UPDATE items SET state = 'dead', error = ?, attempts = ?, model = ?,"
+                            f" provider = ? WHERE {column} = ? AND result IS NULL", rows).rowcount
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

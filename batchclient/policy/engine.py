@@ -49,9 +49,7 @@ from batchclient.policy.responses import ResponseHandling
 from batchclient.policy.routing import Predicate, choose_provider, route_model
 from batchclient.policy.state import Drained, ItemState
 from batchclient.policy.throttle import Throttle
-from batchclient.policy.tokens import (
-    canonical_id,
-)
+from batchclient.policy.tokens import canonical_id, reply_item_chars
 from batchclient.policy.userlimits import UserLimits
 from batchclient.policy.wire import Call, Item, Response
 
@@ -200,40 +198,44 @@ class Engine(ResponseHandling, InteractiveLane):
                 raise InputError(f"item {item.id!r}: id collides with item {seen[canon]!r}")
             seen[canon] = item.id
             canons.append(canon)
-        for item, size, canon in zip(page, sizes, canons, strict=True):
-            model = route_model(item, self.task.model, self.config.routing, self._predicates)
-            key = cache_key(item.text, self.task, model, self._digest)
-            self._keys[canon] = item.id
-            state = ItemState(item, model, key, size)
-            self._items[item.id] = state
-            self.counts.fed += 1
-            if key in self._leaders:
-                state.state = "follower"
-                self._followers.setdefault(key, []).append(item.id)
-                continue
-            self._leaders[key] = item.id
-            self._ready.setdefault(model, deque()).append(item.id)
+        keys = self._keys
+        for item, canon in zip(page, canons, strict=True):
+            keys[canon] = item.id
+        self._add_checked(page, sizes)
 
-    def _add_checked(self, page: list[Item]) -> None:
-        # The runner's feed path (per item: sizes, route, cache key; no re-validation).
-        sizes = self.packer.sizes
+    def _add_checked(self, page: list[Item], sizes: list[tuple[int, int]] | None = None
+                     ) -> None:
+        # Queue a validated page (per item: sizes unless given, route, cache key).
+        # Inlined: Packer.sizes and cache_key (the key's model/task/digest prefix is built
+        # once per model, not per item); the route is skipped when nothing can reroute.
         task, default_model, routing = self.task, self.task.model, self.config.routing
-        predicates, digest = self._predicates, self._digest
-        items, leaders, ready = self._items, self._leaders, self._ready
-        for item in page:
-            model = route_model(item, default_model, routing, predicates)
-            key = cache_key(item.text, task, model, digest)
-            state = ItemState(item, model, key, sizes(item))
-            items[item.id] = state
+        predicates, digest, code_len = self._predicates, self._digest, self._code_len
+        items, leaders, ready, followers = self._items, self._leaders, self._ready, self._followers
+        rerouting = bool(routing or predicates)
+        prefixes = {default_model: f"{default_model}\x1f{task.name}\x1f{digest}\x1f"}
+        model = default_model
+        prefix = prefixes[default_model]
+        queue = ready.get(model)
+        for n, item in enumerate(page):
+            item_id, text = item.id, item.text
+            if rerouting:
+                model = route_model(item, default_model, routing, predicates)
+                found = prefixes.get(model)
+                prefix = found if found is not None else prefixes.setdefault(
+                    model, f"{model}\x1f{task.name}\x1f{digest}\x1f")
+                queue = ready.get(model)
+            key = prefix + " ".join(text.split()).lower()
+            state = ItemState(item, model, key, sizes[n] if sizes is not None else (
+                len(item_id) + 5 + len(text), reply_item_chars(item_id, code_len)))
+            items[item_id] = state
             if key in leaders:
                 state.state = "follower"
-                self._followers.setdefault(key, []).append(item.id)
+                followers.setdefault(key, []).append(item_id)
                 continue
-            leaders[key] = item.id
-            queue = ready.get(model)
+            leaders[key] = item_id
             if queue is None:
                 queue = ready[model] = deque()
-            queue.append(item.id)
+            queue.append(item_id)
         self.counts.fed += len(page)
 
     def end_of_items(self) -> None:

@@ -82,7 +82,9 @@ def parse_reply(
     finish_reason: str | None = None,
 ) -> ParsedReply:
     """Match a reply to the ``sent_ids`` of its batch; see the module docstring."""
-    by_key = {canonical_id(item_id): item_id for item_id in sent_ids}
+    # An id not starting with "0" is its own canonical form (the common case).
+    by_key = {item_id if item_id[:1] != "0" else canonical_id(item_id): item_id
+              for item_id in sent_ids}
     elements, damaged = _objects(text)
     found: dict[str, str] = {}
     rejected: dict[str, str] = {}

@@ -274,7 +274,7 @@ class ResponseHandling:
         share = charged / max(1, len(codes))
         # The hot path of a job (one pass per answered item): _finish inlined.
         labels = self.task.labels
-        items, leaders = self._items, self._leaders
+        items, leaders, followers = self._items, self._leaders, self._followers
         results, events = self._out.results, self._out.events
         name, model, provider, call_id = self.task.name, call.model, call.provider, call.call_id
         for item_id, code in codes.items():
@@ -285,8 +285,12 @@ class ResponseHandling:
             results.append(result)
             events.append(Event("item", name, now, "done", provider=provider, model=model,
                                 cost_usd=share, item_id=item_id, call_id=call_id))
-            if leaders.get(state.key) == item_id:
-                self._release_followers(state, result, now, call_id)
+            key = state.key
+            if leaders.get(key) == item_id:
+                if key in followers:
+                    self._release_followers(state, result, now, call_id)
+                else:
+                    del leaders[key]
         self.counts.done += len(codes)
         if self.adaptive is not None:
             self.adaptive.on_reply(len(call.item_ids), len(parsed.codes), parsed.truncated,
