@@ -105,6 +105,10 @@ class Engine(ResponseHandling, InteractiveLane):
         self._inflight: dict[int, Call] = {}
         self._next_call = 1
         self._seq = 0
+        # Bumped whenever the head of a ready queue changes (popleft/appendleft): the packing
+        # of the head is reused until then (a throttled dispatch asks again and again).
+        self._head_moves = 0
+        self._packed: tuple[tuple[str, int, int, int], list[Item], int, int] | None = None
         self._exhausted = False
         self._fatal: Done | None = None
         self._out = Drained()
@@ -262,6 +266,7 @@ class Engine(ResponseHandling, InteractiveLane):
             _, _, item_id = heapq.heappop(self._delayed)
             state = self._items[item_id]
             self._ready.setdefault(state.model, deque()).appendleft(item_id)
+            self._head_moves += 1
 
     def next_action(self, now: float) -> Action:
         """What to do at ``now``: send a call, wait, or finish."""
@@ -306,10 +311,17 @@ class Engine(ResponseHandling, InteractiveLane):
             return Wait(min([w for w in waits if w > 0] or [self.config.breaker.cooldown_s]))
         queue = self._ready[model]
         size = self.adaptive.size if self.adaptive else self._max_items
-        states = [self._items[queue[i]] for i in range(min(size, len(queue)))]
-        count, prompt_tokens, max_tokens = self.packer.pack_sizes(
-            [st.sizes for st in states], size, self.config.batch.token_budget)
-        batch = [st.item for st in states[:count]]
+        # Items appended at the tail only matter while fewer than ``size`` are queued.
+        head = min(size, len(queue))
+        key = (model, size, head, self._head_moves)
+        packed = self._packed
+        if packed is None or packed[0] != key:
+            states = [self._items[queue[i]] for i in range(head)]
+            count, prompt_tokens, max_tokens = self.packer.pack_sizes(
+                [st.sizes for st in states], size, self.config.batch.token_budget)
+            packed = self._packed = (key, [st.item for st in states[:count]], prompt_tokens,
+                                     max_tokens)
+        _, batch, prompt_tokens, max_tokens = packed
         throttle = self.throttle(provider, model)
         expected = max_tokens - self.config.batch.reply_slack_tokens
         reserve = throttle.estimate(prompt_tokens, max_tokens, expected)
@@ -318,6 +330,7 @@ class Engine(ResponseHandling, InteractiveLane):
         if wait > 0:
             return Wait(wait)
         self._background_inflight += 1
+        self._head_moves += 1
         for _ in batch:
             item_id = queue.popleft()
             self._items[item_id].state = "inflight"

@@ -54,6 +54,7 @@ class ResponseHandling:
     _background_inflight: int
     _max_items: int
     _seq: int
+    _head_moves: int
     _fatal: Done | None
     _now: float
     _out: Drained
@@ -70,6 +71,7 @@ class ResponseHandling:
         state.state = "queued"
         if not_before is None or not_before <= now:
             self._ready.setdefault(state.model, deque()).appendleft(item_id)
+            self._head_moves += 1
         else:
             self._seq += 1
             heapq.heappush(self._delayed, (not_before, self._seq, item_id))
