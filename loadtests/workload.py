@@ -263,14 +263,17 @@ class WorkloadGenerator:
                     yield self._make(index, index, tokens, poison[i] < poison_rate, pick[i])
 
 
+_DIGITS36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+# every two-digit base-36 string, so a tag takes one divmod per two digits
+_PAIRS36 = tuple(a + b for a in _DIGITS36 for b in _DIGITS36)
+
+
 def _base36(number: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
     out = ""
-    while True:
-        number, rest = divmod(number, 36)
-        out = digits[rest] + out
-        if number == 0:
-            return "w" + out
+    while number >= 1296:
+        number, rest = divmod(number, 1296)
+        out = _PAIRS36[rest] + out
+    return "w" + (_DIGITS36[number] if number < 36 else _PAIRS36[number]) + out
 
 
 def system_prompt_min_tokens(workload: Workload) -> int:

@@ -116,3 +116,11 @@ def test_system_prompt_has_the_stated_size_and_lists_codes() -> None:
     assert "A=Prime Product; B=Budget Product" in prompt
     assert system_prompt_min_tokens(workload) < 700
     assert system_prompt(workload, seed=1) == prompt
+
+
+def test_base36_tags_at_digit_boundaries() -> None:
+    from loadtests.workload import _base36
+
+    assert [_base36(n) for n in (0, 35, 36, 1295, 1296, 46655, 46656, 1296 ** 2)] == [
+        "w0", "wz", "w10", "wzz", "w100", "wzzz", "w1000", "w10000"]
+    assert all(int(_base36(n)[1:], 36) == n for n in range(0, 2_000_000, 997))
