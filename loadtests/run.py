@@ -319,7 +319,10 @@ def _run(args: argparse.Namespace, scenario: Scenario, run_dir: Path, bounds: di
     if exit_code not in (0, None) and not interrupted:
         print(f"ratelab run: Locust exited with {exit_code}; see {run_dir / 'locust.log'}",
               file=sys.stderr)
-    print(f"run folder: {run_dir}", file=sys.stderr)
+    # The report's first paragraph answers how fast, how much, which limit binds.
+    from reports.report import headline
+    print(headline(summary).replace("**", ""))
+    print(f"run folder: {run_dir} (report: {run_dir / 'report.html'})", file=sys.stderr)
     if interrupted:
         return EXIT_INTERRUPTED
     if summary.get("stopped") == "batch_failed":
