@@ -47,6 +47,7 @@ HELP = "Run a scenario live: simulator + Locust driving the batching client; wri
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 STOP_GRACE_S = 15.0
+LOG_PROGRESS_EVERY_S = 5.0  # wall seconds between progress lines when stderr is no terminal
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -347,6 +348,8 @@ def _watch(proc: subprocess.Popen[bytes], scenario: Scenario, run_dir: Path, spe
     tpm = _tpm_limit(scenario, bounds)
     claims: SlotClaims | None = None
     origin: float | None = None
+    tty = sys.stderr.isatty()
+    next_line = 0.0
     while proc.poll() is None:
         time.sleep(0.25)
         totals = tail.poll()
@@ -358,8 +361,12 @@ def _watch(proc: subprocess.Popen[bytes], scenario: Scenario, run_dir: Path, spe
         while topups and topups[0].at_s <= now and served.admin_url:
             t = topups.pop(0)
             _topup(served.admin_url, served.admin_token, t.provider, t.key, t.usd)
-        if show:
+        if show and tty:
             print("\r" + render(totals, items_total, tpm), end="", file=sys.stderr, flush=True)
+        elif show and time.monotonic() >= next_line:
+            # a log (CI, a pipe): one line every few seconds rather than carriage returns
+            print(render(totals, items_total, tpm), file=sys.stderr, flush=True)
+            next_line = time.monotonic() + LOG_PROGRESS_EVERY_S
         if guard_tripped(totals, max_rate, guard.min_requests):
             _stop(proc)
             return "error_guard"
