@@ -57,49 +57,42 @@ def _rolling_rate(series: list[Mapping[str, Any]], window_s: float = 60.0) -> li
     return out
 
 
-def throughput_vs_bound(rows: Rows) -> bytes | None:
-    """Items per minute (trailing 60 s) over time, each arm against its bound."""
+def _against_limit(rows: Rows, value: Callable[[list[Mapping[str, Any]]], list[float]],
+                   limit_key: str, what: str, limit_name: str, ylabel: str, title: str,
+                   height: float) -> bytes | None:
+    """One line per arm of ``value(series)`` over virtual minutes, each against its own
+    dashed limit line (the row's ``limit_key``), in the arm's colour."""
     arms = _by_arm(rows)
     if not arms:
         return None
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = plt.subplots(figsize=(8, height))
     for i, (arm, series) in enumerate(arms.items()):
         color = f"C{i % 10}"
         minutes = [float(r["t_s"]) / 60 for r in series]
-        ax.plot(minutes, _rolling_rate(series), color=color, label=f"{arm} items/min")
-        bound = _num(series[0].get("bound_items_per_min"))
-        if bound is not None:
-            ax.axhline(bound, color=color, linestyle="--", linewidth=1, label=f"{arm} bound")
+        ax.plot(minutes, value(series), color=color, label=f"{arm} {what}")
+        limit = _num(series[0].get(limit_key))
+        if limit is not None:
+            ax.axhline(limit, color=color, linestyle="--", linewidth=1,
+                       label=f"{arm} {limit_name}")
     ax.set_xlabel("virtual minutes")
-    ax.set_ylabel("items / min")
-    ax.set_title("Throughput against the bound")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=7)
     return _png(fig)
+
+
+def throughput_vs_bound(rows: Rows) -> bytes | None:
+    """Items per minute (trailing 60 s) over time, each arm against its bound."""
+    return _against_limit(rows, _rolling_rate, "bound_items_per_min", "items/min", "bound",
+                          "items / min", "Throughput against the bound", 3.6)
 
 
 def tokens_vs_tpm(rows: Rows) -> bytes | None:
     """Tokens in the rolling 60 s window against the TPM limit."""
-    arms = _by_arm(rows)
-    if not arms:
-        return None
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    for i, (arm, series) in enumerate(arms.items()):
-        color = f"C{i % 10}"
-        minutes = [float(r["t_s"]) / 60 for r in series]
-        ax.plot(
-            minutes,
-            [float(r["tokens_window_60s"] or 0) for r in series],
-            color=color,
-            label=f"{arm} tokens in window",
-        )
-        limit = _num(series[0].get("tpm_limit"))
-        if limit is not None:
-            ax.axhline(limit, color=color, linestyle="--", linewidth=1, label=f"{arm} TPM limit")
-    ax.set_xlabel("virtual minutes")
-    ax.set_ylabel("tokens / rolling 60 s")
-    ax.set_title("Rolling token window against the TPM limit")
-    ax.legend(fontsize=7)
-    return _png(fig)
+    return _against_limit(
+        rows, lambda series: [float(r["tokens_window_60s"] or 0) for r in series],
+        "tpm_limit", "tokens in window", "TPM limit", "tokens / rolling 60 s",
+        "Rolling token window against the TPM limit", 3.2)
 
 
 def latency_over_time(rows: Rows) -> bytes | None:
