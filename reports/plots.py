@@ -57,6 +57,15 @@ def _rolling_rate(series: list[Mapping[str, Any]], window_s: float = 60.0) -> li
     return out
 
 
+def _finish(fig: Figure, ax: Any, ylabel: str, title: str, ncol: int = 1) -> bytes:
+    """Label a plot over virtual minutes, add its legend, and render it to PNG bytes."""
+    ax.set_xlabel("virtual minutes")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=ncol)
+    return _png(fig)
+
+
 def _against_limit(rows: Rows, value: Callable[[list[Mapping[str, Any]]], list[float]],
                    limit_key: str, what: str, limit_name: str, ylabel: str, title: str,
                    height: float) -> bytes | None:
@@ -74,11 +83,7 @@ def _against_limit(rows: Rows, value: Callable[[list[Mapping[str, Any]]], list[f
         if limit is not None:
             ax.axhline(limit, color=color, linestyle="--", linewidth=1,
                        label=f"{arm} {limit_name}")
-    ax.set_xlabel("virtual minutes")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    return _png(fig)
+    return _finish(fig, ax, ylabel, title)
 
 
 def throughput_vs_bound(rows: Rows) -> bytes | None:
@@ -112,11 +117,7 @@ def latency_over_time(rows: Rows) -> bytes | None:
             xs = [x for x, y in points if y is not None]
             ys = [y for _, y in points if y is not None]
             ax.plot(xs, ys, linestyle=style, color=f"C{i % 10}", label=f"{arm} {label}")
-    ax.set_xlabel("virtual minutes")
-    ax.set_ylabel("latency (ms)")
-    ax.set_title("Latency percentiles over time")
-    ax.legend(fontsize=7, ncol=3)
-    return _png(fig)
+    return _finish(fig, ax, "latency (ms)", "Latency percentiles over time", ncol=3)
 
 
 def errors_over_time(rows: Rows) -> bytes | None:
@@ -140,11 +141,7 @@ def errors_over_time(rows: Rows) -> bytes | None:
             linestyle=":",
             label=f"{arm} errors",
         )
-    ax.set_xlabel("virtual minutes")
-    ax.set_ylabel("per bucket")
-    ax.set_title("429s and errors over time")
-    ax.legend(fontsize=7)
-    return _png(fig)
+    return _finish(fig, ax, "per bucket", "429s and errors over time")
 
 
 def cost_over_time(rows: Rows) -> bytes | None:
@@ -158,11 +155,7 @@ def cost_over_time(rows: Rows) -> bytes | None:
         ax.plot(
             minutes, [float(r["cost_usd_cum"] or 0) for r in series], color=f"C{i % 10}", label=arm
         )
-    ax.set_xlabel("virtual minutes")
-    ax.set_ylabel("USD")
-    ax.set_title("Cost accumulating")
-    ax.legend(fontsize=7)
-    return _png(fig)
+    return _finish(fig, ax, "USD", "Cost accumulating")
 
 
 def arms_side_by_side(summary: Mapping[str, Any]) -> bytes | None:

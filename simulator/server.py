@@ -27,7 +27,7 @@ from simulator import gc_tuning, wire
 from simulator.metrics import ShellCounters, render_metrics
 from simulator.model.config import SimulatorConfig
 from simulator.model.errors import error_body, server_error
-from simulator.model.provider import Admission, Provider, Refusal
+from simulator.model.provider import Admission, Provider, Refusal, ResponsePlan
 
 log = logging.getLogger(__name__)
 
@@ -274,19 +274,30 @@ class SimulatorApp:
             # Also on cancellation (the client left): the model settles what was sent.
             self._finish(served, result, sent.chunks)
 
+    async def _held(self, request: web.Request, plan: ResponsePlan,
+                    t0: float) -> web.Response | None:
+        """Carry out a "hold" fault (a timeout, as the client sees it): nothing until the
+        fault's virtual duration has passed, then the connection closes. None for any other
+        plan."""
+        fault = plan.fault
+        if fault is None or fault.kind != "hold":
+            return None
+        await self.clock.sleep_until(t0 + fault.duration_s)
+        _close_connection(request)
+        return web.Response(status=504)
+
     async def _reply_chat(
         self, request: web.Request, admission: Admission, t0: float, sent: _Sent
     ) -> web.StreamResponse:
         """A non-stream completion: the whole body once the last chunk is due."""
         plan = admission.plan
         assert plan is not None
+        held = await self._held(request, plan, t0)
+        if held is not None:
+            return held
         fault = plan.fault
         if fault is None:
             await self.clock.sleep_until(t0 + plan.ttft_s + sum(plan.itl_s))
-        elif fault.kind == "hold":
-            await self.clock.sleep_until(t0 + fault.duration_s)
-            _close_connection(request)
-            return web.Response(status=504)
         elif fault.kind in ("reset", "error"):
             times = plan.chunk_times(t0)
             await self.clock.sleep_until(times[min(fault.at_chunk, len(times) - 1)])
@@ -310,10 +321,9 @@ class SimulatorApp:
         plan = admission.plan
         assert plan is not None
         fault = plan.fault
-        if fault is not None and fault.kind == "hold":
-            await self.clock.sleep_until(t0 + fault.duration_s)
-            _close_connection(request)
-            return web.Response(status=504)
+        held = await self._held(request, plan, t0)
+        if held is not None:
+            return held
         times = plan.chunk_times(t0)
         frames = wire.ChunkWriter(admission.id, admission.created, admission.model,
                                   admission.include_usage, admission.n)
@@ -355,10 +365,9 @@ class SimulatorApp:
         plan = admission.plan
         assert plan is not None
         fault = plan.fault
-        if fault is not None and fault.kind == "hold":
-            await self.clock.sleep_until(t0 + fault.duration_s)
-            _close_connection(request)
-            return web.Response(status=504)
+        held = await self._held(request, plan, t0)
+        if held is not None:
+            return held
         await self.clock.sleep_until(plan.chunk_times(t0)[-1])
         if fault is not None and fault.kind == "reset":
             _reset_connection(request)

@@ -169,6 +169,22 @@ class Provider:
             counter.count(status)
         return Refusal(status, body, headers if headers is not None else {})
 
+    def _route(self, api_key: str | None, model_name: str, kind: str,
+               wrong_kind: str) -> Refusal | tuple[_Tenant, ModelProfile, Counters]:
+        """The key (401), the model (404) and that it serves this ``kind`` of request (400,
+        ``wrong_kind`` the message): the checks chat and embeddings share, in order."""
+        tenant = self._tenant(api_key)
+        if not isinstance(tenant, _Tenant):
+            return self._refuse(401, tenant)
+        model = self._models.get(model_name)
+        if model is None:
+            return self._refuse(404, errors.model_not_found(model_name))
+        counter = tenant.counter(model.name)
+        if model.kind != kind:
+            return self._refuse(400, errors.invalid_request(
+                wrong_kind.format(model=model.name), "model", "model_not_supported"), counter)
+        return tenant, model, counter
+
     def _gate(self, now: float, tenant: _Tenant, model: ModelProfile, state: LimitState,
               counter: Counters, prompt: int, reserved: int, worst_usd: float) -> Refusal | None:
         """Cost cap, balance, outage, rate limits and random 5xx, in that order."""
@@ -225,17 +241,11 @@ class Provider:
         req = parse_chat(body)
         if not isinstance(req, ChatRequest):
             return self._refuse(400, req)
-        tenant = self._tenant(api_key)
-        if not isinstance(tenant, _Tenant):
-            return self._refuse(401, tenant)
-        model = self._models.get(req.model)
-        if model is None:
-            return self._refuse(404, errors.model_not_found(req.model))
-        counter = tenant.counter(model.name)
-        if model.kind != "chat":
-            return self._refuse(400, errors.invalid_request(
-                f"{model.name} is an embeddings model; use /v1/embeddings.", "model",
-                "model_not_supported"), counter)
+        routed = self._route(api_key, req.model, "chat",
+                             "{model} is an embeddings model; use /v1/embeddings.")
+        if isinstance(routed, Refusal):
+            return routed
+        tenant, model, counter = routed
         max_tokens = req.max_tokens
         if max_tokens is not None and max_tokens > model.max_output_tokens:
             return self._refuse(400, errors.invalid_request(
@@ -326,17 +336,11 @@ class Provider:
         req = parse_embeddings(body)
         if not isinstance(req, EmbeddingRequest):
             return self._refuse(400, req)
-        tenant = self._tenant(api_key)
-        if not isinstance(tenant, _Tenant):
-            return self._refuse(401, tenant)
-        model = self._models.get(req.model)
-        if model is None:
-            return self._refuse(404, errors.model_not_found(req.model))
-        counter = tenant.counter(model.name)
-        if model.kind != "embeddings":
-            return self._refuse(400, errors.invalid_request(
-                f"{model.name} does not support embeddings.", "model", "model_not_supported"),
-                counter)
+        routed = self._route(api_key, req.model, "embeddings",
+                             "{model} does not support embeddings.")
+        if isinstance(routed, Refusal):
+            return routed
+        tenant, model, counter = routed
         if req.dimensions is not None and req.dimensions > model.dims:
             return self._refuse(400, errors.invalid_request(
                 f"This model does not support specifying dimensions above {model.dims}.",
