@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from batchclient._reader import ConfigError as ConfigError
-from batchclient._reader import _Reader
+from batchclient.configreader import ConfigError as ConfigError
+from batchclient.configreader import Reader
 
 Strategy = Literal["single", "semantic_batch", "naive"]
 STRATEGIES: tuple[str, ...] = ("single", "semantic_batch", "naive")
@@ -192,13 +192,13 @@ class ClientConfig:
     seed: int = 0
 
 
-def _limits(r: _Reader) -> ModelLimits:
+def _limits(r: Reader) -> ModelLimits:
     limits = ModelLimits(tpm=r.opt_int("tpm"), rpm=r.opt_int("rpm"))
     r.finish()
     return limits
 
 
-def _provider(r: _Reader, default_scale: float) -> ProviderSettings:
+def _provider(r: Reader, default_scale: float) -> ProviderSettings:
     name = r.str_("name")
     base_url = r.str_("base_url")
     if not base_url.startswith(("http://", "https://")):
@@ -239,7 +239,7 @@ def _provider(r: _Reader, default_scale: float) -> ProviderSettings:
     return settings
 
 
-def _steps(r: _Reader, default: tuple[tuple[float, float], ...]) -> tuple[tuple[float, float], ...]:
+def _steps(r: Reader, default: tuple[tuple[float, float], ...]) -> tuple[tuple[float, float], ...]:
     value = r.raw("steps")
     if value is None:
         return default
@@ -260,7 +260,7 @@ def parse_client_config(data: object, source: str) -> ClientConfig:
 
     Raises ConfigError naming ``source`` and the key path on any bad or unknown key.
     """
-    r = _Reader({} if data is None else data, source, "")
+    r = Reader({} if data is None else data, source, "")
     strategy = r.choice("strategy", "semantic_batch", STRATEGIES)
     time_scale = r.float_("time_scale", 1.0, 1e-9)
     if time_scale <= 0:
@@ -271,7 +271,7 @@ def parse_client_config(data: object, source: str) -> ClientConfig:
         if not isinstance(providers_raw, list):
             raise r.fail("providers", "a list of provider mappings")
         for i, entry in enumerate(providers_raw):
-            providers.append(_provider(_Reader(entry, source, f"providers[{i}]"), time_scale))
+            providers.append(_provider(Reader(entry, source, f"providers[{i}]"), time_scale))
     names = [p.name for p in providers]
     for i, name in enumerate(names):
         if name in names[:i]:
@@ -318,7 +318,7 @@ def parse_client_config(data: object, source: str) -> ClientConfig:
         if not isinstance(routes_raw, list):
             raise r.fail("routing", "a list of {model, max_item_tokens | tag}")
         for i, entry in enumerate(routes_raw):
-            rr = _Reader(entry, source, f"routing[{i}]")
+            rr = Reader(entry, source, f"routing[{i}]")
             tag = rr.raw("tag")
             if tag is not None and not isinstance(tag, str):
                 raise rr.fail("tag", "a string")
@@ -355,7 +355,7 @@ def parse_client_config(data: object, source: str) -> ClientConfig:
 
 def parse_task(data: object, source: str) -> Task:
     """Parse a task mapping: name, system_prompt, labels {code: name}, model, max tokens."""
-    r = _Reader(data, source, "")
+    r = Reader(data, source, "")
     labels_raw = r.raw("labels")
     if not isinstance(labels_raw, Mapping) or not labels_raw:
         raise ConfigError(f"{source}: labels: expected a non-empty mapping of code -> name "

@@ -7,7 +7,7 @@ import asyncio
 import sys
 from dataclasses import replace
 
-from batchclient._reader import ConfigError
+from batchclient.configreader import ConfigError
 from gateway.config import GatewayConfig, default_config, load_config
 from gateway.server import start_gateway
 

@@ -14,8 +14,8 @@ from types import MappingProxyType
 
 import yaml
 
-from batchclient._reader import ConfigError, _Reader
 from batchclient.config import DEFAULT_INSTRUCTIONS
+from batchclient.configreader import ConfigError, Reader
 
 LANES: tuple[str, ...] = ("interactive", "background")
 
@@ -124,7 +124,7 @@ def default_config(base_url: str = "http://127.0.0.1:8000/v1", api_key: str = "s
     return replace(cfg, **changes) if changes else cfg  # type: ignore[arg-type]
 
 
-def _upstream(r: _Reader) -> Upstream:
+def _upstream(r: Reader) -> Upstream:
     key = r.raw("api_key")
     env = r.raw("api_key_env")
     if env is not None:
@@ -150,7 +150,7 @@ def _upstream(r: _Reader) -> Upstream:
     return up
 
 
-def _tier(r: _Reader) -> TierLimits:
+def _tier(r: Reader) -> TierLimits:
     rpm = r.opt_float("rpm")
     burst = r.opt_float("burst")
     for name, value in (("rpm", rpm), ("burst", burst)):
@@ -163,11 +163,11 @@ def _tier(r: _Reader) -> TierLimits:
 
 def parse_config(data: object, source: str) -> GatewayConfig:
     """Parse a gateway configuration mapping; ``source`` names the file in errors."""
-    r = _Reader(data, source, "")
+    r = Reader(data, source, "")
     ups_raw = r.raw("upstreams")
     if not isinstance(ups_raw, list) or not ups_raw:
         raise r.fail("upstreams", "a non-empty list of provider mappings")
-    upstreams = tuple(_upstream(_Reader(u, source, f"upstreams[{i}]"))
+    upstreams = tuple(_upstream(Reader(u, source, f"upstreams[{i}]"))
                       for i, u in enumerate(ups_raw))
     tiers_raw = r.raw("tiers")
     if tiers_raw is None:

@@ -154,7 +154,7 @@ def _number(value: Any) -> bool:
 def _check_config(config: Mapping[str, Any], lines: LineMap, source: str,
                   problems: list[Problem]) -> tuple[str, ...]:
     """Run the gateway's parse_config on the section's gateway keys; the tier names."""
-    from batchclient._reader import ConfigError
+    from batchclient.configreader import ConfigError
     from gateway.config import parse_config
     from loadtests.scenario_checks import _split_error
 

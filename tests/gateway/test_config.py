@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from batchclient._reader import ConfigError
+from batchclient.configreader import ConfigError
 from gateway.config import TierLimits, load_config, parse_config
 
 FULL = """

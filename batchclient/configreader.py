@@ -9,7 +9,7 @@ class ConfigError(ValueError):
     """A configuration value is missing or wrong; the message names the file and key path."""
 
 
-class _Reader:
+class Reader:
     """Typed access to one mapping, raising ConfigError with ``source: key.path``."""
 
     def __init__(self, data: object, source: str, path: str) -> None:
@@ -84,9 +84,9 @@ class _Reader:
             raise self.fail(name, "one of " + ", ".join(options))
         return str(value)
 
-    def child(self, name: str) -> _Reader:
+    def child(self, name: str) -> Reader:
         value = self.raw(name)
-        return _Reader({} if value is None else value, self.source, self.key(name))
+        return Reader({} if value is None else value, self.source, self.key(name))
 
     def finish(self) -> None:
         unknown = sorted(str(k) for k in self.data if k not in self.seen)
