@@ -22,7 +22,6 @@ from gateway.events import EventHub, Metrics
 from gateway.limits import refusal_message
 from gateway.requests import BadRequest, TaskRequest, error_body, parse_task
 from gateway.state import (
-    ProviderWindow,
     StateUnavailable,
     TaskRecord,
     TaskStore,
@@ -45,16 +44,15 @@ def unavailable(exc: StateUnavailable) -> web.Response:
 
 
 class GatewayApp:
-    """Handlers over one store, limiter, window and worker pool (``wake`` on enqueue)."""
+    """Handlers over one store, limiter and worker pool (``wake`` on enqueue)."""
 
     def __init__(self, cfg: GatewayConfig, store: TaskStore, limiter: UserLimiter,
-                 window: ProviderWindow, clock: GatewayClock, hub: EventHub,
-                 metrics: Metrics, wake: Callable[[], None], backend: str,
+                 clock: GatewayClock, hub: EventHub, metrics: Metrics,
+                 wake: Callable[[], None], backend: str,
                  ping: Callable[[], Any] | None = None) -> None:
         self.cfg = cfg
         self.store = store
         self.limiter = limiter
-        self.window = window
         self.clock = clock
         self.hub = hub
         self.metrics = metrics

@@ -46,7 +46,7 @@ async def _serve(cfg: GatewayConfig, args: argparse.Namespace) -> None:
     gw = await start_gateway(cfg, host=args.host, port=args.port, redis_url=args.redis,
                              db_path=args.db)
     backend = f"Redis {args.redis}" if args.redis else f"SQLite {args.db or cfg.db_path}"
-    print(f"ratelab gateway on {gw.url} -> {cfg.upstream.base_url} "
+    print(f"ratelab gateway on {gw.url} -> {', '.join(u.base_url for u in cfg.upstreams)} "
           f"({cfg.workers} workers, state in {backend})", flush=True)
     try:
         await asyncio.Event().wait()

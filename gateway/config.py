@@ -14,7 +14,7 @@ from types import MappingProxyType
 
 import yaml
 
-from batchclient.config import DEFAULT_INSTRUCTIONS
+from batchclient.config import DEFAULT_INSTRUCTIONS, BreakerSettings
 from batchclient.configreader import ConfigError, Reader
 
 LANES: tuple[str, ...] = ("interactive", "background")
@@ -23,7 +23,9 @@ LANES: tuple[str, ...] = ("interactive", "background")
 @dataclass(frozen=True, slots=True)
 class Upstream:
     """One provider the gateway calls with its shared key; ``rpm``/``tpm`` are the limits
-    the gateway enforces for that key across every gateway process (None: unlimited)."""
+    the gateway enforces for that key across every gateway process (None: unlimited).
+    ``failover_on_429``: while this key is rate limited (a 429, or its window at the
+    gateway is full) calls go to the next upstream instead of waiting."""
 
     name: str
     base_url: str
@@ -31,6 +33,7 @@ class Upstream:
     models: tuple[str, ...] = ("gpt-4o-mini",)
     rpm: int | None = None
     tpm: int | None = None
+    failover_on_429: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +79,7 @@ class BatchingSettings:
 
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
-    """The whole gateway: upstreams (the first is used), tiers, users, lanes, workers.
+    """The whole gateway: upstreams (in failover order), tiers, users, lanes, workers.
 
     ``lease_s`` is how long a running task stays leased before another worker may take it
     again (longer than any call); ``window_margin_s`` keeps a call in the gateway's provider
@@ -98,11 +101,18 @@ class GatewayConfig:
     default_max_tokens: int = 256
     db_path: str = "gateway.db"
     window_margin_s: float = 1.0
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
 
     @property
     def upstream(self) -> Upstream:
-        """The provider every task goes to."""
+        """The primary provider (the first in failover order); its first model is the
+        default model."""
         return self.upstreams[0]
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """Every model some upstream serves, in configuration order."""
+        return tuple(dict.fromkeys(m for u in self.upstreams for m in u.models))
 
     def tier_of(self, user: str) -> str:
         """The tier name of ``user`` (the default tier when unlisted)."""
@@ -145,7 +155,7 @@ def _upstream(r: Reader) -> Upstream:
         raise r.fail("models", "a non-empty list of model names")
     base_url = r.str_("base_url").rstrip("/")
     up = Upstream(r.str_("name", "default"), base_url, key, tuple(models),
-                  r.opt_int("rpm"), r.opt_int("tpm"))
+                  r.opt_int("rpm"), r.opt_int("tpm"), r.bool_("failover_on_429", False))
     r.finish()
     return up
 
@@ -169,6 +179,12 @@ def parse_config(data: object, source: str) -> GatewayConfig:
         raise r.fail("upstreams", "a non-empty list of provider mappings")
     upstreams = tuple(_upstream(Reader(u, source, f"upstreams[{i}]"))
                       for i, u in enumerate(ups_raw))
+    seen: set[str] = set()
+    for i, up in enumerate(upstreams):
+        if up.name in seen:
+            raise ConfigError(f"{source}: upstreams[{i}].name: expected a name no other "
+                              f"upstream has, got {up.name!r} again")
+        seen.add(up.name)
     tiers_raw = r.raw("tiers")
     if tiers_raw is None:
         tiers: Mapping[str, TierLimits] = DEFAULT_TIERS
@@ -213,6 +229,9 @@ def parse_config(data: object, source: str) -> GatewayConfig:
         br.int_("max_misses", 3, 1), br.str_("system_prompt", "You classify short texts."),
         labels, br.str_("instructions", DEFAULT_INSTRUCTIONS))
     br.finish()
+    kr = r.child("breaker")
+    breaker = BreakerSettings(kr.int_("failures", 5, 1), kr.float_("cooldown_s", 30.0, 1e-9))
+    kr.finish()
     cfg = GatewayConfig(
         upstreams=upstreams, tiers=tiers, default_tier=default_tier, users=users, lanes=lanes,
         workers=workers, batching=batching,
@@ -224,6 +243,7 @@ def parse_config(data: object, source: str) -> GatewayConfig:
         default_max_tokens=r.int_("default_max_tokens", 256, 1),
         db_path=r.str_("db_path", "gateway.db"),
         window_margin_s=r.float_("window_margin_s", 1.0),
+        breaker=breaker,
     )
     r.finish()
     return cfg

@@ -78,6 +78,7 @@ class Metrics:
         self.refused: dict[tuple[str, str], int] = defaultdict(int)
         self.finished: dict[tuple[str, str], int] = defaultdict(int)
         self.upstream_calls: dict[int, int] = defaultdict(int)
+        self.upstream_calls_by: dict[tuple[str, int], int] = defaultdict(int)
         self.unavailable = 0
         self._latency: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=keep))
 
@@ -101,9 +102,16 @@ class Metrics:
             "finished": [{"lane": lane, "state": s, "count": n}
                          for (lane, s), n in sorted(self.finished.items())],
             "upstream_calls": {str(k): v for k, v in sorted(self.upstream_calls.items())},
+            "upstream_calls_by_upstream": self._by_upstream(),
             "state_unavailable": self.unavailable,
             "latency_s": {lane: self.latency(lane) for lane in sorted(self._latency)},
         }
+
+    def _by_upstream(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (name, status), n in sorted(self.upstream_calls_by.items()):
+            out.setdefault(name, {})[str(status)] = n
+        return out
 
     def prometheus(self, depths: Mapping[str, int] | None) -> str:
         """The same figures in Prometheus text format."""
@@ -120,8 +128,9 @@ class Metrics:
         for (lane, state), n in sorted(self.finished.items()):
             lines.append(f'ratelab_gateway_finished_total{{lane="{lane}",state="{state}"}} {n}')
         lines.append("# TYPE ratelab_gateway_upstream_calls_total counter")
-        for status, n in sorted(self.upstream_calls.items()):
-            lines.append(f'ratelab_gateway_upstream_calls_total{{status="{status}"}} {n}')
+        for (name, status), n in sorted(self.upstream_calls_by.items()):
+            lines.append(f'ratelab_gateway_upstream_calls_total{{upstream="{name}",'
+                         f'status="{status}"}} {n}')
         lines.append("# TYPE ratelab_gateway_state_unavailable_total counter")
         lines.append(f"ratelab_gateway_state_unavailable_total {self.unavailable}")
         lines.append("# TYPE ratelab_gateway_time_to_result_seconds summary")

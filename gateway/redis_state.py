@@ -163,10 +163,37 @@ class RedisState:
     # ------------------------------------------------------------ ProviderWindow
 
     async def acquire(self, now: float, tokens: int, ceiling: float) -> float:
-        """One atomic step of the shared sliding window (``SlidingWindow`` in Lua)."""
+        """One atomic step of the shared sliding window (``SlidingWindow`` in Lua) with the
+        limits given at construction (keys ``window``, ``window:tokens``)."""
+        return await self.window_step("window", self.rpm, self.tpm, now, tokens, ceiling)
+
+    def window(self, upstream: str, rpm: int | None, tpm: int | None) -> RedisWindow:
+        """The shared window of one upstream's key (keys ``window:<name>``), for gateways
+        in front of several providers."""
+        return RedisWindow(self, f"window:{upstream}", rpm, tpm)
+
+    async def window_step(self, name: str, rpm: int | None, tpm: int | None, now: float,
+                          tokens: int, ceiling: float) -> float:
+        """One atomic step of the sliding window under keys ``<prefix><name>``."""
         res = await _guard(lambda: self._acquire(
-            keys=[f"{self.prefix}window", f"{self.prefix}window:tokens"],
-            args=[repr(now), repr(self.window_s), -1 if self.rpm is None else self.rpm,
-                  -1 if self.tpm is None else self.tpm, tokens, repr(ceiling),
-                  uuid.uuid4().hex]))
+            keys=[f"{self.prefix}{name}", f"{self.prefix}{name}:tokens"],
+            args=[repr(now), repr(self.window_s), -1 if rpm is None else rpm,
+                  -1 if tpm is None else tpm, tokens, repr(ceiling), uuid.uuid4().hex]))
         return float(res)
+
+
+class RedisWindow:
+    """A ``ProviderWindow`` over one upstream's keys in a ``RedisState``."""
+
+    __slots__ = ("key", "rpm", "state", "tpm")
+
+    def __init__(self, state: RedisState, key: str, rpm: int | None, tpm: int | None) -> None:
+        self.state = state
+        self.key = key
+        self.rpm = rpm
+        self.tpm = tpm
+
+    async def acquire(self, now: float, tokens: int, ceiling: float) -> float:
+        """One atomic step of this upstream's shared sliding window."""
+        return await self.state.window_step(self.key, self.rpm, self.tpm, now, tokens,
+                                            ceiling)

@@ -86,9 +86,9 @@ def parse_task(body: object, headers: Mapping[str, str], cfg: GatewayConfig,
         raise _bad("invalid_lane", f"Unknown lane {lane!r}; expected one of "
                    + ", ".join(LANES) + ".", "lane")
     model = body.get("model")
-    if model is not None and model not in cfg.upstream.models:
+    if model is not None and not any(model in up.models for up in cfg.upstreams):
         raise BadRequest(400, "model_not_found", f"The model {model!r} is not served here; "
-                         "expected one of " + ", ".join(cfg.upstream.models) + ".", "model")
+                         "expected one of " + ", ".join(cfg.models) + ".", "model")
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
     if max_tokens is not None and (isinstance(max_tokens, bool)
                                    or not isinstance(max_tokens, int) or max_tokens < 1):

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from batchclient.config import ProviderSettings
 from batchclient.transport import AiohttpTransport
 from gateway.app import GatewayApp
 from gateway.clock import GatewayClock
@@ -22,6 +21,7 @@ from gateway.config import GatewayConfig
 from gateway.events import EventHub, Metrics
 from gateway.local_state import MemoryProviderWindow, MemoryUserLimiter, SqliteTaskStore
 from gateway.redis_state import RedisState, connect
+from gateway.routing import provider_settings
 from gateway.state import ProviderWindow, TaskStore, UserLimiter
 from gateway.worker import WorkerPool
 
@@ -66,27 +66,28 @@ async def start_gateway(config: GatewayConfig, *, host: str = "127.0.0.1", port:
         from dataclasses import replace
         config = replace(config, workers=workers)
     clock = GatewayClock(config.time_scale)
-    up = config.upstream
     store: TaskStore
     limiter: UserLimiter
-    window: ProviderWindow
+    windows: dict[str, ProviderWindow]
     if redis_url is not None:
-        state = RedisState(connect(redis_url), prefix=redis_prefix, rpm=up.rpm, tpm=up.tpm,
+        state = RedisState(connect(redis_url), prefix=redis_prefix,
                            time_scale=config.time_scale,
                            window_margin_s=config.window_margin_s)
-        store, limiter, window, ping, backend = state, state, state, state.ping, "redis"
+        windows = {u.name: state.window(u.name, u.rpm, u.tpm) for u in config.upstreams}
+        store, limiter, ping, backend = state, state, state.ping, "redis"
     else:
         store = SqliteTaskStore(db_path or config.db_path)
         limiter = MemoryUserLimiter()
-        window = MemoryProviderWindow(up.rpm, up.tpm, config.window_margin_s)
+        windows = {u.name: MemoryProviderWindow(u.rpm, u.tpm, config.window_margin_s)
+                   for u in config.upstreams}
         ping, backend = None, "sqlite"
     hub, metrics = EventHub(), Metrics()
-    transport = AiohttpTransport([ProviderSettings(up.name, up.base_url, up.api_key,
-                                                   time_scale=config.time_scale)],
+    # One keep-alive session to every upstream; calls name their upstream.
+    transport = AiohttpTransport([provider_settings(u, config.time_scale)
+                                  for u in config.upstreams],
                                  limit=max(16, config.workers * 2))
-    pool = WorkerPool(config, store, window, transport, clock, hub, metrics, seed=seed)
-    shell = GatewayApp(config, store, limiter, window, clock, hub, metrics, pool.wake,
-                       backend, ping)
+    pool = WorkerPool(config, store, windows, transport, clock, hub, metrics, seed=seed)
+    shell = GatewayApp(config, store, limiter, clock, hub, metrics, pool.wake, backend, ping)
     runner = web.AppRunner(shell.build(), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

@@ -1,7 +1,8 @@
-"""The worker pool: leases tasks (interactive first), paces them through the shared
-provider window and calls the provider with the batching client's transport, retry and
-classification policy; ``item`` tasks of the background lane are packed with semantic
-batching (``batchclient.policy.packing``/``parsing``).
+"""The worker pool: leases tasks (interactive first), picks an upstream (``routing``: the
+batching client's failover order and breakers), paces the call through that upstream's
+shared window and calls it with the batching client's transport, retry and classification
+policy; ``item`` tasks of the background lane are packed with semantic batching
+(``batchclient.policy.packing``/``parsing``).
 
 Lane protection: the first ``lanes.reserved_workers`` workers only ever take interactive
 tasks, and background calls may fill only ``lanes.background_ceiling`` of the provider
@@ -17,21 +18,22 @@ import json
 import logging
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import aiohttp
 
 from batchclient.config import RetrySettings, Task
-from batchclient.policy.classify import Verdict, classify
+from batchclient.policy.classify import Classified, Verdict, classify
 from batchclient.policy.packing import Packer
 from batchclient.policy.parsing import parse_reply, read_completion
 from batchclient.policy.retry import retry_delay
 from batchclient.policy.wire import Call, Item, Response
 from batchclient.transport import Transport
 from gateway.clock import GatewayClock
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, Upstream
 from gateway.events import EventHub, Metrics
+from gateway.routing import Router
 from gateway.state import ProviderWindow, StateUnavailable, TaskRecord, TaskStore
 from gateway.upstream import completion_from_stream, stream_chat
 
@@ -67,14 +69,18 @@ def upstream_body(task: TaskRecord, cfg: GatewayConfig) -> dict[str, Any]:
 
 
 class WorkerPool:
-    """``cfg.workers`` asyncio workers over one store, window and transport."""
+    """``cfg.workers`` asyncio workers over one store, one window per upstream (by name) and
+    one transport to every upstream."""
 
-    def __init__(self, cfg: GatewayConfig, store: TaskStore, window: ProviderWindow,
-                 transport: Transport, clock: GatewayClock, hub: EventHub, metrics: Metrics,
-                 *, seed: int = 0) -> None:
+    def __init__(self, cfg: GatewayConfig, store: TaskStore,
+                 windows: Mapping[str, ProviderWindow], transport: Transport,
+                 clock: GatewayClock, hub: EventHub, metrics: Metrics, *, seed: int = 0,
+                 router: Router | None = None) -> None:
         self.cfg = cfg
         self.store = store
-        self.window = window
+        self.windows = windows
+        self.upstreams = {u.name: u for u in cfg.upstreams}
+        self.router = router or Router(cfg.upstreams, cfg.breaker, cfg.time_scale)
         self.transport = transport
         self.clock = clock
         self.hub = hub
@@ -152,17 +158,40 @@ class WorkerPool:
             return 1.0
         return self.cfg.lanes.background_ceiling
 
-    async def _through_window(self, tokens: int, ceiling: float) -> None:
-        """Wait until the shared provider window admits a call of ``tokens``."""
+    async def _route(self, model: str, tokens: int, ceiling: float,
+                     avoid: Sequence[str] = ()) -> Upstream:
+        """The upstream this call goes to, once its shared window admitted the call: the
+        router's choice (``avoid``: upstreams that just failed it); a full window marks its
+        upstream rate limited, so one with ``failover_on_429`` hands the call on."""
         while True:
-            try:
-                wait = await self.window.acquire(self.clock.now(), tokens, ceiling)
-            except StateUnavailable:
-                await asyncio.sleep(STATE_RETRY_S)
+            now = self.clock.now()
+            name = self.router.choose(now, model, avoid)
+            if name is None:   # every breaker is open: wait for one to let a probe through
+                await asyncio.sleep(min(self.clock.wall(self.router.wait_s(now)), 0.25))
                 continue
-            if wait <= 0:
-                return
-            await asyncio.sleep(min(self.clock.wall(wait), 0.25))
+            tried: set[str] = set()
+            wait = 0.0
+            while name is not None and name not in tried:
+                tried.add(name)
+                try:
+                    wait = await self.windows[name].acquire(now, tokens, ceiling)
+                except StateUnavailable:
+                    wait = -1.0
+                    break
+                if wait <= 0:
+                    return self.upstreams[name]
+                self.router.limited(now, name, now + wait)
+                name = self.router.choose(now, model, avoid)
+            if wait < 0:
+                await asyncio.sleep(STATE_RETRY_S)
+            else:
+                await asyncio.sleep(min(self.clock.wall(wait), 0.25))
+
+    def _fresh_upstream(self, model: str, avoid: Sequence[str]) -> bool:
+        """Whether an upstream that has not failed this call (not in ``avoid``) can take it
+        now; else the caller backs off and tries them all again."""
+        choice = self.router.choose(self.clock.now(), model, avoid)
+        return choice is not None and choice not in avoid
 
     async def _save(self, task: TaskRecord, *, final: bool) -> None:
         """Store the outcome, retrying while the state is away (the result is never lost)."""
@@ -188,33 +217,43 @@ class WorkerPool:
         elif not final:
             self.hub.publish(task.id, {"state": "queued", "misses": task.misses})
 
-    async def _send(self, task: TaskRecord, body: dict[str, Any], tokens: int,
-                    attempt: int, item_ids: tuple[str, ...] = ()) -> Response:
-        up = self.cfg.upstream
+    async def _send(self, up: Upstream, task: TaskRecord, body: dict[str, Any], tokens: int,
+                    attempt: int, item_ids: tuple[str, ...] = ()) -> tuple[Response, Classified]:
+        """Call ``up``; the response and its verdict, both fed to the router's breaker."""
+        self.router.on_dispatch(self.clock.now(), up.name)
         if task.body.get("stream") and not item_ids and self._session is not None:
             body = {**body, "stream": True}
-            return await stream_chat(
+            response = await stream_chat(
                 self._session, up.base_url, up.api_key, body, self.cfg.request_timeout_s,
                 self.cfg.time_scale,
                 lambda piece: self.hub.publish(task.id, {"token": piece}))
-        max_tokens = int(body.get("max_tokens") or self.cfg.default_max_tokens)
-        call = Call(next(self._call_ids), up.name, str(body["model"]), item_ids, body,
-                    tokens - max_tokens, max_tokens, tokens, attempt,
-                    self.cfg.request_timeout_s, lane="interactive"
-                    if task.lane == "interactive" else "background")
-        return await self.transport.send(call)
+        else:
+            max_tokens = int(body.get("max_tokens") or self.cfg.default_max_tokens)
+            call = Call(next(self._call_ids), up.name, str(body["model"]), item_ids, body,
+                        tokens - max_tokens, max_tokens, tokens, attempt,
+                        self.cfg.request_timeout_s, lane="interactive"
+                        if task.lane == "interactive" else "background")
+            response = await self.transport.send(call)
+        verdict = classify(response, self.cfg.time_scale)
+        now = self.clock.now()
+        self.router.on_answer(now, up.name, verdict, response.status)
+        if verdict.rate_limited:
+            self.router.limited(now, up.name, now + (verdict.retry_after_s or 1.0))
+        self.metrics.upstream_calls[response.status] += 1
+        self.metrics.upstream_calls_by[(up.name, response.status)] += 1
+        return response, verdict
 
     # ------------------------------------------------------------------ one task
 
     async def _run_one(self, task: TaskRecord) -> None:
         body = upstream_body(task, self.cfg)
+        model = str(body["model"])
         ceiling = self._ceiling(task)
         attempt = 0
+        avoid: tuple[str, ...] = ()
         while True:
-            await self._through_window(task.tokens, ceiling)
-            response = await self._send(task, body, task.tokens, attempt)
-            self.metrics.upstream_calls[response.status] += 1
-            verdict = classify(response, self.cfg.time_scale)
+            up = await self._route(model, task.tokens, ceiling, avoid)
+            response, verdict = await self._send(up, task, body, task.tokens, attempt)
             if verdict.verdict == Verdict.OK:
                 task.state, task.status = "done", response.status
                 if response.content is not None and not response.body:
@@ -225,8 +264,13 @@ class WorkerPool:
                 break
             attempt += 1
             if verdict.verdict == Verdict.RETRY and attempt < self.cfg.max_attempts:
-                await self.clock.sleep(retry_delay(attempt - 1, self.rng, RETRY,
-                                                   verdict.retry_after_s))
+                # As the batching client's interactive lane: straight to another upstream
+                # when one can take it, else back off (full jitter) and try them all again.
+                avoid = (*avoid, up.name)
+                if not self._fresh_upstream(model, avoid):
+                    avoid = ()
+                    await self.clock.sleep(retry_delay(attempt - 1, self.rng, RETRY,
+                                                       verdict.retry_after_s))
                 continue
             task.status = response.status or None
             if verdict.verdict == Verdict.RETRY:
@@ -254,11 +298,18 @@ class WorkerPool:
         body: dict[str, Any] = {"model": model, "messages": self.packer.messages(items),
                                 "max_tokens": max_tokens, "temperature": 0}
         tokens = self.packer.prompt_tokens(items) + max_tokens
-        await self._through_window(tokens, self._ceiling(tasks[0]))
-        response = await self._send(tasks[0], body, tokens, tasks[0].attempts - 1,
-                                    tuple(i.id for i in items))
-        self.metrics.upstream_calls[response.status] += 1
-        verdict = classify(response, self.cfg.time_scale)
+        avoid: tuple[str, ...] = ()
+        while True:
+            up = await self._route(model, tokens, self._ceiling(tasks[0]), avoid)
+            response, verdict = await self._send(up, tasks[0], body, tokens,
+                                                 tasks[0].attempts - 1,
+                                                 tuple(i.id for i in items))
+            if verdict.verdict != Verdict.RETRY:
+                break
+            # failed here: at once to an upstream that has not failed it yet (same lease)
+            avoid = (*avoid, up.name)
+            if not self._fresh_upstream(model, avoid):
+                break
         if verdict.verdict == Verdict.OK:
             content, finish, _ = read_completion(response.body)
             parsed = parse_reply(content or "", [i.id for i in items], b.labels, finish)

@@ -1,0 +1,90 @@
+"""Which upstream a worker's call goes to: the batching client's failover order, circuit
+breakers and ``choose_provider``, kept per gateway process. Pure: every method takes ``now``
+(virtual seconds).
+
+Upstreams are tried in configuration order. One whose breaker is open (consecutive 5xx,
+timeouts, refused connections) is skipped until a probe may go; a call that failed on one
+upstream goes straight to the next one that can take it (``avoid``). An upstream with
+``failover_on_429`` also hands work on while it is rate limited: it answered 429, or the
+gateway's own window for its key is full.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from batchclient.config import BreakerSettings, ProviderSettings
+from batchclient.policy.breaker import Breaker
+from batchclient.policy.classify import Classified
+from batchclient.policy.routing import choose_provider
+from gateway.config import Upstream
+
+# Virtual seconds a worker waits when no upstream may take a call and no breaker says
+# when one will (a half-open probe is out): short, the probe's answer decides.
+PROBE_WAIT_S = 0.5
+
+
+def provider_settings(up: Upstream, time_scale: float) -> ProviderSettings:
+    """The batching client's view of one upstream (transport and routing read it)."""
+    return ProviderSettings(up.name, up.base_url, up.api_key, time_scale=time_scale,
+                            failover_on_429=up.failover_on_429)
+
+
+class Router:
+    """Breakers and rate-limit marks of every upstream of one gateway process."""
+
+    def __init__(self, upstreams: Sequence[Upstream], breaker: BreakerSettings,
+                 time_scale: float = 1.0) -> None:
+        self.providers = [provider_settings(u, time_scale) for u in upstreams]
+        self.models: Mapping[str, frozenset[str]] = {u.name: frozenset(u.models)
+                                                     for u in upstreams}
+        self.breakers = {u.name: Breaker(breaker) for u in upstreams}
+        self.settings = breaker
+        self._limited_until: dict[str, float] = {}
+
+    def _serves(self, provider: str, model: str) -> bool:
+        return model in self.models[provider]
+
+    def _blocked_until(self, provider: str) -> float:
+        return self._limited_until.get(provider, 0.0)
+
+    def choose(self, now: float, model: str, avoid: Sequence[str] = ()) -> str | None:
+        """The upstream for a call of ``model``: the first in order that serves it and whose
+        breaker allows, preferring those not in ``avoid`` (they just failed this call);
+        None when none may take it now."""
+        if avoid:
+            def fresh(p: str, m: str) -> bool:
+                return p not in avoid and self._serves(p, m)
+
+            found = choose_provider(now, self.providers, self.breakers, self._blocked_until,
+                                    model, fresh)
+            if found is not None:
+                return found
+        return choose_provider(now, self.providers, self.breakers, self._blocked_until,
+                               model, self._serves)
+
+    def wait_s(self, now: float) -> float:
+        """Virtual seconds until an upstream may be tried again (a breaker reopens)."""
+        waits = [w for w in (b.reopens_in(now) for b in self.breakers.values()) if w > 0]
+        return min(waits) if waits else PROBE_WAIT_S
+
+    def limited(self, now: float, provider: str, until: float) -> None:
+        """``provider`` cannot take calls before ``until`` (a 429, or its window is full)."""
+        self._limited_until[provider] = max(self._limited_until.get(provider, 0.0), until)
+
+    def on_dispatch(self, now: float, provider: str) -> None:
+        """A call leaves for ``provider`` (in half-open state it is the probe)."""
+        self.breakers[provider].on_dispatch(now)
+
+    def on_answer(self, now: float, provider: str, verdict: Classified, status: int) -> None:
+        """Feed the breaker: 5xx and failures without a reply count against it, any other
+        reply closes it (as the batching client does)."""
+        breaker = self.breakers[provider]
+        if verdict.server_error:
+            breaker.on_failure(now)
+        elif status:
+            breaker.on_success(now)
+
+    def state(self, now: float) -> dict[str, str]:
+        """Each upstream's breaker state (``closed``, ``open``, ``half_open``)."""
+        return {name: b.state(now) for name, b in self.breakers.items()}
