@@ -28,7 +28,10 @@ from gateway.state import (
     UserLimiter,
 )
 
-SSE_POLL_S = 0.25   # wall seconds between store polls of an SSE subscriber
+SSE_POLL_S = 0.25   # wall seconds between store polls of an SSE subscriber (at most)
+# With Redis another gateway process may run the task, and its events reach this process
+# only through the store: poll it every half virtual second (a poller's default is 2 s).
+SSE_SHARED_POLL_VIRTUAL_S = 0.5
 
 
 def _json(status: int, body: object, headers: dict[str, str] | None = None) -> web.Response:
@@ -59,6 +62,8 @@ class GatewayApp:
         self.wake = wake
         self.backend = backend
         self.ping = ping
+        self.sse_poll_s = (SSE_POLL_S if backend == "sqlite"
+                           else min(SSE_POLL_S, clock.wall(SSE_SHARED_POLL_VIRTUAL_S)))
 
     def build(self) -> web.Application:
         """The aiohttp application with every route."""
@@ -168,7 +173,7 @@ class GatewayApp:
         last_state = None
         while deadline is None or time.monotonic() < deadline:
             try:
-                event = await asyncio.wait_for(q.get(), SSE_POLL_S)
+                event = await asyncio.wait_for(q.get(), self.sse_poll_s)
             except TimeoutError:
                 task = await self.store.get(task_id)
                 if task is None:

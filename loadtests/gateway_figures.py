@@ -22,6 +22,11 @@ from gateway.limits import DAY_S, WINDOW_S, admit_user, full_buckets
 # float slack of the replay: Lua and Python round differently in the last bits
 REPLAY_SLACK = 1e-6
 SHOWN_VIOLATIONS = 10
+# The gateway's queues behind each lane: item tasks wait in "batch", other background tasks
+# in "background"; "shared" is the one FIFO of a gateway with lanes switched off.
+LANE_QUEUES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("interactive", ("interactive",)), ("background", ("batch", "background")),
+    ("shared", ("shared",)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,13 +167,73 @@ def refusals_by_tier(lines: Sequence[Mapping[str, Any]], config: GatewayConfig,
 
 
 def depth_series(samples: Sequence[tuple[float, Mapping[str, int]]]) -> dict[str, Any]:
-    """Queue depth over virtual time: ``t_s`` and one list per queue, plus each maximum."""
+    """Queue depth over virtual time: ``t_s`` and one list per queue, plus each maximum;
+    ``lanes`` the tasks waiting per lane (``LANE_QUEUES``; ``shared`` only when it ever
+    held one) with their maximum and mean in ``lane_stats``."""
     queues = sorted({q for _, depths in samples for q in depths})
     series: dict[str, Any] = {"t_s": [round(t, 3) for t, _ in samples]}
     for q in queues:
         series[q] = [int(depths.get(q, 0)) for _, depths in samples]
     series["max"] = {q: max(series[q], default=0) for q in queues}
+    lanes: dict[str, list[int]] = {}
+    for lane, names in LANE_QUEUES:
+        values = [sum(int(depths.get(q, 0)) for q in names) for _, depths in samples]
+        if lane != "shared" or any(values):
+            lanes[lane] = values
+    series["lanes"] = lanes
+    series["lane_stats"] = {lane: {"max": max(v, default=0),
+                                   "mean": round(sum(v) / len(v), 3) if v else 0.0}
+                            for lane, v in lanes.items()}
     return series
+
+
+def depth_rows(series: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The depth series as time-series rows: ``t_s``, ``lane_<lane>`` and ``queue_<queue>``
+    per sample (``gateway_timeseries.csv``)."""
+    queues = sorted(series.get("max", {}))
+    rows = []
+    for i, t in enumerate(series.get("t_s", [])):
+        row: dict[str, Any] = {"t_s": t}
+        for lane, values in series.get("lanes", {}).items():
+            row[f"lane_{lane}"] = values[i]
+        for q in queues:
+            row[f"queue_{q}"] = series[q][i]
+        rows.append(row)
+    return rows
+
+
+def results_by_mode(lines: Sequence[Mapping[str, Any]], admitted: Sequence[Admitted]
+                    ) -> dict[str, dict[str, Any]]:
+    """Per result mode of the callers (``poll``, ``subscribe``): users and tasks, the time
+    to result the caller saw (``client_s``: send to seeing the final state, virtual s), the
+    gateway's own (``gateway_s``: accepted to final) and the difference (``notice_s``: how
+    long after the gateway had the result the caller had it, plus the enqueue round trip);
+    ``fallbacks`` counts subscriptions that broke and were finished by polling."""
+    found = {a.id: a for a in admitted}
+    rows: dict[str, dict[str, Any]] = {}
+    values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    users: dict[str, set[str]] = defaultdict(set)
+    for line in lines:
+        mode = line.get("results")
+        if mode is None or line.get("t_final") is None:
+            continue
+        row = rows.setdefault(str(mode), {"users": 0, "tasks": 0, "fallbacks": 0})
+        users[str(mode)].add(str(line["user"]))
+        row["tasks"] += 1
+        row["fallbacks"] += 1 if line.get("fallback") else 0
+        client = float(line["t_final"]) - float(line["t_send"])
+        values[str(mode)]["client"].append(client)
+        task = found.get(str(line.get("id")))
+        if task is not None and task.state == "done":
+            gateway = task.updated - task.created
+            values[str(mode)]["gateway"].append(gateway)
+            values[str(mode)]["notice"].append(client - gateway)
+    for mode, row in rows.items():
+        row["users"] = len(users[mode])
+        row["client_s"] = percentiles(values[mode]["client"])
+        row["gateway_s"] = percentiles(values[mode]["gateway"])
+        row["notice_s"] = percentiles(values[mode]["notice"])
+    return dict(sorted(rows.items()))
 
 
 def gateway_figures(lines: Sequence[Mapping[str, Any]], admitted: Sequence[Admitted],
@@ -213,6 +278,7 @@ def gateway_figures(lines: Sequence[Mapping[str, Any]], admitted: Sequence[Admit
         "time_to_result_s": {lane: percentiles(v) for lane, v in sorted(ttr.items())},
         "client_time_to_result_s": {lane: percentiles(v)
                                     for lane, v in sorted(client_ttr.items())},
+        "results_by_mode": results_by_mode(lines, admitted),
         "interactive_p95_budget_s": budget,
         "interactive_p95_within_budget": p95 is not None and p95 <= budget,
         "queue_depth": depth_series(depths),

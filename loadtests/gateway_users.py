@@ -1,11 +1,16 @@
-"""Locust users of a gateway scenario: callers that enqueue tasks and poll, and the job.
+"""Locust users of a gateway scenario: callers that enqueue tasks and poll or subscribe for
+their results, and the background job.
 
 Imported by ``loadtests/locustfile.py`` when the scenario has a ``gateway:`` section. Each
 closed user group becomes a ``FastHttpUser`` class: a visit fires ``tasks_per_visit`` chat
-tasks (``POST /v1/tasks``, lane ``interactive``) as user ``u<n>``, polls every accepted one
-until it is final, then thinks. With several gateways (Redis) a user's requests alternate
-between them. The background job (one greenlet per run, claimed in the slot file) submits
-the workload's items as item tasks on the background lane at its rate.
+tasks (``POST /v1/tasks``, lane ``interactive``) as user ``u<n>``, then waits for every
+accepted one to be final, as the user's result mode says (``results``): ``poll`` reads
+``GET /v1/tasks/{id}`` every ``poll_s``; ``subscribe`` opens ``GET /v1/tasks/{id}/events``
+(SSE) for each task at once and takes the final ``state`` event (a stream that breaks falls
+back to polling). Then it thinks. With several gateways (Redis) a user's requests alternate
+between them; a subscription goes to the gateway that accepted the task. The background job
+(one greenlet per run, claimed in the slot file) submits the workload's items as item tasks
+on the background lane at its rate.
 
 Each task's life is one JSON line in ``gateway-<pid>.jsonl`` (read by ``gateway_figures``);
 the users' outcomes are also recorder events (``events-gw-<pid>.jsonl``) so the arm's
@@ -20,7 +25,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +38,7 @@ from loadtests.recorder import Event
 from loadtests.run_process import chat_sizes
 from loadtests.run_setup import arm_model, slot_items
 from loadtests.rundir import SLOTS_FILE, EventLog, RunSpec, SlotClaims
-from loadtests.scenario_gateway import GATEWAY_FILE, GatewaySection, tier_for
+from loadtests.scenario_gateway import GATEWAY_FILE, GatewaySection, result_mode_for, tier_for
 from loadtests.scenario_model import Scenario, UserGroup
 from loadtests.workload import filler_text
 
@@ -141,6 +146,66 @@ def _poll(client: FastHttpSession, url: str, task_id: str) -> str | None:
         return str(resp.json().get("state"))
 
 
+def _subscribe(client: FastHttpSession, url: str, task_id: str, ctx: Context
+               ) -> tuple[str | None, float | None]:
+    """Follow the task's SSE stream: its final state and the virtual instant that event
+    arrived, or (None, None) when the stream failed before it."""
+    with client.get(f"{url}/v1/tasks/{task_id}/events", name="subscribe", stream=True,
+                    catch_response=True) as resp:
+        if resp.status_code != 200:
+            resp.failure(f"HTTP {resp.status_code}")
+            return None, None
+        kind = ""
+        final: tuple[str, float] | None = None
+        try:
+            # read to the end of the body (``event: end`` follows the final state at once)
+            # so the connection goes back to the user's pool
+            for line in _lines(resp):
+                if line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:") and kind == "state" and final is None:
+                    state = str(json.loads(line[5:]).get("state"))
+                    if state in FINAL:
+                        final = (state, ctx.now())
+        except (OSError, ValueError) as exc:
+            if final is None:
+                resp.failure(f"stream broke: {exc}")
+                return None, None
+        if final is None:
+            resp.failure("stream ended before a final state")
+            return None, None
+        resp.success()
+        return final
+
+
+def _lines(resp: Any) -> Iterator[str]:
+    """The SSE lines as they arrive. ``iter_content(n)`` of a FastResponse waits for ``n``
+    bytes or the end of the body, so it would hold every event until the stream closes;
+    geventhttpclient's response (``_response``) reads a line as soon as it is complete."""
+    raw = getattr(resp, "_response", None)
+    if raw is None or not hasattr(raw, "readline"):
+        yield from (line for chunk in resp.iter_content(chunk_size=None)
+                    for line in str(chunk).splitlines())
+        return
+    while True:
+        line = raw.readline(b"\n")
+        if not line:
+            return
+        yield line.decode("utf-8", "replace").rstrip("\r\n")
+
+
+def _final(rec: dict[str, Any], state: str, t_final: float, ctx: Context, arm: str) -> None:
+    """Log a task that reached its final state."""
+    rec["state"] = state
+    rec["t_final"] = round(t_final, 6)
+    ctx.log.task(rec)
+    ctx.log.events.event(Event(
+        t=rec["t_final"], kind="request", arm=arm,
+        outcome="ok" if state == "done" else "error",
+        status=200 if state == "done" else 500,
+        latency_s=rec["t_final"] - rec["t_send"]))
+
+
 def caller_class(group: UserGroup, ctx: Context, counter: itertools.count[int],
                  module: str) -> type[User]:
     """The ``FastHttpUser`` class of a closed user group against the gateway(s)."""
@@ -154,12 +219,14 @@ def caller_class(group: UserGroup, ctx: Context, counter: itertools.count[int],
             n % group.user_ids)
         self.uid = f"u{index}"
         self.tier = tier_for(index, section.user_tiers)
+        self.mode = result_mode_for(index, section.results)
         self.rng = random.Random(scenario.seed * 1_000_003 + n)
         self.sent = 0
 
     def visit(self: Any) -> None:
         log = ctx.log
         pending: list[dict[str, Any]] = []
+        streams: list[gevent.Greenlet] = []
         for _ in range(section.tasks_per_visit):
             prompt, max_tokens = chat_sizes(scenario, group, self.rng)
             text = filler_text(max(1, prompt - 7), self.rng)
@@ -168,30 +235,37 @@ def caller_class(group: UserGroup, ctx: Context, counter: itertools.count[int],
             url = ctx.urls[self.sent % len(ctx.urls)]
             self.sent += 1
             rec = _enqueue(self.client, url, body, ctx,
-                           {"user": self.uid, "tier": self.tier, "lane": "interactive"})
+                           {"user": self.uid, "tier": self.tier, "lane": "interactive",
+                            "results": self.mode})
             if rec["status"] == 202 and rec.get("id"):
                 pending.append(rec)
+                if self.mode == "subscribe":   # follow it at once, while sending the next
+                    streams.append(gevent.spawn(_subscribe, self.client, rec["gw"],
+                                                rec["id"], ctx))
             else:
                 log.task(rec)
                 outcome = "http_429" if rec["status"] == 429 else "error"
                 log.events.event(Event(t=rec["t_recv"], kind="request", arm=group.arm,
                                        outcome=outcome, status=rec["status"],
                                        latency_s=rec["t_recv"] - rec["t_send"]))
+        if streams:
+            # one stream per task, all open at once (the user's connection pool holds them)
+            gevent.joinall(streams)
+            for rec, stream in zip(list(pending), streams, strict=True):
+                state, t_final = stream.value if stream.successful() else (None, None)
+                if state is not None and t_final is not None:
+                    _final(rec, state, t_final, ctx, group.arm)
+                    pending.remove(rec)
+                else:
+                    rec["fallback"] = "poll"
         while pending:
             gevent.sleep(section.poll_s / ctx.k)
             for rec in list(pending):
                 state = _poll(self.client, ctx.urls[self.sent % len(ctx.urls)], rec["id"])
                 self.sent += 1
                 if state in FINAL:
-                    rec["state"] = state
-                    rec["t_final"] = round(ctx.now(), 6)
-                    log.task(rec)
+                    _final(rec, state, ctx.now(), ctx, group.arm)
                     pending.remove(rec)
-                    log.events.event(Event(
-                        t=rec["t_final"], kind="request", arm=group.arm,
-                        outcome="ok" if state == "done" else "error",
-                        status=200 if state == "done" else 500,
-                        latency_s=rec["t_final"] - rec["t_send"]))
 
     def on_stop(self: Any) -> None:
         ctx.log.flush()
@@ -200,6 +274,8 @@ def caller_class(group: UserGroup, ctx: Context, counter: itertools.count[int],
         "weight": max(1, peak),
         "host": ctx.urls[0],
         "wait_time": constant(group.think_s / ctx.k),
+        # a subscriber holds one connection per task of its visit, besides its requests
+        "concurrency": max(10, section.tasks_per_visit + 2),
         "tasks": [visit],
         "on_start": on_start,
         "on_stop": on_stop,

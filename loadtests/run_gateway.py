@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import json
 import os
 import shutil
@@ -33,13 +34,14 @@ import yaml
 
 from gateway.config import GatewayConfig, parse_config
 from gateway.state import TaskRecord
-from loadtests.gateway_figures import Admitted, gateway_figures
+from loadtests.gateway_figures import Admitted, depth_rows, gateway_figures
 from loadtests.run_setup import arm_model, provider_entries
 from loadtests.rundir import SLOTS_FILE, SlotClaims
 from loadtests.scenario_gateway import GATEWAY_FILE, TASKS_GLOB, GatewaySection, gateway_mapping
 from loadtests.scenario_model import Arm, Scenario
 
 SAMPLE_S = 0.25          # wall seconds between samples
+DEPTH_FILE = "gateway_timeseries.csv"   # in the run folder: queue depth per lane and queue
 DRAIN_S = 20.0           # wall seconds to wait for accepted tasks after Locust exits
 START_S = 20.0           # wall seconds for redis-server and gateways to answer
 KEY_ENV = "RATELAB_GATEWAY_API_KEY"
@@ -128,13 +130,16 @@ class GatewayRun:
         self.sampler.stop()
         origin = _origin(run_dir, self.sampler)
         k = self.time_scale
-        depths = [((t - origin) * k, d) for t, d in self.sampler.depths]
+        # from the run's start (the sampler starts before Locust does)
+        depths = [((t - origin) * k, d) for t, d in self.sampler.depths if t >= origin]
         admitted = [Admitted(r.id, r.user, r.tier, r.lane, r.tokens, r.created, r.updated,
                              r.state) for r in records.values()]
         job = self.section.background.user if self.section.background else None
-        return gateway_figures(lines, admitted, self.config, depths=depths,
-                               provider=self.provider_figures(origin), backend=self.backend,
-                               processes=len(self.urls), job_user=job)
+        figures = gateway_figures(lines, admitted, self.config, depths=depths,
+                                  provider=self.provider_figures(origin), backend=self.backend,
+                                  processes=len(self.urls), job_user=job)
+        write_rows(depth_rows(figures["queue_depth"]), run_dir / DEPTH_FILE)
+        return figures
 
     def provider_figures(self, origin: float) -> dict[str, Any]:
         """What the provider saw: requests by status, 429s, the busiest 60 s (sampled)."""
@@ -155,6 +160,14 @@ class GatewayRun:
         return {"name": self.provider_name, "rpm_limit": up.rpm, "tpm_limit": up.tpm,
                 "requests": dict(sorted(requests.items())), "http_429": refused,
                 "busiest_60s_requests": busiest, "within_limit": refused == 0}
+
+
+def write_rows(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Rows as CSV, the first row's keys as the header (no rows: header ``t_s`` only)."""
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["t_s"])
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def read_task_lines(run_dir: Path) -> list[dict[str, Any]]:

@@ -22,7 +22,9 @@ HARNESS_KEYS: tuple[str, ...] = (
     "background",
 )
 OWNED_BY_SCENARIO: tuple[str, ...] = ("upstreams", "time_scale", "db_path", "users")
-RESULT_MODES: tuple[str, ...] = ("poll",)   # SSE subscription: not driven yet
+# How a caller waits for its result: polling GET /v1/tasks/{id} every poll_s, or
+# subscribing to GET /v1/tasks/{id}/events (SSE) until the final state arrives.
+RESULT_MODES: tuple[str, ...] = ("poll", "subscribe")
 JOB_USER = "batch-job"
 GATEWAY_FILE = "gateway.json"     # in the run folder: the gateway URLs for the users
 TASKS_GLOB = "gateway-*.jsonl"    # in the run folder: the users' task lines
@@ -41,14 +43,15 @@ class BackgroundJob:
 @dataclass(frozen=True, slots=True)
 class GatewaySection:
     """The parsed ``gateway:`` section; ``config`` is the gateway's mapping without upstreams
-    (see :func:`gateway_mapping`), ``user_tiers`` the tier weights of user ids ``u0..``."""
+    (see :func:`gateway_mapping`), ``user_tiers`` the tier weights of user ids ``u0..``,
+    ``results`` the weights of the result modes (``poll``, ``subscribe``) over the users."""
 
     provider: str
     config: Mapping[str, Any]
     user_tiers: tuple[tuple[str, int], ...]
     redis: bool = False
     processes: int = 1
-    results: str = "poll"
+    results: tuple[tuple[str, float], ...] = (("poll", 1.0),)
     poll_s: float = 2.0
     tasks_per_visit: int = 1
     background: BackgroundJob | None = None
@@ -62,6 +65,19 @@ def tier_for(index: int, weights: tuple[tuple[str, int], ...]) -> str:
     for tier, weight in weights:
         if at < weight:
             return tier
+        at -= weight
+    return weights[-1][0]
+
+
+def result_mode_for(index: int, weights: tuple[tuple[str, float], ...]) -> str:
+    """How user ``u<index>`` waits for results. The golden-ratio sequence spreads the modes
+    evenly over any run of consecutive users, so every tier (laid out in blocks by
+    :func:`tier_for`) gets its share of each mode."""
+    total = sum(w for _, w in weights)
+    at = ((index * 0.6180339887498949) % 1.0) * total
+    for mode, weight in weights:
+        if at < weight:
+            return mode
         at -= weight
     return weights[-1][0]
 
@@ -125,9 +141,7 @@ def parse_gateway(raw: Any, lines: LineMap, providers: tuple[str, ...], source: 
     elif processes > 1 and redis is not True:
         bad("processes", "several gateway processes share state through Redis: "
                          "set redis: true")
-    results = raw.get("results", "poll")
-    if results not in RESULT_MODES:
-        bad("results", f"expected one of {', '.join(RESULT_MODES)}, got {results!r}")
+    results = _results(raw.get("results", "poll"), bad)
     poll_s = raw.get("poll_s", 2.0)
     if not _number(poll_s) or poll_s <= 0:
         bad("poll_s", f"expected a number > 0 (virtual seconds), got {poll_s!r}")
@@ -142,9 +156,39 @@ def parse_gateway(raw: Any, lines: LineMap, providers: tuple[str, ...], source: 
         return problems, None
     return [], GatewaySection(
         provider=str(provider), config=MappingProxyType(config), user_tiers=weights,
-        redis=bool(redis), processes=int(processes), results=str(results),
+        redis=bool(redis), processes=int(processes), results=results,
         poll_s=float(poll_s), tasks_per_visit=int(per_visit), background=background,
         tiers=tiers)
+
+
+def _results(raw: Any, bad: Any) -> tuple[tuple[str, float], ...]:
+    """``poll``, ``subscribe``, or a mapping of the two to weights (``{poll: 1,
+    subscribe: 1}``: half the users each)."""
+    modes = ", ".join(RESULT_MODES)
+    if isinstance(raw, str):
+        if raw not in RESULT_MODES:
+            bad("results", f"expected one of {modes} or a mapping of them to weights, "
+                           f"got {raw!r}")
+            return ()
+        return ((raw, 1.0),)
+    if not isinstance(raw, Mapping) or not raw:
+        bad("results", f"expected one of {modes} or a mapping of them to weights "
+                       "(e.g. {poll: 1, subscribe: 1})")
+        return ()
+    out = []
+    valid = True
+    for mode, weight in raw.items():
+        if mode not in RESULT_MODES:
+            bad(("results", str(mode)), f"expected one of {modes}, got {mode!r}")
+            valid = False
+        elif not _number(weight) or weight < 0:
+            bad(("results", str(mode)), f"expected a weight >= 0, got {weight!r}")
+            valid = False
+        elif weight > 0:
+            out.append((str(mode), float(weight)))
+    if valid and not out:
+        bad("results", "expected at least one mode with a weight > 0")
+    return tuple(out)
 
 
 def _number(value: Any) -> bool:

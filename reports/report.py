@@ -471,7 +471,9 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     run_dir = Path(run_dir)
     summary = load_summary(run_dir / "summary.json")
     rows = read_timeseries(run_dir / "timeseries.csv")
-    plots = render_all(summary, rows)
+    from reports.gateway_section import gateway_plots
+
+    plots = render_all(summary, rows) + gateway_plots(summary)
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
     files = []
     for key, _, png in plots:
