@@ -13,7 +13,8 @@ import yaml
 from batchclient.config import BreakerSettings
 from batchclient.configreader import ConfigError
 from batchclient.policy.classify import Classified, Verdict
-from gateway.config import Upstream, parse_config
+from gateway.config import Upstream, default_config, parse_config
+from gateway.requests import BadRequest, parse_task
 from gateway.routing import PROBE_WAIT_S, Router
 from simulator.model.config import DEFAULT_PROVIDER_YAML
 from simulator.model.config import parse_config as sim_parse
@@ -158,3 +159,14 @@ async def test_full_window_spills_to_the_next_upstream(sim_server, gateway) -> N
     # the primary's window holds 4 calls a minute: the other 6 went to the spare at once
     # instead of waiting a virtual minute (3 wall seconds) for the window to turn over
     assert statuses(primary) == {"200": 4} and statuses(spare) == {"200": 6}
+
+
+def test_a_model_any_upstream_serves_is_accepted() -> None:
+    cfg = replace(default_config(), upstreams=(*ups("a", models=("small",)),
+                                               *ups("b", models=("small", "big"))))
+    body = {"user": "u", "model": "big", "messages": [{"role": "user", "content": "x"}]}
+    assert parse_task(body, {}, cfg, "interactive").body["model"] == "big"
+    with pytest.raises(BadRequest) as info:
+        parse_task({**body, "model": "huge"}, {}, cfg, "interactive")
+    assert info.value.code == "model_not_found"
+    assert info.value.message.endswith("expected one of small, big.")
