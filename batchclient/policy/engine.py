@@ -47,7 +47,7 @@ from batchclient.policy.lanes import LanePolicy
 from batchclient.policy.packing import Packer
 from batchclient.policy.responses import ResponseHandling
 from batchclient.policy.routing import Predicate, choose_provider, route_model
-from batchclient.policy.state import Drained, ItemState
+from batchclient.policy.state import Accepted, Drained, ItemState
 from batchclient.policy.throttle import Throttle
 from batchclient.policy.tokens import canonical_id, reply_item_chars
 from batchclient.policy.userlimits import UserLimits
@@ -331,12 +331,18 @@ class Engine(ResponseHandling, InteractiveLane):
             return Wait(wait)
         self._background_inflight += 1
         self._head_moves += 1
+        resend = False
+        attempt = 0
+        items = self._items
         for _ in batch:
-            item_id = queue.popleft()
-            self._items[item_id].state = "inflight"
+            state = items[queue.popleft()]
+            state.state = "inflight"
+            state.sends += 1
+            resend = resend or state.sends > 1
+            if state.attempts > attempt:
+                attempt = state.attempts
         call_id = self._next_call
         self._next_call += 1
-        attempt = max(self._items[i.id].attempts for i in batch)
         body: dict[str, object] = {
             "model": model,
             "messages": self.packer.messages(batch),
@@ -351,7 +357,7 @@ class Engine(ResponseHandling, InteractiveLane):
             call_id=call_id, provider=provider, model=model,
             item_ids=tuple(i.id for i in batch), body=body, prompt_tokens=prompt_tokens,
             max_tokens=max_tokens, reserved_tokens=reserve, attempt=attempt,
-            timeout_s=self.config.timeout_s, stream=stream, sent_at=now,
+            timeout_s=self.config.timeout_s, stream=stream, sent_at=now, resend=resend,
         )
         throttle.reserve(now, call_id, reserve)
         self.breakers[provider].on_dispatch(now)
@@ -363,6 +369,29 @@ class Engine(ResponseHandling, InteractiveLane):
 
     def drain(self) -> tuple[list[ItemResult], list[Event]]:
         """Finished items and events since the last call (the caller persists them)."""
+        out = self._out
+        self._out = Drained()
+        if not out.batches:
+            return out.results, out.events  # type: ignore[return-value]  # no Accepted
+        labels, name = self.task.labels, self.task.name
+        results: list[ItemResult] = []
+        for result in out.results:
+            if type(result) is Accepted:
+                results.extend(result.results(labels))
+            else:
+                results.append(result)  # type: ignore[arg-type]  # not Accepted
+        events: list[Event] = []
+        for event in out.events:
+            if type(event) is Accepted:
+                events.extend(event.events(name))
+            else:
+                events.append(event)  # type: ignore[arg-type]  # not Accepted
+        return results, events
+
+    def drain_compact(self) -> tuple[list[ItemResult | Accepted], list[Event | Accepted]]:
+        """``drain`` without expanding the items a reply finished: each ``Accepted`` entry
+        (in both lists, at its place) stands for that reply's ``done`` results and item
+        events. For drivers that count outcomes rather than keep every item."""
         out = self._out
         self._out = Drained()
         return out.results, out.events

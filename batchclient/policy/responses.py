@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,7 @@ from batchclient.policy.job import EXIT_AUTH, EXIT_BALANCE, Counts, Done, ItemRe
 from batchclient.policy.parsing import parse_reply, read_completion
 from batchclient.policy.ratelimit_headers import read_rate_headers
 from batchclient.policy.retry import naive_delay, retry_delay
-from batchclient.policy.state import Drained, ItemState
+from batchclient.policy.state import Accepted, Drained, ItemState
 from batchclient.policy.throttle import Throttle
 from batchclient.policy.tokens import text_tokens
 from batchclient.policy.wire import Call, Response, Usage
@@ -109,6 +110,14 @@ class ResponseHandling:
                 self._out.events.append(Event(
                     "item", self.task.name, now, "cached" if result.state == "done" else "dead",
                     item_id=follower, error=result.error, call_id=call_id))
+
+    def _push_accepted(self, now: float, call: Call, share: float, codes: Mapping[str, str],
+                       states: list[ItemState]) -> None:
+        accepted = Accepted(now, call, share, codes, states)
+        out = self._out
+        out.results.append(accepted)
+        out.events.append(accepted)
+        out.batches += 1
 
     def _fail_items(self, call: Call, now: float, reason: str, delay: float | None,
                     count_attempt: bool, dead_now: bool = False) -> None:
@@ -274,25 +283,30 @@ class ResponseHandling:
         parsed = parse_reply(content, call.item_ids, self.task.labels, finish)
         codes = parsed.codes
         share = charged / max(1, len(codes))
-        # The hot path of a job (one pass per answered item): _finish inlined.
-        labels = self.task.labels
+        # The hot path of a job (one pass per answered item): the finished items are kept
+        # per reply (``Accepted``), not as a result and an event each; ``drain`` expands them.
         items, leaders, followers = self._items, self._leaders, self._followers
-        results, events = self._out.results, self._out.events
-        name, model, provider, call_id = self.task.name, call.model, call.provider, call.call_id
-        for item_id, code in codes.items():
+        states: list[ItemState] = []
+        for item_id in codes:
             state = items.pop(item_id)
             state.state = "done"
-            result = ItemResult(item_id, "done", code, labels[code], model, provider, None,
-                                share, state.attempts + 1, state.key)
-            results.append(result)
-            events.append(Event("item", name, now, "done", provider=provider, model=model,
-                                cost_usd=share, item_id=item_id, call_id=call_id))
             key = state.key
             if leaders.get(key) == item_id:
                 if key in followers:
-                    self._release_followers(state, result, now, call_id)
-                else:
-                    del leaders[key]
+                    # its duplicates' events follow the leader's: close the run so far
+                    states.append(state)
+                    self._push_accepted(now, call, share, codes, states)
+                    states = []
+                    code = codes[item_id]
+                    self._release_followers(state, ItemResult(
+                        item_id, "done", code, self.task.labels[code], call.model,
+                        call.provider, None, share, state.attempts + 1, key), now,
+                        call.call_id)
+                    continue
+                del leaders[key]
+            states.append(state)
+        if states:
+            self._push_accepted(now, call, share, codes, states)
         self.counts.done += len(codes)
         if self.adaptive is not None:
             self.adaptive.on_reply(len(call.item_ids), len(parsed.codes), parsed.truncated,

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from batchclient.events import Event
 from batchclient.policy.job import ItemResult
-from batchclient.policy.wire import Item
+from batchclient.policy.wire import Call, Item
 
 
 @dataclass(slots=True)
 class ItemState:
-    """Where one fed item is: its routing, packing sizes, failed attempts and misses."""
+    """Where one fed item is: its routing, packing sizes, sends, failed attempts and misses."""
 
     item: Item
     model: str
@@ -21,11 +22,51 @@ class ItemState:
     misses: int = 0
     last_error: str | None = None
     state: str = "queued"  # queued | inflight | follower | done | dead
+    sends: int = 0  # calls that carried the item so far
+
+
+@dataclass(slots=True)
+class Accepted:
+    """The items one reply finished as ``done``, in reply order, kept per call rather than
+    as one ``ItemResult`` and one item ``Event`` each: a driver that only counts outcomes
+    (the planner) never builds the per-item objects; ``Engine.drain`` expands them.
+
+    ``states`` are the finished items' states (no longer mutated), ``codes`` their codes,
+    ``share`` each item's share of the charge (USD), ``at`` the answer's time (virtual s).
+    """
+
+    at: float
+    call: Call
+    share: float
+    codes: Mapping[str, str]
+    states: list[ItemState]
+
+    def results(self, labels: Mapping[str, str]) -> list[ItemResult]:
+        """One ``done`` result per item, as the engine reports a finished item."""
+        call, share, codes = self.call, self.share, self.codes
+        model, provider = call.model, call.provider
+        out = []
+        for state in self.states:
+            item_id = state.item.id
+            code = codes[item_id]
+            out.append(ItemResult(item_id, "done", code, labels[code], model, provider, None,
+                                  share, state.attempts + 1, state.key))
+        return out
+
+    def events(self, name: str) -> list[Event]:
+        """One ``done`` item event per item (``name`` is the task's)."""
+        call, share, at = self.call, self.share, self.at
+        model, provider, call_id = call.model, call.provider, call.call_id
+        return [Event("item", name, at, "done", provider=provider, model=model,
+                      cost_usd=share, item_id=state.item.id, call_id=call_id)
+                for state in self.states]
 
 
 @dataclass(slots=True)
 class Drained:
-    """Finished items and events not yet handed to the driver."""
+    """Finished items and events not yet handed to the driver; ``Accepted`` entries stand
+    for the items of one reply (expanded by ``Engine.drain``, kept by ``drain_compact``)."""
 
-    results: list[ItemResult] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
+    results: list[ItemResult | Accepted] = field(default_factory=list)
+    events: list[Event | Accepted] = field(default_factory=list)
+    batches: int = 0  # Accepted entries in ``results`` (each is in ``events`` too)

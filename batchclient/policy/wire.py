@@ -41,7 +41,8 @@ class Call:
 
     ``prompt_tokens`` is the exact ratelab-tokenizer prompt size, ``reserved_tokens`` what
     the throttle reserved for it, ``timeout_s`` the virtual deadline of the whole call.
-    ``request_id`` is the interactive request a call is an attempt of (None for batches).
+    ``request_id`` is the interactive request a call is an attempt of (None for batches);
+    ``resend`` is True when any of its items was sent before (a 429, an error or a skip).
     """
 
     call_id: int
@@ -58,6 +59,7 @@ class Call:
     lane: Literal["background", "interactive"] = "background"
     sent_at: float = 0.0
     request_id: int | None = None
+    resend: bool = False
 
 
 @dataclass(frozen=True, slots=True)

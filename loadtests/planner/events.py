@@ -2,16 +2,17 @@
 
 After every ``Engine.on_response`` the driver drains the engine and hands this module the
 call, the response and the drained events; it returns recorder events for one arm. A
-request is a retry when any of its items was sent before (tracked here per item until the
-item is finished), so retry amplification counts 429s, errors and skipped items alike.
+request is a retry when any of its items was sent before (the engine's ``Call.resend``), so
+retry amplification counts 429s, errors and skipped items alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from batchclient.events import Event as ClientEvent
+from batchclient.policy.state import Accepted
 from batchclient.policy.wire import Call, Response
 from loadtests.recorder import Event, outcome_for_status
 
@@ -33,37 +34,32 @@ def request_outcome(response: Response) -> str:
 
 @dataclass(slots=True)
 class ArmEvents:
-    """The adapter state of one arm: how often each unfinished item was sent."""
+    """The adapter of one arm: client telemetry to recorder events."""
 
     arm: str
-    sent: dict[str, int] = field(default_factory=dict)
 
-    def on_send(self, call: Call) -> bool:
-        """Count the call's items as sent; True when it is a resend of any of them."""
-        retry = call.attempt > 0
-        for item_id in call.item_ids:
-            n = self.sent.get(item_id, 0)
-            retry = retry or n > 0
-            self.sent[item_id] = n + 1
-        return retry
+    @staticmethod
+    def on_send(call: Call) -> bool:
+        """True when ``call`` is a resend: a further attempt, or any of its items was sent
+        before (the engine counts each item's sends until the item is finished)."""
+        return call.attempt > 0 or call.resend
 
     def convert(self, now: float, call: Call | None, response: Response | None, retry: bool,
-                drained: Iterable[ClientEvent], stage: str | None = None) -> list[Event]:
+                drained: Iterable[ClientEvent | Accepted], stage: str | None = None
+                ) -> list[Event]:
         """Recorder events for one answered call (None: items answered by the cache) and
-        the engine events it caused."""
+        the engine events it caused (``Engine.drain_compact``'s, or ``drain``'s)."""
         out: list[Event] = []
         # items of one answer reach their outcomes at the same instant: one event per outcome
         finished: dict[str, int] = {}
         request: ClientEvent | None = None
-        sent = self.sent
         for event in drained:
-            if event.kind == "item":
+            if isinstance(event, Accepted):
+                finished["done"] = finished.get("done", 0) + len(event.states)
+            elif event.kind == "item":
                 outcome = ITEM_OUTCOME.get(event.outcome)
-                if outcome is None:
-                    continue
-                if event.item_id is not None:
-                    sent.pop(event.item_id, None)
-                finished[outcome] = finished.get(outcome, 0) + 1
+                if outcome is not None:
+                    finished[outcome] = finished.get(outcome, 0) + 1
             elif event.kind == "request" and request is None:
                 request = event
         if request is not None and call is not None and response is not None:

@@ -22,8 +22,9 @@ import simpy
 
 from batchclient.cache import SqliteResultCache
 from batchclient.policy.classify import Classified
-from batchclient.policy.engine import Done, Engine, Send, Wait, cache_key
+from batchclient.policy.engine import Done, Engine, ItemResult, Send, Wait, cache_key
 from batchclient.policy.routing import route_model
+from batchclient.policy.state import Accepted
 from batchclient.policy.userlimits import Tier, UserDecision, UserLimits
 from batchclient.policy.wire import Call, Item, Response
 from loadtests.planner.assemble import (
@@ -164,9 +165,17 @@ class ArmDriver:
 
     def _flush(self, call: Call | None, response: Response | None, retry: bool,
                stage: str | None) -> None:
-        results, events = self.engine.drain()
+        # compact: a reply's finished items stay one record unless the cache needs them
+        results, events = self.engine.drain_compact()
         if results and self.cache is not None:
-            self.cache.put_many(results)
+            labels = self.task.labels
+            expanded: list[ItemResult] = []
+            for entry in results:
+                if isinstance(entry, Accepted):
+                    expanded.extend(entry.results(labels))
+                else:
+                    expanded.append(entry)
+            self.cache.put_many(expanded)
         if events:
             self.record(self.adapter.convert(self.env.now, call, response, retry, events, stage))
 
