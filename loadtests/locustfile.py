@@ -21,15 +21,28 @@ from typing import Any
 import gevent
 from locust import LoadTestShape, User, constant, events, task
 from locust.env import Environment
-from locust.runners import MasterRunner
+from locust.runners import MasterRunner, WorkerRunner
 
 from loadtests.run_plans import run_scenario
 from loadtests.run_process import ProcessState, chat_sizes, open_process
-from loadtests.rundir import SLOTS_FILE, SPEC_ENV, RunSpec, SlotClaims, started
+from loadtests.rundir import (
+    SLOTS_FILE,
+    SPEC_ENV,
+    SWARM_END,
+    RunSpec,
+    SlotClaims,
+    started,
+    swarm_started,
+)
 from loadtests.scenario_model import UserGroup
-from loadtests.shapes import LoadPlan, arrivals, read_trace
+from loadtests.shapes import LoadPlan, Settle, arrivals, read_trace
 
 log = logging.getLogger("ratelab")
+
+# When the load is over the shape asks for 0 users, then waits for Locust's request count to
+# stay still this long (wall seconds) before ending the run: Locust rewrites its CSV every
+# second, and workers report their statistics to the master every 3 seconds.
+SETTLE_QUIET_S, SETTLE_QUIET_DISTRIBUTED_S, SETTLE_MAX_S = 1.5, 4.5, 30.0
 
 _SPEC_PATH = os.environ.get(SPEC_ENV)
 if not _SPEC_PATH:
@@ -39,6 +52,7 @@ SCENARIO, _ = run_scenario(SPEC.scenario_path, SPEC.duration_s, SPEC.items, SPEC
 SPEC = started(SPEC, SlotClaims(os.path.join(SPEC.run_dir, SLOTS_FILE)))
 PLAN = LoadPlan(SCENARIO, SPEC.slots)
 K = SCENARIO.time_scale
+PLAN_STOP_RATE = 1000.0  # users stopped per wall second once the load is over: all at once
 
 _state: ProcessState | None = None
 _state_pid: int | None = None
@@ -52,6 +66,20 @@ def state() -> ProcessState:
         _state = open_process(_SPEC_PATH or "")
         _state_pid = os.getpid()
     return _state
+
+
+def _begin_swarm() -> None:
+    """Web UI: virtual time starts when the swarm starts (the master claims the origin first,
+    each worker reads it at its first spawn), not when Locust loaded the run."""
+    global SPEC
+    claims = SlotClaims(os.path.join(SPEC.run_dir, SLOTS_FILE))
+    try:
+        SPEC = swarm_started(SPEC, claims)
+    finally:
+        claims.close()
+    if _state is not None and _state_pid == os.getpid():
+        _state.spec = SPEC
+        _state.clock.origin = SPEC.origin_monotonic
 
 
 def _sleep_until_virtual(t: float) -> None:
@@ -69,6 +97,9 @@ def _fire(request_type: str, name: str, exception: str | None = None) -> None:
 
 def _chat(group: UserGroup, user: str, prompt_tokens: int, max_tokens: int) -> None:
     st = state()
+    if st.capped:
+        gevent.sleep(1.0)  # the spend cap is reached: send nothing more (without spinning)
+        return
     arm = SCENARIO.arm(group.arm)
     refused = st.bridge.run(st.chat(arm, group, user, prompt_tokens, max_tokens))
     if refused is not None:
@@ -201,6 +232,14 @@ class ScenarioShape(LoadTestShape):
     def __init__(self) -> None:
         super().__init__()
         self._claims: SlotClaims | None = None
+        self._settle: Settle | None = None
+        self.over = False  # the scenario's load is over (not stopped from the UI)
+
+    def reset_time(self) -> None:
+        # Locust calls this when a swarm starts (headless at once; with the UI on Start)
+        super().reset_time()
+        if not SPEC.headless:
+            _begin_swarm()
 
     def tick(self) -> tuple[int, float] | None:
         if self._claims is None:
@@ -209,7 +248,17 @@ class ScenarioShape(LoadTestShape):
         done = not PLAN.has_batch or self._claims.finished("batch") >= SPEC.slots
         tick = PLAN.tick(t, done)
         if tick is None:
-            return None
+            # stop every user; requests in flight finish and are counted before Locust's
+            # reports are written
+            if self._settle is None:
+                distributed = isinstance(self.runner, MasterRunner)
+                self._settle = Settle(
+                    SETTLE_QUIET_DISTRIBUTED_S if distributed else SETTLE_QUIET_S, SETTLE_MAX_S)
+            count = self.runner.stats.total.num_requests if self.runner is not None else 0
+            if self._settle.settled(time.monotonic(), count):
+                self.over = True
+                return None
+            return 0, PLAN_STOP_RATE
         return PLAN.fixed_users() + sum(tick.users.values()), tick.spawn_rate
 
 
@@ -232,6 +281,28 @@ def _on_init(environment: Environment, **_kw: Any) -> None:
     if isinstance(environment.runner, MasterRunner):
         return
     gevent.spawn(_drain, environment)
+
+
+@events.test_start.add_listener
+def _on_test_start(environment: Environment, **_kw: Any) -> None:
+    if not SPEC.headless and isinstance(environment.runner, WorkerRunner):
+        _begin_swarm()
+
+
+@events.test_stop.add_listener
+def _on_test_stop(environment: Environment, **_kw: Any) -> None:
+    # Web UI: the swarm stopped (its load is over, or the UI's Stop); `ratelab run` sees the
+    # note, stops Locust (which saves its reports) and writes the summary. Headless Locust
+    # quits by itself.
+    if SPEC.headless or isinstance(environment.runner, WorkerRunner):
+        return
+    shape = environment.shape_class
+    over = isinstance(shape, ScenarioShape) and shape.over
+    claims = SlotClaims(os.path.join(SPEC.run_dir, SLOTS_FILE))
+    try:
+        claims.set_once(SWARM_END, 1.0 if over else 0.0)
+    finally:
+        claims.close()
 
 
 @events.quitting.add_listener

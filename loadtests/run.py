@@ -8,6 +8,11 @@ master and workers); this process tails the event logs for the progress line and
 error-rate guard, performs scheduled top-ups, and, once Locust has exited, merges the events
 into ``summary.json``, ``timeseries.csv``, ``report.md`` and ``report.html``. Ctrl-C stops
 Locust and the simulator and writes a partial summary.
+
+With ``--ui`` Locust serves its web UI on loopback instead of starting at once: virtual time
+starts when the swarm is started there (the Start button, or ``POST /swarm``), and the run ends
+by itself when the swarm stops (the scenario's load is over: a complete summary; the UI's
+Stop: a partial one, ``stopped: ui_stop``) or on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +41,7 @@ from loadtests.rundir import (
     SLOTS_FILE,
     SPEC_ENV,
     SPEC_FILE,
+    SWARM_END,
     RunSpec,
     SlotClaims,
     default_run_dir,
@@ -48,6 +55,8 @@ LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 STOP_GRACE_S = 15.0
 LOG_PROGRESS_EVERY_S = 5.0  # wall seconds between progress lines when stderr is no terminal
+WEB_HOST = "127.0.0.1"  # the web UI serves loopback only: it can start and stop the run
+DEFAULT_WEB_PORT = 8089  # Locust's own default
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="run folder (default runs/<scenario>-<timestamp>/)")
     parser.add_argument("--processes", type=int, default=1,
                         help="Locust worker processes (distributed on this machine)")
-    parser.add_argument("--ui", action="store_true", help="serve Locust's web UI, not headless")
+    parser.add_argument("--ui", action="store_true",
+                        help="serve Locust's web UI on loopback instead of running headless: "
+                             "start the swarm there; the run ends when its load is over, "
+                             "when stopped there, or on Ctrl-C")
+    parser.add_argument("--web-port", type=int, default=DEFAULT_WEB_PORT,
+                        help=f"with --ui: the web UI's port (default {DEFAULT_WEB_PORT}; "
+                             "0 picks a free one)")
     parser.add_argument("--duration-s", type=float, help="override duration_s (virtual seconds)")
     parser.add_argument("--items", type=int, help="override the workload's item count")
     parser.add_argument("--no-progress", action="store_true", help="no live progress line")
@@ -102,13 +117,22 @@ def _topup(admin_url: str, token: str, provider: str, key: str, usd: float) -> N
         resp.read()
 
 
-def locust_command(spec: RunSpec, run_dir: Path, processes: int, ui: bool) -> list[str]:
-    """The Locust command line of a run (headless with CSV and HTML, or the web UI)."""
+def free_port(host: str = WEB_HOST) -> int:
+    """A TCP port free on ``host`` right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def locust_command(spec: RunSpec, run_dir: Path, processes: int,
+                   web_port: int | None) -> list[str]:
+    """The Locust command line of a run: headless with CSV and HTML reports, or (``web_port``
+    given) the web UI on loopback, with the same reports written when Locust quits."""
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE),
            "--csv", str(run_dir / "locust"), "--html", str(run_dir / "locust.html"),
            "--loglevel", "WARNING", "--exit-code-on-error", "0"]
-    if ui:
-        cmd += ["--web-host", "127.0.0.1"]
+    if web_port is not None:
+        cmd += ["--web-host", WEB_HOST, "--web-port", str(web_port)]
     else:
         cmd += ["--headless", "--only-summary"]
     if processes > 1:
@@ -175,6 +199,10 @@ def summarise(scenario: Scenario, run_dir: Path, bounds: Mapping[str, Any], *, p
     if any(r.get("type") == "job_failed" for r in records) and not partial:
         # a batch slot crashed (see locust.log): the run did not finish its work
         partial, stopped = True, stopped or "batch_failed"
+    stops = [r for r in records if r.get("type") == "stop"]
+    if stops:
+        # a Locust process stopped its work itself (its share of the spend cap was spent)
+        partial, stopped = True, stopped or str(stops[0].get("reason"))
     for name in batch.arms if batch else ():
         mine = [j for j in jobs if j["arm"] == name]
         acc = recorder._acc[name]
@@ -212,6 +240,19 @@ def main(args: argparse.Namespace) -> int:
     if scenario.load.slo_search is not None and scenario.load.batch is not None:
         print(f"{args.scenario}: load.slo_search: an SLO search probes user groups only; "
               "drop load.batch (or search in a scenario of its own)", file=sys.stderr)
+        return EXIT_INPUT
+    if args.ui and scenario.load.slo_search is not None:
+        # each probe is a Locust run of its own: a person would have to press Start each time
+        print(f"{args.scenario}: load.slo_search: --ui drives one swarm; run the search "
+              "headless", file=sys.stderr)
+        return EXIT_INPUT
+    if args.ui and scenario.gateway is not None:
+        print(f"{args.scenario}: gateway: --ui is not supported for gateway scenarios; run "
+              "them headless", file=sys.stderr)
+        return EXIT_INPUT
+    if args.ui and not 0 <= args.web_port <= 65535:
+        print("ratelab run: --web-port: expected a port number (0 picks a free one)",
+              file=sys.stderr)
         return EXIT_INPUT
     target_env = scenario.target.api_key_env if scenario.target else None
     if target_env and not os.environ.get(target_env):
@@ -258,10 +299,16 @@ def locust_once(args: argparse.Namespace, scenario: Scenario, run_dir: Path, ser
     )
     spec.write(run_dir / SPEC_FILE)
     env = {**os.environ, SPEC_ENV: str((run_dir / SPEC_FILE).resolve())}
+    web_port = None
+    if args.ui:
+        web_port = args.web_port or free_port()
+        print(f"ratelab run: Locust's web UI at http://{WEB_HOST}:{web_port}/ ; start the "
+              "swarm there (the scenario sets the users). The run ends when its load is "
+              "over, when stopped there, or on Ctrl-C.", file=sys.stderr, flush=True)
     proc: subprocess.Popen[bytes] | None = None
     try:
         with (run_dir / "locust.log").open("wb") as log:
-            proc = subprocess.Popen(locust_command(spec, run_dir, args.processes, args.ui),
+            proc = subprocess.Popen(locust_command(spec, run_dir, args.processes, web_port),
                                     env=env, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
             stopped = _watch(proc, scenario, run_dir, spec, bounds, served,
@@ -324,7 +371,7 @@ def _run(args: argparse.Namespace, scenario: Scenario, run_dir: Path, bounds: di
     from reports.report import headline
     print(headline(summary).replace("**", ""))
     print(f"run folder: {run_dir} (report: {run_dir / 'report.html'})", file=sys.stderr)
-    if interrupted:
+    if interrupted or stopped == "ui_stop":
         return EXIT_INTERRUPTED
     if summary.get("stopped") == "batch_failed":
         print(f"ratelab run: a batch job failed; see {run_dir / 'locust.log'}", file=sys.stderr)
@@ -353,10 +400,17 @@ def _watch(proc: subprocess.Popen[bytes], scenario: Scenario, run_dir: Path, spe
     while proc.poll() is None:
         time.sleep(0.25)
         totals = tail.poll()
-        if origin is None:
-            # virtual time starts when Locust has loaded the run (rundir.started)
+        if origin is None or not spec.headless:
+            # virtual time starts when Locust has loaded the run, or with the web UI when the
+            # swarm starts (rundir.started, rundir.swarm_started)
             claims = claims or SlotClaims(run_dir / SLOTS_FILE)
             origin = claims.get("origin")
+            swarm_end = None if spec.headless else claims.get(SWARM_END)
+            if swarm_end is not None:
+                # the web UI's swarm stopped: Locust saves its reports as it quits
+                _stop(proc)
+                claims.close()
+                return None if swarm_end == 1.0 else "ui_stop"
         now = -1.0 if origin is None else (time.monotonic() - origin) * spec.time_scale
         while topups and topups[0].at_s <= now and served.admin_url:
             t = topups.pop(0)

@@ -153,6 +153,12 @@ class ProcessState:
     chat_lock: asyncio.Lock | None = None
     chat_tasks: list[asyncio.Future[None]] = field(default_factory=list)
     users_started: int = 0
+    # An external target's spend cap, this process's share (USD): checked as each request's
+    # cost is known, so the overshoot is the requests already in flight, not the parent's
+    # polling delay.
+    spend_budget_usd: float | None = None
+    spent_usd: float = 0.0
+    capped: bool = False
 
     @property
     def run_dir(self) -> Path:
@@ -170,8 +176,20 @@ class ProcessState:
                 return
             self.log.event(rec)
             self.stats.extend(to_stats(rec))
+            if rec.kind == "request" and self.spend_budget_usd is not None:
+                self.spent_usd += rec.cost_usd
+                if self.spent_usd >= self.spend_budget_usd and not self.capped:
+                    self.cap_spend()
 
         return on_event
+
+    def cap_spend(self) -> None:
+        """This process spent its share of the spend cap: note it and stop sending (loop thread)."""
+        self.capped = True
+        self.log.record("stop", {"reason": "spend_cap", "pid": os.getpid(),
+                                 "spent_usd": self.spent_usd})
+        self.stop_batch()
+        self.stop_chats()
 
     def stage_of(self, group: UserGroup, now: float) -> str | None:
         """The stage of ``group`` at virtual time ``now``."""
@@ -299,6 +317,7 @@ def open_process(spec_path: str | Path) -> ProcessState:
     run_dir = Path(spec.run_dir)
     claims = SlotClaims(run_dir / SLOTS_FILE)
     spec = started(spec, claims)
+    cap = scenario.target.spend_cap_usd if scenario.target is not None else None
     return ProcessState(
         spec=spec,
         scenario=scenario,
@@ -306,4 +325,5 @@ def open_process(spec_path: str | Path) -> ProcessState:
         log=EventLog(run_dir / f"events-{os.getpid()}.jsonl"),
         claims=claims,
         clock=RunClock(spec.origin_monotonic, spec.time_scale),
+        spend_budget_usd=None if cap is None else cap / max(1, spec.slots),
     )

@@ -88,8 +88,12 @@ def provider_entries(
         key = os.environ.get(scenario.target.api_key_env)
         if not key:
             raise SetupError(f"target.api_key_env: ${scenario.target.api_key_env} is not set")
-        return [{"name": "target", "base_url": scenario.target.base_url, "api_key": key,
-                 "time_scale": 1.0}]
+        target: dict[str, Any] = {"name": "target", "base_url": scenario.target.base_url,
+                                  "api_key": key, "time_scale": 1.0}
+        if scenario.target.prices is not None:
+            price_in, price_out = scenario.target.prices
+            target["prices"] = {model: {"input": price_in, "output": price_out}}
+        return [target]
     entries: list[dict[str, Any]] = []
     for name in arm.providers:
         if name not in urls:

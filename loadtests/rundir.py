@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -28,6 +29,9 @@ SPEC_FILE = "run.json"
 SLOTS_FILE = "slots.sqlite"
 EVENTS_GLOB = "events-*.jsonl"
 SPEC_ENV = "RATELAB_RUN_SPEC"
+# Web UI runs: the master notes in the claims file that the swarm stopped, with 1.0 when the
+# scenario's load was over (the shape ended) and 0.0 when the UI's Stop ended it early.
+SWARM_END = "swarm_end"
 _EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(Event))
 
 
@@ -83,9 +87,38 @@ class RunSpec:
 
 def started(spec: RunSpec, claims: SlotClaims) -> RunSpec:
     """``spec`` with virtual time starting when Locust first loaded the run (shared by every
-    process through ``claims``), so Locust's start-up does not eat the first stage."""
+    process through ``claims``), so Locust's start-up does not eat the first stage.
+
+    With the web UI (``headless`` false) virtual time starts when the swarm starts
+    (:func:`swarm_started`), which may be long after loading: until then the spec keeps the
+    origin already claimed, if any.
+    """
+    if not spec.headless:
+        origin = claims.get("origin")
+        return spec if origin is None else dataclasses.replace(spec, origin_monotonic=origin)
     origin = claims.set_once("origin", time.monotonic())
     return dataclasses.replace(spec, origin_monotonic=origin)
+
+
+def swarm_started(spec: RunSpec, claims: SlotClaims) -> RunSpec:
+    """``spec`` with virtual time starting now, unless a process of the run has started it
+    already (the web UI's Start: the master first, then each worker)."""
+    origin = claims.set_once("origin", time.monotonic())
+    return dataclasses.replace(spec, origin_monotonic=origin)
+
+
+def os_lock() -> Any:
+    """A lock between OS threads, also in a process gevent has monkey-patched (Locust's).
+
+    There ``threading.Lock`` is gevent's, which cannot be shared by the hub's thread and the
+    client's asyncio thread: a greenlet waiting on it while the asyncio thread held it was
+    never woken, so the statistics stopped reaching Locust mid-run.
+    """
+    if "gevent.monkey" in sys.modules:
+        from gevent.monkey import get_original
+
+        return get_original("_thread", "allocate_lock")()
+    return threading.Lock()
 
 
 class EventLog:
@@ -94,7 +127,7 @@ class EventLog:
     def __init__(self, path: str | Path, flush_every: int = 200) -> None:
         self.path = Path(path)
         self._fh: TextIO = self.path.open("a", encoding="utf-8")
-        self._lock = threading.Lock()
+        self._lock = os_lock()
         self._since_flush = 0
         self._flush_every = flush_every
 

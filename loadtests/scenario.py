@@ -238,6 +238,15 @@ def _size(raw: Any, default: Size) -> Size:
     )
 
 
+def _target(raw: Mapping[str, Any]) -> Target:
+    prices = raw.get("prices")
+    return Target(
+        **{k: v for k, v in raw.items() if k != "prices"},
+        prices=None if prices is None
+        else (float(prices["input_usd_per_mtok"]), float(prices["output_usd_per_mtok"])),
+    )
+
+
 def _workload(raw: Mapping[str, Any]) -> Workload:
     base = Workload(items=int(raw["items"]))
     labels = raw.get("labels")
@@ -372,7 +381,7 @@ def _build(doc: dict[str, Any], path: Path) -> Scenario:
         time_scale=float(doc.get("time_scale", 1.0)),
         duration_s=duration_s,
         providers=providers,
-        target=Target(**target_raw) if target_raw else None,
+        target=_target(target_raw) if target_raw else None,
         workload=_workload(doc["workload"]),
         arms=arms,
         load=load,

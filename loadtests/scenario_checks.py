@@ -54,6 +54,16 @@ def meaning_problems(doc: Mapping[str, Any], lines: LineMap, base: Path) -> list
 
     if not providers and "target" not in doc:
         add(lines.problem(("providers",), "a scenario needs providers (the simulator) or a target"))
+    target = doc.get("target")
+    if target is not None:
+        if float(doc.get("time_scale", 1.0)) != 1.0:
+            add(lines.problem(("time_scale",), "a target is a real endpoint: it runs in wall "
+                                               "time, set time_scale: 1"))
+        if "spend_cap_usd" in target and "prices" not in target:
+            # without prices the client can only meter what the endpoint reports it charged
+            # (the simulator's X-MDB-Charged-USD), which a real deployment does not send
+            add(lines.problem(("target", "spend_cap_usd"), "a spend cap needs target.prices "
+                                                           "(USD per million tokens) to meter"))
     for index, provider in enumerate(providers):
         for path, message in _limit_problems(provider, ()):
             add(lines.problem(("providers", index, *path), message))

@@ -71,6 +71,7 @@ class Target:
     model: str | None = None
     spend_cap_usd: float | None = None
     max_error_rate: float = 0.05
+    prices: tuple[float, float] | None = None  # USD per million input, output tokens
 
 
 @dataclass(frozen=True, slots=True)

@@ -182,3 +182,29 @@ class LoadPlan:
         """The name of ``group``'s stage at virtual time ``t`` (None after the last)."""
         at = stage_at(group.stages, t)
         return None if at is None else at.stage.name
+
+
+@dataclass(slots=True)
+class Settle:
+    """Whether a count has stopped moving: unchanged for ``quiet_s`` seconds, or ``max_s``
+    seconds since the first look (any clock; the shape uses wall seconds).
+
+    The shape ends a run only once Locust's request count has settled, so that the requests
+    still in flight when the load ends reach Locust's statistics before it writes its CSV
+    (rewritten every second) and HTML reports.
+    """
+
+    quiet_s: float
+    max_s: float
+    _start: float | None = None
+    _changed: float = 0.0
+    _count: int = 0
+
+    def settled(self, now: float, count: int) -> bool:
+        """Look at ``count`` at time ``now``; True once it has been still long enough."""
+        if self._start is None:
+            self._start, self._changed, self._count = now, now, count
+            return False
+        if count != self._count:
+            self._changed, self._count = now, count
+        return now - self._changed >= self.quiet_s or now - self._start >= self.max_s

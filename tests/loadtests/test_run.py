@@ -4,7 +4,6 @@ simulator, Locust as a subprocess, the run folder and its summary held against t
 from __future__ import annotations
 
 import base64
-import json
 import re
 import signal
 import sqlite3
@@ -16,8 +15,18 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = ROOT / "scenarios"
+from tests.loadtests.runs import (
+    ROOT,
+    SCENARIOS,
+    arm,
+    descendants,
+    locust_counts,
+    locust_mismatches,
+    ratelab_run,
+    summary,
+    survivors,
+)
+
 CONTRACT = (
     "items.total", "items.done", "items.skipped", "items.dead_letter", "items.lost",
     "requests.total", "requests.ok", "requests.http_429", "requests.http_402",
@@ -29,21 +38,6 @@ CONTRACT = (
     "cost_usd.total", "cost_usd.per_item",
     "projection.items", "projection.duration_s", "projection.cost_usd",
 )
-
-
-def ratelab_run(scenario: Path, out: Path, *extra: str, timeout: float = 150) -> int:
-    """Run ``ratelab run`` in a subprocess; returns its exit status."""
-    cmd = [sys.executable, "-m", "loadtests.cli", "run", str(scenario), "--out", str(out),
-           "--no-progress", *extra]
-    return subprocess.run(cmd, cwd=ROOT, timeout=timeout, capture_output=True).returncode
-
-
-def summary(out: Path) -> dict[str, Any]:
-    return json.loads((out / "summary.json").read_text())
-
-
-def arm(s: dict[str, Any], name: str) -> dict[str, Any]:
-    return next(a for a in s["arms"] if a["name"] == name)
 
 
 def dig(node: Any, dotted: str) -> Any:
@@ -86,8 +80,9 @@ def test_run_folder_is_complete(quickstart: Path) -> None:
     assert all(base64.b64decode(p).startswith(b"\x89PNG") and len(p) > 1000 for p in pngs)
     # the API key of the simulated provider never reaches the run folder's spec
     assert "sk-ratelab" not in (quickstart / "run.json").read_text()
-    stats = (quickstart / "locust_stats.csv").read_text()
-    assert "REQ,batched" in stats and "ITEM,batched:done" in stats
+    # every request and item went through events.request, by request type
+    assert locust_mismatches(quickstart, s) == []
+    assert locust_counts(quickstart)[("ITEM", "batched:done")][0] > 0
 
 
 def test_two_processes_do_every_item_exactly_once(tmp_path: Path) -> None:
@@ -101,7 +96,10 @@ def test_two_processes_do_every_item_exactly_once(tmp_path: Path) -> None:
         with sqlite3.connect(store) as db:
             done += [r[0] for r in db.execute("SELECT item_id FROM items WHERE state='done'")]
     assert len(done) == 6000 and len(set(done)) == 6000
-    a = arm(summary(out), "gated")
+    s = summary(out)
+    a = arm(s, "gated")
+    # both workers' statistics reached the master's CSV: nothing counted twice or lost
+    assert locust_mismatches(out, s) == []
     assert a["items"]["done"] == 6000 and a["items"]["lost"] == 0
     # requests answered ok carried every item once: nothing was billed twice
     assert a["items"]["per_request"] * a["requests"]["ok"] == pytest.approx(6000, abs=40)
@@ -133,6 +131,9 @@ def test_seed001_batching_beats_single_and_naive(tmp_path: Path) -> None:
     assert batch["tokens"]["per_item"] < single["tokens"]["per_item"] / 10
     assert batch["throughput"]["items_per_min"] > 5 * single["throughput"]["items_per_min"]
     assert batch["projection"]["cost_usd"] < single["projection"]["cost_usd"] / 5
+    # 429s and dead letters are Locust failures of their own types, counted as in the summary
+    assert locust_mismatches(out, s) == []
+    assert locust_counts(out)[("429", "naive")][0] == naive["requests"]["http_429"] > 0
 
 
 def test_seed002_lanes_cache_and_stages(tmp_path: Path) -> None:
@@ -148,6 +149,7 @@ def test_seed002_lanes_cache_and_stages(tmp_path: Path) -> None:
     assert chat["requests"]["total"] > 50 and chat["latency_ms"]["p95"] <= 20000
     assert chat["requests"]["error_rate"] <= 0.05
     assert [st["name"] for st in s["stages"]][:2] == ["light", "busy"]
+    assert locust_mismatches(out, s) == []  # cached items and chats, kept apart
 
 
 def test_seed000_sweep_finds_the_knee_at_the_tpm_limit(tmp_path: Path) -> None:
@@ -195,28 +197,7 @@ def test_seed003_failover_and_watchdog_keep_users_served(tmp_path: Path) -> None
     assert {c["threshold"]: c["ok"] for c in s["checks"]} == {
         "max_unrecovered_rate": True, "max_retry_amplification": True, "max_ttft_p95_ms": True}
     assert [st["name"] for st in s["stages"]] == ["ramp", "full"]
-
-
-def _descendants(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,ppid=,pgid="], capture_output=True, text=True)
-    rows = [tuple(int(x) for x in line.split()) for line in out.stdout.splitlines()]
-    found, frontier = [], {pid}
-    while frontier:
-        children = {p for p, pp, _ in rows if pp in frontier}
-        found += children
-        frontier = children
-    return found
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` is a live process. A zombie is not: it has exited and waits only for
-    its parent to collect its status (an orphaned Locust worker's parent is then pid 1, which
-    in a container may never collect it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    assert locust_mismatches(out, s) == []  # 5xx and cancelled streams are ERR failures
 
 
 def test_ctrl_c_writes_a_partial_summary_and_leaves_no_orphans(tmp_path: Path) -> None:
@@ -228,7 +209,7 @@ def test_ctrl_c_writes_a_partial_summary_and_leaves_no_orphans(tmp_path: Path) -
     while time.monotonic() < deadline and not list(out.glob("events-*.jsonl")):
         time.sleep(0.2)
     time.sleep(1.5)
-    children = _descendants(proc.pid)
+    children = descendants(proc.pid)
     assert children, "Locust did not start"
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 130
@@ -237,11 +218,7 @@ def test_ctrl_c_writes_a_partial_summary_and_leaves_no_orphans(tmp_path: Path) -
     assert s["partial"] is True and s["stopped"] == "interrupted"
     assert 0 < a["items"]["done"] < 20000 and a["items"]["lost"] == 0
     assert a["items"]["done"] + a["items"]["pending"] == 20000
-    # SIGKILL is delivered asynchronously: give the group a moment to die
-    deadline = time.monotonic() + 10
-    while (alive := [pid for pid in children if _running(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert alive == []
+    assert survivors(children) == []
 
 
 def test_bad_scenario_is_refused_before_anything_starts(tmp_path: Path) -> None:

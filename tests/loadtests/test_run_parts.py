@@ -11,9 +11,17 @@ import pytest
 
 from loadtests.progress import EventTail, guard_tripped, render
 from loadtests.recorder import Event
-from loadtests.rundir import EventLog, RunSpec, SlotClaims, attach_items_ok, read_run
+from loadtests.rundir import (
+    EventLog,
+    RunSpec,
+    SlotClaims,
+    attach_items_ok,
+    read_run,
+    started,
+    swarm_started,
+)
 from loadtests.scenario_model import Stage
-from loadtests.shapes import arrivals, next_gap, read_trace, stage_at
+from loadtests.shapes import Settle, arrivals, next_gap, read_trace, stage_at
 from loadtests.slo import SloSearcher, percentile_ms
 
 STAGES = (Stage("a", 10.0, users=5), Stage("b", 20.0, users=10, rate_per_s=2.0))
@@ -141,3 +149,28 @@ def test_progress_tail_counts_and_guard(tmp_path: Path) -> None:
     line = render(totals, 60, 200000)
     assert "items 30/60 (50%)" in line and "30 items/min" in line and "ETA 1m" in line
     assert tail.poll().requests == 4  # nothing new: nothing counted twice
+
+
+def test_settle_waits_for_a_still_count_or_the_cap() -> None:
+    settle = Settle(quiet_s=1.5, max_s=30.0)
+    assert not settle.settled(0.0, 100)  # the first look only starts the watch
+    assert not settle.settled(1.0, 100)
+    assert not settle.settled(2.0, 120)  # requests still landing: the quiet period restarts
+    assert not settle.settled(3.0, 120)
+    assert settle.settled(3.5, 120)
+    stuck = Settle(quiet_s=1.5, max_s=5.0)
+    assert [stuck.settled(float(t), t) for t in range(7)] == [False] * 5 + [True, True]
+
+
+def test_headless_time_starts_at_load_and_ui_time_at_the_swarm(tmp_path: Path) -> None:
+    headless = RunSpec("s.yaml", str(tmp_path), 1.0, 60.0, {})
+    loaded = started(headless, SlotClaims(tmp_path / "a.sqlite"))
+    assert loaded.origin_monotonic > 1.0  # claimed when Locust loaded the run
+    ui = RunSpec("s.yaml", str(tmp_path), 1.0, 60.0, {}, headless=False)
+    claims = SlotClaims(tmp_path / "b.sqlite")
+    assert started(ui, claims) == ui and claims.get("origin") is None  # not yet
+    master = swarm_started(ui, claims)  # the UI's Start
+    assert claims.get("origin") == master.origin_monotonic > 1.0
+    worker = swarm_started(ui, SlotClaims(tmp_path / "b.sqlite"))  # its first spawn, later
+    assert worker.origin_monotonic == master.origin_monotonic
+    assert started(ui, claims).origin_monotonic == master.origin_monotonic
