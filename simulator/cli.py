@@ -19,7 +19,7 @@ from simulator.model.config import (
     default_config,
     load_config,
 )
-from simulator.server import RunningServer, start_server
+from simulator.server import RunningServer, new_event_loop, start_server
 
 HELP = "Start the simulated OpenAI-compatible LLM provider (rate limits, billing, latency, faults)."
 
@@ -95,14 +95,16 @@ def main(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"ratelab serve: cannot read {args.config}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    if args.demo:
-        return asyncio.run(demo(cfg, host=args.host))
-    try:
-        return asyncio.run(_serve(cfg, args.host, args.port))
-    except OSError as exc:
-        print(f"ratelab serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
-              file=sys.stderr)
-        return 1
+    # the serving loop wakes timers to the microsecond (server.new_event_loop)
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        if args.demo:
+            return runner.run(demo(cfg, host=args.host))
+        try:
+            return runner.run(_serve(cfg, args.host, args.port))
+        except OSError as exc:
+            print(f"ratelab serve: cannot listen on {args.host}:{args.port}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return 1
 
 
 def _banner(server: RunningServer, cfg: SimulatorConfig) -> str:
