@@ -212,14 +212,18 @@ class WorkloadGenerator:
             poison=poison,
         )
 
-    def _filler(self, tokens: int, pick: float) -> str:
-        """One of the cached filler lines of ``tokens`` tokens (built once per size)."""
+    def _fillers_of(self, tokens: int) -> tuple[str, ...]:
+        """The cached filler lines of ``tokens`` tokens (built once per size)."""
         fillers = self._fillers.get(tokens)
         if fillers is None:
             fillers = tuple(filler_text(tokens, random.Random(f"{self.seed}:{tokens}:{i}"))
                             for i in range(_FILLERS_PER_SIZE))
             self._fillers[tokens] = fillers
-        return fillers[int(pick * _FILLERS_PER_SIZE)]
+        return fillers
+
+    def _filler(self, tokens: int, pick: float) -> str:
+        """One of the cached filler lines of ``tokens`` tokens."""
+        return self._fillers_of(tokens)[int(pick * _FILLERS_PER_SIZE)]
 
     def _text(self, root: int, tokens: int, poison: bool, pick: float) -> str:
         # a base-36 tag of the original's index keeps originals distinct from each other
@@ -240,14 +244,66 @@ class WorkloadGenerator:
     def items(self, start: int = 0, stop: int | None = None, step: int = 1) -> Iterator[WorkItem]:
         """Items ``start, start+step, ...`` below ``stop`` (default: the count), lazily."""
         end = self.count if stop is None else stop
-        size = self.workload.item_tokens
-        if size.dist != "constant" or step <= 0:
+        if self.workload.item_tokens.dist != "constant" or step <= 0:
             for index in range(start, end, step):
                 yield self.item(index)
             return
-        tokens = max(1, sample_size(size, random.Random(0)))  # constant: no draw
+        tokens = self._constant_tokens()
         dup_rate = self.workload.duplicate_rate
         poison_rate = self.workload.poison_rate
+        for indices, dup, poison, pick in self._draw_pages(start, end, step):
+            for i, index in enumerate(indices):
+                if dup[i] < dup_rate and index > 0:
+                    yield self.item(index)
+                else:
+                    yield self._make(index, index, tokens, poison[i] < poison_rate, pick[i])
+
+    def pages(self, start: int = 0, stop: int | None = None
+              ) -> Iterator[tuple[list[str], list[str]]]:
+        """The ids and texts of items ``start..stop-1`` (default: the count), a page at a
+        time: what ``items`` yields, without a ``WorkItem`` per item (a driver that only
+        hands ids and texts on, such as the planner's feed)."""
+        end = self.count if stop is None else stop
+        if self.workload.item_tokens.dist != "constant":
+            for first in range(start, end, _PAGE):
+                page = [self.item(index) for index in range(first, min(end, first + _PAGE))]
+                yield [w.id for w in page], [w.text for w in page]
+            return
+        tokens = self._constant_tokens()
+        length = tokens * CHARS_PER_TOKEN
+        dup_rate = self.workload.duplicate_rate
+        poison_rate = self.workload.poison_rate
+        ids = self.workload.ids
+        seed = self.seed
+        fillers = self._fillers_of(tokens)
+        base36 = _base36
+        for indices, dup, poison, pick in self._draw_pages(start, end, 1):
+            if ids.scheme == "sequential":
+                page_ids = [str(n) for n in range(ids.start + indices.start,
+                                                  ids.start + indices.stop)]
+            else:
+                page_ids = [item_id(ids, seed, index) for index in indices]
+            texts: list[str] = []
+            append = texts.append
+            for i, index in enumerate(indices):
+                if dup[i] < dup_rate and index > 0:
+                    append(self.item(index).text)
+                elif poison[i] < poison_rate or tokens < 2:
+                    append(self._text(index, tokens, poison[i] < poison_rate, pick[i]))
+                else:
+                    # _text inlined for the common case: tag, space, cached filler
+                    text = (base36(index) + " " + fillers[int(pick[i] * _FILLERS_PER_SIZE)]
+                            )[:length]
+                    append(text[:-1] + "x" if text[-1] == " " else text)
+            yield page_ids, texts
+
+    def _constant_tokens(self) -> int:
+        return max(1, sample_size(self.workload.item_tokens, random.Random(0)))  # no draw
+
+    def _draw_pages(self, start: int, end: int, step: int
+                    ) -> Iterator[tuple[range, list[float], list[float], list[float]]]:
+        """Per page of indices: draws 1 (duplicate), 3 (poison) and 4 (filler) of each item,
+        made in numpy (the same numbers as ``_ItemRng``)."""
         for first in range(start, end, _PAGE * step):
             indices = range(first, min(end, first + _PAGE * step), step)
             start_states = np.uint64(self._key) ^ (
@@ -256,11 +312,7 @@ class WorkloadGenerator:
             draws = [(_mix64_array(start_states + np.uint64((k * _GOLDEN) & _MASK64))
                       >> np.uint64(11)).astype(np.float64) * _UNIT for k in (1, 3, 4)]
             dup, poison, pick = (d.tolist() for d in draws)
-            for i, index in enumerate(indices):
-                if dup[i] < dup_rate and index > 0:
-                    yield self.item(index)
-                else:
-                    yield self._make(index, index, tokens, poison[i] < poison_rate, pick[i])
+            yield indices, dup, poison, pick
 
 
 _DIGITS36 = "0123456789abcdefghijklmnopqrstuvwxyz"

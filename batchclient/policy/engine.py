@@ -163,23 +163,51 @@ class Engine(ResponseHandling, InteractiveLane):
     def check_item(self, item: Item) -> tuple[int, int]:
         """Raise InputError naming the item when it can never be processed; returns its
         packing sizes (prompt line and reply characters)."""
-        return self._check(item, canonical_id(item.id))
+        return self._check_page([item], record=False)[0]
 
-    def _check(self, item: Item, canon: str) -> tuple[int, int]:
-        if not _ID.fullmatch(item.id):
-            raise InputError(f"item {item.id!r}: id must match [A-Za-z0-9_.-]+")
-        if not item.text.strip():
-            raise InputError(f"item {item.id!r}: empty text")
-        other = self._keys.get(canon)
-        if other is not None:
-            raise InputError(f"item {item.id!r}: id collides with item {other!r} "
-                             "(ids must be unique; all-digit ids compare as numbers)")
-        sizes = self.packer.sizes(item)
-        alone = self.packer.alone_tokens(sizes)
+    def _check_page(self, page: list[Item], record: bool) -> list[tuple[int, int]]:
+        """Validate ``page`` in order (the first unusable item raises, naming it): id syntax,
+        text, id collisions (with items fed before and within the page), the token budget
+        alone. Returns each item's (prompt line, reply object) characters; ``record`` keeps
+        the canonical ids for later collision checks."""
+        # One pass per item with the sizes (Packer.sizes, alone_tokens) and canonical_id
+        # inlined: the feed runs it for every item of a job.
+        keys = self._keys
+        seen: dict[str, str] = {}
+        sizes: list[tuple[int, int]] = []
+        fullmatch = _ID.fullmatch
+        instructions = len(self.task.instructions)
+        head = instructions + (1 if instructions else 0)
+        code_chars = 6 + 6 + self._code_len + 2 + 1
+        fixed = self.packer.fixed_prompt_tokens + self.packer.reply_slack_tokens
         budget = self.config.batch.token_budget
-        if alone > budget:
-            raise InputError(f"item {item.id!r}: needs {alone} tokens alone, over the "
-                             f"batch.token_budget of {budget}")
+        for item in page:
+            item_id, text = item.id, item.text
+            if item_id.isdigit() and item_id.isascii():
+                canon = item_id.lstrip("0") or "0"
+                reply = len(canon) + code_chars
+            else:
+                canon = item_id
+                reply = len(item_id) + 2 + code_chars
+            if not fullmatch(item_id):
+                raise InputError(f"item {item_id!r}: id must match [A-Za-z0-9_.-]+")
+            if not text or text.isspace():
+                raise InputError(f"item {item_id!r}: empty text")
+            other = keys.get(canon)
+            if other is not None:
+                raise InputError(f"item {item_id!r}: id collides with item {other!r} "
+                                 "(ids must be unique; all-digit ids compare as numbers)")
+            line = len(item_id) + 5 + len(text)
+            alone = fixed + (head + line + 3) // 4 + (2 + reply + 3) // 4
+            if alone > budget:
+                raise InputError(f"item {item_id!r}: needs {alone} tokens alone, over the "
+                                 f"batch.token_budget of {budget}")
+            if canon in seen:
+                raise InputError(f"item {item_id!r}: id collides with item {seen[canon]!r}")
+            seen[canon] = item_id
+            sizes.append((line, reply))
+        if record:
+            keys.update(seen)
         return sizes
 
     def add_items(self, items: Iterable[Item], checked: bool = False) -> None:
@@ -192,20 +220,7 @@ class Engine(ResponseHandling, InteractiveLane):
         if checked:
             self._add_checked(page)
             return
-        seen: dict[str, str] = {}
-        sizes: list[tuple[int, int]] = []
-        canons: list[str] = []
-        for item in page:
-            canon = canonical_id(item.id)
-            sizes.append(self._check(item, canon))
-            if canon in seen:
-                raise InputError(f"item {item.id!r}: id collides with item {seen[canon]!r}")
-            seen[canon] = item.id
-            canons.append(canon)
-        keys = self._keys
-        for item, canon in zip(page, canons, strict=True):
-            keys[canon] = item.id
-        self._add_checked(page, sizes)
+        self._add_checked(page, self._check_page(page, record=True))
 
     def _add_checked(self, page: list[Item], sizes: list[tuple[int, int]] | None = None
                      ) -> None:

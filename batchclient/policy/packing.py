@@ -6,6 +6,7 @@ in the batch (see ``tokens.reply_tokens``) plus a small slack.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from batchclient.config import Task
@@ -16,6 +17,9 @@ from batchclient.policy.tokens import (
     text_tokens,
 )
 from batchclient.policy.wire import Item
+
+# what str.splitlines breaks on besides "\n"
+_OTHER_BREAKS = re.compile("[\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
 def item_line(item: Item) -> str:
@@ -47,9 +51,15 @@ class Packer:
 
     def user_message(self, items: Sequence[Item]) -> str:
         """The user message of a batch: instructions then one line per item."""
-        lines = [self.task.instructions] if self.task.instructions else []
-        lines.extend(item_line(item) for item in items)
-        return "\n".join(lines)
+        instructions = self.task.instructions
+        if not items:
+            return instructions
+        body = "\n".join([f"id={item.id}: {item.text}" for item in items])
+        # The common case, checked over the whole message at once: no text breaks a line,
+        # so each ``item_line`` is the plain line. Otherwise build every line properly.
+        if body.count("\n") != len(items) - 1 or _OTHER_BREAKS.search(body):
+            body = "\n".join([item_line(item) for item in items])
+        return instructions + "\n" + body if instructions else body
 
     def messages(self, items: Sequence[Item]) -> list[dict[str, str]]:
         """Chat messages of a batch request."""

@@ -166,8 +166,8 @@ def arm_setup(scenario: Scenario, arm: Arm) -> ArmSetup:
 def items(scenario: Scenario, count: int | None = None) -> Iterator[Item]:
     """The job's items, lazily, as the client receives them (id and text)."""
     generator = WorkloadGenerator(scenario.workload, scenario.seed, count)
-    for work in generator.items():
-        yield Item(work.id, work.text)
+    for ids, texts in generator.pages():
+        yield from map(Item, ids, texts)
 
 
 def _dist_mean(dist: Dist) -> float:

@@ -152,7 +152,8 @@ class VirtualTransport:
         if end > deadline:
             return Response(0, elapsed_s=deadline - t0, error="timeout"), deadline, 0
         usage = Usage(plan.usage.prompt_tokens, plan.usage.completion_tokens)
-        return Response(200, headers, content="".join(plan.chunks),
+        # sent whole: the text itself, not its chunks joined again
+        return Response(200, headers, content=plan.text,
                         finish_reason=plan.finish_reason, usage=usage,
                         elapsed_s=end - t0), end, plan.usage.completion_tokens
 

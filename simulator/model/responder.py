@@ -40,7 +40,20 @@ class Reply:
 def expected_code(text: str, codes: tuple[str, ...] | list[str]) -> str:
     """The batch_json code of an item: sha256 of the normalised text, modulo the codes."""
     norm = " ".join(text.split()).lower()
-    return codes[int(hashlib.sha256(norm.encode()).hexdigest()[:8], 16) % len(codes)]
+    # the digest's first 4 bytes big-endian: the value of its first 8 hex digits
+    return codes[int.from_bytes(_sha256(norm.encode()).digest()[:4], "big") % len(codes)]
+
+
+_sha256 = hashlib.sha256
+# JSON string of each code of a taxonomy, built once per code tuple (a reply quotes one per item)
+_QUOTED: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
+def _quoted(codes: tuple[str, ...]) -> tuple[str, ...]:
+    quoted = _QUOTED.get(codes)
+    if quoted is None:
+        quoted = _QUOTED[codes] = tuple(json.dumps(c) for c in codes)
+    return quoted
 
 
 def parse_items(prompt: str) -> list[tuple[str, str]]:
@@ -66,19 +79,29 @@ def cut(text: str, max_tokens: int | None) -> Reply:
 
 
 def _id_json(item_id: str) -> str:
-    return str(int(item_id)) if item_id.isdigit() else json.dumps(item_id)
+    # ids match [A-Za-z0-9_.-]+: all-digit ones are JSON integers, others need no escaping
+    if item_id.isdigit():
+        return item_id if item_id[0] != "0" else str(int(item_id))
+    return '"' + item_id + '"'
 
 
 def batch_json(spec: ResponderSpec, rng: random.Random, prompt: str,
                max_tokens: int | None) -> Reply:
     """The JSON array answering the prompt's items, with the configured faults injected."""
     entries: list[tuple[str, str]] = []
-    for item_id, text in parse_items(prompt):
+    codes = spec.codes
+    quoted = _quoted(codes if isinstance(codes, tuple) else tuple(codes))
+    n = len(codes)
+    drop = spec.drop_item_rate
+    sha256, from_bytes = _sha256, int.from_bytes
+    for item_id, text in ITEM_RE.findall(prompt):
         if POISON_MARKER in text:
             continue
-        if spec.drop_item_rate and rng.random() < spec.drop_item_rate:
+        if drop and rng.random() < drop:
             continue
-        entries.append((_id_json(item_id), json.dumps(expected_code(text, spec.codes))))
+        # expected_code inlined (one per item of every reply)
+        digest = sha256(" ".join(text.split()).lower().encode()).digest()
+        entries.append((_id_json(item_id), quoted[from_bytes(digest[:4], "big") % n]))
     if spec.repeat_id_rate and rng.random() < spec.repeat_id_rate and entries:
         i = rng.randrange(len(entries))
         # the repeat carries another code: a client must not trust either blindly
@@ -87,7 +110,7 @@ def batch_json(spec: ResponderSpec, rng: random.Random, prompt: str,
         invented = str(rng.randrange(10**9, 10**10))
         entries.insert(rng.randrange(len(entries) + 1),
                        (invented, json.dumps(rng.choice(spec.codes))))
-    text = "[" + ",".join(f'{{"id":{i},"c":{c}}}' for i, c in entries) + "]"
+    text = "[" + ",".join([f'{{"id":{i},"c":{c}}}' for i, c in entries]) + "]"
     if spec.malformed_json_rate and rng.random() < spec.malformed_json_rate:
         variant = rng.randrange(3)
         if variant == 0:

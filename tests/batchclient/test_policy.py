@@ -55,6 +55,18 @@ def test_packer_respects_count_and_budget_and_sizes_max_tokens_tightly() -> None
     assert item_line(Item("a", "two\nlines")) == "id=a: two lines"
 
 
+def test_user_message_puts_each_item_on_one_line_whatever_its_text_breaks_on() -> None:
+    packer = Packer(task())
+    plain = [Item("1", "plain text"), Item("a-2", "more")]
+    assert packer.user_message(plain) == "\n".join(
+        [task().instructions, "id=1: plain text", "id=a-2: more"])
+    for brk in ("\n", "\r\n", "\r", "\v", "\f", "\x1c", "\x85", "\u2028", "\u2029"):
+        items = [*plain, Item("3", f"two{brk}lines"), Item("4", f"trailing{brk}")]
+        assert packer.user_message(items) == "\n".join(
+            [task().instructions, *(item_line(i) for i in items)])
+    assert packer.user_message([]) == task().instructions
+
+
 def test_parse_reply_is_keyed_by_id_never_by_position() -> None:
     sent = ["548033", "548034", "a-7"]
     parsed = parse_reply('[{"id":548034,"c":"B"},{"id":"a-7","c":"C"}]', sent, LABELS)

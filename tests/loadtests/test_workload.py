@@ -124,3 +124,20 @@ def test_base36_tags_at_digit_boundaries() -> None:
     assert [_base36(n) for n in (0, 35, 36, 1295, 1296, 46655, 46656, 1296 ** 2)] == [
         "w0", "wz", "w10", "wzz", "w100", "wzzz", "w1000", "w10000"]
     assert all(int(_base36(n)[1:], 36) == n for n in range(0, 2_000_000, 997))
+
+
+def test_pages_carry_the_ids_and_texts_of_the_items() -> None:
+    # the planner's feed: ids and texts a page at a time, the very items of iteration
+    for size, ids in ((Size(value=15), IdScheme("sequential", 548033)),
+                      (Size(value=1), IdScheme("prefixed", 0, "a-")),
+                      (Size(dist="uniform", min=1, max=30), IdScheme("hex"))):
+        workload = Workload(items=9000, duplicate_rate=0.1, poison_rate=0.05,
+                            item_tokens=size, ids=ids)
+        gen = WorkloadGenerator(workload, seed=11)
+        whole = _pairs(gen)
+        assert whole == [(i.id, i.text) for i in gen]
+        assert _pairs(gen, 4000, 4500) == whole[4000:4500]
+
+
+def _pairs(gen: WorkloadGenerator, *span: int) -> list[tuple[str, str]]:
+    return [pair for ids, texts in gen.pages(*span) for pair in zip(ids, texts, strict=True)]
