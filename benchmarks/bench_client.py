@@ -9,6 +9,13 @@
 
 Run from the repository root: ``.venv/bin/python benchmarks/bench_client.py``
 (``--quick`` for a shorter run). Figures are virtual minutes under ``time_scale``.
+
+Client CPU side by side: ``--cpu-only --against DIR`` measures this checkout and the one in
+DIR (e.g. ``git worktree add /tmp/client-before REV``) with this very harness, in alternating
+rounds of fresh processes, and prints every round, the medians and their ratio.
+``--instructions`` counts instructions instead (``valgrind --tool=callgrind``, which the
+noise of a shared machine cannot disturb): per request of the steady loop, the difference
+of two run lengths, each minus its own start (items, store import, preflight).
 """
 
 from __future__ import annotations
@@ -16,13 +23,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
+import re
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# RATELAB_BENCH_TREE: import batchclient (and the simulator) from another checkout, so that
+# one harness measures two trees (``--against``).
+sys.path.insert(0, os.environ.get("RATELAB_BENCH_TREE") or str(Path(__file__).parents[1]))
 
 from batchclient import (
     AiohttpTransport,
@@ -37,9 +50,9 @@ from batchclient import (
 )
 from batchclient.policy.packing import Packer
 from batchclient.policy.tokens import chat_prompt_tokens, text_tokens
-from simulator.model.config import parse_config
-from simulator.server import serve_in_thread
 
+HERE = Path(__file__).resolve()
+TREE = Path(os.environ.get("RATELAB_BENCH_TREE") or HERE.parents[1]).resolve()
 CODES = list("ABCDEFGH")
 SYSTEM = ("You sort postal addresses into customer segments. " * 60)[:2800]  # 700 tokens
 TASK = Task("segment", SYSTEM, {c: f"segment {c}" for c in CODES}, "gpt-4o-mini")
@@ -81,6 +94,10 @@ ARMS = {
 async def run_arm(name: str, items: list[Item], duration_s: float, scale: float,
                   workdir: Path) -> dict:
     """One arm on a fresh simulator for ``duration_s`` virtual seconds."""
+    # Imported here: the CPU probes (``--against``, ``--instructions``) start faster.
+    from simulator.model.config import parse_config
+    from simulator.server import serve_in_thread
+
     sim = parse_config({"time_scale": scale, "seed": 3, "providers": [provider_profile()]},
                        "bench")
     with serve_in_thread(sim) as server:
@@ -137,22 +154,29 @@ async def run_arm(name: str, items: list[Item], duration_s: float, scale: float,
     }
 
 
-def cpu_per_request(requests: int, rate_per_s: float, strategy: str) -> dict:
+def cpu_per_request(requests: int, rate_per_s: float, strategy: str,
+                    preflight_only: bool = False, paced: bool = True) -> dict:
     """Client CPU per request (process time) with an in-process provider paced to
-    ``rate_per_s`` (every call answers after a fixed wall delay)."""
+    ``rate_per_s`` (every call answers after a fixed wall delay, 50 ms, with as many calls
+    in flight as that rate needs). ``paced=False`` answers at the next turn of the event
+    loop instead: the same calls in flight, but how answers group into the runner's wakes
+    no longer depends on the machine's speed (``--instructions``). ``preflight_only``
+    stops before the first request (the start that ``--instructions`` subtracts)."""
+    delay_s = 0.05 if paced else 0.0
     reply_cache: dict[tuple[str, ...], Response] = {}
 
     async def answer(call):  # type: ignore[no-untyped-def]
         response = reply_cache.get(call.item_ids)
         if response is None:
-            content = json.dumps([{"id": int(i), "c": "A"} for i in call.item_ids],
-                                 separators=(",", ":"))
+            # Codes spread over the taxonomy, as the simulator's batch_json answers.
+            content = json.dumps([{"id": int(i), "c": CODES[int(i) % len(CODES)]}
+                                  for i in call.item_ids], separators=(",", ":"))
             body = json.dumps({"choices": [{"message": {"content": content},
                                             "finish_reason": "stop"}],
                                "usage": {"prompt_tokens": call.prompt_tokens,
                                          "completion_tokens": text_tokens(content)}})
             response = Response(200, {"x-mdb-charged-usd": "0.0001"}, body, elapsed_s=0.05)
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(delay_s)
         return response
 
     per_request = 20 if strategy == "semantic_batch" else 1
@@ -175,6 +199,9 @@ def cpu_per_request(requests: int, rate_per_s: float, strategy: str) -> dict:
                 marks.append((time.perf_counter(), time.process_time()))
 
         runner = Runner(TASK, cfg, FunctionTransport(answer), store, on_event=mark)
+        if preflight_only:
+            asyncio.run(runner.preflight())
+            return {"strategy": strategy, "items": len(items)}
         wall0, cpu0 = time.perf_counter(), time.process_time()
         result = asyncio.run(runner.run())
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
@@ -187,12 +214,83 @@ def cpu_per_request(requests: int, rate_per_s: float, strategy: str) -> dict:
             "preflight_us_per_item": 1e6 * preflight_cpu / len(items)}
 
 
-def cpu_table() -> str:
+STRATEGIES = ("semantic_batch", "single")
+CPU_KEYS = ["strategy", "requests", "requests_per_s", "cpu_us_per_request",
+            "preflight_us_per_item"]
+
+
+def cpu_table(requests: int = 3000, rate: float = 1000.0,
+              strategies: tuple[str, ...] = STRATEGIES) -> str:
     """CPU per request of 20-item batches and of single-item requests at ~1,000/s."""
-    cpu = [cpu_per_request(3000, 1000.0, "semantic_batch"),
-           cpu_per_request(3000, 1000.0, "single")]
-    return table(cpu, ["strategy", "requests", "requests_per_s", "cpu_us_per_request",
-                       "preflight_us_per_item"])
+    return table([cpu_per_request(requests, rate, s) for s in strategies], CPU_KEYS)
+
+
+def _probe(tree: Path, args: list[str], valgrind: bool = False) -> str:
+    """Run this script on ``tree``'s batchclient in a fresh process; its stdout, or with
+    ``valgrind`` the instructions callgrind collected."""
+    cmd = [sys.executable, str(HERE), *args]
+    if valgrind:
+        cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *cmd]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                          env={**os.environ, "RATELAB_BENCH_TREE": str(tree)})
+    if not valgrind:
+        return done.stdout
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    if found is None:
+        raise RuntimeError(f"no instruction count from callgrind: {done.stderr[-500:]}")
+    return found.group(1)
+
+
+def compare_cpu(trees: dict[str, Path], rounds: int, requests: int, rate: float,
+                strategies: tuple[str, ...]) -> None:
+    """Rounds of fresh processes, alternating the trees' order; every round, medians and
+    the ratio of each tree to the last (the ``--against`` one)."""
+    cpu: dict[tuple[str, str], list[float]] = {(t, s): [] for t in trees for s in strategies}
+    print("| round | tree | " + " | ".join(f"{s} us/request" for s in strategies) + " |")
+    print("|---|---|" + "---|" * len(strategies))
+    for r in range(rounds):
+        order = list(trees) if r % 2 == 0 else list(reversed(trees))
+        for name in order:
+            cells = []
+            for strategy in strategies:
+                out = _probe(trees[name], ["--cpu-only", "--json", "--strategy", strategy,
+                                           "--requests", str(requests), "--rate", str(rate)])
+                value = json.loads(out)[0]["cpu_us_per_request"]
+                cpu[name, strategy].append(value)
+                cells.append(f"{value:,.0f}")
+            print(f"| {r + 1} | {name} | " + " | ".join(cells) + " |", flush=True)
+    first = list(trees)[-1]
+    for name in trees:
+        meds = [statistics.median(cpu[name, s]) for s in strategies]
+        ratios = [m / statistics.median(cpu[first, s]) for m, s in zip(meds, strategies,
+                                                                        strict=True)]
+        print(f"| median | {name} | " + " | ".join(
+            f"**{m:,.0f}** ({q:.2f}x)" for m, q in zip(meds, ratios, strict=True)) + " |")
+
+
+def instructions(trees: dict[str, Path], requests: tuple[int, int], rate: float,
+                 strategies: tuple[str, ...]) -> None:
+    """Instructions per request of the steady loop under callgrind (unpaced: the calls in
+    flight of ``rate`` answer at once): for two run lengths, the whole run minus its start
+    (items, import, preflight), differenced. Ratios are to the last tree (``--against``)."""
+    print("| tree | " + " | ".join(f"{s} instructions/request" for s in strategies) + " |")
+    print("|---|" + "---|" * len(strategies))
+    per_tree: dict[str, list[float]] = {}
+    for name, tree in trees.items():
+        per_tree[name] = []
+        for strategy in strategies:
+            steady = []
+            for n in requests:
+                base = ["--cpu-only", "--json", "--unpaced", "--strategy", strategy,
+                        "--requests", str(n), "--rate", str(rate)]
+                whole = int(_probe(tree, base, valgrind=True))
+                start = int(_probe(tree, [*base, "--preflight-only"], valgrind=True))
+                steady.append(whole - start)
+            per_tree[name].append((steady[1] - steady[0]) / (requests[1] - requests[0]))
+    last = per_tree[list(trees)[-1]]
+    for name, values in per_tree.items():
+        print(f"| {name} | " + " | ".join(f"{v:,.0f} ({v / r:.2f}x)" for v, r in zip(
+            values, last, strict=True)) + " |")
 
 
 def article_ratio() -> dict:
@@ -229,9 +327,42 @@ def main() -> None:
     parser.add_argument("--time-scale", type=float, default=12.0)
     parser.add_argument("--cpu-only", action="store_true",
                         help="only the client CPU per request (~10 s)")
+    parser.add_argument("--strategy", choices=STRATEGIES, action="append",
+                        help="CPU: this strategy only (repeatable; default both)")
+    parser.add_argument("--requests", type=int, default=3000, help="CPU: requests per run")
+    parser.add_argument("--rate", type=float, default=1000.0,
+                        help="CPU: requests per second the in-process provider is paced to")
+    parser.add_argument("--unpaced", action="store_true",
+                        help="CPU: answer at once (same calls in flight; see --instructions)")
+    parser.add_argument("--json", action="store_true", help="CPU: print JSON rows")
+    parser.add_argument("--preflight-only", action="store_true",
+                        help="CPU: stop before the first request (see --instructions)")
+    parser.add_argument("--against", type=Path, metavar="DIR",
+                        help="CPU: also measure the checkout in DIR, side by side")
+    parser.add_argument("--rounds", type=int, default=5, help="CPU: rounds with --against")
+    parser.add_argument("--instructions", action="store_true",
+                        help="CPU: instructions per request under callgrind (slow: minutes)")
     args = parser.parse_args()
+    strategies = tuple(args.strategy or STRATEGIES)
     if args.cpu_only:
-        print(cpu_table())
+        trees = {"this": TREE}
+        if args.against is not None:
+            trees["against"] = args.against.resolve()
+        if args.instructions or args.against is not None:
+            print(f"# client CPU: {', '.join(f'{k} = {v}' for k, v in trees.items())}")
+        if args.instructions:
+            instructions(trees, (200, 600), args.rate, strategies)
+        elif args.against is not None:
+            compare_cpu(trees, args.rounds, args.requests, args.rate, strategies)
+        elif args.preflight_only:
+            for strategy in strategies:
+                cpu_per_request(args.requests, args.rate, strategy, preflight_only=True,
+                                paced=not args.unpaced)
+        elif args.json:
+            print(json.dumps([cpu_per_request(args.requests, args.rate, s,
+                                              paced=not args.unpaced) for s in strategies]))
+        else:
+            print(cpu_table(args.requests, args.rate, strategies))
         return
     minutes = 2.2 if args.quick else args.minutes
     items = make_items(int(4000 * minutes) + 2000)
