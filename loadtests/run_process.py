@@ -170,7 +170,9 @@ class ProcessState:
 
         def on_event(ev: ClientEvent) -> None:
             now = self.clock.now()
-            stage = self.stage_of(group, now) if group is not None else None
+            # a request belongs to the stage it was sent in (its finish may fall in the next)
+            sent = (ev.at if ev.at > 0 else now) - ev.response_time_ms / 1000.0
+            stage = self.stage_of(group, sent) if group is not None else None
             rec = to_recorder(ev, arm, now, stage)
             if rec is None:
                 return
@@ -291,7 +293,8 @@ class ProcessState:
         client = await self.chat_client(arm, group)
         text = filler_text(max(1, prompt_tokens - 7), random.Random(prompt_tokens * 7919 + 1))
         try:
-            await client.chat(user, [{"role": "user", "content": text}], max_tokens)
+            await client.chat(user, [{"role": "user", "content": text}], max_tokens,
+                              stream=group.stream)
         except UserLimited as exc:
             return str(exc)
         return None

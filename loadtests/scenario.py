@@ -319,7 +319,7 @@ def _users(raw: Mapping[str, Any], duration_s: float, base: Path) -> UserGroup:
         if "prompt_tokens" in raw
         else None,
         max_tokens=raw.get("max_tokens"),
-        stream=bool(raw.get("stream", True)),
+        stream=None if raw.get("stream") is None else bool(raw["stream"]),
         user_ids=int(raw.get("user_ids", 1)),
         per_user_rpm=raw.get("per_user", {}).get("rpm"),
         per_user_tokens_per_day=raw.get("per_user", {}).get("tokens_per_day"),

@@ -146,7 +146,7 @@ class UserGroup:
     trace: Path | None = None
     prompt_tokens: Size | None = None
     max_tokens: int | None = None
-    stream: bool = True
+    stream: bool | None = None  # None: as the arm's client.stream.enabled
     user_ids: int = 1
     per_user_rpm: float | None = None
     per_user_tokens_per_day: int | None = None

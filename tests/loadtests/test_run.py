@@ -4,6 +4,8 @@ simulator, Locust as a subprocess, the run folder and its summary held against t
 from __future__ import annotations
 
 import base64
+import itertools
+import random
 import re
 import signal
 import sqlite3
@@ -15,6 +17,9 @@ from typing import Any
 
 import pytest
 
+from loadtests.rundir import read_run
+from loadtests.scenario import load_scenario
+from loadtests.shapes import arrivals, read_trace
 from tests.loadtests.runs import (
     ROOT,
     SCENARIOS,
@@ -200,15 +205,21 @@ def test_seed003_failover_and_watchdog_keep_users_served(tmp_path: Path) -> None
     assert locust_mismatches(out, s) == []  # 5xx and cancelled streams are ERR failures
 
 
+def _with_items_done(out: Path) -> list[Path]:
+    """The event logs of a run folder that already hold an item done."""
+    return [p for p in out.glob("events-*.jsonl")
+            if b'"kind":"item","arm":"batched","outcome":"done"' in p.read_bytes()]
+
+
 def test_ctrl_c_writes_a_partial_summary_and_leaves_no_orphans(tmp_path: Path) -> None:
     out = tmp_path / "int"
     cmd = [sys.executable, "-m", "loadtests.cli", "run", str(SCENARIOS / "quickstart.yaml"),
            "--out", str(out), "--no-progress", "--processes", "2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # interrupt mid-job: once both workers have logged items done (however slow the start)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not list(out.glob("events-*.jsonl")):
+    while time.monotonic() < deadline and len(_with_items_done(out)) < 2:
         time.sleep(0.2)
-    time.sleep(1.5)
     children = descendants(proc.pid)
     assert children, "Locust did not start"
     proc.send_signal(signal.SIGINT)
@@ -255,3 +266,52 @@ def test_slo_search_doubles_then_bisects_to_the_gpu_capacity(tmp_path: Path) -> 
     assert set(stages) == {f"probe-{i}" for i in range(len(probes))}
     assert sum(st["requests"] for st in stages.values()) == arm(s, "chat")["requests"]["total"]
     assert "## SLO search" in (out / "report.md").read_text()
+
+
+def _cv(values: list[float]) -> float:
+    """Coefficient of variation."""
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5 / mean
+
+
+def test_open_loop_constant_poisson_and_trace_replay(tmp_path: Path) -> None:
+    path = SCENARIOS / "open-loop-and-trace.yaml"
+    out = tmp_path / "open"
+    ratelab_run(path, out)
+    s = summary(out)
+    scenario = load_scenario(path)
+    steady_group, _, replay_group = scenario.load.users
+    steady, bursty, replay = arm(s, "steady"), arm(s, "bursty"), arm(s, "replay")
+    assert s["partial"] is False and s["ok"] is True, s["checks"]
+    for a in (steady, bursty, replay):
+        assert a["requests"]["ok"] == a["requests"]["total"] > 0
+        assert a["ttft_ms"]["p95"] is not None and a["tpot_ms"]["p50"] is not None
+    sent: dict[str, list[float]] = {}
+    events, _ = read_run(out)
+    for e in events:
+        if e.kind == "request":
+            sent.setdefault(e.arm, []).append(e.t - e.latency_s)
+    # constant rate: exactly the scheduled arrivals, evenly spaced, stage by stage
+    expected = [t for t, _ in arrivals(steady_group.stages, "constant", 1.0, random.Random(0))]
+    assert steady["requests"]["total"] == len(expected) == 119 + 299
+    stages = {st["name"]: st for st in s["stages"]}
+    assert stages["steady-2rps"]["requests"] == 119 and stages["steady-5rps"]["requests"] == 299
+    high = sorted(t for t in sent["steady"] if t >= 61)
+    gaps = [b - a for a, b in itertools.pairwise(high)]
+    assert sum(gaps) / len(gaps) == pytest.approx(0.2, rel=0.05) and _cv(gaps) < 0.5
+    # Poisson with burstiness 0.25: about 4 a second, gaps twice as variable as Poisson's
+    assert 280 <= bursty["requests"]["total"] <= 680
+    times = sorted(sent["bursty"])
+    assert _cv([b - a for a, b in itertools.pairwise(times)]) > 1.4
+    # the trace: every row sent at its time with its sizes (replies cut at its max_tokens)
+    rows = read_trace(replay_group.trace or "")
+    assert replay["requests"]["total"] == len(rows) == 56
+    assert replay["tokens"]["output"] == sum(r.max_tokens for r in rows)
+    replay_sent = sorted(sent["replay"])
+    assert max(abs(a - r.t_s) for a, r in zip(replay_sent, rows, strict=True)) < 1.0
+    # the per-stage table: cost per request and latency percentiles, where a step shows
+    report = (out / "report.md").read_text()
+    assert "## Stages" in report and "| steady-2rps |" in report and "| bursty-4rps |" in report
+    for name in ("steady-2rps", "steady-5rps", "bursty-4rps"):
+        assert stages[name]["cost_per_request_usd"] > 0 and stages[name]["latency_ms"]["p95"]
+    assert locust_mismatches(out, s) == []
