@@ -179,11 +179,27 @@ class ArmDriver:
         if events:
             self.record(self.adapter.convert(self.env.now, call, response, retry, events, stage))
 
-    def _send(self, call: Call) -> Generator[simpy.Event, Any, None]:
-        response = yield from self.transport.send(call)
+    def _arrived(self, call: Call, response: Response) -> None:
         retry, stage = self._retry.pop(call.call_id, (False, None))
         self._done.append((call, response, retry, stage))
         self.wake()
+
+    def _wake_or_timer(self, seconds: float) -> simpy.Event:
+        """An event processed one step after the wake-up or the timer, whichever is first:
+        what ``wake | env.timeout(seconds)`` gives, without a Condition per wait."""
+        env = self.env
+        relay = env.event()
+
+        def fire(_event: simpy.Event) -> None:
+            if not relay.triggered:
+                relay.succeed()
+
+        wake_callbacks = self._wake.callbacks
+        timer_callbacks = env.timeout(seconds).callbacks
+        assert wake_callbacks is not None and timer_callbacks is not None
+        wake_callbacks.append(fire)
+        timer_callbacks.append(fire)
+        return relay
 
     def _complete(self, call: Call, response: Response, retry: bool, stage: str | None) -> None:
         engine = self.engine
@@ -222,7 +238,7 @@ class ArmDriver:
                     self._retry[call.call_id] = (True, self._chat_stage.get(request_id))
                 self.requests += 1
                 inflight += 1
-                env.process(self._send(call))
+                self.transport.start(call, self._arrived)
                 continue
             if isinstance(action, Done):
                 if not (self.keep_open and not self._stop):
@@ -238,7 +254,7 @@ class ArmDriver:
                                         "nothing (no call in flight, no timer)")
                     yield self._wake
                 else:
-                    yield self._wake | env.timeout(max(0.0, seconds))
+                    yield self._wake_or_timer(max(0.0, seconds))
             while self._done:
                 call, response, retry, stage = self._done.popleft()
                 inflight -= 1
