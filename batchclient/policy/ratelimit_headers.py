@@ -17,6 +17,24 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 
 def parse_duration(text: str) -> float | None:
     """Seconds of an OpenAI-style reset (``"6m0s"``, ``"20ms"``, ``"1.5s"``) or a number."""
+    # Every response carries two resets and the same few values come back again and again
+    # (a full window, a second): remembered, bounded like the simulator's formatting cache.
+    seconds = _PARSED.get(text, _UNSEEN)
+    if seconds is _UNSEEN:
+        seconds = _parse_duration(text)
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[text] = seconds
+    return seconds  # type: ignore[return-value]  # not _UNSEEN
+
+
+_UNSEEN = object()
+_PARSED: dict[str, float | None] = {}
+_PARSED_MAX = 4096
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def _parse_duration(text: str) -> float | None:
     text = text.strip()
     try:
         return max(0.0, float(text))
@@ -25,8 +43,7 @@ def parse_duration(text: str) -> float | None:
     parts = _DURATION.findall(text)
     if not parts or "".join(n + u for n, u in parts) != text:
         return None
-    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-    return sum(float(n) * scale[u] for n, u in parts)
+    return sum(float(n) * _UNITS[u] for n, u in parts)
 
 
 def _reset(value: str | None, date: str | None) -> float | None:
@@ -74,20 +91,23 @@ class RateHeaders:
             self.limit_requests is None and self.remaining_requests is None
 
 
+# the six header names of each family: limit, remaining, reset of tokens then of requests
+_FAMILIES = tuple(tuple(prefix + k for k in keys) for prefix, keys in (
+    ("x-ratelimit-", ("limit-tokens", "remaining-tokens", "reset-tokens",
+                      "limit-requests", "remaining-requests", "reset-requests")),
+    ("anthropic-ratelimit-", ("tokens-limit", "tokens-remaining", "tokens-reset",
+                              "requests-limit", "requests-remaining", "requests-reset")),
+))
+
+
 def read_rate_headers(headers: Mapping[str, str], time_scale: float = 1.0) -> RateHeaders:
     """Parse either header family (lower-case keys); durations come back in virtual seconds."""
-    h = headers
-    date = h.get("date")
-    for prefix, style in (("x-ratelimit-", "openai"), ("anthropic-ratelimit-", "anthropic")):
-        if style == "openai":
-            keys = ("limit-tokens", "remaining-tokens", "reset-tokens",
-                    "limit-requests", "remaining-requests", "reset-requests")
-        else:
-            keys = ("tokens-limit", "tokens-remaining", "tokens-reset",
-                    "requests-limit", "requests-remaining", "requests-reset")
-        values = [h.get(prefix + k) for k in keys]
-        if all(v is None for v in values):
+    get = headers.get
+    for names in _FAMILIES:
+        values = [get(name) for name in names]
+        if values.count(None) == len(values):
             continue
+        date = get("date")
         rt = _reset(values[2], date)
         rr = _reset(values[5], date)
         return RateHeaders(

@@ -11,6 +11,7 @@ import json
 import random
 import re
 from dataclasses import dataclass
+from zlib import crc32
 
 from simulator.model.config import ResponderSpec
 from simulator.model.latency import sample
@@ -38,13 +39,11 @@ class Reply:
 
 
 def expected_code(text: str, codes: tuple[str, ...] | list[str]) -> str:
-    """The batch_json code of an item: sha256 of the normalised text, modulo the codes."""
+    """The batch_json code of an item: CRC-32 of the normalised text, modulo the codes."""
     norm = " ".join(text.split()).lower()
-    # the digest's first 4 bytes big-endian: the value of its first 8 hex digits
-    return codes[int.from_bytes(_sha256(norm.encode()).digest()[:4], "big") % len(codes)]
+    return codes[crc32(norm.encode()) % len(codes)]
 
 
-_sha256 = hashlib.sha256
 # JSON string of each code of a taxonomy, built once per code tuple (a reply quotes one per item)
 _QUOTED: dict[tuple[str, ...], tuple[str, ...]] = {}
 
@@ -93,15 +92,14 @@ def batch_json(spec: ResponderSpec, rng: random.Random, prompt: str,
     quoted = _quoted(codes if isinstance(codes, tuple) else tuple(codes))
     n = len(codes)
     drop = spec.drop_item_rate
-    sha256, from_bytes = _sha256, int.from_bytes
     for item_id, text in ITEM_RE.findall(prompt):
         if POISON_MARKER in text:
             continue
         if drop and rng.random() < drop:
             continue
         # expected_code inlined (one per item of every reply)
-        digest = sha256(" ".join(text.split()).lower().encode()).digest()
-        entries.append((_id_json(item_id), quoted[from_bytes(digest[:4], "big") % n]))
+        code = quoted[crc32(" ".join(text.split()).lower().encode()) % n]
+        entries.append((_id_json(item_id), code))
     if spec.repeat_id_rate and rng.random() < spec.repeat_id_rate and entries:
         i = rng.randrange(len(entries))
         # the repeat carries another code: a client must not trust either blindly

@@ -27,8 +27,8 @@ def _within(count: int, trials: int, rate: float) -> bool:
 
 def test_expected_code_is_the_documented_function() -> None:
     assert expected_code("Mixed  CASE text", CODES) == expected_code("mixed case text", CODES)
-    assert expected_code("hello", CODES) == "C"  # sha256("hello")[:8] = 0x2cf24dba, 2 mod 8
-    assert expected_code("hello", ["x", "y", "z"]) == "x"  # 0 mod 3
+    assert expected_code("hello", CODES) == "G"  # crc32(b"hello") = 0x3610a686, 6 mod 8
+    assert expected_code("hello", ["x", "y", "z"]) == "y"  # 1 mod 3
 
 
 def test_batch_json_answers_every_item_by_id_in_order() -> None:
