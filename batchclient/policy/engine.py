@@ -16,6 +16,7 @@ import re
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
+from itertools import islice
 
 from batchclient.config import ClientConfig, ProviderSettings, Task
 from batchclient.cost import CostMeter
@@ -331,7 +332,7 @@ class Engine(ResponseHandling, InteractiveLane):
         key = (model, size, head, self._head_moves)
         packed = self._packed
         if packed is None or packed[0] != key:
-            states = [self._items[queue[i]] for i in range(head)]
+            states = [self._items[i] for i in islice(queue, head)]
             count, prompt_tokens, max_tokens = self.packer.pack_sizes(
                 [st.sizes for st in states], size, self.config.batch.token_budget)
             packed = self._packed = (key, [st.item for st in states[:count]], prompt_tokens,
@@ -349,8 +350,11 @@ class Engine(ResponseHandling, InteractiveLane):
         resend = False
         attempt = 0
         items = self._items
+        item_ids = []
         for _ in batch:
-            state = items[queue.popleft()]
+            item_id = queue.popleft()
+            item_ids.append(item_id)
+            state = items[item_id]
             state.state = "inflight"
             state.sends += 1
             resend = resend or state.sends > 1
@@ -370,7 +374,7 @@ class Engine(ResponseHandling, InteractiveLane):
             body["stream_options"] = {"include_usage": True}
         call = Call(
             call_id=call_id, provider=provider, model=model,
-            item_ids=tuple(i.id for i in batch), body=body, prompt_tokens=prompt_tokens,
+            item_ids=tuple(item_ids), body=body, prompt_tokens=prompt_tokens,
             max_tokens=max_tokens, reserved_tokens=reserve, attempt=attempt,
             timeout_s=self.config.timeout_s, stream=stream, sent_at=now, resend=resend,
         )

@@ -82,10 +82,39 @@ def parse_reply(
     finish_reason: str | None = None,
 ) -> ParsedReply:
     """Match a reply to the ``sent_ids`` of its batch; see the module docstring."""
+    elements, damaged = _objects(text)
+    if not damaged and len(elements) == len(sent_ids):
+        found = _in_order(elements, sent_ids, labels)
+        if found is not None:
+            return ParsedReply(codes=found, truncated=finish_reason == "length")
+    return _match(elements, damaged, sent_ids, labels, finish_reason)
+
+
+def _in_order(elements: list[object], sent_ids: Sequence[str], labels: Mapping[str, str]
+              ) -> dict[str, str] | None:
+    """The codes of a whole reply that answers every sent id once, in order, with known
+    codes (the common case, matched without the id map); None for any other reply."""
+    found: dict[str, str] = {}
+    for element, item_id in zip(elements, sent_ids, strict=True):
+        if type(element) is not dict:
+            return None
+        raw = element.get("id")
+        # an all-digit id comes back as a JSON integer, any id may come back as itself
+        if not ((type(raw) is int and raw >= 0 and str(raw) == item_id)
+                or (type(raw) is str and raw == item_id)):
+            return None
+        code = element.get("c")
+        if type(code) is not str or code not in labels:
+            return None
+        found[item_id] = code
+    return found
+
+
+def _match(elements: list[object], damaged: bool, sent_ids: Sequence[str],
+           labels: Mapping[str, str], finish_reason: str | None) -> ParsedReply:
     # An id not starting with "0" is its own canonical form (the common case).
     by_key = {item_id if item_id[:1] != "0" else canonical_id(item_id): item_id
               for item_id in sent_ids}
-    elements, damaged = _objects(text)
     found: dict[str, str] = {}
     rejected: dict[str, str] = {}
     counts: dict[str, int] = {}

@@ -73,6 +73,20 @@ def test_parse_reply_is_keyed_by_id_never_by_position() -> None:
     assert parsed.codes == {"548034": "B", "a-7": "C"} and parsed.missing == ("548033",)
 
 
+def test_parse_reply_reads_a_whole_reply_in_order_or_shuffled_alike() -> None:
+    sent = ["548033", "0", "007", "a-7", "9"]
+    objects = [{"id": 548033, "c": "E"}, {"id": 0, "c": "A"}, {"id": 7, "c": "B"},
+               {"id": "a-7", "c": "C"}, {"id": "9", "c": "D"}]
+    expected = {"548033": "E", "0": "A", "007": "B", "a-7": "C", "9": "D"}
+    for order in (objects, objects[::-1]):
+        parsed = parse_reply(json.dumps(order), sent, LABELS, "stop")
+        assert parsed.codes == expected and list(parsed.codes) == [
+            str(o["id"]) if o["id"] != 7 else "007" for o in order]
+        assert not (parsed.rejected or parsed.missing or parsed.malformed or parsed.truncated)
+    cut = parse_reply(json.dumps(objects), sent, LABELS, "length")
+    assert cut.codes == expected and cut.truncated and not cut.malformed
+
+
 def test_parse_reply_rejects_bad_codes_unknown_and_repeated_ids() -> None:
     sent = ["1", "2", "3"]
     text = '[{"id":1,"c":"A"},{"id":1,"c":"B"},{"id":2,"c":"Z"},{"id":99,"c":"A"},{"id":3,"c":"C"}]'
