@@ -7,15 +7,24 @@
    client, much cheaper per request than either server, so the server is what binds).
    Rounds alternate (a) and (b); the table shows each round and the medians.
 2. Scheduling error: the simulator with a constant configured latency (TTFT, no ITL)
-   and 1,000 requests kept in flight; per request, served latency (client-observed, send
-   to last byte) minus the configured latency, p50/p90/p99/max in milliseconds. Each
-   round also serves the same load from a bare aiohttp handler that only sleeps the
-   configured latency: that p99 is the floor this machine and event loop allow.
+   and 1,000 requests kept in flight; per request, served minus configured latency,
+   p50/p99/max in milliseconds, measured on both sides: by the server (handler start to
+   the reply's last byte handed to the kernel, an aiohttp middleware added in the server
+   process; the target's figure) and by the load generator (send to last byte received,
+   which adds its own loop's lag). Each round also serves the same load from a bare
+   aiohttp handler that only sleeps the configured latency, on the same event loop with
+   the same GC settings: that p99 is the floor this machine and loop allow. Each server's
+   run-queue wait (ms per second it was runnable but another process held its CPU) shows
+   how much of the error is other processes'.
 3. The model alone, in-process: CPU microseconds per request of parsing the body,
    ``chat``, rendering the reply body and ``finish`` (``--skip-model`` to leave it out).
 
-Servers run as ``ratelab serve`` runs them: the simulator with the serving GC settings
-of ``simulator/gc_tuning.py`` (``--default-gc`` measures it without them).
+Servers run as ``ratelab serve`` runs them: on ``simulator.server.new_event_loop`` (timers
+woken to the microsecond; ``--loop default`` for asyncio's own, ``--loop uvloop`` for
+uvloop's if installed), the simulator
+with the serving GC settings of ``simulator/gc_tuning.py`` (``--default-gc`` measures it
+without them). ``--realtime`` runs servers and load generator at SCHED_FIFO priority
+(root): what the simulator does with its core to itself.
 
 Targets (issue 2): (b) >= 50% of (a); p99 scheduling error <= 2 ms.
 
@@ -36,10 +45,14 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from multiprocessing.queues import Queue as MPQueue
+from multiprocessing.synchronize import Event as MPEvent
 from pathlib import Path
+from typing import TypeVar, cast
+
+from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -54,17 +67,53 @@ REQUEST_BODY = {
 API_KEY = "sk-ratelab"
 PATH = "/v1/chat/completions"
 _CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")
+_T = TypeVar("_T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _pin(cpu: int | None) -> None:
-    if cpu is not None and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {cpu})
+@dataclass(frozen=True)
+class _Place:
+    """Where and how a benchmark process runs: its CPU, its event loop and its priority."""
+
+    cpu: int | None
+    loop: str = "serving"  # a key of LOOPS
+    realtime: bool = False  # SCHED_FIFO: no other process on the core delays a wake-up
+
+    def enter(self) -> None:
+        """Pin this process to its CPU, lift the descriptor limit, set the priority."""
+        if self.cpu is not None and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {self.cpu})
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        if self.realtime:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+
+    def run(self, main: Coroutine[object, object, _T]) -> _T:
+        """Run ``main`` on this place's event loop."""
+        with asyncio.Runner(loop_factory=LOOPS[self.loop]) as runner:
+            return runner.run(main)
 
 
-def _raise_fd_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+def _uvloop() -> asyncio.AbstractEventLoop:
+    import uvloop  # not a ratelab dependency: `pip install uvloop` to measure it
+
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def _serving_loop() -> asyncio.AbstractEventLoop:
+    from simulator.server import new_event_loop
+
+    return new_event_loop()
+
+
+#: the event loops servers and load generator can run on (``--loop``)
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "serving": _serving_loop,  # ratelab serve's: simulator.server.new_event_loop
+    "default": asyncio.new_event_loop,
+    "uvloop": _uvloop,
+}
 
 
 def _sim_config(ttft_ms: float) -> SimulatorConfig:
@@ -80,24 +129,63 @@ def _sim_config(ttft_ms: float) -> SimulatorConfig:
 # -- server processes ------------------------------------------------------------------
 
 
-def _serve_sim(ttft_ms: float, tune_gc: bool, cpu: int | None, ready: MPQueue) -> None:
-    _pin(cpu)
-    _raise_fd_limit()
-    from simulator.server import start_server
+class _Timing:
+    """Served latency as the server sees it: from the handler's start (aiohttp has parsed
+    the request) to the reply's last byte handed to the kernel, for every 200. An aiohttp
+    middleware writes the reply itself, as aiohttp would right after the handler returns.
+    Times are ``time.monotonic()``, one clock for every process on the machine."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        start = time.monotonic()
+        resp = await handler(request)
+        if resp.status == 200:
+            await resp.prepare(request)
+            await resp.write_eof()
+            self.samples.append((start, time.monotonic()))
+        return resp
+
+
+async def _report(ready: MPQueue, port: int, timing: _Timing | None, dump: MPEvent,
+                  out: MPQueue) -> None:
+    """Tell the parent the port, then serve until it asks for the server-side samples."""
+    ready.put(port)
+    await asyncio.get_running_loop().run_in_executor(None, dump.wait)
+    out.put(timing.samples if timing is not None else [])
+    await asyncio.Event().wait()
+
+
+def _serve_sim(ttft_ms: float, tune_gc: bool, timed: bool, place: _Place, ready: MPQueue,
+               dump: MPEvent, out: MPQueue) -> None:
+    place.enter()
+    from simulator import server as shell
+
+    timing = _Timing() if timed else None
+    if timing is not None:
+        build = shell.SimulatorApp.build
+
+        def timed_build(self: shell.SimulatorApp) -> web.Application:
+            app = build(self)
+            app.middlewares.append(timing.middleware)
+            return app
+
+        shell.SimulatorApp.build = timed_build  # type: ignore[method-assign]
 
     async def run() -> None:
-        server = await start_server(_sim_config(ttft_ms), tune_gc=tune_gc)
-        ready.put(server.port)
-        await asyncio.Event().wait()
+        server = await shell.start_server(_sim_config(ttft_ms), tune_gc=tune_gc)
+        await _report(ready, server.port, timing, dump, out)
 
-    asyncio.run(run())
+    place.run(run())
 
 
-def _serve_replay(tune_gc: bool, cpu: int | None, ready: MPQueue) -> None:
+def _serve_replay(tune_gc: bool, place: _Place, ready: MPQueue, dump: MPEvent,
+                  out: MPQueue) -> None:
     """The real shell serving one real model decision over and over: the shell's own cost
     (parsing, the reply body, headers, finish bookkeeping) without the model's."""
-    _pin(cpu)
-    _raise_fd_limit()
+    place.enter()
     from simulator import server as shell
 
     config = _sim_config(0.0)
@@ -124,18 +212,18 @@ def _serve_replay(tune_gc: bool, cpu: int | None, ready: MPQueue) -> None:
 
     async def run() -> None:
         server = await shell.start_server(config, tune_gc=tune_gc)
-        ready.put(server.port)
-        await asyncio.Event().wait()
+        await _report(ready, server.port, None, dump, out)
 
-    asyncio.run(run())
+    place.run(run())
 
 
-def _serve_bare(body: bytes, headers: dict[str, str], sleep_s: float, cpu: int | None,
-                ready: MPQueue) -> None:
-    """A plain aiohttp handler replaying ``body`` and ``headers`` after ``sleep_s``."""
-    _pin(cpu)
-    _raise_fd_limit()
-    from aiohttp import web
+def _serve_bare(body: bytes, headers: dict[str, str], sleep_s: float, tune_gc: bool,
+                timed: bool, place: _Place, ready: MPQueue, dump: MPEvent, out: MPQueue
+                ) -> None:
+    """A plain aiohttp handler replaying ``body`` and ``headers`` after ``sleep_s``, with
+    the simulator's serving GC settings if ``tune_gc``."""
+    place.enter()
+    timing = _Timing() if timed else None
 
     async def handler(request: web.Request) -> web.Response:
         await request.read()
@@ -144,22 +232,33 @@ def _serve_bare(body: bytes, headers: dict[str, str], sleep_s: float, cpu: int |
         return web.Response(body=body, headers=headers)
 
     async def run() -> None:
-        app = web.Application()
+        app = web.Application(middlewares=[timing.middleware] if timing is not None else [])
         app.router.add_post(PATH, handler)
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        ready.put(runner.addresses[0][1])
-        await asyncio.Event().wait()
+        if tune_gc:
+            from simulator import gc_tuning
 
-    asyncio.run(run())
+            gc_tuning.tune_for_serving()
+        await _report(ready, runner.addresses[0][1], timing, dump, out)
+
+    place.run(run())
 
 
 @dataclass
 class _Server:
     process: mp.process.BaseProcess
     port: int
+    dump: MPEvent
+    out: MPQueue
+
+    def served(self) -> list[tuple[float, float]]:
+        """The server-side (start, last byte written) samples so far (monotonic seconds)."""
+        self.dump.set()
+        samples: list[tuple[float, float]] = self.out.get(timeout=60)
+        return samples
 
     def stop(self) -> None:
         self.process.terminate()
@@ -169,9 +268,10 @@ class _Server:
 def _start(ctx: mp.context.SpawnContext, target: Callable[..., None], *args: object
            ) -> _Server:
     ready: MPQueue = ctx.Queue()
-    process = ctx.Process(target=target, args=(*args, ready), daemon=True)
+    dump, out = ctx.Event(), ctx.Queue()
+    process = ctx.Process(target=target, args=(*args, ready, dump, out), daemon=True)
     process.start()
-    return _Server(process, int(ready.get(timeout=60)))
+    return _Server(process, int(ready.get(timeout=60)), dump, out)
 
 
 # -- load generator --------------------------------------------------------------------
@@ -188,8 +288,8 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, only alike
+        self.transport = cast(asyncio.Transport, transport)
         self.load.loop.call_later(self.load.next_delay(), self._send)
 
     def _send(self) -> None:
@@ -265,9 +365,8 @@ class _Load:
 
 
 def _run_load(port: int, connections: int, seconds: float, warmup: float, spread: float,
-              cpu: int | None, out: MPQueue) -> None:
-    _pin(cpu)
-    _raise_fd_limit()
+              place: _Place, out: MPQueue) -> None:
+    place.enter()
 
     async def run() -> dict[str, object]:
         load = _Load(port, connections, seconds, warmup, spread)
@@ -275,16 +374,17 @@ def _run_load(port: int, connections: int, seconds: float, warmup: float, spread
             await load.loop.create_connection(lambda: _Conn(load), "127.0.0.1", port)
         await asyncio.wait_for(load.done, seconds + warmup + spread + 60)
         return {"ok": load.ok, "total": load.total, "statuses": load.statuses,
-                "seconds": seconds, "latencies": load.latencies}
+                "seconds": seconds, "latencies": load.latencies,
+                "window": (load.measure_from, load.stop_at)}
 
-    out.put(asyncio.run(run()))
+    out.put(place.run(run()))
 
 
 def _load(ctx: mp.context.SpawnContext, port: int, connections: int, seconds: float,
-          warmup: float, spread: float, cpu: int | None) -> dict[str, object]:
+          warmup: float, spread: float, place: _Place) -> dict[str, object]:
     out: MPQueue = ctx.Queue()
     process = ctx.Process(target=_run_load,
-                          args=(port, connections, seconds, warmup, spread, cpu, out))
+                          args=(port, connections, seconds, warmup, spread, place, out))
     process.start()
     result: dict[str, object] = out.get(timeout=seconds + warmup + spread + 120)
     process.join(10)
@@ -309,9 +409,9 @@ async def _capture(port: int) -> tuple[bytes, dict[str, str]]:
         return body, {k: v for k, v in resp.headers.items() if k.lower() not in skip}
 
 
-def _reply(ctx: mp.context.SpawnContext, cpu: int | None) -> tuple[bytes, dict[str, str]]:
+def _reply(ctx: mp.context.SpawnContext, place: _Place) -> tuple[bytes, dict[str, str]]:
     """Body and headers of one reply of a freshly started zero-latency simulator."""
-    sim = _start(ctx, _serve_sim, 0.0, True, cpu)
+    sim = _start(ctx, _serve_sim, 0.0, True, False, place)
     try:
         return asyncio.run(_capture(sim.port))
     finally:
@@ -327,11 +427,14 @@ def _cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _cpus() -> tuple[int | None, int | None]:
-    if not hasattr(os, "sched_getaffinity"):
-        return None, None
-    cpus = sorted(os.sched_getaffinity(0))
-    return cpus[0], cpus[1] if len(cpus) > 1 else cpus[0]
+def _places(args: argparse.Namespace) -> tuple[_Place, _Place]:
+    """Where the servers and the load generator run: the first two CPUs of this process."""
+    cpus: list[int | None] = [None, None]
+    if hasattr(os, "sched_getaffinity"):
+        mine = sorted(os.sched_getaffinity(0))
+        cpus = [mine[0], mine[1] if len(mine) > 1 else mine[0]]
+    return (_Place(cpus[0], args.loop, args.realtime),
+            _Place(cpus[1], args.loop, args.realtime))
 
 
 def throughput(args: argparse.Namespace, ctx: mp.context.SpawnContext) -> float:
@@ -341,10 +444,10 @@ def throughput(args: argparse.Namespace, ctx: mp.context.SpawnContext) -> float:
     server process (its user + system time over the run). On a shared machine the second
     is the fairer one: time other processes take from the core does not count against it.
     """
-    server_cpu, load_cpu = _cpus()
-    body, headers = _reply(ctx, server_cpu)
+    server_at, load_at = _places(args)
+    body, headers = _reply(ctx, server_at)
     print(f"\n1) throughput: {args.connections} keep-alive connections, {args.seconds:g} s per "
-          f"measurement, server on CPU {server_cpu}, load generator on CPU {load_cpu}; "
+          f"measurement, server on CPU {server_at.cpu}, load generator on CPU {load_at.cpu}; "
           f"reply {len(body)} bytes")
     print(f"{'round':>5} {'(a) bare/s':>11} {'(b) sim/s':>10} {'b/a':>5}   "
           f"{'(a) per CPU-s':>13} {'(b) per CPU-s':>13} {'b/a':>5}  statuses (b)")
@@ -356,15 +459,16 @@ def throughput(args: argparse.Namespace, ctx: mp.context.SpawnContext) -> float:
         names = ("bare", "sim", "replay") if args.decompose else ("bare", "sim")
         for name in names:
             if name == "bare":
-                server = _start(ctx, _serve_bare, body, headers, 0.0, server_cpu)
+                server = _start(ctx, _serve_bare, body, headers, 0.0, False, False,
+                                server_at)
             elif name == "sim":
-                server = _start(ctx, _serve_sim, 0.0, args.tune_gc, server_cpu)
+                server = _start(ctx, _serve_sim, 0.0, args.tune_gc, False, server_at)
             else:
-                server = _start(ctx, _serve_replay, args.tune_gc, server_cpu)
+                server = _start(ctx, _serve_replay, args.tune_gc, server_at)
             try:
                 cpu_before = _cpu_seconds(server.process.pid)
                 result = _load(ctx, server.port, args.connections, args.seconds, 0.5, 0.0,
-                               load_cpu)
+                               load_at)
                 cpu_used = _cpu_seconds(server.process.pid) - cpu_before
             finally:
                 server.stop()
@@ -391,57 +495,110 @@ def throughput(args: argparse.Namespace, ctx: mp.context.SpawnContext) -> float:
     return med[5]
 
 
-def _errors_ms(result: dict[str, object], latency_s: float) -> list[float]:
-    served: list[float] = result["latencies"]  # type: ignore[assignment]
-    if not served:
-        raise SystemExit(f"no successful request: statuses {result['statuses']}")
-    return sorted((x - latency_s) * 1000.0 for x in served)
+def _runqueue_wait_s(pid: int | None) -> float:
+    """Seconds a process has spent runnable but waiting for its CPU (Linux schedstat):
+    the time other processes held the core when it had something to do."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return math.nan
+
+
+@dataclass(frozen=True)
+class _Errors:
+    """Served minus configured latency of one round, in ms, sorted: as the load generator
+    saw it (send to last byte received) and as the server did (see ``_Timing``); and the
+    server's run-queue wait, ms per second of the round."""
+
+    client: list[float]
+    server: list[float]
+    waited: float = math.nan
+
+    @staticmethod
+    def of(result: dict[str, object], served: list[tuple[float, float]],
+           latency_s: float, waited: float = math.nan) -> _Errors:
+        """The errors of the requests inside the load generator's measured window."""
+        sent: list[float] = result["latencies"]  # type: ignore[assignment]
+        window: tuple[float, float] = result["window"]  # type: ignore[assignment]
+        start, stop = window
+        # one monotonic clock for every process: the same window on both sides
+        server = [w - s for s, w in served if s >= start and w <= stop]
+        if not sent or not server:
+            raise SystemExit(f"no successful request: statuses {result['statuses']}")
+        return _Errors(sorted((x - latency_s) * 1000.0 for x in sent),
+                       sorted((x - latency_s) * 1000.0 for x in server), waited)
+
+
+def _pct(errors: list[float], p: int) -> float:
+    return statistics.quantiles(errors, n=100, method="inclusive")[p - 1]
+
+
+def _serve_and_load(ctx: mp.context.SpawnContext, args: argparse.Namespace,
+                    target: Callable[..., None], *server_args: object) -> _Errors:
+    server_at, load_at = _places(args)
+    latency_s = args.latency_ms / 1000.0
+    server = _start(ctx, target, *server_args, server_at)
+    try:
+        waited, started = _runqueue_wait_s(server.process.pid), time.monotonic()
+        result = _load(ctx, server.port, args.inflight, args.latency_seconds, latency_s,
+                       latency_s, load_at)
+        waited = (_runqueue_wait_s(server.process.pid) - waited) / (time.monotonic() - started)
+        served = server.served()
+    finally:
+        server.stop()
+    return _Errors.of(result, served, latency_s, waited * 1000.0)
 
 
 def scheduling(args: argparse.Namespace, ctx: mp.context.SpawnContext) -> float:
     """Served minus configured latency with ``--inflight`` requests in flight, for the
-    simulator and (unless ``--skip-floor``) a bare handler sleeping as long; returns the
-    simulator's median p99 in ms."""
-    server_cpu, load_cpu = _cpus()
+    simulator and (unless ``--skip-floor``) a bare handler sleeping as long on the same
+    event loop; returns the simulator's median server-side p99 in ms."""
+    server_at, _ = _places(args)
     latency_s = args.latency_ms / 1000.0
+    loop = {"serving": "simulator.server.new_event_loop", "default": "asyncio's default loop",
+            "uvloop": "uvloop"}[args.loop]
     print(f"\n2) scheduling error: configured latency {args.latency_ms:g} ms (TTFT, non-stream), "
           f"{args.inflight} requests in flight (about {args.inflight / latency_s:.0f} req/s), "
-          f"{args.latency_seconds:g} s measured; floor = bare aiohttp handler sleeping as long")
-    print(f"{'round':>5} {'requests':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}"
-          f"   {'floor p50':>9} {'floor p99':>9} {'floor max':>9}")
-    body, headers = ((b"", {}) if args.skip_floor else _reply(ctx, server_cpu))
-    p99s, floors = [], []
+          f"{args.latency_seconds:g} s measured; servers on {loop}"
+          f"{', SCHED_FIFO' if args.realtime else ''}; floor = bare aiohttp handler sleeping "
+          f"as long on the same loop. Served minus configured, ms: server = handler start to "
+          f"last byte written, client = send to last byte received; runq = ms per second the "
+          f"server process waited for its CPU while other processes held it")
+    print(f"{'':>15} {'---------------- simulator ----------------':>54}   "
+          f"{'------------ floor ------------':>38}")
+    print(f"{'round':>5} {'requests':>9} {'server p50':>10} {'p99':>6} {'max':>6}   "
+          f"{'client p50':>10} {'p99':>6} {'runq':>6}   {'server p99':>10} {'client p99':>10} "
+          f"{'runq':>6}")
+    body, headers = ((b"", {}) if args.skip_floor else _reply(ctx, server_at))
+    sims: list[_Errors] = []
+    floors: list[_Errors] = []
     for n in range(1, args.latency_rounds + 1):
         floor = ""
         if not args.skip_floor:
-            server = _start(ctx, _serve_bare, body, headers, latency_s, server_cpu)
-            try:
-                result = _load(ctx, server.port, args.inflight, args.latency_seconds,
-                               latency_s, latency_s, load_cpu)
-            finally:
-                server.stop()
-            f_errors = _errors_ms(result, latency_s)
-            fq = statistics.quantiles(f_errors, n=100, method="inclusive")
-            floors.append(fq[98])
-            floor = f"   {fq[49]:>9.2f} {fq[98]:>9.2f} {f_errors[-1]:>9.2f}"
-        server = _start(ctx, _serve_sim, args.latency_ms, args.tune_gc, server_cpu)
-        try:
-            result = _load(ctx, server.port, args.inflight, args.latency_seconds, latency_s,
-                           latency_s, load_cpu)
-        finally:
-            server.stop()
-        errors = _errors_ms(result, latency_s)
-        q = statistics.quantiles(errors, n=100, method="inclusive")
-        p99s.append(q[98])
-        print(f"{n:>5} {len(errors):>9} {q[49]:>8.2f} {q[89]:>8.2f} {q[98]:>8.2f} "
-              f"{errors[-1]:>8.2f}{floor}")
-    p99 = statistics.median(p99s)
-    print(f"median p99 {p99:.2f} ms; target p99 <= 2 ms: {'met' if p99 <= 2.0 else 'NOT met'}")
+            floors.append(_serve_and_load(ctx, args, _serve_bare, body, headers, latency_s,
+                                          args.tune_gc, True))
+            f = floors[-1]
+            floor = (f"   {_pct(f.server, 99):>10.2f} {_pct(f.client, 99):>10.2f} "
+                     f"{f.waited:>6.1f}")
+        sim = _serve_and_load(ctx, args, _serve_sim, args.latency_ms, args.tune_gc, True)
+        sims.append(sim)
+        print(f"{n:>5} {len(sim.client):>9} {_pct(sim.server, 50):>10.2f} "
+              f"{_pct(sim.server, 99):>6.2f} {sim.server[-1]:>6.2f}   "
+              f"{_pct(sim.client, 50):>10.2f} {_pct(sim.client, 99):>6.2f} "
+              f"{sim.waited:>6.1f}{floor}")
+    early = min(min(e.server[0] for e in sims), min(e.client[0] for e in sims))
+    server_p99 = statistics.median(_pct(e.server, 99) for e in sims)
+    client_p99 = statistics.median(_pct(e.client, 99) for e in sims)
+    print(f"simulator median p99: server {server_p99:.2f} ms, client {client_p99:.2f} ms; "
+          f"target p99 <= 2 ms (served latency, server side): "
+          f"{'met' if server_p99 <= 2.0 else 'NOT met'}; earliest reply {early:+.2f} ms")
     if floors:
-        print(f"floor (bare handler, same load) median p99 {statistics.median(floors):.2f} ms; "
-              f"simulator minus floor, median of rounds "
-              f"{statistics.median(s - f for s, f in zip(p99s, floors, strict=True)):+.2f} ms")
-    return p99
+        f_server = statistics.median(_pct(e.server, 99) for e in floors)
+        f_client = statistics.median(_pct(e.client, 99) for e in floors)
+        print(f"floor (bare handler, same loop and load) median p99: server {f_server:.2f} ms, "
+              f"client {f_client:.2f} ms; simulator minus floor: server "
+              f"{server_p99 - f_server:+.2f} ms, client {client_p99 - f_client:+.2f} ms")
+    return server_p99
 
 
 def model_alone(requests: int = 50_000) -> float:
@@ -492,10 +649,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--default-gc", dest="tune_gc", action="store_false",
                         help="serve the simulator with CPython's default GC settings instead "
                              "of ratelab serve's (simulator/gc_tuning.py)")
+    parser.add_argument("--loop", choices=sorted(LOOPS), default="serving",
+                        help="event loop of servers and load generator: serving = ratelab "
+                             "serve's (simulator.server.new_event_loop, the default), "
+                             "default = asyncio's, uvloop = uvloop's (pip install uvloop)")
+    parser.add_argument("--realtime", action="store_true",
+                        help="run servers and load generator at SCHED_FIFO priority (root): "
+                             "what the simulator does when no other process takes its core")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-model", action="store_true")
     args = parser.parse_args(argv)
+    if args.realtime and os.geteuid() != 0:
+        parser.error("--realtime needs root (SCHED_FIFO)")
     ctx = mp.get_context("spawn")
     load = "/".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"bench_simulator: python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
