@@ -1,49 +1,131 @@
-"""Planner speed: the 2,000,000-item seed job in virtual time, and a 5x5 sweep of it.
+"""Planner speed: the 2,000,000-item seed-001 job in virtual time, and a 5x5 sweep of it.
 
-Run: .venv/bin/python benchmarks/bench_planner.py [ITEMS] [SWEEP_ITEMS]
-Prints wall and CPU seconds, SimPy events per second, requests simulated and us per item.
+Run: .venv/bin/python benchmarks/bench_planner.py [--items N] [--sweep-items M]
+         [--rounds R] [--before DIR] [--skip-sweep]
+
+Each plan runs in its own child process (one core: the planner is single-threaded) and
+reports CPU seconds, wall seconds, SimPy events per second, requests and microseconds of
+CPU per item, plus the plan's own figures (virtual duration, items/min), which must be the
+same for every tree. ``--before DIR`` names another checkout of ratelab (e.g. made with
+``git worktree add /tmp/planner-before <rev>``): its planner is run by the same driver, the
+two trees alternating for ``--rounds`` rounds, and the medians and their ratio printed
+side by side. The sweep (batch size x TPM, 25 points, two worker processes) plans the
+batched arm alone at ``--sweep-items`` items a point and reports its wall seconds.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from loadtests.planner.sim import PlanOptions, plan_scenario
-from loadtests.planner.sweep import run_sweep, sweep_points
-from loadtests.scenario import load_scenario, with_overrides
+HERE = Path(__file__).resolve().parent.parent
+SCENARIO = Path("scenarios") / "seed001-semantic-batching.yaml"
+ARM = "semantic_batch"
+# the batched arm alone, as seed-001's job
+ONLY_BATCHED = {"load.batch.arms": [ARM]}
+SWEEP = (
+    ("arms.semantic_batch.client.batch.max_items", (5, 10, 20, 30, 40)),
+    ("providers.main.limits.tpm", (100_000, 200_000, 400_000, 800_000, 1_600_000)),
+)
 
-SCENARIO = (Path(__file__).resolve().parent.parent / "scenarios"
-            / "seed001-semantic-batching.yaml")
+
+def _child_plan(tree: Path, items: int) -> dict[str, Any]:
+    from loadtests.planner.sim import PlanOptions, plan_scenario
+    from loadtests.scenario import load_scenario, with_overrides
+
+    scenario = with_overrides(load_scenario(tree / SCENARIO), ONLY_BATCHED)
+    wall = time.perf_counter()
+    cpu = time.process_time()
+    result = plan_scenario(scenario, PlanOptions(items=items))
+    cpu = time.process_time() - cpu
+    wall = time.perf_counter() - wall
+    arm = next(a for a in result.summary()["arms"] if a["name"] == ARM)
+    return {"cpu_s": cpu, "wall_s": wall, "requests": result.requests, "events": result.steps,
+            "duration_s": arm["duration_s"], "items_per_min": arm["throughput"]["items_per_min"],
+            "items_done": arm["items"]["done"]}
+
+
+def _child_sweep(tree: Path, items: int) -> dict[str, Any]:
+    from loadtests.planner.sweep import run_sweep, sweep_points
+    from loadtests.scenario import load_scenario
+
+    base = load_scenario(tree / SCENARIO)
+    # the arm selection rides in every point: each worker reloads the scenario from its file
+    points = sweep_points(base, [("load.batch.arms", ([ARM],)), *SWEEP])
+    wall = time.perf_counter()
+    sweep = run_sweep(base, points, items=items, processes=2)
+    wall = time.perf_counter() - wall
+    rows = sweep["rows"]
+    return {"wall_s": wall, "points": len(points), "rows": len(rows),
+            "best": sweep["best"][ARM]["point"]}
+
+
+def _run(tree: Path, mode: str, items: int) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    proc = subprocess.run([sys.executable, __file__, "--child", mode, "--tree", str(tree),
+                           "--items", str(items)], env=env, cwd=tree, capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{tree}: {mode} failed:\n{proc.stderr[-2000:]}")
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def _plan_line(name: str, r: dict[str, Any], items: int) -> str:
+    cpu, wall, requests, events = r["cpu_s"], r["wall_s"], r["requests"], r["events"]
+    return (f"{name:>7}: {cpu:6.1f} s CPU, {wall:6.1f} s wall, {cpu / items * 1e6:5.1f} us/item,"
+            f" {requests:,} requests, {events:,} SimPy events ({events / cpu:,.0f}/CPU s,"
+            f" {requests / cpu:,.0f} requests/CPU s); job {r['duration_s'] / 3600:.2f} h"
+            f" virtual at {r['items_per_min']:,.0f} items/min")
 
 
 def main() -> None:
-    items = int(sys.argv[1]) if len(sys.argv) > 1 else 2_000_000
-    sweep_items = int(sys.argv[2]) if len(sys.argv) > 2 else 200_000
-    base = load_scenario(SCENARIO)
-    # the batched arm alone, as seed-001's job
-    scenario = with_overrides(base, {"load.batch.arms": ["semantic_batch"]})
-    start = time.perf_counter()
-    cpu = time.process_time()
-    result = plan_scenario(scenario, PlanOptions(items=items))
-    wall = time.perf_counter() - start
-    cpu = time.process_time() - cpu
-    arm = next(a for a in result.summary()["arms"] if a["name"] == "semantic_batch")
-    print(f"plan {items:,} items: {wall:.1f} s wall ({cpu:.1f} s CPU, "
-          f"{cpu / items * 1e6:.1f} us/item), {result.requests:,} requests, "
-          f"{result.steps:,} events, {result.steps / wall:,.0f} events/s, "
-          f"{result.requests / wall:,.0f} requests/s; job {arm['duration_s'] / 3600:.2f} h "
-          f"virtual at {arm['throughput']['items_per_min']:,.0f} items/min")
-    points = sweep_points(scenario, [
-        ("arms.semantic_batch.client.batch.max_items", (5, 10, 20, 30, 40)),
-        ("providers.main.limits.tpm",
-         (100_000, 200_000, 400_000, 800_000, 1_600_000)),
-    ])
-    start = time.perf_counter()
-    sweep = run_sweep(scenario, points, items=sweep_items)
-    print(f"5x5 sweep of {sweep_items:,} items a point: {time.perf_counter() - start:.1f} s wall"
-          f" ({len(sweep['rows'])} points)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", type=int, default=2_000_000)
+    parser.add_argument("--sweep-items", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--before", type=Path, default=None)
+    parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--child", choices=("plan", "sweep"), default=None)
+    parser.add_argument("--tree", type=Path, default=HERE)
+    args = parser.parse_args()
+    if args.child is not None:
+        run = _child_plan if args.child == "plan" else _child_sweep
+        print(json.dumps(run(args.tree, args.items)))
+        return
+    trees = [("after", HERE)] + ([("before", args.before.resolve())] if args.before else [])
+    print(f"plan of seed-001's batched arm, {args.items:,} items, {args.rounds} round(s); "
+          f"load average {os.getloadavg()[0]:.2f} at start")
+    plans: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in trees}
+    for _ in range(args.rounds):
+        for name, tree in reversed(trees):
+            r = _run(tree, "plan", args.items)
+            plans[name].append(r)
+            print("  " + _plan_line(name, r, args.items), flush=True)
+    medians = {name: statistics.median(r["cpu_s"] for r in rs) for name, rs in plans.items()}
+    for name, cpu in medians.items():
+        print(f"median {name}: {cpu:.1f} s CPU ({cpu / args.items * 1e6:.1f} us/item)")
+    if "before" in medians:
+        same = {json.dumps({k: r[k] for k in ("requests", "duration_s", "items_per_min",
+                                               "items_done")}) for rs in plans.values()
+                for r in rs}
+        print(f"after/before CPU: {medians['after'] / medians['before']:.2f}; "
+              f"plans {'identical' if len(same) == 1 else 'DIFFER'} (requests, duration, "
+              "items/min, items done)")
+    if args.skip_sweep:
+        return
+    print(f"5x5 sweep (batch size x TPM), {args.sweep_items:,} items a point, 2 processes; "
+          f"load average {os.getloadavg()[0]:.2f} at start")
+    for name, tree in reversed(trees):
+        r = _run(tree, "sweep", args.sweep_items)
+        print(f"  {name:>7}: {r['wall_s']:.1f} s wall ({r['points']} points, "
+              f"best {r['best']})", flush=True)
 
 
 if __name__ == "__main__":
