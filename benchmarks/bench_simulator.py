@@ -19,7 +19,7 @@
 3. The model alone, in-process: CPU microseconds per request of parsing the body,
    ``chat``, rendering the reply body and ``finish`` (``--skip-model`` to leave it out).
 
-Servers run as ``ratelab serve`` runs them: on ``simulator.server.new_event_loop`` (timers
+Servers run as ``ratelab serve`` runs them: on ``simulator.loop.new_event_loop`` (timers
 woken to the microsecond; ``--loop default`` for asyncio's own, ``--loop uvloop`` for
 uvloop's if installed), the simulator
 with the serving GC settings of ``simulator/gc_tuning.py`` (``--default-gc`` measures it
@@ -103,14 +103,17 @@ def _uvloop() -> asyncio.AbstractEventLoop:
 
 
 def _serving_loop() -> asyncio.AbstractEventLoop:
-    from simulator.server import new_event_loop
+    try:
+        from simulator.loop import new_event_loop
+    except ImportError:  # a checkout from before simulator/loop.py (--before runs)
+        from simulator.server import new_event_loop  # type: ignore[attr-defined,no-redef]
 
     return new_event_loop()
 
 
 #: the event loops servers and load generator can run on (``--loop``)
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "serving": _serving_loop,  # ratelab serve's: simulator.server.new_event_loop
+    "serving": _serving_loop,  # ratelab serve's: simulator.loop.new_event_loop
     "default": asyncio.new_event_loop,
     "uvloop": _uvloop,
 }
@@ -555,7 +558,7 @@ def scheduling(args: argparse.Namespace, ctx: mp.context.SpawnContext) -> float:
     event loop; returns the simulator's median server-side p99 in ms."""
     server_at, _ = _places(args)
     latency_s = args.latency_ms / 1000.0
-    loop = {"serving": "simulator.server.new_event_loop", "default": "asyncio's default loop",
+    loop = {"serving": "simulator.loop.new_event_loop", "default": "asyncio's default loop",
             "uvloop": "uvloop"}[args.loop]
     print(f"\n2) scheduling error: configured latency {args.latency_ms:g} ms (TTFT, non-stream), "
           f"{args.inflight} requests in flight (about {args.inflight / latency_s:.0f} req/s), "
@@ -651,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
                              "of ratelab serve's (simulator/gc_tuning.py)")
     parser.add_argument("--loop", choices=sorted(LOOPS), default="serving",
                         help="event loop of servers and load generator: serving = ratelab "
-                             "serve's (simulator.server.new_event_loop, the default), "
+                             "serve's (simulator.loop.new_event_loop, the default), "
                              "default = asyncio's, uvloop = uvloop's (pip install uvloop)")
     parser.add_argument("--realtime", action="store_true",
                         help="run servers and load generator at SCHED_FIFO priority (root): "

@@ -12,6 +12,7 @@ import sys
 
 import aiohttp
 
+from simulator.loop import new_event_loop
 from simulator.model.config import (
     ConfigError,
     SimulatorConfig,
@@ -19,7 +20,7 @@ from simulator.model.config import (
     default_config,
     load_config,
 )
-from simulator.server import RunningServer, new_event_loop, start_server
+from simulator.server import RunningServer, start_server
 
 HELP = "Start the simulated OpenAI-compatible LLM provider (rate limits, billing, latency, faults)."
 
@@ -95,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"ratelab serve: cannot read {args.config}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    # the serving loop wakes timers to the microsecond (server.new_event_loop)
+    # the serving loop wakes timers to the microsecond (simulator.loop.new_event_loop)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         if args.demo:
             return runner.run(demo(cfg, host=args.host))

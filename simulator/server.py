@@ -13,8 +13,6 @@ import json
 import logging
 import math
 import re
-import select
-import selectors
 import socket
 import struct
 import threading
@@ -26,6 +24,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from simulator import gc_tuning, wire
+from simulator.loop import new_event_loop
 from simulator.metrics import ShellCounters, render_metrics
 from simulator.model.config import SimulatorConfig
 from simulator.model.errors import error_body, server_error
@@ -43,42 +42,6 @@ _ROUTE_PATTERNS = tuple(re.compile(p) for p in (
 SSE_TYPE = "text/event-stream; charset=utf-8"
 # A hold fault or a queued request may be sleeping at shutdown; don't wait for them.
 SHUTDOWN_TIMEOUT_S = 0.5
-# select() takes descriptors below FD_SETSIZE only (1024 on Linux).
-_FD_SETSIZE = 1024
-
-
-class _PreciseEpollSelector(selectors.EpollSelector):
-    """epoll whose waits end on the microsecond rather than the next millisecond.
-
-    epoll_wait takes whole milliseconds and CPython rounds a timeout up, so on the
-    default loop every timer fired 0-1 ms late: a reply due at t was written at
-    t + U(0, 1) ms plus the loop's own lag. An epoll descriptor is itself pollable, so a
-    wait with a timeout goes through select() (a microsecond timeval) on it and the ready
-    events are then read without blocking: one extra system call per idle wait.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._precise = self.fileno() < _FD_SETSIZE
-
-    def select(self, timeout: float | None = None
-               ) -> list[tuple[selectors.SelectorKey, int]]:
-        if timeout is not None and timeout > 0 and self._precise:
-            select.select([self.fileno()], [], [], timeout)
-            timeout = 0
-        return super().select(timeout)
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """The loop the simulator is served on (``ratelab serve``, ``serve_in_thread``):
-    asyncio's own, with timers woken on time to the microsecond where it polls with epoll
-    (Linux). Elsewhere asyncio's default loop (kqueue already waits to the nanosecond).
-    """
-    if hasattr(selectors, "EpollSelector"):
-        return asyncio.SelectorEventLoop(_PreciseEpollSelector())
-    return asyncio.new_event_loop()
-
-
 class Clock:
     """Virtual time of a running server: ``time_scale * (monotonic() - start)`` seconds."""
 

@@ -1,6 +1,6 @@
 """The shell's async tests run twice: on asyncio's default loop (the simulator embedded in
 another program's loop) and on the loop ``ratelab serve`` and ``serve_in_thread`` serve on
-(``simulator.server.new_event_loop``, epoll waits to the microsecond)."""
+(``simulator.loop.new_event_loop``, epoll waits to the microsecond)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 
 import pytest
 
-from simulator.server import new_event_loop
+from simulator.loop import new_event_loop
 
 
 @pytest.hookimpl(optionalhook=True)  # the hook exists from pytest-asyncio 1.3 on

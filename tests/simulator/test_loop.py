@@ -1,4 +1,4 @@
-"""The serving event loop (``simulator.server.new_event_loop``): timers never fire early
+"""The serving event loop (``simulator.loop.new_event_loop``): timers never fire early
 (a reply before its configured latency would be a wrong answer; uvloop's millisecond timers
 fire up to 1 ms early, which is one reason it is not the serving loop), I/O still wakes it,
 and a selector whose descriptor select() cannot take falls back to epoll's own waits. No
@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from simulator import server
-from simulator.server import new_event_loop
+from simulator import loop as serving
+from simulator.loop import new_event_loop
 
 linux_only = pytest.mark.skipif(not hasattr(selectors, "EpollSelector"), reason="epoll")
 
@@ -69,8 +69,8 @@ def test_socket_readiness_ends_a_wait_with_a_timeout_pending() -> None:
 def test_a_descriptor_select_cannot_take_falls_back_to_epoll_waits(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(server, "_FD_SETSIZE", 0)  # every descriptor is "too high"
-    selector = server._PreciseEpollSelector()
+    monkeypatch.setattr(serving, "_FD_SETSIZE", 0)  # every descriptor is "too high"
+    selector = serving._PreciseEpollSelector()
     assert not selector._precise
     loop = asyncio.SelectorEventLoop(selector)
     try:
@@ -84,7 +84,7 @@ def test_a_descriptor_select_cannot_take_falls_back_to_epoll_waits(
 def test_the_serving_loop_uses_the_microsecond_selector() -> None:
     loop = new_event_loop()
     try:
-        assert isinstance(loop._selector, server._PreciseEpollSelector)  # type: ignore[attr-defined]
+        assert isinstance(loop._selector, serving._PreciseEpollSelector)  # type: ignore[attr-defined]
         assert loop._selector._precise  # type: ignore[attr-defined]
     finally:
         loop.close()
