@@ -43,6 +43,7 @@ import os
 import re
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -103,12 +104,14 @@ def _uvloop() -> asyncio.AbstractEventLoop:
 
 
 def _serving_loop() -> asyncio.AbstractEventLoop:
-    try:
-        from simulator.loop import new_event_loop
-    except ImportError:  # a checkout from before simulator/loop.py (--before runs)
-        from simulator.server import new_event_loop  # type: ignore[attr-defined,no-redef]
+    import importlib
 
-    return new_event_loop()
+    try:
+        module = importlib.import_module("simulator.loop")
+    except ImportError:  # a checkout from before simulator/loop.py (a "before" run)
+        module = importlib.import_module("simulator.server")
+    loop: asyncio.AbstractEventLoop = module.new_event_loop()
+    return loop
 
 
 #: the event loops servers and load generator can run on (``--loop``)
@@ -161,9 +164,8 @@ async def _report(ready: MPQueue, port: int, timing: _Timing | None, dump: MPEve
     await asyncio.Event().wait()
 
 
-def _serve_sim(ttft_ms: float, tune_gc: bool, timed: bool, place: _Place, ready: MPQueue,
-               dump: MPEvent, out: MPQueue) -> None:
-    place.enter()
+async def _start_sim(ttft_ms: float, tune_gc: bool, timed: bool) -> tuple[int, _Timing | None]:
+    """Start the simulator (``ratelab serve``'s default provider) on the running loop."""
     from simulator import server as shell
 
     timing = _Timing() if timed else None
@@ -176,19 +178,13 @@ def _serve_sim(ttft_ms: float, tune_gc: bool, timed: bool, place: _Place, ready:
             return app
 
         shell.SimulatorApp.build = timed_build  # type: ignore[method-assign]
-
-    async def run() -> None:
-        server = await shell.start_server(_sim_config(ttft_ms), tune_gc=tune_gc)
-        await _report(ready, server.port, timing, dump, out)
-
-    place.run(run())
+    server = await shell.start_server(_sim_config(ttft_ms), tune_gc=tune_gc)
+    return server.port, timing
 
 
-def _serve_replay(tune_gc: bool, place: _Place, ready: MPQueue, dump: MPEvent,
-                  out: MPQueue) -> None:
+async def _start_replay(tune_gc: bool) -> int:
     """The real shell serving one real model decision over and over: the shell's own cost
     (parsing, the reply body, headers, finish bookkeeping) without the model's."""
-    place.enter()
     from simulator import server as shell
 
     config = _sim_config(0.0)
@@ -212,20 +208,14 @@ def _serve_replay(tune_gc: bool, place: _Place, ready: MPQueue, dump: MPEvent,
             return []
 
     shell.build_providers = lambda cfg, epoch_s=None: {"default": Replay()}  # type: ignore[assignment,misc]
-
-    async def run() -> None:
-        server = await shell.start_server(config, tune_gc=tune_gc)
-        await _report(ready, server.port, None, dump, out)
-
-    place.run(run())
+    server = await shell.start_server(config, tune_gc=tune_gc)
+    return server.port
 
 
-def _serve_bare(body: bytes, headers: dict[str, str], sleep_s: float, tune_gc: bool,
-                timed: bool, place: _Place, ready: MPQueue, dump: MPEvent, out: MPQueue
-                ) -> None:
+async def _start_bare(body: bytes, headers: dict[str, str], sleep_s: float, tune_gc: bool,
+                      timed: bool) -> tuple[int, _Timing | None]:
     """A plain aiohttp handler replaying ``body`` and ``headers`` after ``sleep_s``, with
     the simulator's serving GC settings if ``tune_gc``."""
-    place.enter()
     timing = _Timing() if timed else None
 
     async def handler(request: web.Request) -> web.Response:
@@ -234,18 +224,48 @@ def _serve_bare(body: bytes, headers: dict[str, str], sleep_s: float, tune_gc: b
             await asyncio.sleep(sleep_s)
         return web.Response(body=body, headers=headers)
 
-    async def run() -> None:
-        app = web.Application(middlewares=[timing.middleware] if timing is not None else [])
-        app.router.add_post(PATH, handler)
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        if tune_gc:
-            from simulator import gc_tuning
+    app = web.Application(middlewares=[timing.middleware] if timing is not None else [])
+    app.router.add_post(PATH, handler)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    if tune_gc:
+        from simulator import gc_tuning
 
-            gc_tuning.tune_for_serving()
-        await _report(ready, runner.addresses[0][1], timing, dump, out)
+        gc_tuning.tune_for_serving()
+    return runner.addresses[0][1], timing
+
+
+def _serve_sim(ttft_ms: float, tune_gc: bool, timed: bool, place: _Place, ready: MPQueue,
+               dump: MPEvent, out: MPQueue) -> None:
+    place.enter()
+
+    async def run() -> None:
+        port, timing = await _start_sim(ttft_ms, tune_gc, timed)
+        await _report(ready, port, timing, dump, out)
+
+    place.run(run())
+
+
+def _serve_replay(tune_gc: bool, place: _Place, ready: MPQueue, dump: MPEvent,
+                  out: MPQueue) -> None:
+    place.enter()
+
+    async def run() -> None:
+        await _report(ready, await _start_replay(tune_gc), None, dump, out)
+
+    place.run(run())
+
+
+def _serve_bare(body: bytes, headers: dict[str, str], sleep_s: float, tune_gc: bool,
+                timed: bool, place: _Place, ready: MPQueue, dump: MPEvent, out: MPQueue
+                ) -> None:
+    place.enter()
+
+    async def run() -> None:
+        port, timing = await _start_bare(body, headers, sleep_s, tune_gc, timed)
+        await _report(ready, port, timing, dump, out)
 
     place.run(run())
 
@@ -462,7 +482,8 @@ def throughput(args: argparse.Namespace, ctx: mp.context.SpawnContext) -> float:
         names = ("bare", "sim", "replay") if args.decompose else ("bare", "sim")
         for name in names:
             if name == "bare":
-                server = _start(ctx, _serve_bare, body, headers, 0.0, False, False,
+                # the same GC settings as the simulator's: a fair comparison
+                server = _start(ctx, _serve_bare, body, headers, 0.0, args.tune_gc, False,
                                 server_at)
             elif name == "sim":
                 server = _start(ctx, _serve_sim, 0.0, args.tune_gc, False, server_at)
@@ -496,6 +517,156 @@ def throughput(args: argparse.Namespace, ctx: mp.context.SpawnContext) -> float:
     print(f"target b/a >= 0.50: wall {'met' if med[2] >= 0.5 else 'NOT met'}, "
           f"per CPU-second {'met' if med[5] >= 0.5 else 'NOT met'}")
     return med[5]
+
+
+# -- instructions per request (callgrind) -----------------------------------------------
+
+
+class _Counted(asyncio.Protocol):
+    """One keep-alive connection sending the request until ``_Fire`` has sent its total."""
+
+    def __init__(self, fire: _Fire) -> None:
+        self.fire = fire
+        self.buf = bytearray()
+        self.need = -1
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self._send()
+
+    def _send(self) -> None:
+        assert self.transport is not None
+        if self.fire.sent == self.fire.total:
+            self.transport.close()
+            return
+        self.fire.sent += 1
+        self.buf.clear()
+        self.need = -1
+        self.transport.write(self.fire.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.need < 0:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            match = _CONTENT_LENGTH.search(self.buf, 0, end + 2)
+            self.need = end + 4 + (int(match.group(1)) if match else 0)
+        if len(self.buf) >= self.need:
+            status = int(self.buf[9:12])
+            self.fire.statuses[status] = self.fire.statuses.get(status, 0) + 1
+            self._send()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fire.closed += 1
+        if self.fire.closed == self.fire.connections and not self.fire.done.done():
+            self.fire.done.set_result(None)
+
+
+class _Fire:
+    """Exactly ``total`` requests over ``connections`` keep-alive connections."""
+
+    def __init__(self, port: int, total: int, connections: int) -> None:
+        self.request = _Load(port, 0, 0.0, 0.0, 0.0).request
+        self.total = total
+        self.connections = connections
+        self.sent = self.closed = 0
+        self.statuses: dict[int, int] = {}
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @staticmethod
+    async def run(port: int, total: int, connections: int) -> dict[int, int]:
+        fire = _Fire(port, total, connections)
+        loop = asyncio.get_running_loop()
+        for _ in range(connections):
+            await loop.create_connection(lambda: _Counted(fire), "127.0.0.1", port)
+        await fire.done
+        return fire.statuses
+
+
+#: the servers ``--instructions`` counts, in the order of the table
+_COUNTED = {"bare": "(a) bare aiohttp handler", "sim": "(b) simulator",
+            "replay": "(c) shell only (one model decision replayed)"}
+
+
+def _serve_for_count(kind: str, reply_file: str) -> None:
+    """``--serve-for-count KIND``: one server in this process (the one callgrind watches),
+    on the serving loop with the serving GC settings; prints its port, serves forever."""
+
+    async def run() -> None:
+        if kind == "bare":
+            reply = json.loads(Path(reply_file).read_text())
+            port, _ = await _start_bare(reply["body"].encode(), reply["headers"], 0.0, True,
+                                        False)
+        elif kind == "sim":
+            port, _ = await _start_sim(0.0, True, False)
+        else:
+            port = await _start_replay(True)
+        print(port, flush=True)
+        await asyncio.Event().wait()
+
+    _Place(None).run(run())
+
+
+def _callgrind(*command: str) -> None:
+    subprocess.run(["callgrind_control", *command], check=True, capture_output=True)
+
+
+def _count_one(kind: str, reply_file: Path, workdir: Path, warmup: int, requests: int,
+               connections: int) -> tuple[float, dict[int, int]]:
+    """Instructions per request of one server: started under callgrind with instrumentation
+    off (start-up at full speed), then on; ``warmup`` requests, counters zeroed, ``requests``
+    requests, counters dumped. The load generator runs outside callgrind."""
+    out = workdir / f"callgrind.{kind}"
+    process = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+         sys.executable, str(Path(__file__).resolve()), "--serve-for-count", kind,
+         "--reply-file", str(reply_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert process.stdout is not None
+        port = int(process.stdout.readline())
+        pid = str(process.pid)  # valgrind runs the program in its own process
+        _callgrind("--instr=on", pid)
+        asyncio.run(_Fire.run(port, warmup, connections))
+        _callgrind("--zero", pid)
+        statuses = asyncio.run(_Fire.run(port, requests, connections))
+        _callgrind("--dump", pid)
+    finally:
+        process.terminate()
+        process.wait(30)
+    dumps = sorted(workdir.glob(f"callgrind.{kind}.*"), key=lambda p: p.stat().st_mtime)
+    text = dumps[-1].read_text()
+    summary = re.search(r"^summary:\s*(\d+)", text, re.MULTILINE)
+    if summary is None:
+        raise SystemExit(f"no summary line in {dumps[-1]}")
+    return int(summary.group(1)) / requests, statuses
+
+
+def instructions(args: argparse.Namespace, ctx: mp.context.SpawnContext) -> None:
+    """Instructions per request of (a), (b) and (c) under callgrind: the same figures on a
+    loaded machine as on an idle one (other processes' load does not enter them)."""
+    import tempfile
+
+    server_at, _ = _places(args)
+    body, headers = _reply(ctx, server_at)
+    workdir = Path(args.keep_callgrind or tempfile.mkdtemp(prefix="bench-simulator-cg-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    reply_file = workdir / "reply.json"
+    reply_file.write_text(json.dumps({"body": body.decode(), "headers": headers}))
+    print(f"\ninstructions per request under callgrind: {args.count_requests:,} requests over "
+          f"{args.connections} keep-alive connections after {args.count_warmup:,} warm-up, "
+          f"server on the serving loop with the serving GC settings; output in {workdir}")
+    counts: dict[str, float] = {}
+    for kind, label in _COUNTED.items():
+        counts[kind], statuses = _count_one(kind, reply_file, workdir, args.count_warmup,
+                                            args.count_requests, args.connections)
+        ratio = counts["bare"] / counts[kind]
+        print(f"  {label:<46} {counts[kind]:>10,.0f} instructions/request   "
+              f"(a)/this {ratio:.2f}   statuses {statuses}")
+    print(f"(b) at (a)'s cost per instruction: {counts['bare'] / counts['sim']:.2f} of (a)'s "
+          f"requests per CPU-second (target >= 0.50)")
 
 
 def _runqueue_wait_s(pid: int | None) -> float:
@@ -659,13 +830,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--realtime", action="store_true",
                         help="run servers and load generator at SCHED_FIFO priority (root): "
                              "what the simulator does when no other process takes its core")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count instructions per request of (a), (b), (c) under valgrind's "
+                             "callgrind instead of timing them (immune to other processes)")
+    parser.add_argument("--count-requests", type=int, default=2000,
+                        help="requests counted per server by --instructions")
+    parser.add_argument("--count-warmup", type=int, default=500,
+                        help="warm-up requests before counting (--instructions)")
+    parser.add_argument("--keep-callgrind", metavar="DIR",
+                        help="write the callgrind files of --instructions to DIR (for "
+                             "callgrind_annotate)")
+    parser.add_argument("--serve-for-count", choices=sorted(_COUNTED), help=argparse.SUPPRESS)
+    parser.add_argument("--reply-file", help=argparse.SUPPRESS)
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-model", action="store_true")
     args = parser.parse_args(argv)
     if args.realtime and os.geteuid() != 0:
         parser.error("--realtime needs root (SCHED_FIFO)")
+    if args.serve_for_count:
+        _serve_for_count(args.serve_for_count, args.reply_file)
+        return 0
     ctx = mp.get_context("spawn")
+    if args.instructions:
+        instructions(args, ctx)
+        return 0
     load = "/".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"bench_simulator: python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"load average {load} (other processes share these cores)")

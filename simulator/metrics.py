@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable
 
 from simulator.model.stats import render_prometheus
@@ -13,18 +12,30 @@ class ShellCounters:
     ones the model never sees (unparsable or oversized bodies). A dropped connection counts
     as the status a proxy would log for it: 502 for a reset, 504 for a held-then-closed one."""
 
-    __slots__ = ("_responses",)
+    __slots__ = ("_statuses",)
 
     def __init__(self) -> None:
-        self._responses: Counter[tuple[str, str, int]] = Counter()
+        self._statuses: dict[tuple[str, str], dict[int, int]] = {}
+
+    def statuses(self, provider: str, endpoint: str) -> dict[int, int]:
+        """The live counts by status of one provider and endpoint, for a handler to add
+        to (``d[status] = d.get(status, 0) + 1``): the labels are looked up once, not per
+        request."""
+        counts = self._statuses.get((provider, endpoint))
+        if counts is None:
+            counts = self._statuses[(provider, endpoint)] = {}
+        return counts
 
     def response(self, provider: str, endpoint: str, status: int) -> None:
         """Count one answered request."""
-        self._responses[(provider, endpoint, status)] += 1
+        counts = self.statuses(provider, endpoint)
+        counts[status] = counts.get(status, 0) + 1
 
     def responses(self) -> dict[tuple[str, str, int], int]:
         """A copy of the counts by (provider, endpoint, status)."""
-        return dict(self._responses)
+        return {(provider, endpoint, status): n
+                for (provider, endpoint), counts in self._statuses.items()
+                for status, n in counts.items() if n}
 
 
 def _label(value: str) -> str:

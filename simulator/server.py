@@ -17,7 +17,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
@@ -33,6 +33,8 @@ from simulator.model.provider import Admission, Provider, Refusal, ResponsePlan
 log = logging.getLogger(__name__)
 
 JSON_TYPE = "application/json"
+# json.loads without its wrappers (see _read_json): the scanner of the default decoder
+_SCAN: Callable[[str, int], tuple[object, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 # The routed paths, to tell a wrong method (405) from an unknown URL (404).
 _ROUTE_PATTERNS = tuple(re.compile(p) for p in (
     r"(/p/[^/]+)?/v1/(chat/completions|embeddings|models)",
@@ -83,6 +85,8 @@ class _Served:
 
     provider: Provider
     waiters: dict[int, _Waiter] = field(default_factory=dict)
+    # the shell's answer counts of this provider per endpoint (ShellCounters.statuses)
+    statuses: dict[str, dict[int, int]] = field(default_factory=dict)
 
 
 def build_providers(config: SimulatorConfig, *, epoch_s: float | None = None
@@ -146,9 +150,13 @@ class SimulatorApp:
     def __init__(self, config: SimulatorConfig, providers: dict[str, Provider]) -> None:
         self.config = config
         self.clock = Clock(config.time_scale)
-        self.served = {name: _Served(p) for name, p in providers.items()}
-        self.default_name = config.providers[0].name
         self.counters = ShellCounters()
+        self.served = {
+            name: _Served(p, statuses={kind: self.counters.statuses(name, kind)
+                                       for kind in ("chat", "embeddings")})
+            for name, p in providers.items()
+        }
+        self.default_name = config.providers[0].name
 
     # -- routing ---------------------------------------------------------------------
 
@@ -197,7 +205,17 @@ class SimulatorApp:
                 code="request_too_large",
             )
         try:
-            return json.loads(raw.decode("utf-8")), None
+            text = raw.decode("utf-8")
+            try:
+                # the C scanner straight away: json.loads' layers around it cost more than
+                # the scan of a typical body; anything it does not read whole (surrounding
+                # whitespace, a BOM, an error) goes through json.loads for its verdict
+                value, end = _SCAN(text, 0)
+                if end == len(text):
+                    return value, None
+            except (StopIteration, ValueError):
+                pass
+            return json.loads(text), None
         except UnicodeDecodeError:
             return None, _error(400, "The request body is not valid UTF-8.", code="invalid_body")
         except (ValueError, RecursionError):
@@ -246,17 +264,17 @@ class SimulatorApp:
         served = self._served_for(request)
         if served is None:
             return self._unknown_provider(request)
-        name = served.provider.name
+        statuses = served.statuses[kind]
         body, bad = await self._read_json(request)
         if bad is not None:
-            self.counters.response(name, kind, bad.status)
+            statuses[bad.status] = statuses.get(bad.status, 0) + 1
             return bad
         now = self.clock.now()
         call = served.provider.chat if kind == "chat" else served.provider.embeddings
         result = call(now, _api_key(request), body)
         del body  # not held (with its lists and dicts) while the reply sleeps
         if isinstance(result, Refusal):
-            self.counters.response(name, kind, result.status)
+            statuses[result.status] = statuses.get(result.status, 0) + 1
             return _json(result.status, result.body, result.headers)
         sent = _Sent()
         try:
@@ -267,7 +285,7 @@ class SimulatorApp:
                 resp = await self._reply_stream(request, result, t0, sent)
             else:
                 resp = await self._reply_chat(request, result, t0, sent)
-            self.counters.response(name, kind, resp.status)
+            statuses[resp.status] = statuses.get(resp.status, 0) + 1
             return resp
         finally:
             # Also on cancellation (the client left): the model settles what was sent.
@@ -291,12 +309,15 @@ class SimulatorApp:
         """A non-stream completion: the whole body once the last chunk is due."""
         plan = admission.plan
         assert plan is not None
-        held = await self._held(request, plan, t0)
-        if held is not None:
-            return held
         fault = plan.fault
         if fault is None:
-            await self.clock.sleep_until(t0 + plan.ttft_s + sum(plan.itl_s))
+            due = t0 + plan.ttft_s + sum(plan.itl_s)
+            if due > self.clock.now():  # no coroutine to create for a reply already due
+                await self.clock.sleep_until(due)
+        elif fault.kind == "hold":
+            held = await self._held(request, plan, t0)
+            assert held is not None
+            return held
         elif fault.kind in ("reset", "error"):
             times = plan.chunk_times(t0)
             await self.clock.sleep_until(times[min(fault.at_chunk, len(times) - 1)])

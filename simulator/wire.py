@@ -66,22 +66,23 @@ def chat_completion(
     content. Written from a template: it is the simulator's hottest path."""
     text = _string(content)
     reason = _string(finish_reason)
-    choices = ",".join(
-        f'{{"index":{i},"message":{{"role":"assistant","content":{text},"refusal":null}},'
-        f'"logprobs":null,"finish_reason":{reason}}}'
-        for i in range(n)
-    )
+    if n == 1:  # the usual reply: no generator and join for one choice
+        choices = (f'{{"index":0,"message":{{"role":"assistant","content":{text},'
+                   f'"refusal":null}},"logprobs":null,"finish_reason":{reason}}}')
+    else:
+        choices = ",".join(
+            f'{{"index":{i},"message":{{"role":"assistant","content":{text},'
+            f'"refusal":null}},"logprobs":null,"finish_reason":{reason}}}'
+            for i in range(n)
+        )
     return (
-        f'{{"id":"{completion_id(admission_id)}","object":"chat.completion",'
+        f'{{"id":"chatcmpl-rl{admission_id:010d}","object":"chat.completion",'
         f'"created":{int(created)},"model":{_string(model)},"choices":[{choices}],'
-        f'"usage":{_usage_json(usage)},"system_fingerprint":"{SYSTEM_FINGERPRINT}"}}'
+        f'"usage":{{"prompt_tokens":{int(usage.prompt_tokens)},'
+        f'"completion_tokens":{int(usage.completion_tokens)},'
+        f'"total_tokens":{int(usage.total_tokens)}}},'
+        f'"system_fingerprint":"{SYSTEM_FINGERPRINT}"}}'
     ).encode()
-
-
-def _usage_json(usage: Any) -> str:
-    return (f'{{"prompt_tokens":{int(usage.prompt_tokens)},'
-            f'"completion_tokens":{int(usage.completion_tokens)},'
-            f'"total_tokens":{int(usage.total_tokens)}}}')
 
 
 class ChunkWriter:

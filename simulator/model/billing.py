@@ -20,6 +20,22 @@ def format_usd(usd: float) -> str:
     return "0" if text in ("", "-0") else text
 
 
+# Charges rendered by value: a workload's requests cost a handful of distinct amounts.
+# Bounded: cleared when it fills up.
+_CHARGES: dict[float, str] = {}
+_CHARGES_MAX = 4096
+
+
+def _charge_text(usd: float) -> str:
+    """``format_usd(usd)``, memoised."""
+    text = _CHARGES.get(usd)
+    if text is None:
+        if len(_CHARGES) >= _CHARGES_MAX:
+            _CHARGES.clear()
+        text = _CHARGES[usd] = format_usd(usd)
+    return text
+
+
 class Account:
     """One key's money: balance in USD (None = unlimited) and what it has spent."""
 
@@ -53,6 +69,6 @@ class Account:
 
     def headers(self, charged_usd: float, out: dict[str, str]) -> None:
         """Add the charge header, and the balance header when the balance is limited."""
-        out[CHARGED_HEADER] = format_usd(charged_usd)
+        out[CHARGED_HEADER] = _charge_text(charged_usd)
         if self.balance_usd is not None:
             out[BALANCE_HEADER] = format_usd(self.balance_usd)

@@ -61,10 +61,6 @@ def _remaining(window: Window, now: float) -> int:
     return max(0, int(window.capacity - window.used(now) + 1e-9))
 
 
-# header names built once, not per response: (limit, remaining, reset) per window
-_OPENAI_NAMES = tuple(
-    (f"x-ratelimit-limit-{s}", f"x-ratelimit-remaining-{s}", f"x-ratelimit-reset-{s}")
-    for s in ("requests", "tokens"))
 _CAPACITIES: dict[float, str] = {}
 
 
@@ -101,14 +97,24 @@ class HeaderRenderer:
             self._anthropic(state, now, out)
 
     def _openai(self, state: LimitState, now: float, out: dict[str, str]) -> None:
+        # spelled out per window, ``_remaining`` inlined: every 200 and 429 renders these
         scale = self.time_scale
-        for (limit, remaining, reset), window in zip(_OPENAI_NAMES,
-                                                     (state.requests, state.tokens),
-                                                     strict=True):
-            if window is not None:
-                out[limit] = _capacity_text(window.capacity)
-                out[remaining] = str(_remaining(window, now))
-                out[reset] = format_duration(window.reset_in(now) / scale)
+        window = state.requests
+        if window is not None:
+            capacity = window.capacity
+            out["x-ratelimit-limit-requests"] = _CAPACITIES.get(capacity) or _capacity_text(
+                capacity)
+            out["x-ratelimit-remaining-requests"] = str(
+                max(0, int(capacity - window.used(now) + 1e-9)))
+            out["x-ratelimit-reset-requests"] = format_duration(window.reset_in(now) / scale)
+        window = state.tokens
+        if window is not None:
+            capacity = window.capacity
+            out["x-ratelimit-limit-tokens"] = _CAPACITIES.get(capacity) or _capacity_text(
+                capacity)
+            out["x-ratelimit-remaining-tokens"] = str(
+                max(0, int(capacity - window.used(now) + 1e-9)))
+            out["x-ratelimit-reset-tokens"] = format_duration(window.reset_in(now) / scale)
 
     def _anthropic(self, state: LimitState, now: float, out: dict[str, str]) -> None:
         for part, window, rounded in (("requests", state.requests, False),

@@ -6,8 +6,12 @@ from dataclasses import dataclass, field
 
 from simulator.model.tokens import CHARS_PER_TOKEN, split_chunks
 
+# Usage and ResponsePlan are made on every admission: plain slots dataclasses, since a
+# frozen one's __init__ costs three times as much (object.__setattr__ per field). Treat
+# them as values all the same: nothing changes them once made.
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True)
 class Usage:
     """Token usage of a reply, as OpenAI's ``usage`` object reports it."""
 
@@ -25,7 +29,7 @@ class Fault:
     duration_s: float = 0.0  # virtual seconds (hold, stall)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResponsePlan:
     """How to deliver a reply: first-chunk delay, gaps between chunks, the text, the fault.
 
@@ -67,8 +71,7 @@ class ResponsePlan:
         """The reply split into its streamed chunks (computed once)."""
         chunks = self._chunks
         if chunks is None:
-            chunks = split_chunks(self.text)
-            object.__setattr__(self, "_chunks", chunks)  # a cache: the value is unchanged
+            chunks = self._chunks = split_chunks(self.text)  # a cache: the value is unchanged
         return chunks
 
 

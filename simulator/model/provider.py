@@ -132,6 +132,10 @@ class Provider:
         self._queue: deque[int] = deque()
         self._seqs = 0  # GPU sequences decoding
         self._stream_faults = faults.has_stream_faults(profile.faults)
+        # read once: the per-request path skips what the profile does not configure
+        # (no outage window, no random 5xx: no call, and no RNG draw either way)
+        self._outages = bool(profile.faults.outages)
+        self._random_5xx = bool(profile.faults.error_500_rate or profile.faults.error_503_rate)
         self._init_state()
 
     def _init_state(self) -> None:
@@ -204,9 +208,10 @@ class Provider:
             money_status, body = errors.money_exhausted(billing.money_style,
                                                         tenant.account.balance_usd or 0.0)
             return self._refuse(money_status, body, counter, self._rate_headers(state, now))
-        outage = faults.outage_status(self.profile.faults, now)
-        if outage is not None:
-            return self._refuse(outage, errors.server_error(outage), counter)
+        if self._outages:
+            outage = faults.outage_status(self.profile.faults, now)
+            if outage is not None:
+                return self._refuse(outage, errors.server_error(outage), counter)
         denial = state.check(now, reserved, prompt)
         if denial is not None:
             if denial.too_large:
@@ -226,7 +231,8 @@ class Provider:
             body = errors.rate_limited(denial, model.name, tenant.profile.organization,
                                        wait / self.time_scale)
             return self._refuse(429, body, counter, headers)
-        status = faults.random_5xx(self.profile.faults, self._fault_rng)
+        status = (faults.random_5xx(self.profile.faults, self._fault_rng)
+                  if self._random_5xx else None)
         if status is not None:
             if self.profile.count_5xx:
                 state.count_request(now)
