@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from batchclient.cache import ResultCache
 from batchclient.clock import Clock, ScaledClock
 from batchclient.config import ClientConfig, Task
-from batchclient.events import EventHook
+from batchclient.events import Event, EventHook
 from batchclient.policy.classify import Classified
 from batchclient.policy.engine import (
     EXIT_INTERRUPTED,
@@ -25,6 +25,7 @@ from batchclient.policy.engine import (
     Done,
     Engine,
     InputError,
+    ItemResult,
     Send,
     Wait,
     cache_key,
@@ -32,6 +33,7 @@ from batchclient.policy.engine import (
 )
 from batchclient.policy.lanes import LanePolicy
 from batchclient.policy.routing import Predicate, route_model
+from batchclient.policy.state import Accepted
 from batchclient.policy.userlimits import UserDecision, UserLimits
 from batchclient.policy.wire import Call, Response
 from batchclient.progress import ProgressSnapshot
@@ -65,6 +67,19 @@ class JobResult:
     def cost_per_item_usd(self) -> float:
         """Cost of this run divided by the items it finished."""
         return self.cost_usd / self.done if self.done else 0.0
+
+
+def _expand(results: list[ItemResult | Accepted], labels: Mapping[str, str]
+            ) -> list[ItemResult]:
+    """One ItemResult per item, Accepted records expanded (for the result cache)."""
+    out: list[ItemResult] = []
+    for result in results:
+        if type(result) is Accepted:
+            out.extend(result.results(labels))
+        else:
+            assert isinstance(result, ItemResult)
+            out.append(result)
+    return out
 
 
 class Runner:
@@ -112,7 +127,7 @@ class Runner:
         self._wake: asyncio.Event | None = None
         self._futures: dict[int, asyncio.Future[tuple[Response, Classified]]] = {}
         self._started = asyncio.Event()
-        self._finished: deque[asyncio.Task[tuple[Call, Response]]] = deque()
+        self._finished: deque[asyncio.Task[Response]] = deque()
         # item id -> store seq of the items fed and not yet saved (rowid updates)
         self._seqs: dict[str, int] = {}
 
@@ -218,23 +233,39 @@ class Runner:
         return cursor
 
     def _flush(self, engine: Engine) -> None:
-        results, events = engine.drain()
+        # The compact drain: a reply's done items stay one Accepted record, written to the
+        # store without an ItemResult each; their events are built only for a hook.
+        results, events = engine.drain_compact()
+        labels = self.task.labels
         if results:
             seqs = self._seqs
-            self.store.save_results(results, seqs)
+            self.store.save_results(results, seqs, labels)
             for result in results:
-                seqs.pop(result.item_id, None)
+                if type(result) is Accepted:
+                    for state in result.states:
+                        seqs.pop(state.item.id, None)
+                else:
+                    assert isinstance(result, ItemResult)
+                    seqs.pop(result.item_id, None)
             if self.cache is not None:
-                self.cache.put_many(results)
+                self.cache.put_many(_expand(results, labels))
+        hook, on_low_balance = self.on_event, self.on_low_balance
+        if hook is None and on_low_balance is None:
+            return
+        name = self.task.name
         for event in events:
-            if self.on_event is not None:
-                self.on_event(event)
-            if event.kind == "balance" and self.on_low_balance is not None:
-                self.on_low_balance(event.balance_usd or 0.0)
+            if type(event) is Accepted:
+                if hook is not None:
+                    for item_event in event.events(name):
+                        hook(item_event)
+                continue
+            assert isinstance(event, Event)
+            if hook is not None:
+                hook(event)
+            if event.kind == "balance" and on_low_balance is not None:
+                on_low_balance(event.balance_usd or 0.0)
 
-    def _complete(self, engine: Engine, call: Call, response: Response) -> None:
-        """Feed one answer to the engine (the caller flushes: one transaction per wake)."""
-        engine.on_response(self.clock.now(), call, response)
+    def _answer_interactive(self, engine: Engine) -> None:
         # Interactive answers are final after their retries; a fatal answer to any call
         # also answers the requests still queued.
         for request_id, outcome in engine.drain_interactive():
@@ -242,10 +273,7 @@ class Runner:
             if future is not None and not future.done():
                 future.set_result(outcome)
 
-    async def _send(self, call: Call) -> tuple[Call, Response]:
-        return call, await self.transport.send(call)
-
-    def _task_done(self, task: asyncio.Task[tuple[Call, Response]]) -> None:
+    def _task_done(self, task: asyncio.Task[Response]) -> None:
         # A done-callback per call, rather than asyncio.wait over every task in flight at
         # every wake (which costs O(in flight) per wake).
         self._finished.append(task)
@@ -269,15 +297,21 @@ class Runner:
         total = before.pending
         start = self.clock.now()
         cursor = 0
-        tasks: set[asyncio.Task[tuple[Call, Response]]] = set()
+        # the call of every task in flight (the task runs the transport's send itself)
+        tasks: dict[asyncio.Task[Response], Call] = {}
         loop = asyncio.get_running_loop()
+        send, task_done = self.transport.send, self._task_done
         last_progress = -1e18
         interrupted = False
         status = EXIT_OK
         reason = ""
+        refill = True
         try:
             while True:
-                cursor = self._feed(engine, cursor)
+                # A send leaves the engine's buffer as full as it was: feed after wakes only.
+                if refill:
+                    cursor = self._feed(engine, cursor)
+                refill = True
                 if self._stop and not interrupted:
                     interrupted = True
                 if interrupted:
@@ -287,10 +321,12 @@ class Runner:
                     action: object = None
                 else:
                     action = engine.next_action(self.clock.now())
-                if isinstance(action, Send):
-                    task = asyncio.ensure_future(self._send(action.call))
-                    task.add_done_callback(self._task_done)
-                    tasks.add(task)
+                if type(action) is Send:
+                    call = action.call
+                    task = loop.create_task(send(call))
+                    task.add_done_callback(task_done)
+                    tasks[task] = call
+                    refill = False
                     continue
                 if isinstance(action, Done):
                     if not (self.keep_open and action.status == EXIT_OK and not self._stop):
@@ -311,13 +347,13 @@ class Runner:
                     await self._wake.wait()
                     if timer is not None:
                         timer.cancel()
-                finished = list(self._finished)
-                self._finished.clear()
-                for fut in finished:
-                    tasks.discard(fut)
-                    call, response = fut.result()
-                    self._complete(engine, call, response)
+                finished = self._finished
                 if finished:
+                    now = self.clock.now()
+                    while finished:
+                        fut = finished.popleft()
+                        engine.on_response(now, tasks.pop(fut), fut.result())
+                    self._answer_interactive(engine)
                     # Every batch answered in this wake is committed in one transaction
                     # before anything else is sent: a kill still loses only calls in flight.
                     self._flush(engine)
@@ -332,8 +368,8 @@ class Runner:
                 done, _pending = await asyncio.wait(tasks, timeout=None)
                 for fut in done:
                     if not fut.cancelled() and fut.exception() is None:
-                        call, response = fut.result()
-                        self._complete(engine, call, response)
+                        engine.on_response(self.clock.now(), tasks[fut], fut.result())
+                self._answer_interactive(engine)
             self._flush(engine)
             for future in self._futures.values():
                 future.cancel()

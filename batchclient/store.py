@@ -13,14 +13,18 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from batchclient.policy.engine import InputError, ItemResult
+from batchclient.policy.state import Accepted
 from batchclient.policy.tokens import canonical_id
 from batchclient.policy.wire import Item
 
 T = TypeVar("T")
 
+# No index on pending rows: pages walk the rowid (seq) from the cursor, and a partial index
+# on "result IS NULL AND state = 'pending'" cost an index delete on every saved row (about
+# a fifth of the row update). Stores made with it lose it when opened.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
     seq INTEGER PRIMARY KEY,
@@ -37,8 +41,24 @@ CREATE TABLE IF NOT EXISTS items (
     model TEXT,
     provider TEXT
 );
-CREATE INDEX IF NOT EXISTS items_pending ON items(seq) WHERE result IS NULL AND state = 'pending';
+DROP INDEX IF EXISTS items_pending;
 """
+
+_DONE_BY_SEQ = ("UPDATE items SET result = ?, label = ?, state = 'done', error = NULL, "
+                "attempts = ?, cost_usd = ?, model = ?, provider = ? "
+                "WHERE seq = ? AND result IS NULL")
+_DONE_BY_ID = _DONE_BY_SEQ.replace("WHERE seq =", "WHERE item_id =")
+_DEAD_BY_SEQ = ("UPDATE items SET state = 'dead', error = ?, attempts = ?, model = ?, "
+                "provider = ? WHERE seq = ? AND result IS NULL")
+_DEAD_BY_ID = _DEAD_BY_SEQ.replace("WHERE seq =", "WHERE item_id =")
+
+# Items of a page are built through their slot descriptors: the frozen dataclass's
+# __init__ pays an object.__setattr__ per field (about twice the cost), and rows from our
+# own table need none of its checks.
+_new_item = object.__new__
+_set_id: Any = Item.__dict__["id"].__set__
+_set_text: Any = Item.__dict__["text"].__set__
+_set_tag: Any = Item.__dict__["tag"].__set__
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +83,13 @@ class JobStore(Protocol):
         """Up to ``limit`` pending items with ``seq > after_seq``, in seq order."""
         ...
 
-    def save_results(self, results: Sequence[ItemResult],
-                     seqs: Mapping[str, int] | None = None) -> int:
+    def save_results(self, results: Sequence[ItemResult | Accepted],
+                     seqs: Mapping[str, int] | None = None,
+                     labels: Mapping[str, str] | None = None) -> int:
         """Commit one batch of results; return how many rows changed. ``seqs`` may map
-        item ids to the ``seq`` their ``page`` gave them (a faster update)."""
+        item ids to the ``seq`` their ``page`` gave them (a faster update). An ``Accepted``
+        entry (``Engine.drain_compact``) stands for the ``done`` items of one reply, their
+        codes named by ``labels``."""
         ...
 
     def counts(self) -> StoreCounts:
@@ -76,6 +99,22 @@ class JobStore(Protocol):
     def close(self) -> None:
         """Release the connection."""
         ...
+
+
+def _accepted_rows(accepted: Accepted, labels: Mapping[str, str], seqs: Mapping[str, int],
+                   by_seq: list[tuple[object, ...]], by_id: list[tuple[object, ...]]) -> None:
+    """The ``done`` rows of one reply's items, as ``ItemResult`` would give them."""
+    call, share, codes = accepted.call, accepted.share, accepted.codes
+    model, provider = call.model, call.provider
+    for state in accepted.states:
+        item_id = state.item.id
+        code = codes[item_id]
+        seq = seqs.get(item_id)
+        if seq is None:
+            by_id.append((code, labels[code], state.attempts + 1, share, model, provider,
+                          item_id))
+        else:
+            by_seq.append((code, labels[code], state.attempts + 1, share, model, provider, seq))
 
 
 class SqliteJobStore:
@@ -152,14 +191,26 @@ class SqliteJobStore:
             "SELECT seq, item_id, text, tag FROM items WHERE result IS NULL AND "
             "state = 'pending' AND seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall())
         # TEXT columns come back as str: no conversion per row.
-        return [(r[0], Item(r[1], r[2], r[3])) for r in rows]
+        new, set_id, set_text, set_tag = _new_item, _set_id, _set_text, _set_tag
+        out: list[tuple[int, Item]] = []
+        append = out.append
+        for seq, item_id, text, tag in rows:
+            item = new(Item)
+            set_id(item, item_id)
+            set_text(item, text)
+            set_tag(item, tag)
+            append((seq, item))
+        return out
 
-    def save_results(self, results: Sequence[ItemResult],
-                     seqs: Mapping[str, int] | None = None) -> int:
+    def save_results(self, results: Sequence[ItemResult | Accepted],
+                     seqs: Mapping[str, int] | None = None,
+                     labels: Mapping[str, str] | None = None) -> int:
         """One transaction per batch; a row is only written while its result is NULL.
 
         Rows whose id ``seqs`` maps (from ``page``) are updated by their integer ``seq``
-        (the rowid: no lookup in the item_id index), the others by item_id.
+        (the rowid: no lookup in the item_id index), the others by item_id. An
+        ``Accepted`` entry is written straight from the engine's record of the reply (no
+        ``ItemResult`` per item); ``labels`` (code -> label) is then required.
         """
         if not results:
             return 0
@@ -169,6 +220,12 @@ class SqliteJobStore:
         dead_seq: list[tuple[object, ...]] = []
         dead_id: list[tuple[object, ...]] = []
         for r in results:
+            if type(r) is Accepted:
+                if labels is None:
+                    raise ValueError("save_results: Accepted entries need labels")
+                _accepted_rows(r, labels, by_seq, done_seq, done_id)
+                continue
+            assert isinstance(r, ItemResult)
             seq = by_seq.get(r.item_id)
             if r.state == "done":
                 row: tuple[object, ...] = (r.code, r.label, r.attempts, r.cost_usd, r.model,
@@ -184,17 +241,10 @@ class SqliteJobStore:
             changed = 0
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for rows, column in ((done_seq, "seq"), (done_id, "item_id")):
+                for rows, sql in ((done_seq, _DONE_BY_SEQ), (done_id, _DONE_BY_ID),
+                                  (dead_seq, _DEAD_BY_SEQ), (dead_id, _DEAD_BY_ID)):
                     if rows:
-                        changed += conn.executemany(
-                            "UPDATE items SET result = ?, label = ?, state = 'done', error = NULL,"
-                            " attempts = ?, cost_usd = ?, model = ?, provider = ? "
-                            f"WHERE {column} = ? AND result IS NULL", rows).rowcount
-                for rows, column in ((dead_seq, "seq"), (dead_id, "item_id")):
-                    if rows:
-                        changed += conn.executemany(
-                            "UPDATE items SET state = 'dead', error = ?, attempts = ?, model = ?,"
-                            f" provider = ? WHERE {column} = ? AND result IS NULL", rows).rowcount
+                        changed += conn.executemany(sql, rows).rowcount
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

@@ -52,6 +52,9 @@ class FunctionTransport:
         """Record the call and return ``fn(call)``."""
         self.calls.append(call)
         result = self.fn(call)
+        # One type check rather than inspect.isawaitable's protocol probes per call.
+        if type(result) is Response:
+            return result
         if inspect.isawaitable(result):
             return await result
         return result
