@@ -69,16 +69,21 @@ class SlidingWindow:
         if head == len(times):
             self.total = 0.0  # drop accumulated float error
 
+    # Each method below tests the instant itself before calling _expire: a response
+    # reaches one window four or five times at one instant, and a call is dearer than the test.
+
     def used(self, now: float) -> float:
         """Amount counted in the window ending at ``now``."""
-        self._expire(now)
+        if now != self._expired_at:
+            self._expire(now)
         return self.total
 
     def wait(self, now: float, amount: float) -> float:
         """Seconds until ``amount`` fits (0 if it fits now, inf if it never can)."""
         if amount > self.capacity + _EPS:
             return INF
-        self._expire(now)
+        if now != self._expired_at:
+            self._expire(now)
         excess = self.total + amount - self.capacity
         if excess <= _EPS:
             return 0.0
@@ -92,7 +97,8 @@ class SlidingWindow:
 
     def add(self, now: float, amount: float) -> object:
         """Count ``amount`` at ``now``; returns a handle for ``adjust``."""
-        self._expire(now)
+        if now != self._expired_at:
+            self._expire(now)
         handle = self._base + len(self._times)
         self._times.append(now)
         self._amounts.append(amount)
@@ -112,7 +118,8 @@ class SlidingWindow:
 
     def reset_in(self, now: float) -> float:
         """Seconds until the window is empty again (back to its initial state)."""
-        self._expire(now)
+        if now != self._expired_at:
+            self._expire(now)
         if self._head == len(self._times) or self.total <= _EPS:
             return 0.0
         return max(0.0, self._times[-1] + self.window_s - now)
