@@ -2,9 +2,10 @@
 
 1. Requests per second of (a) a bare aiohttp handler that returns the very bytes the
    simulator returns and (b) the simulator itself with limits, billing and headers on
-   and zero latency. Each server runs alone in its own process pinned to one core; the
-   load generator is a separate process pinned to another core (a raw asyncio HTTP/1.1
-   client, much cheaper per request than either server, so the server is what binds).
+   and zero latency, both with the same GC settings and event loop. Each server runs
+   alone in its own process pinned to one core; the load generator is a separate process
+   pinned to another core (a raw asyncio HTTP/1.1 client, much cheaper per request than
+   either server, so the server is what binds).
    Rounds alternate (a) and (b); the table shows each round and the medians.
 2. Scheduling error: the simulator with a constant configured latency (TTFT, no ITL)
    and 1,000 requests kept in flight; per request, served minus configured latency,
@@ -25,6 +26,11 @@ uvloop's if installed), the simulator
 with the serving GC settings of ``simulator/gc_tuning.py`` (``--default-gc`` measures it
 without them). ``--realtime`` runs servers and load generator at SCHED_FIFO priority
 (root): what the simulator does with its core to itself.
+
+``--instructions`` counts instead of timing: instructions per request of (a), (b) and (c)
+(the shell replaying one model decision) under valgrind's callgrind, each server in a
+process of its own, the load generator outside valgrind; the machine's load does not
+enter these figures.
 
 Targets (issue 2): (b) >= 50% of (a); p99 scheduling error <= 2 ms.
 
