@@ -33,7 +33,7 @@ from simulator.model.provider import Admission, Provider, Refusal, ResponsePlan
 log = logging.getLogger(__name__)
 
 JSON_TYPE = "application/json"
-# json.loads without its wrappers (see _read_json): the scanner of the default decoder
+# json.loads without its wrappers (see _parse_json): the scanner of the default decoder
 _SCAN: Callable[[str, int], tuple[object, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 # The routed paths, to tell a wrong method (405) from an unknown URL (404).
 _ROUTE_PATTERNS = tuple(re.compile(p) for p in (
@@ -126,6 +126,26 @@ def _json(status: int, body: object, headers: dict[str, str] | None = None) -> w
                         headers=headers)
 
 
+def _parse_json(raw: bytes) -> tuple[object, web.Response | None]:
+    """The parsed body, or the OpenAI-shaped 400 that answers it."""
+    try:
+        text = raw.decode("utf-8")
+        try:
+            # the C scanner straight away: json.loads' layers around it cost more than
+            # the scan of a typical body; anything it does not read whole (surrounding
+            # whitespace, a BOM, an error) goes through json.loads for its verdict
+            value, end = _SCAN(text, 0)
+            if end == len(text):
+                return value, None
+        except (StopIteration, ValueError):
+            pass
+        return json.loads(text), None
+    except UnicodeDecodeError:
+        return None, _error(400, "The request body is not valid UTF-8.", code="invalid_body")
+    except (ValueError, RecursionError):
+        return None, _error(400, wire.INVALID_JSON_MESSAGE, code="invalid_json")
+
+
 def _reset_connection(request: web.Request) -> None:
     """Drop the connection with a TCP RST (SO_LINGER 0), as a crashed upstream would."""
     transport = request.transport
@@ -167,7 +187,8 @@ class SimulatorApp:
         )
         r = app.router
         for prefix in ("/v1", "/p/{provider}/v1"):
-            r.add_post(prefix + "/chat/completions", self._chat)
+            # the model call itself (kind "chat" by default): no wrapper coroutine
+            r.add_post(prefix + "/chat/completions", self._model_call)
             r.add_post(prefix + "/embeddings", self._embeddings)
             r.add_get(prefix + "/models", self._models)
         r.add_get("/admin/{provider}/stats", self._admin_stats)
@@ -199,27 +220,14 @@ class SimulatorApp:
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return None, _error(
-                413,
-                f"Request body too large: the limit is {self.config.max_body_bytes} bytes.",
-                code="request_too_large",
-            )
-        try:
-            text = raw.decode("utf-8")
-            try:
-                # the C scanner straight away: json.loads' layers around it cost more than
-                # the scan of a typical body; anything it does not read whole (surrounding
-                # whitespace, a BOM, an error) goes through json.loads for its verdict
-                value, end = _SCAN(text, 0)
-                if end == len(text):
-                    return value, None
-            except (StopIteration, ValueError):
-                pass
-            return json.loads(text), None
-        except UnicodeDecodeError:
-            return None, _error(400, "The request body is not valid UTF-8.", code="invalid_body")
-        except (ValueError, RecursionError):
-            return None, _error(400, wire.INVALID_JSON_MESSAGE, code="invalid_json")
+            return None, self._too_large()
+        return _parse_json(raw)
+
+    def _too_large(self) -> web.Response:
+        return _error(
+            413, f"Request body too large: the limit is {self.config.max_body_bytes} bytes.",
+            code="request_too_large",
+        )
 
     # -- finishing and the GPU-slot queue ----------------------------------------------
 
@@ -248,9 +256,6 @@ class SimulatorApp:
 
     # -- OpenAI endpoints --------------------------------------------------------------
 
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._model_call(request, "chat")
-
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
         return await self._model_call(request, "embeddings")
 
@@ -260,12 +265,19 @@ class SimulatorApp:
             return self._unknown_provider(request)
         return _json(200, served.provider.models())
 
-    async def _model_call(self, request: web.Request, kind: str) -> web.StreamResponse:
+    async def _model_call(self, request: web.Request, kind: str = "chat"
+                          ) -> web.StreamResponse:
+        """``kind`` is "chat" (the route's handler itself) or "embeddings"."""
         served = self._served_for(request)
         if served is None:
             return self._unknown_provider(request)
         statuses = served.statuses[kind]
-        body, bad = await self._read_json(request)
+        # _read_json inline: one coroutine fewer on every request
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raw = None
+        body, bad = _parse_json(raw) if raw is not None else (None, self._too_large())
         if bad is not None:
             statuses[bad.status] = statuses.get(bad.status, 0) + 1
             return bad
@@ -284,7 +296,13 @@ class SimulatorApp:
             elif result.stream:
                 resp = await self._reply_stream(request, result, t0, sent)
             else:
-                resp = await self._reply_chat(request, result, t0, sent)
+                plan = result.plan
+                if (plan is not None and plan.fault is None
+                        and t0 + plan.ttft_s + sum(plan.itl_s) <= self.clock.now()):
+                    # already due (zero latency): rendered here, no _reply_chat coroutine
+                    resp = self._chat_response(result, plan, sent)
+                else:
+                    resp = await self._reply_chat(request, result, t0, sent)
             statuses[resp.status] = statuses.get(resp.status, 0) + 1
             return resp
         finally:
@@ -327,6 +345,11 @@ class SimulatorApp:
             return _json(500, server_error(500), admission.headers)
         else:
             await self.clock.sleep_until(plan.chunk_times(t0)[-1])
+        return self._chat_response(admission, plan, sent)
+
+    @staticmethod
+    def _chat_response(admission: Admission, plan: ResponsePlan, sent: _Sent) -> web.Response:
+        """The 200 of a non-stream completion, all chunks counted as sent."""
         body = wire.chat_completion(
             admission.id, admission.created, admission.model, plan.text,
             plan.finish_reason, plan.usage, admission.n,

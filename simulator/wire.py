@@ -58,6 +58,22 @@ def usage_dict(usage: Any) -> dict[str, int]:
     }
 
 
+# JSON literals of the few strings every reply repeats (model names, finish reasons).
+# Bounded: cleared when it fills up.
+_LITERALS: dict[str, str] = {}
+_LITERALS_MAX = 1024
+
+
+def _literal(value: str) -> str:
+    """``_string(value)``, memoised for the handful of values a server repeats."""
+    text = _LITERALS.get(value)
+    if text is None:
+        if len(_LITERALS) >= _LITERALS_MAX:
+            _LITERALS.clear()
+        text = _LITERALS[value] = _string(value)
+    return text
+
+
 def chat_completion(
     admission_id: int, created: int, model: str, content: str, finish_reason: str, usage: Any,
     n: int = 1,
@@ -65,24 +81,22 @@ def chat_completion(
     """The non-stream ``chat.completion`` body as JSON bytes; ``n`` choices carry the same
     content. Written from a template: it is the simulator's hottest path."""
     text = _string(content)
-    reason = _string(finish_reason)
-    if n == 1:  # the usual reply: no generator and join for one choice
-        choices = (f'{{"index":0,"message":{{"role":"assistant","content":{text},'
-                   f'"refusal":null}},"logprobs":null,"finish_reason":{reason}}}')
-    else:
-        choices = ",".join(
-            f'{{"index":{i},"message":{{"role":"assistant","content":{text},'
-            f'"refusal":null}},"logprobs":null,"finish_reason":{reason}}}'
-            for i in range(n)
-        )
-    return (
-        f'{{"id":"chatcmpl-rl{admission_id:010d}","object":"chat.completion",'
-        f'"created":{int(created)},"model":{_string(model)},"choices":[{choices}],'
-        f'"usage":{{"prompt_tokens":{int(usage.prompt_tokens)},'
-        f'"completion_tokens":{int(usage.completion_tokens)},'
-        f'"total_tokens":{int(usage.total_tokens)}}},'
-        f'"system_fingerprint":"{SYSTEM_FINGERPRINT}"}}'
-    ).encode()
+    reason = _LITERALS.get(finish_reason) or _literal(finish_reason)
+    head = (f'{{"id":"chatcmpl-rl{admission_id:010d}","object":"chat.completion",'
+            f'"created":{int(created)},"model":{_LITERALS.get(model) or _literal(model)},')
+    tail = (f'"usage":{{"prompt_tokens":{int(usage.prompt_tokens)},'
+            f'"completion_tokens":{int(usage.completion_tokens)},'
+            f'"total_tokens":{int(usage.total_tokens)}}},'
+            f'"system_fingerprint":"{SYSTEM_FINGERPRINT}"}}')
+    if n == 1:  # the usual reply: one template, no generator and join
+        return (f'{head}"choices":[{{"index":0,"message":{{"role":"assistant","content":{text},'
+                f'"refusal":null}},"logprobs":null,"finish_reason":{reason}}}],{tail}').encode()
+    choices = ",".join(
+        f'{{"index":{i},"message":{{"role":"assistant","content":{text},'
+        f'"refusal":null}},"logprobs":null,"finish_reason":{reason}}}'
+        for i in range(n)
+    )
+    return f'{head}"choices":[{choices}],{tail}'.encode()
 
 
 class ChunkWriter:

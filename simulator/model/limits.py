@@ -265,16 +265,6 @@ def _denial(name: str, window: Window, now: float, amount: float) -> Denial:
     return Denial(name, window.capacity, window.used(now), amount, window.wait(now, amount))
 
 
-@dataclass(slots=True)
-class Ticket:
-    """What an admission counted, kept to settle it at finish."""
-
-    tokens_handle: object
-    reserved: float  # tokens counted on the TPM window at admission
-    prompt: int
-    requests_handle: object = None
-
-
 class LimitState:
     """The live limits of one key on one model: windows per limit and the in-flight count."""
 
@@ -340,27 +330,31 @@ class LimitState:
         if self.requests is not None:
             self.requests.add(now, 1)
 
-    def admit(self, now: float, reserved: int, prompt: int) -> Ticket:
-        """Count an admitted request on every window and take a concurrency slot."""
-        requests_handle = self.requests.add(now, 1) if self.requests is not None else None
+    def admit(self, now: float, reserved: int, prompt: int) -> object:
+        """Count an admitted request on every window and take a concurrency slot; returns
+        the TPM window's handle, which ``settle`` needs (with ``reserved`` and ``prompt``:
+        the caller keeps the three on its own per-admission record, no ticket object)."""
+        if self.requests is not None:
+            self.requests.add(now, 1)
         handle = self.tokens.add(now, reserved) if self.tokens is not None else None
         if self.input is not None:
             self.input.add(now, prompt)
         if self.day is not None:
             self.day.add(now, prompt)
         self.inflight += 1
-        return Ticket(handle, reserved, prompt, requests_handle)
+        return handle
 
-    def settle(self, now: float, ticket: Ticket, completion: int) -> None:
-        """Settle to actual usage: ``completion`` tokens were generated and delivered."""
+    def settle(self, now: float, tokens_handle: object, reserved: int, prompt: int,
+               completion: int) -> None:
+        """Settle to actual usage: ``completion`` tokens were generated and delivered, of an
+        admission that counted ``reserved`` TPM tokens (``tokens_handle``) for ``prompt``."""
         self.inflight = max(0, self.inflight - 1)
         if self.tokens is not None:
             if self.spec.counting == "actual":
                 if completion:
                     self.tokens.add(now, completion)
             else:
-                self.tokens.adjust(now, ticket.tokens_handle,
-                                   ticket.prompt + completion - ticket.reserved)
+                self.tokens.adjust(now, tokens_handle, prompt + completion - reserved)
         if self.output is not None and completion:
             self.output.add(now, completion)
         if self.day is not None and completion:

@@ -55,10 +55,10 @@ from simulator.model import errors, faults, latency, responder
 from simulator.model.billing import Account, cost_usd
 from simulator.model.config import KeyProfile, LimitSpec, ModelProfile, ProviderProfile
 from simulator.model.headers import HeaderRenderer, retry_headers
-from simulator.model.limits import LimitState, Ticket
+from simulator.model.limits import LimitState
 from simulator.model.plan import Admission, Fault, Refusal, ResponsePlan, Usage
 from simulator.model.stats import Counters
-from simulator.model.tokens import chat_prompt_tokens, text_tokens
+from simulator.model.tokens import chat_prompt_tokens
 from simulator.model.validate import ChatRequest, EmbeddingRequest, parse_chat, parse_embeddings
 
 __all__ = ["Admission", "Fault", "Provider", "Refusal", "ResponsePlan", "Usage"]
@@ -91,24 +91,28 @@ class _Tenant:
 
 
 class _Live:
-    """Bookkeeping of one admission until ``finish``."""
+    """Bookkeeping of one admission until ``finish``; it also holds what the limit state
+    counted (the TPM handle and reservation), so an admission builds no ticket of its own."""
 
     __slots__ = ("admission", "counter", "fault", "finish_reason", "model", "n", "n_chunks",
-                 "prompt", "slow_s", "started", "state", "tenant", "text", "ticket")
+                 "prompt", "reserved", "slow_s", "started", "state", "tenant", "text",
+                 "tokens_handle")
 
     def __init__(self, admission: Admission, tenant: _Tenant, model: ModelProfile,
-                 state: LimitState, ticket: Ticket, counter: Counters, prompt: int, n: int,
-                 text: str, finish_reason: str, fault: Fault | None, slow_s: float):
+                 state: LimitState, tokens_handle: object, reserved: int, counter: Counters,
+                 prompt: int, n: int, text: str, n_chunks: int, finish_reason: str,
+                 fault: Fault | None, slow_s: float):
         self.admission = admission
         self.tenant = tenant
         self.model = model
         self.state = state
-        self.ticket = ticket
+        self.tokens_handle = tokens_handle
+        self.reserved = reserved
         self.counter = counter
         self.prompt = prompt
         self.n = n
         self.text = text
-        self.n_chunks = text_tokens(text)  # chunks of 4 characters, one token each
+        self.n_chunks = n_chunks  # chunks of 4 characters, one token each
         self.finish_reason = finish_reason
         self.fault = fault
         self.slow_s = slow_s
@@ -136,6 +140,12 @@ class Provider:
         # (no outage window, no random 5xx: no call, and no RNG draw either way)
         self._outages = bool(profile.faults.outages)
         self._random_5xx = bool(profile.faults.error_500_rate or profile.faults.error_503_rate)
+        # no cost cap, outage or random 5xx: the gate is the balance and the limits alone,
+        # checked inline by chat (the full _gate explains whatever they refuse)
+        self._plain_gate = (profile.billing.cost_cap_usd is None and not self._outages
+                            and not self._random_5xx)
+        self._charge_headers = profile.billing.charge_headers
+        self._time_scale = time_scale
         self._init_state()
 
     def _init_state(self) -> None:
@@ -270,13 +280,18 @@ class Provider:
                 f"This model's maximum context length is {context} tokens. However, {detail}. "
                 "Please reduce the length of the messages or completion.", "messages",
                 "context_length_exceeded"), counter)
-        state = tenant.state(model.name)
+        state = tenant.states.get(model.name) or tenant.state(model.name)
         limit_max = min(max_tokens or model.max_output_tokens, context - prompt)
-        worst = cost_usd(model, prompt, req.n * limit_max)
-        reserved = state.reservation(prompt, max_tokens, req.n, req.best_of)
-        refusal = self._gate(now, tenant, model, state, counter, prompt, reserved, worst)
-        if refusal is not None:
-            return refusal
+        n = req.n
+        reserved = state.reservation(prompt, max_tokens, n, req.best_of)
+        if not (self._plain_gate and not tenant.account.exhausted()
+                and state.check(now, reserved, prompt) is None):
+            # the full gate, in its order (the checks above are repeated: they are pure
+            # at one instant, and this path refuses or meets a configured fault)
+            worst = cost_usd(model, prompt, n * limit_max)
+            refusal = self._gate(now, tenant, model, state, counter, prompt, reserved, worst)
+            if refusal is not None:
+                return refusal
         gpu = self.profile.gpu
         if (gpu is not None and gpu.max_queue is not None and self._seqs >= gpu.max_seqs
                 and len(self._queue) >= gpu.max_queue):
@@ -284,33 +299,42 @@ class Provider:
                                 self._rate_headers(state, now))
 
         # the reply is decided now: its cost is in the 200's headers
-        fault_spec = self.profile.faults
-        if self._stream_faults and faults.draw_repetition(fault_spec, self._fault_rng):
-            reply = responder.repetition_loop(limit_max)
+        if self._stream_faults:
+            fault_spec = self.profile.faults
+            if faults.draw_repetition(fault_spec, self._fault_rng):
+                reply = responder.repetition_loop(limit_max)
+            else:
+                reply = responder.respond(self.profile.responder, self._reply_rng,
+                                          req.last_user_text, limit_max)
+            text = reply.text
+            n_chunks = (len(text) + 3) // 4  # text_tokens: one token per streamed chunk
+            drawn = faults.draw_connection_fault(fault_spec, self._fault_rng, n_chunks)
+            fault, slow_s = drawn.fault, drawn.slow_first_token_s
         else:
             reply = responder.respond(self.profile.responder, self._reply_rng,
                                       req.last_user_text, limit_max)
-        n_chunks = text_tokens(reply.text)  # one token per streamed chunk
-        drawn = (faults.draw_connection_fault(fault_spec, self._fault_rng, n_chunks)
-                 if self._stream_faults else faults.NO_FAULTS)
-        completion = req.n * n_chunks
-        ticket = state.admit(now, reserved, prompt)
+            text = reply.text
+            n_chunks = (len(text) + 3) // 4
+            fault, slow_s = None, 0.0  # faults.NO_FAULTS
+        completion = n * n_chunks
+        tokens_handle = state.admit(now, reserved, prompt)
         charged = cost_usd(model, prompt, completion)
-        tenant.account.charge(charged)
+        account = tenant.account
+        account.charge(charged)
         counter.count(200)
         counter.prompt_tokens += prompt
         counter.completion_tokens += completion
         counter.usd += charged
-        headers = self._rate_headers(state, now)
-        if self.profile.billing.charge_headers:
-            tenant.account.headers(charged, headers)
+        headers: dict[str, str] = {}
+        self._headers.rate_headers(state, now, headers)
+        if self._charge_headers:
+            account.headers(charged, headers)
         admission = Admission(
-            id=next(self._ids), kind="chat", model=model.name, stream=req.stream,
-            include_usage=req.include_usage, headers=headers, plan=None,
-            created=int(self.epoch_s + now / self.time_scale), n=req.n,
+            next(self._ids), "chat", model.name, req.stream, req.include_usage, headers, None,
+            int(self.epoch_s + now / self._time_scale), n,
         )
-        live = _Live(admission, tenant, model, state, ticket, counter, prompt, req.n, reply.text,
-                     reply.finish_reason, drawn.fault, drawn.slow_first_token_s)
+        live = _Live(admission, tenant, model, state, tokens_handle, reserved, counter, prompt,
+                     n, text, n_chunks, reply.finish_reason, fault, slow_s)
         self._live[admission.id] = live
         if gpu is not None and self._seqs >= gpu.max_seqs:
             self._queue.append(admission.id)
@@ -331,8 +355,8 @@ class Provider:
         gaps = latency.gaps(spec, self._gap_rng, live.n_chunks - 1, factor)
         completion = live.n * live.n_chunks
         live.admission.plan = ResponsePlan(
-            ttft_s=ttft, itl_s=gaps, text=live.text, finish_reason=live.finish_reason,
-            usage=Usage(live.prompt, completion, live.prompt + completion), fault=live.fault,
+            ttft, gaps, live.text, live.finish_reason,
+            Usage(live.prompt, completion, live.prompt + completion), live.fault,
         )
 
     # ------------------------------------------------------------------ embeddings
@@ -362,7 +386,7 @@ class Provider:
         refusal = self._gate(now, tenant, model, state, counter, prompt, prompt, charged)
         if refusal is not None:
             return refusal
-        ticket = state.admit(now, prompt, prompt)
+        tokens_handle = state.admit(now, prompt, prompt)
         tenant.account.charge(charged)
         counter.count(200)
         counter.prompt_tokens += prompt
@@ -381,8 +405,8 @@ class Provider:
             n_inputs=len(req.inputs), dims=req.dimensions or model.dims, inputs=req.inputs,
             encoding_format=req.encoding_format,
         )
-        live = _Live(admission, tenant, model, state, ticket, counter, prompt, 1, "", "stop",
-                     None, 0.0)
+        live = _Live(admission, tenant, model, state, tokens_handle, prompt, counter, prompt, 1,
+                     "", 0, "stop", None, 0.0)
         live.started = True  # embeddings never queue for a GPU slot
         self._live[admission.id] = live
         return admission
@@ -400,7 +424,7 @@ class Provider:
             self._queue.remove(admission.id)
         else:
             delivered = live.n * min(max(0, delivered_tokens), live.n_chunks)
-        live.state.settle(now, live.ticket, delivered)
+        live.state.settle(now, live.tokens_handle, live.reserved, live.prompt, delivered)
         missing = planned - delivered
         if missing > 0:
             live.counter.completion_tokens -= missing

@@ -197,8 +197,8 @@ def test_reservation_refuses_what_actual_only_admits() -> None:
 
 def test_settle_replaces_the_reservation_by_actual_usage() -> None:
     state = LimitState(LimitSpec(tpm=1000, output_tpm=100, algorithm="sliding"))
-    ticket = state.admit(0.0, 608, 8)
-    state.settle(2.0, ticket, 20)
+    handle = state.admit(0.0, 608, 8)
+    state.settle(2.0, handle, 608, 8, 20)
     assert state.tokens is not None and state.tokens.used(2.0) == 28
     assert state.output is not None and state.output.used(2.0) == 20
     assert state.inflight == 0
@@ -206,8 +206,8 @@ def test_settle_replaces_the_reservation_by_actual_usage() -> None:
 
 def test_concurrency_is_checked_first_and_released_by_settle() -> None:
     state = LimitState(LimitSpec(concurrency=1, rpm=100))
-    ticket = state.admit(0.0, 1, 1)
+    handle = state.admit(0.0, 1, 1)
     denial = state.check(0.0, 1, 1)
     assert denial is not None and denial.limit == "concurrency"
-    state.settle(0.5, ticket, 3)
+    state.settle(0.5, handle, 1, 1, 3)
     assert state.check(0.5, 1, 1) is None
