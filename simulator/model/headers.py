@@ -7,6 +7,7 @@ Every duration passed in is virtual seconds; renderers divide by ``time_scale``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from simulator.model.limits import LimitState, Window
@@ -75,6 +76,10 @@ def _capacity_text(capacity: float) -> str:
     return text
 
 
+def _no_headers(state: LimitState, now: float, out: dict[str, str]) -> None:
+    """The renderer of a style without rate-limit headers."""
+
+
 class HeaderRenderer:
     """Renders the rate-limit headers of one provider's style from a key+model limit state."""
 
@@ -95,6 +100,14 @@ class HeaderRenderer:
             self._openai(state, now, out)
         elif self.style == "anthropic":
             self._anthropic(state, now, out)
+
+    def renderer(self) -> Callable[[LimitState, float, dict[str, str]], None]:
+        """``rate_headers`` resolved once for the style: the function a hot path calls."""
+        if self.style == "openai":
+            return self._openai
+        if self.style == "anthropic":
+            return self._anthropic
+        return _no_headers
 
     def _openai(self, state: LimitState, now: float, out: dict[str, str]) -> None:
         # spelled out per window, ``_remaining`` inlined: every 200 and 429 renders these

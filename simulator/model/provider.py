@@ -131,6 +131,7 @@ class Provider:
         self._seed = seed
         self._models = {m.name: m for m in profile.models}
         self._headers = HeaderRenderer(profile.header_style, time_scale, epoch_s)
+        self._render_rate = self._headers.renderer()
         self._ids = itertools.count(1)
         self._live: dict[int, _Live] = {}
         self._queue: deque[int] = deque()
@@ -257,11 +258,18 @@ class Provider:
         req = parse_chat(body)
         if not isinstance(req, ChatRequest):
             return self._refuse(400, req)
-        routed = self._route(api_key, req.model, "chat",
-                             "{model} is an embeddings model; use /v1/embeddings.")
-        if isinstance(routed, Refusal):
-            return routed
-        tenant, model, counter = routed
+        # _route's checks inline for a known key on a known chat model (no tuple, no call)
+        tenant = self._tenants.get(api_key) if api_key else None
+        model = self._models.get(req.model)
+        counter = (tenant.counters.get(model.name)
+                   if tenant is not None and model is not None else None)
+        if counter is None or model is None or model.kind != "chat":
+            routed = self._route(api_key, req.model, "chat",
+                                 "{model} is an embeddings model; use /v1/embeddings.")
+            if isinstance(routed, Refusal):
+                return routed
+            tenant, model, counter = routed
+        assert tenant is not None
         max_tokens = req.max_tokens
         if max_tokens is not None and max_tokens > model.max_output_tokens:
             return self._refuse(400, errors.invalid_request(
@@ -321,12 +329,13 @@ class Provider:
         charged = cost_usd(model, prompt, completion)
         account = tenant.account
         account.charge(charged)
-        counter.count(200)
+        statuses = counter.statuses  # counter.count(200) inline
+        statuses[200] = statuses.get(200, 0) + 1
         counter.prompt_tokens += prompt
         counter.completion_tokens += completion
         counter.usd += charged
         headers: dict[str, str] = {}
-        self._headers.rate_headers(state, now, headers)
+        self._render_rate(state, now, headers)
         if self._charge_headers:
             account.headers(charged, headers)
         admission = Admission(
@@ -351,7 +360,9 @@ class Provider:
         if self.profile.gpu is not None:
             self._seqs += 1
             factor = latency.gpu_itl_factor(self.profile.gpu, self._seqs)
-        ttft = latency.ttft(spec, rng, live.prompt) + live.slow_s
+        dist = spec.ttft_s  # latency.ttft inline, a constant TTFT without the sample call
+        draw = dist.value if dist.kind == "constant" else latency.sample(dist, rng)
+        ttft = draw + spec.prefill_s_per_token * live.prompt + live.slow_s
         gaps = latency.gaps(spec, self._gap_rng, live.n_chunks - 1, factor)
         completion = live.n * live.n_chunks
         live.admission.plan = ResponsePlan(

@@ -30,9 +30,12 @@ _LOREM_WORDS = (
 _LOREM = _LOREM_WORDS * 200  # ~89k characters, enough for 22k tokens
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reply:
-    """A synthesised completion and why it ended (``stop`` or ``length``)."""
+    """A synthesised completion and why it ended (``stop`` or ``length``).
+
+    A value all the same (nothing changes one once made), but not frozen: one is made per
+    reply, and a frozen dataclass's __init__ sets each field through object.__setattr__."""
 
     text: str
     finish_reason: str

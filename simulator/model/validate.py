@@ -254,10 +254,12 @@ def _plain_chat(body: object) -> ChatRequest | None:
         if usage is not None and type(usage) is not bool:
             return None
         include_usage = bool(usage)
+    # positional, in the field order (model, texts, last_user_text, max_tokens, n, best_of,
+    # stream, include_usage): keywords cost a name match each
     return ChatRequest(
-        model=model, texts=tuple(texts), last_user_text=last_user,
-        max_tokens=max_completion if max_completion is not None else max_tokens,
-        n=n or 1, best_of=1, stream=bool(stream), include_usage=include_usage,
+        model, tuple(texts), last_user,
+        max_completion if max_completion is not None else max_tokens,
+        n or 1, 1, bool(stream), include_usage,
     )
 
 
