@@ -117,16 +117,16 @@ class HeaderRenderer:
             capacity = window.capacity
             out["x-ratelimit-limit-requests"] = _CAPACITIES.get(capacity) or _capacity_text(
                 capacity)
-            out["x-ratelimit-remaining-requests"] = str(
-                max(0, int(capacity - window.used(now) + 1e-9)))
+            remaining = int(capacity - window.used(now) + 1e-9)
+            out["x-ratelimit-remaining-requests"] = str(remaining if remaining > 0 else 0)
             out["x-ratelimit-reset-requests"] = format_duration(window.reset_in(now) / scale)
         window = state.tokens
         if window is not None:
             capacity = window.capacity
             out["x-ratelimit-limit-tokens"] = _CAPACITIES.get(capacity) or _capacity_text(
                 capacity)
-            out["x-ratelimit-remaining-tokens"] = str(
-                max(0, int(capacity - window.used(now) + 1e-9)))
+            remaining = int(capacity - window.used(now) + 1e-9)
+            out["x-ratelimit-remaining-tokens"] = str(remaining if remaining > 0 else 0)
             out["x-ratelimit-reset-tokens"] = format_duration(window.reset_in(now) / scale)
 
     def _anthropic(self, state: LimitState, now: float, out: dict[str, str]) -> None:

@@ -112,7 +112,8 @@ class SlidingWindow:
         i = handle - self._base
         if self._head <= i < len(self._amounts):
             amount = self._amounts[i]
-            delta = max(delta, -amount)
+            if -amount > delta:  # max(delta, -amount) without the call
+                delta = -amount
             self._amounts[i] = amount + delta
             self.total += delta
 
@@ -122,7 +123,8 @@ class SlidingWindow:
             self._expire(now)
         if self._head == len(self._times) or self.total <= _EPS:
             return 0.0
-        return max(0.0, self._times[-1] + self.window_s - now)
+        left = self._times[-1] + self.window_s - now
+        return left if left > 0.0 else 0.0  # max(0.0, left) without the call
 
 
 class TokenBucket:
@@ -348,7 +350,8 @@ class LimitState:
                completion: int) -> None:
         """Settle to actual usage: ``completion`` tokens were generated and delivered, of an
         admission that counted ``reserved`` TPM tokens (``tokens_handle``) for ``prompt``."""
-        self.inflight = max(0, self.inflight - 1)
+        inflight = self.inflight - 1
+        self.inflight = inflight if inflight > 0 else 0
         if self.tokens is not None:
             if self.spec.counting == "actual":
                 if completion:
