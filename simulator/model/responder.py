@@ -135,7 +135,8 @@ def respond(spec: ResponderSpec, rng: random.Random, last_user_text: str,
         return batch_json(spec, rng, last_user_text, max_tokens)
     if spec.kind == "echo":
         return cut(last_user_text, max_tokens)
-    tokens = max(1, round(sample(spec.output_tokens, rng)))
+    drawn = round(sample(spec.output_tokens, rng))
+    tokens = drawn if drawn > 1 else 1  # max(1, drawn) without the builtin's call
     if max_tokens is not None and tokens > max_tokens:
         return Reply(lorem_text(max_tokens, rng.randrange(97)), "length")
     return Reply(lorem_text(tokens, rng.randrange(97)), "stop")
