@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from batchclient import gc_tuning
 from batchclient.cache import SqliteResultCache
 from batchclient.config import ConfigError, ProviderSettings, parse_client_config, parse_task
 from batchclient.policy.engine import EXIT_ERROR, EXIT_INPUT, InputError
@@ -172,6 +173,8 @@ def main(args: argparse.Namespace) -> int:
         runner = Runner(task, config, transport, store, cache=cache,
                         on_progress=None if args.no_progress else show,
                         on_low_balance=low_balance)
+        # this process exists to run the job: settle the garbage collector for it
+        gc_tuning.tune_for_job()
         result = asyncio.run(_run(runner, transport))
     except (ConfigError, InputError) as exc:
         print(f"\nratelab job: {exc}", file=sys.stderr)

@@ -154,33 +154,46 @@ async def run_arm(name: str, items: list[Item], duration_s: float, scale: float,
     }
 
 
+def _tune_gc_as_ratelab_job() -> None:
+    # Process-wide, as in ``ratelab job``; a tree from before batchclient.gc_tuning ran
+    # its jobs with the interpreter's defaults.
+    try:
+        from batchclient import gc_tuning
+    except ImportError:
+        return
+    gc_tuning.tune_for_job()
+
+
 def cpu_per_request(requests: int, rate_per_s: float, strategy: str,
-                    preflight_only: bool = False, paced: bool = True) -> dict:
+                    preflight_only: bool = False, paced: bool = True,
+                    tune_gc: bool = True) -> dict:
     """Client CPU per request (process time) with an in-process provider paced to
     ``rate_per_s`` (every call answers after a fixed wall delay, 50 ms, with as many calls
     in flight as that rate needs). ``paced=False`` answers at the next turn of the event
     loop instead: the same calls in flight, but how answers group into the runner's wakes
     no longer depends on the machine's speed (``--instructions``). ``preflight_only``
-    stops before the first request (the start that ``--instructions`` subtracts)."""
+    stops before the first request (the start that ``--instructions`` subtracts).
+    ``tune_gc``: the job runs as ``ratelab job`` runs it, with the garbage-collector
+    settings of ``batchclient.gc_tuning`` (when the measured tree has them)."""
     delay_s = 0.05 if paced else 0.0
-    reply_cache: dict[tuple[str, ...], Response] = {}
-
-    async def answer(call):  # type: ignore[no-untyped-def]
-        response = reply_cache.get(call.item_ids)
-        if response is None:
-            # Codes spread over the taxonomy, as the simulator's batch_json answers.
-            content = json.dumps([{"id": int(i), "c": CODES[int(i) % len(CODES)]}
-                                  for i in call.item_ids], separators=(",", ":"))
-            body = json.dumps({"choices": [{"message": {"content": content},
-                                            "finish_reason": "stop"}],
-                               "usage": {"prompt_tokens": call.prompt_tokens,
-                                         "completion_tokens": text_tokens(content)}})
-            response = Response(200, {"x-mdb-charged-usd": "0.0001"}, body, elapsed_s=0.05)
-        await asyncio.sleep(delay_s)
-        return response
-
     per_request = 20 if strategy == "semantic_batch" else 1
     items = make_items(requests * per_request, seed=2)
+    # The provider's work is not the client's: every item's reply object (codes spread over
+    # the taxonomy, as the simulator's batch_json answers) is rendered before the run, and
+    # a call only joins them into an OpenAI body (a few us; json.dumps of the objects per
+    # call cost ~20 us, all of it counted as client CPU).
+    fragments = {item.id: f'{{"id":{int(item.id)},"c":"{CODES[int(item.id) % len(CODES)]}"}}'
+                 for item in items}
+    headers = {"x-mdb-charged-usd": "0.0001"}
+
+    async def answer(call):  # type: ignore[no-untyped-def]
+        content = "[" + ",".join([fragments[i] for i in call.item_ids]) + "]"
+        body = (f'{{"choices":[{{"message":{{"content":{json.dumps(content)}}},'
+                f'"finish_reason":"stop"}}],"usage":{{"prompt_tokens":{call.prompt_tokens},'
+                f'"completion_tokens":{text_tokens(content)}}}}}')
+        await asyncio.sleep(delay_s)
+        return Response(200, headers, body, elapsed_s=0.05)
+
     concurrency = max(1, int(rate_per_s * 0.05))
     with tempfile.TemporaryDirectory() as tmp:
         cfg = parse_client_config({
@@ -199,12 +212,16 @@ def cpu_per_request(requests: int, rate_per_s: float, strategy: str,
                 marks.append((time.perf_counter(), time.process_time()))
 
         runner = Runner(TASK, cfg, FunctionTransport(answer), store, on_event=mark)
+        if tune_gc:
+            _tune_gc_as_ratelab_job()
         if preflight_only:
             asyncio.run(runner.preflight())
             return {"strategy": strategy, "items": len(items)}
         wall0, cpu0 = time.perf_counter(), time.process_time()
         result = asyncio.run(runner.run())
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    # Figures of a run that did not do the whole job would flatter the client.
+    assert result.done == len(items) and result.requests == requests, result
     steady_wall = time.perf_counter() - marks[0][0] - (time.perf_counter() - wall0 - wall)
     steady_cpu = cpu0 + cpu - marks[0][1]
     preflight_cpu = marks[0][1] - cpu0
@@ -220,9 +237,10 @@ CPU_KEYS = ["strategy", "requests", "requests_per_s", "cpu_us_per_request",
 
 
 def cpu_table(requests: int = 3000, rate: float = 1000.0,
-              strategies: tuple[str, ...] = STRATEGIES) -> str:
+              strategies: tuple[str, ...] = STRATEGIES, tune_gc: bool = True) -> str:
     """CPU per request of 20-item batches and of single-item requests at ~1,000/s."""
-    return table([cpu_per_request(requests, rate, s) for s in strategies], CPU_KEYS)
+    return table([cpu_per_request(requests, rate, s, tune_gc=tune_gc) for s in strategies],
+                 CPU_KEYS)
 
 
 def _probe(tree: Path, args: list[str], valgrind: bool = False) -> str:
@@ -242,7 +260,7 @@ def _probe(tree: Path, args: list[str], valgrind: bool = False) -> str:
 
 
 def compare_cpu(trees: dict[str, Path], rounds: int, requests: int, rate: float,
-                strategies: tuple[str, ...]) -> None:
+                strategies: tuple[str, ...], extra: list[str]) -> None:
     """Rounds of fresh processes, alternating the trees' order; every round, medians and
     the ratio of each tree to the last (the ``--against`` one)."""
     cpu: dict[tuple[str, str], list[float]] = {(t, s): [] for t in trees for s in strategies}
@@ -254,7 +272,8 @@ def compare_cpu(trees: dict[str, Path], rounds: int, requests: int, rate: float,
             cells = []
             for strategy in strategies:
                 out = _probe(trees[name], ["--cpu-only", "--json", "--strategy", strategy,
-                                           "--requests", str(requests), "--rate", str(rate)])
+                                           "--requests", str(requests), "--rate", str(rate),
+                                           *extra])
                 value = json.loads(out)[0]["cpu_us_per_request"]
                 cpu[name, strategy].append(value)
                 cells.append(f"{value:,.0f}")
@@ -269,7 +288,7 @@ def compare_cpu(trees: dict[str, Path], rounds: int, requests: int, rate: float,
 
 
 def instructions(trees: dict[str, Path], requests: tuple[int, int], rate: float,
-                 strategies: tuple[str, ...]) -> None:
+                 strategies: tuple[str, ...], extra: list[str]) -> None:
     """Instructions per request of the steady loop under callgrind (unpaced: the calls in
     flight of ``rate`` answer at once): for two run lengths, the whole run minus its start
     (items, import, preflight), differenced. Ratios are to the last tree (``--against``)."""
@@ -282,7 +301,7 @@ def instructions(trees: dict[str, Path], requests: tuple[int, int], rate: float,
             steady = []
             for n in requests:
                 base = ["--cpu-only", "--json", "--unpaced", "--strategy", strategy,
-                        "--requests", str(n), "--rate", str(rate)]
+                        "--requests", str(n), "--rate", str(rate), *extra]
                 whole = int(_probe(tree, base, valgrind=True))
                 start = int(_probe(tree, [*base, "--preflight-only"], valgrind=True))
                 steady.append(whole - start)
@@ -334,6 +353,8 @@ def main() -> None:
                         help="CPU: requests per second the in-process provider is paced to")
     parser.add_argument("--unpaced", action="store_true",
                         help="CPU: answer at once (same calls in flight; see --instructions)")
+    parser.add_argument("--default-gc", action="store_true",
+                        help="CPU: the interpreter's GC settings, not ratelab job's")
     parser.add_argument("--json", action="store_true", help="CPU: print JSON rows")
     parser.add_argument("--preflight-only", action="store_true",
                         help="CPU: stop before the first request (see --instructions)")
@@ -342,8 +363,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="CPU: rounds with --against")
     parser.add_argument("--instructions", action="store_true",
                         help="CPU: instructions per request under callgrind (slow: minutes)")
+    parser.add_argument("--lengths", type=int, nargs=2, default=(200, 600),
+                        metavar=("N1", "N2"), help="CPU: the two run lengths (requests) "
+                        "that --instructions differences")
     args = parser.parse_args()
     strategies = tuple(args.strategy or STRATEGIES)
+    tune_gc = not args.default_gc
+    extra = [] if tune_gc else ["--default-gc"]
     if args.cpu_only:
         trees = {"this": TREE}
         if args.against is not None:
@@ -351,18 +377,20 @@ def main() -> None:
         if args.instructions or args.against is not None:
             print(f"# client CPU: {', '.join(f'{k} = {v}' for k, v in trees.items())}")
         if args.instructions:
-            instructions(trees, (200, 600), args.rate, strategies)
+            instructions(trees, (args.lengths[0], args.lengths[1]), args.rate, strategies,
+                         extra)
         elif args.against is not None:
-            compare_cpu(trees, args.rounds, args.requests, args.rate, strategies)
+            compare_cpu(trees, args.rounds, args.requests, args.rate, strategies, extra)
         elif args.preflight_only:
             for strategy in strategies:
                 cpu_per_request(args.requests, args.rate, strategy, preflight_only=True,
-                                paced=not args.unpaced)
+                                paced=not args.unpaced, tune_gc=tune_gc)
         elif args.json:
             print(json.dumps([cpu_per_request(args.requests, args.rate, s,
-                                              paced=not args.unpaced) for s in strategies]))
+                                              paced=not args.unpaced, tune_gc=tune_gc)
+                              for s in strategies]))
         else:
-            print(cpu_table(args.requests, args.rate, strategies))
+            print(cpu_table(args.requests, args.rate, strategies, tune_gc))
         return
     minutes = 2.2 if args.quick else args.minutes
     items = make_items(int(4000 * minutes) + 2000)
