@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # RATELAB_BENCH_TREE: import batchclient (and the simulator) from another checkout, so that
@@ -249,8 +250,10 @@ def _probe(tree: Path, args: list[str], valgrind: bool = False) -> str:
     cmd = [sys.executable, str(HERE), *args]
     if valgrind:
         cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *cmd]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                          env={**os.environ, "RATELAB_BENCH_TREE": str(tree)})
+    # a fixed hash seed: the same dict layouts, hence the same instructions, every run
+    env = {**os.environ, "RATELAB_BENCH_TREE": str(tree),
+           **({"PYTHONHASHSEED": "0"} if valgrind else {})}
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     if not valgrind:
         return done.stdout
     found = re.search(r"Collected : (\d+)", done.stderr)
@@ -262,7 +265,7 @@ def _probe(tree: Path, args: list[str], valgrind: bool = False) -> str:
 def compare_cpu(trees: dict[str, Path], rounds: int, requests: int, rate: float,
                 strategies: tuple[str, ...], extra: list[str]) -> None:
     """Rounds of fresh processes, alternating the trees' order; every round, medians and
-    the ratio of each tree to the last (the ``--against`` one)."""
+    the ratio of each tree to the last (the last ``--against`` one)."""
     cpu: dict[tuple[str, str], list[float]] = {(t, s): [] for t in trees for s in strategies}
     print("| round | tree | " + " | ".join(f"{s} us/request" for s in strategies) + " |")
     print("|---|---|" + "---|" * len(strategies))
@@ -294,17 +297,25 @@ def instructions(trees: dict[str, Path], requests: tuple[int, int], rate: float,
     (items, import, preflight), differenced. Ratios are to the last tree (``--against``)."""
     print("| tree | " + " | ".join(f"{s} instructions/request" for s in strategies) + " |")
     print("|---|" + "---|" * len(strategies))
-    per_tree: dict[str, list[float]] = {}
+    probes = {}
     for name, tree in trees.items():
-        per_tree[name] = []
         for strategy in strategies:
-            steady = []
             for n in requests:
                 base = ["--cpu-only", "--json", "--unpaced", "--strategy", strategy,
                         "--requests", str(n), "--rate", str(rate), *extra]
-                whole = int(_probe(tree, base, valgrind=True))
-                start = int(_probe(tree, [*base, "--preflight-only"], valgrind=True))
-                steady.append(whole - start)
+                probes[name, strategy, n, "whole"] = (tree, base)
+                probes[name, strategy, n, "start"] = (tree, [*base, "--preflight-only"])
+    # Instruction counts do not depend on what else runs: two probes at a time.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        counts = dict(zip(probes, pool.map(
+            lambda probe: int(_probe(probe[0], probe[1], valgrind=True)), probes.values()),
+            strict=True))
+    per_tree: dict[str, list[float]] = {}
+    for name in trees:
+        per_tree[name] = []
+        for strategy in strategies:
+            steady = [counts[name, strategy, n, "whole"] - counts[name, strategy, n, "start"]
+                      for n in requests]
             per_tree[name].append((steady[1] - steady[0]) / (requests[1] - requests[0]))
     last = per_tree[list(trees)[-1]]
     for name, values in per_tree.items():
@@ -358,8 +369,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="CPU: print JSON rows")
     parser.add_argument("--preflight-only", action="store_true",
                         help="CPU: stop before the first request (see --instructions)")
-    parser.add_argument("--against", type=Path, metavar="DIR",
-                        help="CPU: also measure the checkout in DIR, side by side")
+    parser.add_argument("--against", type=Path, metavar="DIR", nargs="+",
+                        help="CPU: also measure the checkouts in DIR..., side by side "
+                        "(ratios to the last)")
     parser.add_argument("--rounds", type=int, default=5, help="CPU: rounds with --against")
     parser.add_argument("--instructions", action="store_true",
                         help="CPU: instructions per request under callgrind (slow: minutes)")
@@ -371,9 +383,9 @@ def main() -> None:
     tune_gc = not args.default_gc
     extra = [] if tune_gc else ["--default-gc"]
     if args.cpu_only:
-        trees = {"this": TREE}
-        if args.against is not None:
-            trees["against"] = args.against.resolve()
+        trees = {f"this ({TREE.name})": TREE}
+        for other in args.against or []:
+            trees[f"{other.resolve().name}"] = other.resolve()
         if args.instructions or args.against is not None:
             print(f"# client CPU: {', '.join(f'{k} = {v}' for k, v in trees.items())}")
         if args.instructions:
