@@ -43,6 +43,7 @@ from batchclient.policy.job import Wait as Wait
 from batchclient.policy.job import cache_key as cache_key
 from batchclient.policy.job import hash_text as hash_text
 from batchclient.policy.job import normalise as normalise
+from batchclient.policy.job import normalise_page
 from batchclient.policy.job import task_digest as task_digest
 from batchclient.policy.lanes import LanePolicy
 from batchclient.policy.packing import Packer
@@ -55,6 +56,7 @@ from batchclient.policy.userlimits import UserLimits
 from batchclient.policy.wire import Call, Item, Response
 
 _ID = re.compile(r"[A-Za-z0-9_.-]+")
+_IDS = re.compile(r"[A-Za-z0-9_.-]+(?:\n[A-Za-z0-9_.-]+)*")  # ids joined by line breaks
 
 
 class Engine(ResponseHandling, InteractiveLane):
@@ -171,6 +173,50 @@ class Engine(ResponseHandling, InteractiveLane):
         text, id collisions (with items fed before and within the page), the token budget
         alone. Returns each item's (prompt line, reply object) characters; ``record`` keeps
         the canonical ids for later collision checks."""
+        sizes = self._check_page_whole([item.id for item in page], [item.text for item in page],
+                                       record)
+        if sizes is not None:
+            return sizes
+        return self._check_page_items(page, record)
+
+    def _check_page_whole(self, ids: list[str], texts: list[str], record: bool
+                          ) -> list[tuple[int, int]] | None:
+        """``_check_page`` for a page where every check passes, done a page at a time (one
+        regular expression over the joined ids, set operations for collisions, the largest
+        sizes against the budget): the sizes, or None when any check might fail, for the
+        item-by-item pass to name the first unusable item with its message."""
+        if not ids:
+            return []
+        joined = "\n".join(ids)
+        # an id not starting with "0" is its own canonical form; a leading zero (or a line
+        # break inside an id) takes the item-by-item pass
+        if (joined[:1] == "0" or "\n0" in joined or joined.count("\n") != len(ids) - 1
+                or not _IDS.fullmatch(joined)):
+            return None
+        if not all(texts) or any(map(str.isspace, texts)):
+            return None
+        keys = self._keys
+        if len(set(ids)) != len(ids) or not keys.keys().isdisjoint(ids):
+            return None
+        code_chars = 6 + 6 + self._code_len + 2 + 1
+        # the reply object of an all-digit id holds a JSON integer (no quotes)
+        sizes = [(len(item_id) + 5 + len(text),
+                  len(item_id) + (code_chars if item_id.isdigit() and item_id.isascii()
+                                  else 2 + code_chars))
+                 for item_id, text in zip(ids, texts, strict=True)]
+        instructions = len(self.task.instructions)
+        head = instructions + (1 if instructions else 0)
+        fixed = self.packer.fixed_prompt_tokens + self.packer.reply_slack_tokens
+        # the token count alone grows with both sizes: the largest of each bounds every item
+        line = max(s[0] for s in sizes)
+        reply = max(s[1] for s in sizes)
+        if fixed + (head + line + 3) // 4 + (2 + reply + 3) // 4 > self.config.batch.token_budget:
+            return None
+        if record:
+            keys.update(zip(ids, ids, strict=True))
+        return sizes
+
+    def _check_page_items(self, page: list[Item], record: bool) -> list[tuple[int, int]]:
         # One pass per item with the sizes (Packer.sizes, alone_tokens) and canonical_id
         # inlined: the feed runs it for every item of a job.
         keys = self._keys
@@ -223,8 +269,18 @@ class Engine(ResponseHandling, InteractiveLane):
             return
         self._add_checked(page, self._check_page(page, record=True))
 
-    def _add_checked(self, page: list[Item], sizes: list[tuple[int, int]] | None = None
-                     ) -> None:
+    def add_page(self, ids: list[str], texts: list[str]) -> None:
+        """``add_items`` of the items ``Item(id, text)`` given as parallel lists (a driver
+        that holds ids and texts, not items: the planner's feed). Same checks, same
+        errors; a page that passes them is validated a page at a time."""
+        sizes = self._check_page_whole(ids, texts, record=True)
+        page = list(map(Item, ids, texts))
+        if sizes is None:
+            sizes = self._check_page_items(page, record=True)
+        self._add_checked(page, sizes, texts)
+
+    def _add_checked(self, page: list[Item], sizes: list[tuple[int, int]] | None = None,
+                     texts: list[str] | None = None) -> None:
         # Queue a validated page (per item: sizes unless given, route, cache key).
         # Inlined: Packer.sizes and cache_key (the key's model/task/digest prefix is built
         # once per model, not per item); the route is skipped when nothing can reroute.
@@ -236,6 +292,7 @@ class Engine(ResponseHandling, InteractiveLane):
         model = default_model
         prefix = prefixes[default_model]
         queue = ready.get(model)
+        normalised = normalise_page(texts if texts is not None else [item.text for item in page])
         for n, item in enumerate(page):
             item_id, text = item.id, item.text
             if rerouting:
@@ -244,7 +301,7 @@ class Engine(ResponseHandling, InteractiveLane):
                 prefix = found if found is not None else prefixes.setdefault(
                     model, f"{model}\x1f{task.name}\x1f{digest}\x1f")
                 queue = ready.get(model)
-            key = prefix + " ".join(text.split()).lower()
+            key = prefix + normalised[n]
             state = ItemState(item, model, key, sizes[n] if sizes is not None else (
                 len(item_id) + 5 + len(text), reply_item_chars(item_id, code_len)))
             items[item_id] = state

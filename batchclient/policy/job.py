@@ -114,6 +114,20 @@ def normalise(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
+def normalise_page(texts: list[str]) -> list[str]:
+    """``normalise`` of each text, a page at a time when it can: an ASCII page whose
+    texts already have single spaces between words and none at either end is only
+    lower-cased, in one call over the texts joined by NUL (not whitespace, not cased: each
+    text lower-cases alone; a NUL inside a text takes the item-by-item pass)."""
+    joined = "\0".join(texts).lower()
+    if (joined.isascii() and " \0" not in joined and "\0 " not in joined
+            and " ".join(joined.split()) == joined):
+        parts = joined.split("\0")
+        if len(parts) == len(texts):
+            return parts
+    return [" ".join(text.split()).lower() for text in texts]
+
+
 def task_digest(task: Task) -> str:
     """Digest of what makes a task's answers: system prompt, instructions and taxonomy."""
     labels = json.dumps(sorted(task.labels.items()))

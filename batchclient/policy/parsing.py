@@ -93,21 +93,35 @@ def parse_reply(
 def _in_order(elements: list[object], sent_ids: Sequence[str], labels: Mapping[str, str]
               ) -> dict[str, str] | None:
     """The codes of a whole reply that answers every sent id once, in order, with known
-    codes (the common case, matched without the id map); None for any other reply."""
-    found: dict[str, str] = {}
-    for element, item_id in zip(elements, sent_ids, strict=True):
-        if type(element) is not dict:
+    codes (the common case, matched without the id map); None for any other reply.
+
+    Checked a reply at a time rather than an element at a time: every element an object
+    with "id" and "c", each id a non-negative JSON integer (an all-digit id comes back as
+    one) or a string, equal to the sent ids in order, every code a string of
+    the taxonomy. Anything else takes the id map."""
+    try:
+        raws = [element["id"] for element in elements]  # type: ignore[index]
+        codes = [element["c"] for element in elements]  # type: ignore[index]
+    except (TypeError, KeyError, IndexError):
+        return None  # an element that is not an object, or lacks "id" or "c"
+    if any(type(element) is not dict for element in elements):
+        return None
+    kinds = set(map(type, raws))
+    if kinds == {int}:
+        if min(raws) < 0 or list(map(str, raws)) != list(sent_ids):
             return None
-        raw = element.get("id")
-        # an all-digit id comes back as a JSON integer, any id may come back as itself
-        if not ((type(raw) is int and raw >= 0 and str(raw) == item_id)
-                or (type(raw) is str and raw == item_id)):
+    elif kinds == {str}:
+        if raws != list(sent_ids):
             return None
-        code = element.get("c")
-        if type(code) is not str or code not in labels:
+    elif kinds == {int, str}:
+        if min(r for r in raws if type(r) is int) < 0 or [
+                str(r) if type(r) is int else r for r in raws] != list(sent_ids):
             return None
-        found[item_id] = code
-    return found
+    else:
+        return None
+    if set(map(type, codes)) != {str} or not labels.keys() >= set(codes):
+        return None
+    return dict(zip(sent_ids, codes, strict=True))
 
 
 def _match(elements: list[object], damaged: bool, sent_ids: Sequence[str],

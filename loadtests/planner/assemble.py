@@ -170,6 +170,47 @@ def items(scenario: Scenario, count: int | None = None) -> Iterator[Item]:
         yield from map(Item, ids, texts)
 
 
+class ItemPages:
+    """The job's items as ids and texts (parallel lists), taken any number at a time:
+    the planner's feed hands pages to ``Engine.add_page`` without an item object or a
+    generator step per item. Iterating gives the same items as ``items``."""
+
+    __slots__ = ("_ids", "_pages", "_pos", "_texts")
+
+    def __init__(self, scenario: Scenario, count: int | None = None) -> None:
+        self._pages = WorkloadGenerator(scenario.workload, scenario.seed, count).pages()
+        self._ids: list[str] = []
+        self._texts: list[str] = []
+        self._pos = 0
+
+    def take(self, n: int) -> tuple[list[str], list[str]]:
+        """The next ``n`` items' ids and texts (fewer at the end of the job, none after)."""
+        ids: list[str] = []
+        texts: list[str] = []
+        while len(ids) < n:
+            if self._pos >= len(self._ids):
+                page = next(self._pages, None)
+                if page is None:
+                    break
+                self._ids, self._texts = page
+                self._pos = 0
+            pos, end = self._pos, self._pos + n - len(ids)
+            ids += self._ids[pos:end]
+            texts += self._texts[pos:end]
+            self._pos = min(end, len(self._ids))
+        return ids, texts
+
+    def __iter__(self) -> Iterator[Item]:
+        while True:
+            ids, texts = self.take(_ITER_PAGE)
+            if not ids:
+                return
+            yield from map(Item, ids, texts)
+
+
+_ITER_PAGE = 1024
+
+
 def _dist_mean(dist: Dist) -> float:
     if dist.kind == "constant":
         return dist.value

@@ -31,10 +31,10 @@ from batchclient.policy.userlimits import Tier, UserDecision, UserLimits
 from batchclient.policy.wire import Call, Item, Response
 from loadtests.planner.assemble import (
     ArmSetup,
+    ItemPages,
     PlanError,
     arm_setup,
     bound_inputs,
-    items,
     simulator_config,
     task_for,
 )
@@ -83,7 +83,7 @@ class ArmDriver:
 
     def __init__(self, env: simpy.Environment, scenario: Scenario, setup: ArmSetup,
                  transport: VirtualTransport, record: Callable[[list[Event]], None],
-                 source: Iterator[Item] | None, *, keep_open: bool = False,
+                 source: Iterator[Item] | ItemPages | None, *, keep_open: bool = False,
                  user_limits: UserLimits | None = None) -> None:
         self.env = env
         self.setup = setup
@@ -146,7 +146,18 @@ class ArmDriver:
                 if not self.keep_open:
                     engine.end_of_items()
                 return
-            page: list[Item] = list(itertools.islice(self.source, wanted))
+            if isinstance(self.source, ItemPages) and self.cache is None:
+                # ids and texts straight to the engine: no item object before it needs one
+                ids, texts = self.source.take(wanted)
+                if not ids:
+                    engine.end_of_items()
+                    self.source = None
+                    return
+                engine.add_page(ids, texts)
+                continue
+            page: list[Item] = (list(map(Item, *self.source.take(wanted)))
+                                if isinstance(self.source, ItemPages)
+                                else list(itertools.islice(self.source, wanted)))
             if not page:
                 engine.end_of_items()
                 self.source = None
@@ -474,7 +485,7 @@ def _plan(scenario: Scenario, options: PlanOptions | None,
             setup = setups[name]
             transport.add_routes(setup.routes, setup.config.stream)
             driver = ArmDriver(env, scenario, setup, transport, recorder.add_many,
-                               items(scenario, count))
+                               ItemPages(scenario, count))
             drivers.append(driver)
         user_drivers: dict[str, ArmDriver] = {}
         if index == 0:
