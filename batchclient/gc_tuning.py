@@ -4,7 +4,8 @@ The runner allocates a few dozen tracked objects per item (its page's items, the
 item states, the reply's parsed objects, results and events). CPython's young collections
 run every 700 net allocations and its full collections walk every object alive, the
 modules imported at start-up included (about 45,000): in a 20-item batch request that is
-about 7% of the client's CPU spent finding no garbage.
+5-6% of the client's instructions spent finding no garbage (``bench_client.py
+--instructions``, with and without ``--default-gc``).
 
 ``tune_for_job`` is a deliberate, process-wide setting for ``ratelab job`` (and the
 benchmark that measures it), never for a process that merely embeds the client (the
