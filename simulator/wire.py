@@ -7,6 +7,7 @@ handlers in ``simulator.server`` only sequence them in time.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import struct
 from collections.abc import Sequence
@@ -59,19 +60,10 @@ def usage_dict(usage: Any) -> dict[str, int]:
 
 
 # JSON literals of the few strings every reply repeats (model names, finish reasons).
-# Bounded: cleared when it fills up.
-_LITERALS: dict[str, str] = {}
-_LITERALS_MAX = 1024
-
-
+@functools.lru_cache(maxsize=1024)
 def _literal(value: str) -> str:
     """``_string(value)``, memoised for the handful of values a server repeats."""
-    text = _LITERALS.get(value)
-    if text is None:
-        if len(_LITERALS) >= _LITERALS_MAX:
-            _LITERALS.clear()
-        text = _LITERALS[value] = _string(value)
-    return text
+    return _string(value)
 
 
 def chat_completion(
@@ -81,9 +73,9 @@ def chat_completion(
     """The non-stream ``chat.completion`` body as JSON bytes; ``n`` choices carry the same
     content. Written from a template: it is the simulator's hottest path."""
     text = _string(content)
-    reason = _LITERALS.get(finish_reason) or _literal(finish_reason)
+    reason = _literal(finish_reason)
     head = (f'{{"id":"chatcmpl-rl{admission_id:010d}","object":"chat.completion",'
-            f'"created":{int(created)},"model":{_LITERALS.get(model) or _literal(model)},')
+            f'"created":{int(created)},"model":{_literal(model)},')
     tail = (f'"usage":{{"prompt_tokens":{int(usage.prompt_tokens)},'
             f'"completion_tokens":{int(usage.completion_tokens)},'
             f'"total_tokens":{int(usage.total_tokens)}}},'

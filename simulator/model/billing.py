@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from simulator.model.config import ModelProfile
 
 CHARGED_HEADER = "X-MDB-Charged-USD"
@@ -21,19 +23,10 @@ def format_usd(usd: float) -> str:
 
 
 # Charges rendered by value: a workload's requests cost a handful of distinct amounts.
-# Bounded: cleared when it fills up.
-_CHARGES: dict[float, str] = {}
-_CHARGES_MAX = 4096
-
-
+@functools.lru_cache(maxsize=4096)
 def _charge_text(usd: float) -> str:
     """``format_usd(usd)``, memoised."""
-    text = _CHARGES.get(usd)
-    if text is None:
-        if len(_CHARGES) >= _CHARGES_MAX:
-            _CHARGES.clear()
-        text = _CHARGES[usd] = format_usd(usd)
-    return text
+    return format_usd(usd)
 
 
 class Account:
