@@ -12,7 +12,6 @@ window, so a background flood leaves room for a waiting user.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
@@ -88,6 +87,11 @@ class WorkerPool:
         self.rng = random.Random(seed)
         self._tasks: list[asyncio.Task[None]] = []
         self._idle: deque[asyncio.Future[None]] = deque()
+        # Set by close(): a worker stops at its next turn even if something it awaited
+        # swallowed the cancellation (seen on Python 3.11: a worker cancelled by close()
+        # went on polling, and close() waited for it forever; a cancel that races a
+        # timeout can come back as the timeout).
+        self._stopping = False
         self._call_ids = itertools.count(1)
         self._session: aiohttp.ClientSession | None = None
         b = cfg.batching
@@ -102,6 +106,7 @@ class WorkerPool:
 
     async def close(self) -> None:
         """Stop the workers; tasks they held stay leased and are re-queued later."""
+        self._stopping = True
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -120,12 +125,18 @@ class WorkerPool:
     async def _wait_for_work(self) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._idle.append(fut)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(fut, IDLE_POLL_S)
+        # Not asyncio.wait_for: on Python 3.11 it returns the future's result when a wake()
+        # and a cancel() land in the same loop turn, swallowing the cancel, and close() then
+        # waits forever for a worker that goes on polling. asyncio.wait always propagates it.
+        try:
+            await asyncio.wait((fut,), timeout=IDLE_POLL_S)
+        finally:
+            if not fut.done():
+                fut.cancel()  # wake() skips it: a stale waiter never takes a wake-up
 
     async def _worker(self, index: int) -> None:
         queues = worker_queues(self.cfg, index)
-        while True:
+        while not self._stopping:
             try:
                 tasks = await self.store.claim(queues, self.clock.now(), self.cfg.lease_s,
                                                self.cfg.batching.max_items)
