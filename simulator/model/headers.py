@@ -6,6 +6,7 @@ Every duration passed in is virtual seconds; renderers divide by ``time_scale``
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -62,18 +63,10 @@ def _remaining(window: Window, now: float) -> int:
     return max(0, int(window.capacity - window.used(now) + 1e-9))
 
 
-_CAPACITIES: dict[float, str] = {}
-
-
+@functools.lru_cache(maxsize=1024)
 def _capacity_text(capacity: float) -> str:
     """``str(int(capacity))``, memoised: a provider has a handful of capacities."""
-    text = _CAPACITIES.get(capacity)
-    if text is None:
-        text = str(int(capacity))
-        if len(_CAPACITIES) >= _DURATIONS_MAX:
-            _CAPACITIES.clear()
-        _CAPACITIES[capacity] = text
-    return text
+    return str(int(capacity))
 
 
 def _no_headers(state: LimitState, now: float, out: dict[str, str]) -> None:
@@ -110,24 +103,20 @@ class HeaderRenderer:
         return _no_headers
 
     def _openai(self, state: LimitState, now: float, out: dict[str, str]) -> None:
-        # spelled out per window, ``_remaining`` inlined: every 200 and 429 renders these
+        # ``_remaining`` inlined: every 200 and 429 renders these
         scale = self.time_scale
-        window = state.requests
-        if window is not None:
+        for window, limit, left, reset in (
+                (state.requests, "x-ratelimit-limit-requests",
+                 "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"),
+                (state.tokens, "x-ratelimit-limit-tokens",
+                 "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")):
+            if window is None:
+                continue
             capacity = window.capacity
-            out["x-ratelimit-limit-requests"] = _CAPACITIES.get(capacity) or _capacity_text(
-                capacity)
+            out[limit] = _capacity_text(capacity)
             remaining = int(capacity - window.used(now) + 1e-9)
-            out["x-ratelimit-remaining-requests"] = str(remaining if remaining > 0 else 0)
-            out["x-ratelimit-reset-requests"] = format_duration(window.reset_in(now) / scale)
-        window = state.tokens
-        if window is not None:
-            capacity = window.capacity
-            out["x-ratelimit-limit-tokens"] = _CAPACITIES.get(capacity) or _capacity_text(
-                capacity)
-            remaining = int(capacity - window.used(now) + 1e-9)
-            out["x-ratelimit-remaining-tokens"] = str(remaining if remaining > 0 else 0)
-            out["x-ratelimit-reset-tokens"] = format_duration(window.reset_in(now) / scale)
+            out[left] = str(remaining if remaining > 0 else 0)
+            out[reset] = format_duration(window.reset_in(now) / scale)
 
     def _anthropic(self, state: LimitState, now: float, out: dict[str, str]) -> None:
         for part, window, rounded in (("requests", state.requests, False),
