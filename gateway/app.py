@@ -172,8 +172,11 @@ class GatewayApp:
         ending after the final state; each state appears once."""
         last_state = None
         while deadline is None or time.monotonic() < deadline:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can return a result when the
+            # client's disconnect cancels this handler in the same turn, losing the cancel.
             try:
-                event = await asyncio.wait_for(q.get(), self.sse_poll_s)
+                async with asyncio.timeout(self.sse_poll_s):
+                    event = await q.get()
             except TimeoutError:
                 task = await self.store.get(task_id)
                 if task is None:
