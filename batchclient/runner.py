@@ -243,7 +243,7 @@ class Runner:
             for result in results:
                 if type(result) is Accepted:
                     for state in result.states:
-                        seqs.pop(state.item.id, None)
+                        seqs.pop(state.id, None)
                 else:
                     assert isinstance(result, ItemResult)
                     seqs.pop(result.item_id, None)

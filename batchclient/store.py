@@ -107,7 +107,7 @@ def _accepted_rows(accepted: Accepted, labels: Mapping[str, str], seqs: Mapping[
     call, share, codes = accepted.call, accepted.share, accepted.codes
     model, provider = call.model, call.provider
     for state in accepted.states:
-        item_id = state.item.id
+        item_id = state.id
         code = codes[item_id]
         seq = seqs.get(item_id)
         if seq is None:

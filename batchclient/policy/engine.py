@@ -101,8 +101,9 @@ class Engine(ResponseHandling, InteractiveLane):
         self.counts = Counts()
         self._items: dict[str, ItemState] = {}
         self._keys: dict[str, str] = {}  # canonical id -> id, for collision checks
-        self._ready: dict[str, deque[str]] = {}
-        self._delayed: list[tuple[float, int, str]] = []
+        # queued items by model, as their states (no id lookup per item when packing)
+        self._ready: dict[str, deque[ItemState]] = {}
+        self._delayed: list[tuple[float, int, ItemState]] = []
         self._followers: dict[str, list[str]] = {}  # dedup key -> waiting duplicate ids
         self._leaders: dict[str, str] = {}  # dedup key -> id being processed
         self._inflight: dict[int, Call] = {}
@@ -111,7 +112,7 @@ class Engine(ResponseHandling, InteractiveLane):
         # Bumped whenever the head of a ready queue changes (popleft/appendleft): the packing
         # of the head is reused until then (a throttled dispatch asks again and again).
         self._head_moves = 0
-        self._packed: tuple[tuple[str, int, int, int], list[Item], int, int] | None = None
+        self._packed: tuple[tuple[str, int, int, int], list[ItemState], int, int] | None = None
         self._exhausted = False
         self._fatal: Done | None = None
         self._out = Drained()
@@ -199,17 +200,23 @@ class Engine(ResponseHandling, InteractiveLane):
         if len(set(ids)) != len(ids) or not keys.keys().isdisjoint(ids):
             return None
         code_chars = 6 + 6 + self._code_len + 2 + 1
-        # the reply object of an all-digit id holds a JSON integer (no quotes)
-        sizes = [(len(item_id) + 5 + len(text),
-                  len(item_id) + (code_chars if item_id.isdigit() and item_id.isascii()
-                                  else 2 + code_chars))
-                 for item_id, text in zip(ids, texts, strict=True)]
+        if joined.replace("\n", "").isdigit():  # ASCII: the ids matched the pattern
+            # every reply object holds a JSON integer (no quotes): sizes without a test per id
+            sizes = [(n + 5 + len(text), n + code_chars)
+                     for n, text in zip(map(len, ids), texts, strict=True)]
+            reply = max(map(len, ids)) + code_chars
+        else:
+            # the reply object of an all-digit id holds a JSON integer (no quotes)
+            sizes = [(len(item_id) + 5 + len(text),
+                      len(item_id) + (code_chars if item_id.isdigit() and item_id.isascii()
+                                      else 2 + code_chars))
+                     for item_id, text in zip(ids, texts, strict=True)]
+            reply = max(s[1] for s in sizes)
         instructions = len(self.task.instructions)
         head = instructions + (1 if instructions else 0)
         fixed = self.packer.fixed_prompt_tokens + self.packer.reply_slack_tokens
         # the token count alone grows with both sizes: the largest of each bounds every item
-        line = max(s[0] for s in sizes)
-        reply = max(s[1] for s in sizes)
+        line = max(sizes)[0]  # tuples order by their first member first
         if fixed + (head + line + 3) // 4 + (2 + reply + 3) // 4 > self.config.batch.token_budget:
             return None
         if record:
@@ -274,36 +281,61 @@ class Engine(ResponseHandling, InteractiveLane):
         that holds ids and texts, not items: the planner's feed). Same checks, same
         errors; a page that passes them is validated a page at a time."""
         sizes = self._check_page_whole(ids, texts, record=True)
-        page = list(map(Item, ids, texts))
         if sizes is None:
-            sizes = self._check_page_items(page, record=True)
-        self._add_checked(page, sizes, texts)
+            sizes = self._check_page_items(list(map(Item, ids, texts)), record=True)
+        if self.config.routing or self._predicates:
+            self._add_checked(list(map(Item, ids, texts)), sizes)
+            return
+        # Nothing can reroute: every item goes to the task's model, and no Item is built.
+        model = self.task.model
+        prefix = self._key_prefix(model)
+        items, leaders, followers = self._items, self._leaders, self._followers
+        queue = self._ready.get(model)
+        if queue is None:
+            queue = self._ready[model] = deque()
+        append, lead = queue.append, leaders.setdefault
+        for item_id, text, norm, size in zip(ids, texts, normalise_page(texts), sizes,
+                                             strict=True):
+            key = prefix + norm
+            state = items[item_id] = ItemState(item_id, text, model, key, size)
+            # one lookup: the item leads its key unless an earlier one does (ids are unique)
+            if lead(key, item_id) is not item_id:
+                state.state = "follower"
+                followers.setdefault(key, []).append(item_id)
+                continue
+            append(state)
+        self.counts.fed += len(ids)
 
-    def _add_checked(self, page: list[Item], sizes: list[tuple[int, int]] | None = None,
-                     texts: list[str] | None = None) -> None:
+    def _key_prefix(self, model: str) -> str:
+        """What ``cache_key`` puts before an item's normalised text for ``model``."""
+        return f"{model}\x1f{self.task.name}\x1f{self._digest}\x1f"
+
+    def _add_checked(self, page: list[Item], sizes: list[tuple[int, int]] | None = None
+                     ) -> None:
         # Queue a validated page (per item: sizes unless given, route, cache key).
         # Inlined: Packer.sizes and cache_key (the key's model/task/digest prefix is built
         # once per model, not per item); the route is skipped when nothing can reroute.
-        task, default_model, routing = self.task, self.task.model, self.config.routing
-        predicates, digest, code_len = self._predicates, self._digest, self._code_len
+        default_model, routing = self.task.model, self.config.routing
+        predicates, code_len = self._predicates, self._code_len
         items, leaders, ready, followers = self._items, self._leaders, self._ready, self._followers
         rerouting = bool(routing or predicates)
-        prefixes = {default_model: f"{default_model}\x1f{task.name}\x1f{digest}\x1f"}
+        prefixes = {default_model: self._key_prefix(default_model)}
         model = default_model
         prefix = prefixes[default_model]
         queue = ready.get(model)
-        normalised = normalise_page(texts if texts is not None else [item.text for item in page])
+        normalised = normalise_page([item.text for item in page])
         for n, item in enumerate(page):
             item_id, text = item.id, item.text
             if rerouting:
                 model = route_model(item, default_model, routing, predicates)
                 found = prefixes.get(model)
                 prefix = found if found is not None else prefixes.setdefault(
-                    model, f"{model}\x1f{task.name}\x1f{digest}\x1f")
+                    model, self._key_prefix(model))
                 queue = ready.get(model)
             key = prefix + normalised[n]
-            state = ItemState(item, model, key, sizes[n] if sizes is not None else (
-                len(item_id) + 5 + len(text), reply_item_chars(item_id, code_len)))
+            state = ItemState(item_id, text, model, key, sizes[n] if sizes is not None else (
+                len(item_id) + 5 + len(text), reply_item_chars(item_id, code_len)),
+                tag=item.tag)
             items[item_id] = state
             if key in leaders:
                 state.state = "follower"
@@ -312,7 +344,7 @@ class Engine(ResponseHandling, InteractiveLane):
             leaders[key] = item_id
             if queue is None:
                 queue = ready[model] = deque()
-            queue.append(item_id)
+            queue.append(state)
         self.counts.fed += len(page)
 
     def end_of_items(self) -> None:
@@ -336,9 +368,8 @@ class Engine(ResponseHandling, InteractiveLane):
 
     def _release_delayed(self, now: float) -> None:
         while self._delayed and self._delayed[0][0] <= now:
-            _, _, item_id = heapq.heappop(self._delayed)
-            state = self._items[item_id]
-            self._ready.setdefault(state.model, deque()).appendleft(item_id)
+            state = heapq.heappop(self._delayed)[2]
+            self._ready.setdefault(state.model, deque()).appendleft(state)
             self._head_moves += 1
 
     def next_action(self, now: float) -> Action:
@@ -389,11 +420,10 @@ class Engine(ResponseHandling, InteractiveLane):
         key = (model, size, head, self._head_moves)
         packed = self._packed
         if packed is None or packed[0] != key:
-            states = [self._items[i] for i in islice(queue, head)]
+            states = list(islice(queue, head))
             count, prompt_tokens, max_tokens = self.packer.pack_sizes(
                 [st.sizes for st in states], size, self.config.batch.token_budget)
-            packed = self._packed = (key, [st.item for st in states[:count]], prompt_tokens,
-                                     max_tokens)
+            packed = self._packed = (key, states[:count], prompt_tokens, max_tokens)
         _, batch, prompt_tokens, max_tokens = packed
         throttle = self.throttle(provider, model)
         expected = max_tokens - self.config.batch.reply_slack_tokens
@@ -406,12 +436,11 @@ class Engine(ResponseHandling, InteractiveLane):
         self._head_moves += 1
         resend = False
         attempt = 0
-        items = self._items
+        popleft = queue.popleft
         item_ids = []
-        for _ in batch:
-            item_id = queue.popleft()
-            item_ids.append(item_id)
-            state = items[item_id]
+        for state in batch:
+            popleft()  # the head is the batch, in order
+            item_ids.append(state.id)
             state.state = "inflight"
             state.sends += 1
             resend = resend or state.sends > 1

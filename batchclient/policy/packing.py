@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Protocol
 
 from batchclient.config import Task
 from batchclient.policy.tokens import (
@@ -18,11 +19,23 @@ from batchclient.policy.tokens import (
 )
 from batchclient.policy.wire import Item
 
+
+class Packable(Protocol):
+    """What packing reads of an item: an ``Item``, or the engine's ``ItemState`` (which holds
+    the id and text itself, so a batch is packed without an ``Item`` per item)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def text(self) -> str: ...
+
+
 # what str.splitlines breaks on besides "\n"
 _OTHER_BREAKS = re.compile("[\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
-def item_line(item: Item) -> str:
+def item_line(item: Packable) -> str:
     """The prompt line of one item; newlines become spaces so it stays one line."""
     return f"id={item.id}: " + " ".join(item.text.splitlines())
 
@@ -49,7 +62,7 @@ class Packer:
         """Tokens of a batch prompt before its item lines (system + instructions)."""
         return self._fixed
 
-    def user_message(self, items: Sequence[Item]) -> str:
+    def user_message(self, items: Sequence[Packable]) -> str:
         """The user message of a batch: instructions then one line per item."""
         instructions = self.task.instructions
         if not items:
@@ -61,7 +74,7 @@ class Packer:
             body = "\n".join([item_line(item) for item in items])
         return instructions + "\n" + body if instructions else body
 
-    def messages(self, items: Sequence[Item]) -> list[dict[str, str]]:
+    def messages(self, items: Sequence[Packable]) -> list[dict[str, str]]:
         """Chat messages of a batch request."""
         return [
             {"role": "system", "content": self.task.system_prompt},

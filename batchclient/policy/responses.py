@@ -45,8 +45,8 @@ class ResponseHandling:
     breakers: dict[str, Breaker]
     _provider: dict[str, ProviderSettings]
     _items: dict[str, ItemState]
-    _ready: dict[str, deque[str]]
-    _delayed: list[tuple[float, int, str]]
+    _ready: dict[str, deque[ItemState]]
+    _delayed: list[tuple[float, int, ItemState]]
     _followers: dict[str, list[str]]
     _leaders: dict[str, str]
     _inflight: dict[int, Call]
@@ -71,11 +71,11 @@ class ResponseHandling:
         state = self._items[item_id]
         state.state = "queued"
         if not_before is None or not_before <= now:
-            self._ready.setdefault(state.model, deque()).appendleft(item_id)
+            self._ready.setdefault(state.model, deque()).appendleft(state)
             self._head_moves += 1
         else:
             self._seq += 1
-            heapq.heappush(self._delayed, (not_before, self._seq, item_id))
+            heapq.heappush(self._delayed, (not_before, self._seq, state))
 
     def _finish(self, item_id: str, result: ItemResult, now: float,
                 call_id: int | None = None) -> None:
@@ -334,6 +334,6 @@ class ResponseHandling:
                     call.call_id)
             else:
                 # Skip: back to the queue for the next pass, no error noise.
-                self._items[item_id].state = "queued"
-                self._ready.setdefault(state.model, deque()).append(item_id)
+                state.state = "queued"
+                self._ready.setdefault(state.model, deque()).append(state)
         return len(parsed.codes)

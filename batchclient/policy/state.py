@@ -12,9 +12,12 @@ from batchclient.policy.wire import Call, Item
 
 @dataclass(slots=True)
 class ItemState:
-    """Where one fed item is: its routing, packing sizes, sends, failed attempts and misses."""
+    """Where one fed item is: its id, text and tag, routing, packing sizes, sends, failed
+    attempts and misses. The item's own fields are held here rather than as an ``Item``
+    (one object per item, not two): ``item`` builds one for a consumer that wants it."""
 
-    item: Item
+    id: str
+    text: str
     model: str
     key: str
     sizes: tuple[int, int] = (0, 0)
@@ -23,6 +26,12 @@ class ItemState:
     last_error: str | None = None
     state: str = "queued"  # queued | inflight | follower | done | dead
     sends: int = 0  # calls that carried the item so far
+    tag: str | None = None
+
+    @property
+    def item(self) -> Item:
+        """The fed item (id, text, tag) as an ``Item``."""
+        return Item(self.id, self.text, self.tag)
 
 
 @dataclass(slots=True)
@@ -47,7 +56,7 @@ class Accepted:
         model, provider = call.model, call.provider
         out = []
         for state in self.states:
-            item_id = state.item.id
+            item_id = state.id
             code = codes[item_id]
             out.append(ItemResult(item_id, "done", code, labels[code], model, provider, None,
                                   share, state.attempts + 1, state.key))
@@ -58,7 +67,7 @@ class Accepted:
         call, share, at = self.call, self.share, self.at
         model, provider, call_id = call.model, call.provider, call.call_id
         return [Event("item", name, at, "done", provider=provider, model=model,
-                      cost_usd=share, item_id=state.item.id, call_id=call_id)
+                      cost_usd=share, item_id=state.id, call_id=call_id)
                 for state in self.states]
 
 
