@@ -1,14 +1,15 @@
 """In-process event hub (task state changes and streamed tokens) and the gateway's counters.
 
-The hub only reaches subscribers in the same process; an SSE subscriber also polls the
-store, so with Redis it sees changes made by another gateway process too.
+The hub reaches subscribers in the same process; with Redis, ``gateway.relay`` carries
+events between processes, and an SSE subscriber also polls the store (pub/sub delivers at
+most once), so it sees the states of a task another gateway process runs in any case.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 Event = dict[str, Any]
@@ -26,6 +27,8 @@ class EventHub:
         self._tokens: dict[str, list[Event]] = {}
         self.keep_s = keep_s
         self.max_tokens = max_tokens
+        # where events of tasks run here also go (the other processes), if anywhere
+        self.relay: Callable[[str, Event], None] | None = None
 
     def subscribe(self, task_id: str) -> asyncio.Queue[Event]:
         """A queue receiving every later event of ``task_id``."""
@@ -46,7 +49,13 @@ class EventHub:
                 del self._subs[task_id]
 
     def publish(self, task_id: str, event: Event) -> None:
-        """Deliver ``event`` to the task's subscribers (none: dropped)."""
+        """An event of a task this process runs: to the local subscribers and the relay."""
+        self.deliver(task_id, event)
+        if self.relay is not None:
+            self.relay(task_id, event)
+
+    def deliver(self, task_id: str, event: Event) -> None:
+        """Deliver ``event`` to the task's local subscribers (none: dropped)."""
         if "token" in event:
             kept = self._tokens.setdefault(task_id, [])
             if len(kept) < self.max_tokens:

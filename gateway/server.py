@@ -21,6 +21,7 @@ from gateway.config import GatewayConfig
 from gateway.events import EventHub, Metrics
 from gateway.local_state import MemoryProviderWindow, MemoryUserLimiter, SqliteTaskStore
 from gateway.redis_state import RedisState, connect
+from gateway.relay import RedisEventRelay
 from gateway.routing import provider_settings
 from gateway.state import ProviderWindow, TaskStore, UserLimiter
 from gateway.worker import WorkerPool
@@ -42,6 +43,7 @@ class RunningGateway:
     _runner: web.AppRunner
     _transport: AiohttpTransport
     loop: asyncio.AbstractEventLoop
+    relay: RedisEventRelay | None = None
     closed: bool = False
 
     async def close(self) -> None:
@@ -53,6 +55,8 @@ class RunningGateway:
         await self.pool.close()
         await self._runner.cleanup()
         await self._transport.close()
+        if self.relay is not None:
+            await self.relay.close()
         await self.store.close()
 
 
@@ -69,10 +73,14 @@ async def start_gateway(config: GatewayConfig, *, host: str = "127.0.0.1", port:
     store: TaskStore
     limiter: UserLimiter
     windows: dict[str, ProviderWindow]
+    hub, metrics = EventHub(), Metrics()
+    relay = None
     if redis_url is not None:
-        state = RedisState(connect(redis_url), prefix=redis_prefix,
+        client = connect(redis_url)
+        state = RedisState(client, prefix=redis_prefix,
                            time_scale=config.time_scale,
                            window_margin_s=config.window_margin_s)
+        relay = RedisEventRelay(client, hub, redis_prefix)
         windows = {u.name: state.window(u.name, u.rpm, u.tpm) for u in config.upstreams}
         store, limiter, ping, backend = state, state, state.ping, "redis"
     else:
@@ -81,7 +89,6 @@ async def start_gateway(config: GatewayConfig, *, host: str = "127.0.0.1", port:
         windows = {u.name: MemoryProviderWindow(u.rpm, u.tpm, config.window_margin_s)
                    for u in config.upstreams}
         ping, backend = None, "sqlite"
-    hub, metrics = EventHub(), Metrics()
     # One keep-alive session to every upstream; calls name their upstream.
     transport = AiohttpTransport([provider_settings(u, config.time_scale)
                                   for u in config.upstreams],
@@ -90,13 +97,15 @@ async def start_gateway(config: GatewayConfig, *, host: str = "127.0.0.1", port:
     shell = GatewayApp(config, store, limiter, clock, hub, metrics, pool.wake, backend, ping)
     runner = web.AppRunner(shell.build(), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
+    if relay is not None:
+        await relay.start()
     site = web.TCPSite(runner, host, port)
     await site.start()
     pool.start()
     bound = runner.addresses[0][1]
     shown = f"[{host}]" if ":" in host else host
     return RunningGateway(f"http://{shown}:{bound}", host, bound, config, store, pool, metrics,
-                          runner, transport, asyncio.get_running_loop())
+                          runner, transport, asyncio.get_running_loop(), relay)
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -11,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from gateway.config import GatewayConfig, TierLimits, Upstream, default_config
@@ -120,3 +122,20 @@ async def gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Runni
     yield start
     for gw in started:
         await gw.close()
+
+
+async def sse_events(session: aiohttp.ClientSession, url: str
+                     ) -> list[tuple[str, dict[str, Any]]]:
+    """Read a task's SSE stream to its end: (event kind, data) pairs."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    async with session.get(url) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        kind = ""
+        async for raw in r.content:
+            line = raw.decode().strip()
+            if line.startswith("event:"):
+                kind = line[6:].strip()
+            elif line.startswith("data:"):
+                events.append((kind, json.loads(line[5:])))
+    return events

@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 
 from gateway.server import RunningGateway
-from tests.gateway.conftest import gateway_config
+from tests.gateway.conftest import gateway_config, sse_events
 
 CHAT = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}
 
@@ -53,16 +53,7 @@ async def test_sse_events_state_changes_and_tokens(sim_server, gateway) -> None:
         async with s.post(f"{gw.url}/v1/tasks", json={**CHAT, "user": "ann", "stream": True,
                                                        "lane": "interactive"}) as r:
             task_id = (await r.json())["id"]
-        events: list[tuple[str, dict[str, Any]]] = []
-        async with s.get(f"{gw.url}/v1/tasks/{task_id}/events") as r:
-            assert r.headers["Content-Type"].startswith("text/event-stream")
-            kind = ""
-            async for raw in r.content:
-                line = raw.decode().strip()
-                if line.startswith("event:"):
-                    kind = line[6:].strip()
-                elif line.startswith("data:"):
-                    events.append((kind, json.loads(line[5:])))
+        events = await sse_events(s, f"{gw.url}/v1/tasks/{task_id}/events")
     kinds = [k for k, _ in events]
     states = [e["state"] for k, e in events if k == "state"]
     assert kinds[-1] == "end"

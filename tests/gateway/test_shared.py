@@ -1,6 +1,7 @@
 """Two gateways (separate event loops and threads) sharing one real redis-server: the
-provider never sees more than its limit, per-user limits hold across both, and a Redis
-outage gives 503 then recovery with no lost or double-run task."""
+provider never sees more than its limit, per-user limits hold across both, a Redis
+outage gives 503 then recovery with no lost or double-run task, and a subscriber of one
+gateway follows a task the other runs, its streamed tokens included."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from gateway.server import serve_in_thread
 from simulator.model.config import apply_overrides, default_config
 from simulator.server import RunningServer
 from simulator.server import serve_in_thread as sim_in_thread
-from tests.gateway.conftest import gateway_config, with_upstream_limits
+from tests.gateway.conftest import gateway_config, sse_events, with_upstream_limits
 
 CHAT = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
 
@@ -141,3 +142,27 @@ async def test_redis_lease_expiry_recovers_a_dead_gateways_tasks(redis_server, s
     assert {r["state"] for r in results} == {"done"}
     rerun = [r for r in results if r["attempts"] == 2]
     assert rerun and sum(second.metrics.upstream_calls.values()) == 6
+
+
+async def test_a_subscriber_follows_a_task_another_gateway_runs(redis_server, sim_server,
+                                                                gateway) -> None:
+    sim = await sim_server(time_scale=20, ttft_ms=400, itl_ms=20, seed=9)
+    cfg = gateway_config(sim, time_scale=20)
+    runner = await gateway(cfg, redis_url=redis_server.url)
+    front = await gateway(cfg, redis_url=redis_server.url)
+    await front.pool.close()   # the front gateway only takes requests: the runner runs them
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{front.url}/v1/tasks", json={
+                **CHAT, "max_tokens": 24, "user": "ann", "stream": True,
+                "lane": "interactive"}) as r:
+            assert r.status == 202
+            task_id = (await r.json())["id"]
+        events = await sse_events(s, f"{front.url}/v1/tasks/{task_id}/events")
+    states = [e["state"] for k, e in events if k == "state"]
+    assert states == ["queued", "running", "done"] and events[-1][0] == "end"
+    # tokens are never stored: they reached the front gateway through the relay
+    tokens = "".join(e["token"] for k, e in events if k == "token")
+    final = next(e for k, e in events if k == "state" and e["state"] == "done")
+    assert tokens and final["result"]["choices"][0]["message"]["content"] == tokens
+    assert sum(runner.metrics.upstream_calls.values()) == 1
+    assert sum(front.metrics.upstream_calls.values()) == 0

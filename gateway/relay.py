@@ -1,0 +1,115 @@
+"""Task events across gateway processes: the hub's events relayed over Redis pub/sub.
+
+With Redis, the process that runs a task is often not the one its subscriber is connected
+to. Every process publishes the events of the tasks it runs (state changes and streamed
+tokens) on one channel and delivers those of the other processes to its local subscribers,
+so an SSE subscriber sees a task run elsewhere as it happens, tokens included (the store
+holds states and results, never tokens).
+
+Pub/sub delivers at most once: an event published while a process is disconnected is lost
+to it. The SSE handler's store polls stay the safety net for states; tokens missed that
+way are missed, as with any live stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.events import Event, EventHub
+
+log = logging.getLogger(__name__)
+
+RECONNECT_S = 0.5     # wall seconds between attempts to resubscribe after a failure
+MAX_PENDING = 10_000  # events queued for publishing while Redis is slow or down
+
+
+class RedisEventRelay:
+    """Publishes the local hub's events and delivers the other processes' to it.
+
+    ``start()`` subscribes before it returns, so no event published after it is missed;
+    ``close()`` sends what is queued (briefly) and unsubscribes.
+    """
+
+    def __init__(self, client: aioredis.Redis, hub: EventHub, prefix: str) -> None:
+        self.client = client
+        self.hub = hub
+        self.channel = f"{prefix}events"
+        self.origin = uuid.uuid4().hex  # this process: its own events come back, skipped
+        self._outbox: asyncio.Queue[str] = asyncio.Queue(MAX_PENDING)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.dropped = 0
+
+    async def start(self) -> None:
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.channel)
+        except (RedisError, OSError) as exc:  # Redis down: the receive loop keeps trying
+            log.warning("task events of other gateways paused (Redis: %s)", exc)
+        self.hub.relay = self.publish
+        self._tasks = [asyncio.create_task(self._send(), name="ratelab-relay-send"),
+                       asyncio.create_task(self._receive(pubsub), name="ratelab-relay-recv")]
+
+    def publish(self, task_id: str, event: Event) -> None:
+        """Queue a local event for the other processes (never blocks the worker)."""
+        message = json.dumps({"o": self.origin, "t": task_id, "e": event},
+                             separators=(",", ":"))
+        try:
+            self._outbox.put_nowait(message)
+        except asyncio.QueueFull:
+            self.dropped += 1  # subscribers elsewhere fall back to the store's states
+
+    async def _send(self) -> None:
+        while True:
+            message = await self._outbox.get()
+            try:
+                await self.client.publish(self.channel, message)
+            except (RedisError, OSError) as exc:
+                self.dropped += 1
+                log.warning("task event not relayed (Redis: %s)", exc)
+                await asyncio.sleep(RECONNECT_S)
+
+    async def _receive(self, pubsub: Any) -> None:
+        while True:
+            try:
+                # listen() ends at once when the subscription was never made
+                async for message in pubsub.listen():
+                    self._deliver(message.get("data"))
+            except (RedisError, OSError) as exc:
+                log.warning("task events of other gateways paused (Redis: %s)", exc)
+            await asyncio.sleep(RECONNECT_S)
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.subscribe(self.channel)
+
+    def _deliver(self, data: object) -> None:
+        if not isinstance(data, str):
+            return
+        try:
+            message = json.loads(data)
+            origin, task_id, event = message["o"], message["t"], message["e"]
+        except (ValueError, KeyError, TypeError):
+            return  # not ours: another program on the channel
+        if origin != self.origin and isinstance(task_id, str) and isinstance(event, dict):
+            self.hub.deliver(task_id, event)
+
+    async def close(self) -> None:
+        """Flush the outbox for up to a second, then stop both loops."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                while not self._outbox.empty():
+                    await asyncio.sleep(0.01)
+        self.hub.relay = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
