@@ -1,10 +1,11 @@
-"""Task events across gateway processes: the hub's events relayed over Redis pub/sub.
+"""Events across gateway processes over Redis pub/sub: task events and breaker changes.
 
 With Redis, the process that runs a task is often not the one its subscriber is connected
 to. Every process publishes the events of the tasks it runs (state changes and streamed
 tokens) on one channel and delivers those of the other processes to its local subscribers,
 so an SSE subscriber sees a task run elsewhere as it happens, tokens included (the store
-holds states and results, never tokens).
+holds states and results, never tokens). Breakers that open or close in one process are
+announced the same way and applied by the others (``Router.apply_remote``).
 
 Pub/sub delivers at most once: an event published while a process is disconnected is lost
 to it. The SSE handler's store polls stay the safety net for states; tokens missed that
@@ -23,7 +24,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from gateway.clock import GatewayClock
 from gateway.events import Event, EventHub
+from gateway.routing import Router
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +41,12 @@ class RedisEventRelay:
     ``close()`` sends what is queued (briefly) and unsubscribes.
     """
 
-    def __init__(self, client: aioredis.Redis, hub: EventHub, prefix: str) -> None:
+    def __init__(self, client: aioredis.Redis, hub: EventHub, prefix: str,
+                 router: Router | None = None, clock: GatewayClock | None = None) -> None:
         self.client = client
         self.hub = hub
+        self.router = router
+        self.clock = clock
         self.channel = f"{prefix}events"
         self.origin = uuid.uuid4().hex  # this process: its own events come back, skipped
         self._outbox: asyncio.Queue[str] = asyncio.Queue(MAX_PENDING)
@@ -54,13 +60,21 @@ class RedisEventRelay:
         except (RedisError, OSError) as exc:  # Redis down: the receive loop keeps trying
             log.warning("task events of other gateways paused (Redis: %s)", exc)
         self.hub.relay = self.publish
+        if self.router is not None:
+            self.router.on_change = self.publish_breaker
         self._tasks = [asyncio.create_task(self._send(), name="ratelab-relay-send"),
                        asyncio.create_task(self._receive(pubsub), name="ratelab-relay-recv")]
 
     def publish(self, task_id: str, event: Event) -> None:
-        """Queue a local event for the other processes (never blocks the worker)."""
-        message = json.dumps({"o": self.origin, "t": task_id, "e": event},
-                             separators=(",", ":"))
+        """Queue a local task event for the other processes (never blocks the worker)."""
+        self._queue({"o": self.origin, "t": task_id, "e": event})
+
+    def publish_breaker(self, upstream: str, opened_at: float | None) -> None:
+        """Queue a breaker change (opened at a virtual time, or closed: None)."""
+        self._queue({"o": self.origin, "b": upstream, "at": opened_at})
+
+    def _queue(self, payload: dict[str, Any]) -> None:
+        message = json.dumps(payload, separators=(",", ":"))
         try:
             self._outbox.put_nowait(message)
         except asyncio.QueueFull:
@@ -96,11 +110,24 @@ class RedisEventRelay:
             return
         try:
             message = json.loads(data)
-            origin, task_id, event = message["o"], message["t"], message["e"]
+            if not isinstance(message, dict) or message.get("o") == self.origin:
+                return
+            if "b" in message:
+                self._breaker(message["b"], message["at"])
+                return
+            task_id, event = message["t"], message["e"]
         except (ValueError, KeyError, TypeError):
             return  # not ours: another program on the channel
-        if origin != self.origin and isinstance(task_id, str) and isinstance(event, dict):
+        if isinstance(task_id, str) and isinstance(event, dict):
             self.hub.deliver(task_id, event)
+
+    def _breaker(self, upstream: object, opened_at: object) -> None:
+        if self.router is None or self.clock is None or not isinstance(upstream, str):
+            return
+        if opened_at is not None and not isinstance(opened_at, int | float):
+            return
+        self.router.apply_remote(self.clock.now(), upstream,
+                                 None if opened_at is None else float(opened_at))
 
     async def close(self) -> None:
         """Flush the outbox for up to a second, then stop both loops."""
@@ -109,6 +136,8 @@ class RedisEventRelay:
                 while not self._outbox.empty():
                     await asyncio.sleep(0.01)
         self.hub.relay = None
+        if self.router is not None:
+            self.router.on_change = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

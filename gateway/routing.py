@@ -7,11 +7,15 @@ timeouts, refused connections) is skipped until a probe may go; a call that fail
 upstream goes straight to the next one that can take it (``avoid``). An upstream with
 ``failover_on_429`` also hands work on while it is rate limited: it answered 429, or the
 gateway's own window for its key is full.
+
+With several gateway processes (Redis), a breaker that opens or closes here is announced
+(``on_change``) and the others apply it (``apply_remote``, through ``gateway.relay``), so an
+upstream's outage costs the failed calls of one process, not of every process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from batchclient.config import BreakerSettings, ProviderSettings
 from batchclient.policy.breaker import Breaker
@@ -41,6 +45,8 @@ class Router:
         self.breakers = {u.name: Breaker(breaker) for u in upstreams}
         self.settings = breaker
         self._limited_until: dict[str, float] = {}
+        # told (upstream, opened_at or None when it closed) when a breaker changes state
+        self.on_change: Callable[[str, float | None], None] | None = None
 
     def _serves(self, provider: str, model: str) -> bool:
         return model in self.models[provider]
@@ -80,10 +86,28 @@ class Router:
         """Feed the breaker: 5xx and failures without a reply count against it, any other
         reply closes it (as the batching client does)."""
         breaker = self.breakers[provider]
+        before = breaker.opened_at
         if verdict.server_error:
             breaker.on_failure(now)
         elif status:
             breaker.on_success(now)
+        if breaker.opened_at != before and self.on_change is not None:
+            self.on_change(provider, breaker.opened_at)
+
+    def apply_remote(self, now: float, provider: str, opened_at: float | None) -> None:
+        """Another process's breaker for ``provider`` opened at ``opened_at`` (None: it
+        closed): take the same state. A later local opening is kept (its cooldown ends
+        later); an unknown upstream (another configuration) is ignored."""
+        breaker = self.breakers.get(provider)
+        if breaker is None:
+            return
+        if opened_at is None:
+            breaker.on_success(now)
+            return
+        if breaker.opened_at is None or breaker.opened_at < opened_at:
+            breaker.opened_at = opened_at
+            breaker.failures = max(breaker.failures, self.settings.failures)
+            breaker.probing = False
 
     def state(self, now: float) -> dict[str, str]:
         """Each upstream's breaker state (``closed``, ``open``, ``half_open``)."""

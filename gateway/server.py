@@ -80,7 +80,6 @@ async def start_gateway(config: GatewayConfig, *, host: str = "127.0.0.1", port:
         state = RedisState(client, prefix=redis_prefix,
                            time_scale=config.time_scale,
                            window_margin_s=config.window_margin_s)
-        relay = RedisEventRelay(client, hub, redis_prefix)
         windows = {u.name: state.window(u.name, u.rpm, u.tpm) for u in config.upstreams}
         store, limiter, ping, backend = state, state, state.ping, "redis"
     else:
@@ -94,6 +93,8 @@ async def start_gateway(config: GatewayConfig, *, host: str = "127.0.0.1", port:
                                   for u in config.upstreams],
                                  limit=max(16, config.workers * 2))
     pool = WorkerPool(config, store, windows, transport, clock, hub, metrics, seed=seed)
+    if redis_url is not None:
+        relay = RedisEventRelay(client, hub, redis_prefix, pool.router, clock)
     shell = GatewayApp(config, store, limiter, clock, hub, metrics, pool.wake, backend, ping)
     runner = web.AppRunner(shell.build(), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()

@@ -99,7 +99,8 @@ class WorkerPool:
                                   instructions=b.instructions))
 
     def start(self) -> None:
-        """Start the workers on the running loop."""
+        """Start the workers on the running loop (again after ``close()``)."""
+        self._stopping = False
         self._session = aiohttp.ClientSession()
         self._tasks = [asyncio.create_task(self._worker(i), name=f"gateway-worker-{i}")
                        for i in range(self.cfg.workers)]

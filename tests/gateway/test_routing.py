@@ -54,6 +54,29 @@ def test_failover_order_and_breaker() -> None:
     assert router.state(14.0)["a"] == "closed" and router.choose(14.0, "m") == "a"
 
 
+def test_breaker_changes_are_announced_and_applied_elsewhere() -> None:
+    here = Router(ups("a", "b"), BreakerSettings(failures=2, cooldown_s=10.0))
+    there = Router(ups("a", "b"), BreakerSettings(failures=2, cooldown_s=10.0))
+    told: list[tuple[str, float | None]] = []
+    here.on_change = lambda name, at: told.append((name, at))
+    here.on_answer(1.0, "a", FAIL, 503)
+    assert told == []                                        # one failure: still closed
+    here.on_answer(2.0, "a", FAIL, 503)
+    assert told == [("a", 2.0)]
+    for name, at in told:
+        there.apply_remote(2.5, name, at)
+    assert there.state(2.5) == {"a": "open", "b": "closed"} and there.choose(2.5, "m") == "b"
+    assert there.wait_s(2.5) == pytest.approx(9.5)           # the opener's cooldown
+    there.apply_remote(3.0, "a", 1.0)                        # an older opening changes nothing
+    assert there.wait_s(3.0) == pytest.approx(9.0)
+    there.apply_remote(3.0, "gone", 3.0)                     # an upstream it does not have
+    here.on_dispatch(12.0, "a")                              # the probe succeeds: closed
+    here.on_answer(12.5, "a", OK, 200)
+    assert told[-1] == ("a", None)
+    there.apply_remote(12.5, "a", None)
+    assert there.state(12.5)["a"] == "closed" and there.choose(12.5, "m") == "a"
+
+
 def test_every_breaker_open_means_wait() -> None:
     router = Router(ups("a", "b"), BreakerSettings(failures=1, cooldown_s=5.0))
     router.on_answer(0.0, "a", FAIL, 500)
@@ -170,3 +193,34 @@ def test_a_model_any_upstream_serves_is_accepted() -> None:
         parse_task({**body, "model": "huge"}, {}, cfg, "interactive")
     assert info.value.code == "model_not_found"
     assert info.value.message.endswith("expected one of small, big.")
+
+
+async def test_a_breaker_opened_by_one_gateway_holds_for_the_other(redis_server, sim_server,
+                                                                   gateway) -> None:
+    down = await sim_server(sim_parse({"providers": [_outage_provider()], "time_scale": 20,
+                                       "seed": 1}, "<test>"), ttft_ms=10, itl_ms=1)
+    good = await sim_server(time_scale=20, ttft_ms=50, itl_ms=1, seed=2)
+    base = gateway_config(down, time_scale=20, workers=1,
+                          breaker=BreakerSettings(failures=3, cooldown_s=600.0))
+    cfg = replace(base, upstreams=(replace(base.upstream, name="first"),
+                                   replace(base.upstream, name="second",
+                                           base_url=good.base_url())))
+    one = await gateway(cfg, redis_url=redis_server.url)
+    other = await gateway(cfg, redis_url=redis_server.url)
+    await other.pool.close()   # it takes no work until the first one's breaker is open
+    ids = await post_all(one, [{**CHAT, "user": "bench"}] * 4)
+    async with aiohttp.ClientSession() as s:
+        results = [await poll(s, one, task_id) for task_id in ids]
+    deadline = asyncio.get_running_loop().time() + 10
+    while other.pool.router.state(other.pool.clock.now())["first"] != "open":
+        assert asyncio.get_running_loop().time() < deadline, "the breaker was not relayed"
+        await asyncio.sleep(0.02)
+    await one.pool.close()
+    other.pool.start()
+    ids = await post_all(other, [{**CHAT, "user": "bench"}] * 4)
+    async with aiohttp.ClientSession() as s:
+        results += [await poll(s, other, task_id) for task_id in ids]
+    assert [r["state"] for r in results] == ["done"] * 8
+    assert one.metrics.snapshot(None)["upstream_calls_by_upstream"]["first"] == {"503": 3}
+    # the second gateway never called the upstream that is down
+    assert other.metrics.snapshot(None)["upstream_calls_by_upstream"] == {"second": {"200": 4}}
