@@ -82,12 +82,64 @@ def parse_reply(
     finish_reason: str | None = None,
 ) -> ParsedReply:
     """Match a reply to the ``sent_ids`` of its batch; see the module docstring."""
+    found = _exact(text, sent_ids, labels)
+    if found is not None:
+        return ParsedReply(codes=found, truncated=finish_reason == "length")
     elements, damaged = _objects(text)
     if not damaged and len(elements) == len(sent_ids):
         found = _in_order(elements, sent_ids, labels)
         if found is not None:
             return ParsedReply(codes=found, truncated=finish_reason == "length")
     return _match(elements, damaged, sent_ids, labels, finish_reason)
+
+
+_HEAD = '[{"id":'
+_CODE = ',"c":"'
+_NEXT = '},{"id":'
+
+
+def _exact(text: str, sent_ids: Sequence[str], labels: Mapping[str, str]
+           ) -> dict[str, str] | None:
+    """The codes of a reply that is exactly the compact array conventions.md specifies for
+    ``sent_ids`` (``[{"id":ID,"c":"CODE"},...]``, every sent id once, in order, as the
+    simulator writes it, every code of the taxonomy); None for any other text, which the
+    JSON parse then takes (what it would make of this text is exactly these codes).
+
+    Checked as text, without decoding JSON: split at each ``,"c":"``, every piece must be
+    a code, a quote and the expected join to the next id (built from the sent ids)."""
+    n = len(sent_ids)
+    if not n or not text.startswith(_HEAD):
+        return None
+    sent = list(sent_ids)
+    if not all(sent):
+        return None
+    flat = "".join(sent)
+    # An id is written as a JSON integer when it is ASCII digits without a leading zero
+    # (json.loads gives back an int whose str() is the id), else as a JSON string that
+    # needs no escape; ids that are neither are left to the JSON parse.
+    joined = "\n".join(sent)
+    if flat.isdigit() and flat.isascii() and joined[:1] != "0" and "\n0" not in joined:
+        literals = sent  # the common page: every id a number, each its own literal
+    else:
+        if '"' in flat or "\\" in flat or not flat.isprintable():
+            return None
+        literals = [i if i.isdigit() and i.isascii() and (i[0] != "0" or i == "0")
+                    else '"' + i + '"' for i in sent]
+    parts = text.split(_CODE)
+    if len(parts) != n + 1 or parts[0] != _HEAD + literals[0]:
+        return None
+    pieces = [part.partition('"') for part in parts[1:]]
+    # each rest must be the join to the next id (the last one "}]"): compared joined by line
+    # breaks, which no expected rest holds, so equal texts mean equal rests one by one
+    expected = (_NEXT + ("\n" + _NEXT).join(literals[1:]) + "\n}]") if n > 1 else "}]"
+    if "\n".join([piece[2] for piece in pieces]) != expected:
+        return None
+    codes = [piece[0] for piece in pieces]
+    # a code written as is: in the taxonomy, no escape, no control character
+    if not labels.keys() >= set(codes) or any(
+            "\\" in code or not code.isprintable() for code in set(codes)):
+        return None
+    return dict(zip(sent, codes, strict=True))
 
 
 def _in_order(elements: list[object], sent_ids: Sequence[str], labels: Mapping[str, str]

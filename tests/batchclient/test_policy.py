@@ -60,7 +60,7 @@ def test_user_message_puts_each_item_on_one_line_whatever_its_text_breaks_on() -
     plain = [Item("1", "plain text"), Item("a-2", "more")]
     assert packer.user_message(plain) == "\n".join(
         [task().instructions, "id=1: plain text", "id=a-2: more"])
-    for brk in ("\n", "\r\n", "\r", "\v", "\f", "\x1c", "\x85", "\u2028", "\u2029"):
+    for brk in ("\n", "\r\n", "\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"):
         items = [*plain, Item("3", f"two{brk}lines"), Item("4", f"trailing{brk}")]
         assert packer.user_message(items) == "\n".join(
             [task().instructions, *(item_line(i) for i in items)])
