@@ -28,6 +28,22 @@ def summary(out: Path) -> dict[str, Any]:
     return dict(json.loads((out / "summary.json").read_text()))
 
 
+# Expectations about pace: how close to its limit a time-compressed live run keeps, and
+# the 429s drawn by the bursts of a client that fell behind. Both follow the machine's load
+# (other processes on its two cores), so a test whose point is elsewhere accepts a run
+# that missed only these; the tests about pace assert them themselves.
+PACE_THRESHOLDS = frozenset({"min_efficiency", "max_429_rate"})
+
+
+def assert_completed(status: int, out: Path) -> dict[str, Any]:
+    """The run ended by itself with exit 0, or 1 with only pace expectations missed; its
+    summary."""
+    s = summary(out)
+    missed = {c["threshold"] for c in s["checks"] if not c["ok"]}
+    assert status == 0 or (status == 1 and missed <= PACE_THRESHOLDS), (status, missed)
+    return s
+
+
 def arm(s: dict[str, Any], name: str) -> dict[str, Any]:
     """The arm ``name`` of a summary."""
     return next(a for a in s["arms"] if a["name"] == name)

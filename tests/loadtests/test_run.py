@@ -24,6 +24,7 @@ from tests.loadtests.runs import (
     ROOT,
     SCENARIOS,
     arm,
+    assert_completed,
     descendants,
     locust_counts,
     locust_mismatches,
@@ -54,7 +55,7 @@ def dig(node: Any, dotted: str) -> Any:
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run") / "quickstart"
-    assert ratelab_run(SCENARIOS / "quickstart.yaml", out, "--items", "8000") == 0
+    assert_completed(ratelab_run(SCENARIOS / "quickstart.yaml", out, "--items", "8000"), out)
     return out
 
 
@@ -92,8 +93,8 @@ def test_run_folder_is_complete(quickstart: Path) -> None:
 
 def test_two_processes_do_every_item_exactly_once(tmp_path: Path) -> None:
     out = tmp_path / "p2"
-    assert ratelab_run(SCENARIOS / "ci-gate.yaml", out, "--items", "6000",
-                       "--processes", "2", "--set", "time_scale=60") == 0
+    assert_completed(ratelab_run(SCENARIOS / "ci-gate.yaml", out, "--items", "6000",
+                                 "--processes", "2", "--set", "time_scale=60"), out)
     done: list[str] = []
     stores = sorted(out.glob("store-gated-*.sqlite"))
     assert len(stores) == 2
