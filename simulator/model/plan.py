@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
+from functools import reduce
+from itertools import accumulate, islice
 
 from simulator.model.tokens import CHARS_PER_TOKEN, split_chunks
 
@@ -56,15 +59,39 @@ class ResponsePlan:
         """Virtual time (seconds) each chunk is due when the reply starts at ``t0``: one
         entry even for an empty reply; a stall fault delays chunk ``at_chunk`` and every
         later one. The server sleeps until these times; the planner waits for them."""
-        times = [t0 + self.ttft_s]
-        for gap in self.itl_s[: max(0, self.n_chunks - 1)]:
-            times.append(times[-1] + gap)
+        gaps = self.n_chunks - 1
+        if gaps < 0:
+            gaps = 0
+        itl = self.itl_s
+        # a running sum from t0 + ttft, one gap at a time in order (the same floats as the
+        # loop it replaces), summed in C by accumulate
+        times = list(accumulate(itl if len(itl) <= gaps else itl[:gaps],
+                                initial=t0 + self.ttft_s))
         fault = self.fault
         if fault is not None and fault.kind == "stall":
             at = min(fault.at_chunk, len(times) - 1)
             for i in range(at, len(times)):
                 times[i] += fault.duration_s
         return times
+
+    def chunk_time(self, t0: float, index: int) -> float:
+        """``chunk_times(t0)[min(index, last)]`` (a negative ``index``: the last chunk's)
+        without the list: the same running sum, stopped at the chunk wanted. A plan needs
+        one time of a reply (its end, or where a fault cuts it), not every chunk's."""
+        gaps = self.n_chunks - 1
+        if gaps < 0:
+            gaps = 0
+        itl = self.itl_s
+        if len(itl) < gaps:
+            gaps = len(itl)
+        if index < 0 or index > gaps:
+            index = gaps
+        # reduce folds left to right from t0 + ttft: bit for bit the list's entry
+        due: float = reduce(operator.add, islice(itl, index), t0 + self.ttft_s)
+        fault = self.fault
+        if fault is not None and fault.kind == "stall" and index >= min(fault.at_chunk, gaps):
+            due += fault.duration_s
+        return due
 
     @property
     def chunks(self) -> tuple[str, ...]:

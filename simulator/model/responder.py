@@ -87,22 +87,49 @@ def _id_json(item_id: str) -> str:
     return '"' + item_id + '"'
 
 
+# The control characters ``str.split()`` takes for whitespace in ASCII text (besides the
+# space, and the newline that separates the joined texts, which no item text contains)
+_CONTROL_SPACES = b"\t\x0b\x0c\r\x1c\x1d\x1e\x1f"
+
+
+def _crcs(texts: list[str]) -> list[int]:
+    """``crc32`` of each text's normalised form (expected_code's), in order.
+
+    The common prompt (ASCII, words one space apart, no space at either end of a text) is
+    its own normal form once lower-cased: lower-cased, encoded and checked once for all its
+    items rather than split, joined, lower-cased and encoded item by item."""
+    joined = "\n".join(texts)
+    if (texts and joined.isascii() and "  " not in joined and " \n" not in joined
+            and "\n " not in joined and joined[:1] != " " and joined[-1:] != " "):
+        data = joined.lower().encode()
+        if len(data.translate(None, _CONTROL_SPACES)) == len(data):
+            return list(map(crc32, data.split(b"\n")))
+    return [crc32(" ".join(text.split()).lower().encode()) for text in texts]
+
+
 def batch_json(spec: ResponderSpec, rng: random.Random, prompt: str,
                max_tokens: int | None) -> Reply:
     """The JSON array answering the prompt's items, with the configured faults injected."""
-    entries: list[tuple[str, str]] = []
     codes = spec.codes
     quoted = _quoted(codes if isinstance(codes, tuple) else tuple(codes))
     n = len(codes)
     drop = spec.drop_item_rate
-    for item_id, text in ITEM_RE.findall(prompt):
-        if POISON_MARKER in text:
-            continue
-        if drop and rng.random() < drop:
-            continue
-        # expected_code inlined (one per item of every reply)
-        code = quoted[crc32(" ".join(text.split()).lower().encode()) % n]
-        entries.append((_id_json(item_id), code))
+    found = ITEM_RE.findall(prompt)
+    # expected_code of every item, whether answered or not (no RNG draw involved)
+    crcs = _crcs([text for _, text in found])
+    entries: list[tuple[str, str]]
+    if not drop and POISON_MARKER not in prompt:
+        # every item answered, no draw per item: the common reply in one pass
+        entries = [(_id_json(item_id), quoted[crc % n])
+                   for (item_id, _), crc in zip(found, crcs, strict=True)]
+    else:
+        entries = []
+        for (item_id, text), crc in zip(found, crcs, strict=True):
+            if POISON_MARKER in text:
+                continue
+            if drop and rng.random() < drop:
+                continue
+            entries.append((_id_json(item_id), quoted[crc % n]))
     if spec.repeat_id_rate and rng.random() < spec.repeat_id_rate and entries:
         i = rng.randrange(len(entries))
         # the repeat carries another code: a client must not trust either blindly

@@ -140,3 +140,20 @@ faults: {repetition_rate: 0.2, slow_first_token_rate: 1.0, slow_first_token_s: 5
             assert len(adm.plan.chunks) == 300
         p.finish(float(i), adm, len(adm.plan.chunks))
     assert _within(loops, 500, 0.2)
+
+
+@pytest.mark.parametrize("text", [
+    "plain words here", "Mixed CASE Words", "  leading", "trailing  ", "two  spaces",
+    "tab\there", "form\x0cfeed", "unit\x1fsep", "cr\rinside", "", " ", "caf\u00e9 au lait",
+    "non\u00a0breaking", "line\u2028sep", "DOTTED \u0130 capital",
+])
+def test_batch_json_codes_are_expected_code_whatever_the_whitespace(text: str) -> None:
+    # the ASCII single-space fast path and the item-by-item normalisation must agree
+    neighbours = [f"id={i}: item {i} text" for i in range(3)]
+    prompt = "Classify.\n" + "\n".join([*neighbours, f"id=x9: {text}"]) + "\n"
+    reply = json.loads(batch_json(ResponderSpec(kind="batch_json"), random.Random(0), prompt,
+                                  None).text)
+    texts = dict(parse_items(prompt))
+    assert [str(e["id"]) for e in reply] == ["0", "1", "2", "x9"]
+    for entry in reply:
+        assert entry["c"] == expected_code(texts[str(entry["id"])], CODES)
