@@ -56,9 +56,13 @@ TIMESERIES_COLUMNS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
     """One request or item event, in virtual seconds.
+
+    A value (nothing changes one once made) but not frozen: a plan makes two or three per
+    request, and a frozen dataclass's __init__ sets each of its 15 fields through
+    object.__setattr__.
 
     ``kind="request"``: a request finished at ``t`` with ``outcome`` in REQUEST_OUTCOMES after
     ``latency_s`` (``ttft_s`` if streamed), carrying ``items`` items of which ``items_ok`` were
@@ -212,8 +216,12 @@ class Recorder:
             acc.items[event.outcome] += event.items
             if event.outcome in ("done", "cached"):
                 row["items_done"] += event.items
-            acc.last = max(acc.last, event.t)
-            acc.first = min(acc.first, event.t)
+            # comparisons, not max()/min() calls: two or three events a request come here
+            t = event.t
+            if t > acc.last:
+                acc.last = t
+            if t < acc.first:
+                acc.first = t
             if event.stage is not None:
                 self._stage(event.stage)["items_done"] += (
                     event.items if event.outcome in ("done", "cached") else 0
@@ -237,8 +245,11 @@ class Recorder:
         acc.tokens_in += event.tokens_in
         acc.tokens_out += event.tokens_out
         acc.cost += event.cost_usd
-        acc.first = min(acc.first, event.t - event.latency_s)
-        acc.last = max(acc.last, event.t)
+        sent = event.t - event.latency_s
+        if sent < acc.first:
+            acc.first = sent
+        if event.t > acc.last:
+            acc.last = event.t
         row["requests"] += 1
         row["ok"] += event.outcome == "ok"
         row["http_429"] += event.outcome == "http_429"

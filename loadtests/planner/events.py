@@ -64,17 +64,21 @@ class ArmEvents:
                 request = event
         if request is not None and call is not None and response is not None:
             outcome = request_outcome(response)
+            ttft_ms = request.ttft_ms
+            # positional, in Event's field order (t, kind, arm, outcome, status, latency_s,
+            # ttft_s, tokens_in, tokens_out, items, items_ok, cost_usd, retry, truncated,
+            # stage): one per request, and keywords cost a name match each
             out.append(Event(
-                now, "request", self.arm, outcome, status=response.status,
-                latency_s=request.response_time_ms / 1000.0,
-                ttft_s=None if request.ttft_ms is None else request.ttft_ms / 1000.0,
-                tokens_in=request.tokens_in, tokens_out=request.tokens_out,
-                items=len(call.item_ids),
-                items_ok=finished.get("done", 0) if outcome == "ok" else None,
+                now, "request", self.arm, outcome, response.status,
+                request.response_time_ms / 1000.0,
+                None if ttft_ms is None else ttft_ms / 1000.0,
+                request.tokens_in, request.tokens_out, len(call.item_ids),
+                finished.get("done", 0) if outcome == "ok" else None,
                 # as the live runner counts it: a failed request the client will send again
-                cost_usd=request.cost_usd, retry=retry,
-                truncated=response.finish_reason == "length", stage=stage,
+                request.cost_usd, retry, response.finish_reason == "length", stage,
             ))
-        out.extend(Event(now, "item", self.arm, outcome, items=n, stage=stage)
-                   for outcome, n in finished.items())
+        arm = self.arm
+        for outcome, n in finished.items():
+            out.append(Event(now, "item", arm, outcome, 0, 0.0, None, 0, 0, n, None, 0.0,
+                             False, False, stage))
         return out

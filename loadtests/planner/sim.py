@@ -196,7 +196,9 @@ class ArmDriver:
     def _arrived(self, call: Call, response: Response) -> None:
         retry, stage = self._retry.pop(call.call_id, (False, None))
         self._done.append((call, response, retry, stage))
-        self.wake()
+        wake = self._wake
+        if not wake.triggered:
+            _trigger(self.env, wake)
 
     def _wake_or_timer(self, seconds: float) -> simpy.Event:
         """An event processed one step after the wake-up or the timer, whichever is first:
@@ -206,7 +208,7 @@ class ArmDriver:
 
         def fire(_event: simpy.Event) -> None:
             if not relay.triggered:
-                relay.succeed()
+                _trigger(env, relay)
 
         wake_callbacks = self._wake.callbacks
         timer_callbacks = env.timeout(seconds).callbacks
@@ -280,6 +282,29 @@ class ArmDriver:
         for done in self._interactive.values():
             if not done.triggered:
                 done.succeed(None)
+
+
+def _trigger(env: simpy.Environment, event: simpy.Event) -> None:
+    """``event.succeed()``, processed at once when that is what the next step would do.
+
+    A succeeded event is scheduled behind everything already due at this instant and its
+    callbacks run when the loop reaches it. When nothing else is due now (the next event is
+    later) and no process is running (a plain event's callback called us, and it does
+    nothing after: the transport's completion or refusal, a wait's relay), the next step
+    would be this event's: running its callbacks here is the same order of everything,
+    without the event's trip through the queue. Each request's completion wakes the
+    driver this way, mostly at an instant of its own.
+    """
+    if env.active_process is not None or env.peek() <= env.now:
+        event.succeed()
+        return
+    # what Environment.step does to a processed event that succeeded with None
+    event._ok = True
+    event._value = None
+    callbacks = event.callbacks
+    event.callbacks = None  # type: ignore[assignment]  # processed, as SimPy marks it
+    for callback in callbacks:
+        callback(event)
 
 
 # ---------------------------------------------------------------------- interactive users

@@ -119,7 +119,9 @@ class VirtualTransport:
         env = self.env
         t0 = env.now
         name, key = self.routes[call.provider]
-        result = self.providers[name].chat(t0, key, dict(call.body))
+        body = call.body
+        # the model only reads the body (the shell hands it a fresh one per request)
+        result = self.providers[name].chat(t0, key, body if type(body) is dict else dict(body))
         if isinstance(result, Refusal):
             on_done(call, Response(result.status, _lower(result.headers),
                                    json.dumps(result.body)))
@@ -173,36 +175,34 @@ class VirtualTransport:
     @staticmethod
     def _next_write(admission: Admission, start: float, delivered: int) -> float:
         assert admission.plan is not None
-        times = admission.plan.chunk_times(start)
-        return times[min(delivered, len(times) - 1)]
+        return admission.plan.chunk_time(start, delivered)
 
     def _plain(self, admission: Admission, start: float, t0: float,
                deadline: float) -> tuple[Response, float, int]:
         """A non-stream reply: (response, virtual end time, chunks delivered)."""
         plan = admission.plan
         assert plan is not None
-        times = plan.chunk_times(start)
         fault = plan.fault
-        headers = _lower(admission.headers)
+        # one time of the reply is read (where it ends or a fault cuts it), not every chunk's
         if fault is not None and fault.kind == "hold":
             end = start + fault.duration_s
             if end >= deadline:
                 return Response(0, elapsed_s=deadline - t0, error="timeout"), deadline, 0
             return Response(0, elapsed_s=end - t0, error="reset"), end, 0
         if fault is not None and fault.kind in ("reset", "error"):
-            end = times[min(fault.at_chunk, len(times) - 1)]
+            end = plan.chunk_time(start, fault.at_chunk)
             if end > deadline:
                 return Response(0, elapsed_s=deadline - t0, error="timeout"), deadline, 0
             if fault.kind == "reset":
                 return Response(0, elapsed_s=end - t0, error="reset"), end, 0
-            return Response(500, headers, json.dumps(server_error(500)),
+            return Response(500, _lower(admission.headers), json.dumps(server_error(500)),
                             elapsed_s=end - t0), end, 0
-        end = times[-1]
+        end = plan.chunk_time(start, -1)
         if end > deadline:
             return Response(0, elapsed_s=deadline - t0, error="timeout"), deadline, 0
         usage = Usage(plan.usage.prompt_tokens, plan.usage.completion_tokens)
         # sent whole: the text itself, not its chunks joined again
-        return Response(200, headers, content=plan.text,
+        return Response(200, _lower(admission.headers), content=plan.text,
                         finish_reason=plan.finish_reason, usage=usage,
                         elapsed_s=end - t0), end, plan.usage.completion_tokens
 
