@@ -270,32 +270,54 @@ class WorkloadGenerator:
                 yield [w.id for w in page], [w.text for w in page]
             return
         tokens = self._constant_tokens()
-        length = tokens * CHARS_PER_TOKEN
         dup_rate = self.workload.duplicate_rate
         poison_rate = self.workload.poison_rate
         ids = self.workload.ids
         seed = self.seed
-        fillers = self._fillers_of(tokens)
-        base36 = _base36
-        for indices, dup, poison, pick in self._draw_pages(start, end, 1):
+        for indices, dup, poison, pick in self._draw_arrays(start, end, 1):
             if ids.scheme == "sequential":
-                page_ids = [str(n) for n in range(ids.start + indices.start,
-                                                  ids.start + indices.stop)]
+                page_ids = list(map(str, range(ids.start + indices.start,
+                                               ids.start + indices.stop)))
             else:
                 page_ids = [item_id(ids, seed, index) for index in indices]
-            texts: list[str] = []
-            append = texts.append
-            for i, index in enumerate(indices):
-                if dup[i] < dup_rate and index > 0:
-                    append(self.item(index).text)
-                elif poison[i] < poison_rate or tokens < 2:
-                    append(self._text(index, tokens, poison[i] < poison_rate, pick[i]))
+            # every text as an original's (a page of tags and cached fillers), then the few
+            # duplicates and poison items of the page replaced by their own texts
+            fills = (pick * _FILLERS_PER_SIZE).astype(np.intp).tolist()  # int(pick * 64)
+            texts = self._original_texts(indices, fills, tokens)
+            first = indices.start
+            dups = (dup < dup_rate) & (np.arange(first, indices.stop) > 0)
+            for i in np.flatnonzero(dups | (poison < poison_rate)).tolist():
+                if dups[i]:
+                    texts[i] = self.item(first + i).text
                 else:
-                    # _text inlined for the common case: tag, space, cached filler
-                    text = (base36(index) + " " + fillers[int(pick[i] * _FILLERS_PER_SIZE)]
-                            )[:length]
-                    append(text[:-1] + "x" if text[-1] == " " else text)
+                    texts[i] = self._text(first + i, tokens, True, float(pick[i]))
             yield page_ids, texts
+
+    def _original_texts(self, indices: range, fills: list[int], tokens: int) -> list[str]:
+        """``_text(index, tokens, False, pick)`` of each index of a step-1 range, whose
+        filler numbers are ``fills``: a tag plus a cached filler tail cut to the size.
+
+        Tags run in blocks of 1,296 (two base-36 digits): within a block every tag is the
+        block's prefix plus a digit pair, all of one length, so each filler's tail (a space,
+        the filler, cut to the size, a trailing space made "x") is cut once per block."""
+        length = tokens * CHARS_PER_TOKEN
+        fillers = self._fillers_of(tokens)
+        first, stop = indices.start, indices.stop
+        texts: list[str] = []
+        for block in range(first // 1296, (stop - 1) // 1296 + 1 if stop > first else 0):
+            lo, hi = max(first, block * 1296), min(stop, (block + 1) * 1296)
+            picks = fills[lo - first:hi - first]
+            prefix = _base36(block) if block else ""
+            width = len(prefix) + 2
+            if not block or tokens < 2 or width >= length:
+                texts += [self._text(index, tokens, False, pick / _FILLERS_PER_SIZE)
+                          for index, pick in zip(range(lo, hi), picks, strict=True)]
+                continue
+            tails = [(" " + filler)[:length - width] for filler in fillers]
+            tails = [tail[:-1] + "x" if tail[-1] == " " else tail for tail in tails]
+            pairs = _PAIRS36[lo - block * 1296:hi - block * 1296]
+            texts += [prefix + pair + tails[pick] for pair, pick in zip(pairs, picks, strict=True)]
+        return texts
 
     def _constant_tokens(self) -> int:
         return max(1, sample_size(self.workload.item_tokens, random.Random(0)))  # no draw
@@ -304,14 +326,20 @@ class WorkloadGenerator:
                     ) -> Iterator[tuple[range, list[float], list[float], list[float]]]:
         """Per page of indices: draws 1 (duplicate), 3 (poison) and 4 (filler) of each item,
         made in numpy (the same numbers as ``_ItemRng``)."""
+        for indices, dup, poison, pick in self._draw_arrays(start, end, step):
+            yield indices, dup.tolist(), poison.tolist(), pick.tolist()
+
+    def _draw_arrays(self, start: int, end: int, step: int
+                     ) -> Iterator[tuple[range, np.ndarray, np.ndarray, np.ndarray]]:
+        """``_draw_pages`` as float64 arrays."""
         for first in range(start, end, _PAGE * step):
             indices = range(first, min(end, first + _PAGE * step), step)
             start_states = np.uint64(self._key) ^ (
                 np.arange(indices.start, indices.stop, step, dtype=np.uint64)
                 * np.uint64(_INDEX_MUL))
-            draws = [(_mix64_array(start_states + np.uint64((k * _GOLDEN) & _MASK64))
-                      >> np.uint64(11)).astype(np.float64) * _UNIT for k in (1, 3, 4)]
-            dup, poison, pick = (d.tolist() for d in draws)
+            dup, poison, pick = (
+                (_mix64_array(start_states + np.uint64((k * _GOLDEN) & _MASK64))
+                 >> np.uint64(11)).astype(np.float64) * _UNIT for k in (1, 3, 4))
             yield indices, dup, poison, pick
 
 

@@ -130,6 +130,7 @@ def test_pages_carry_the_ids_and_texts_of_the_items() -> None:
     # the planner's feed: ids and texts a page at a time, the very items of iteration
     for size, ids in ((Size(value=15), IdScheme("sequential", 548033)),
                       (Size(value=1), IdScheme("prefixed", 0, "a-")),
+                      (Size(value=2), IdScheme("sequential", 0)),
                       (Size(dist="uniform", min=1, max=30), IdScheme("hex"))):
         workload = Workload(items=9000, duplicate_rate=0.1, poison_rate=0.05,
                             item_tokens=size, ids=ids)
@@ -137,6 +138,9 @@ def test_pages_carry_the_ids_and_texts_of_the_items() -> None:
         whole = _pairs(gen)
         assert whole == [(i.id, i.text) for i in gen]
         assert _pairs(gen, 4000, 4500) == whole[4000:4500]
+        # tags grow a digit at 46,656 (texts are made a block of 1,296 tags at a time)
+        far = [(i.id, i.text) for i in map(gen.item, range(46000, 47500))]
+        assert _pairs(gen, 46000, 47500) == far
 
 
 def _pairs(gen: WorkloadGenerator, *span: int) -> list[tuple[str, str]]:
