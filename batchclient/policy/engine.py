@@ -434,16 +434,20 @@ class Engine(ResponseHandling, InteractiveLane):
             return Wait(wait)
         self._background_inflight += 1
         self._head_moves += 1
-        resend = False
+        if len(batch) == len(queue):
+            queue.clear()
+        else:
+            popleft = queue.popleft
+            for _ in batch:
+                popleft()  # the head is the batch, in order
+        item_ids = [state.id for state in batch]
+        resend = False  # any item sent before
         attempt = 0
-        popleft = queue.popleft
-        item_ids = []
         for state in batch:
-            popleft()  # the head is the batch, in order
-            item_ids.append(state.id)
-            state.state = "inflight"
+            if state.sends:
+                resend = True
             state.sends += 1
-            resend = resend or state.sends > 1
+            state.state = "inflight"
             if state.attempts > attempt:
                 attempt = state.attempts
         call_id = self._next_call
