@@ -17,6 +17,10 @@ from simulator.model.config import ResponderSpec
 from simulator.model.latency import sample
 
 ITEM_RE = re.compile(r"^id=([A-Za-z0-9_.-]+): (.*)$", re.MULTILINE)
+# ITEM_RE's matches, found in "\n" + prompt: the same lines (a match takes its line's
+# newline and stops before the next), but the search skips to each "\nid=" by its literal
+# prefix instead of trying a line start at every character
+_ITEM_LINE_RE = re.compile(r"\nid=([A-Za-z0-9_.-]+): (.*)")
 POISON_MARKER = "POISON"
 
 _LOREM_WORDS = (
@@ -60,7 +64,7 @@ def _quoted(codes: tuple[str, ...]) -> tuple[str, ...]:
 
 def parse_items(prompt: str) -> list[tuple[str, str]]:
     """The ``(id, text)`` item lines of a packed prompt, in order."""
-    return ITEM_RE.findall(prompt)
+    return _ITEM_LINE_RE.findall("\n" + prompt)
 
 
 def lorem_text(tokens: int, offset: int) -> str:
@@ -114,22 +118,22 @@ def batch_json(spec: ResponderSpec, rng: random.Random, prompt: str,
     quoted = _quoted(codes if isinstance(codes, tuple) else tuple(codes))
     n = len(codes)
     drop = spec.drop_item_rate
-    found = ITEM_RE.findall(prompt)
+    found = parse_items(prompt)
     # expected_code of every item, whether answered or not (no RNG draw involved)
     crcs = _crcs([text for _, text in found])
-    entries: list[tuple[str, str]]
-    if not drop and POISON_MARKER not in prompt:
-        # every item answered, no draw per item: the common reply in one pass
-        entries = [(_id_json(item_id), quoted[crc % n])
-                   for (item_id, _), crc in zip(found, crcs, strict=True)]
-    else:
-        entries = []
-        for (item_id, text), crc in zip(found, crcs, strict=True):
-            if POISON_MARKER in text:
-                continue
-            if drop and rng.random() < drop:
-                continue
-            entries.append((_id_json(item_id), quoted[crc % n]))
+    if (not drop and not spec.repeat_id_rate and not spec.invent_id_rate
+            and POISON_MARKER not in prompt):
+        # the common reply: every item answered in order, no entry moved or added
+        text = "[" + ",".join([f'{{"id":{_id_json(item_id)},"c":{quoted[crc % n]}}}'
+                               for (item_id, _), crc in zip(found, crcs, strict=True)]) + "]"
+        return _finish_batch(spec, rng, text, max_tokens)
+    entries: list[tuple[str, str]] = []
+    for (item_id, text), crc in zip(found, crcs, strict=True):
+        if POISON_MARKER in text:
+            continue
+        if drop and rng.random() < drop:
+            continue
+        entries.append((_id_json(item_id), quoted[crc % n]))
     if spec.repeat_id_rate and rng.random() < spec.repeat_id_rate and entries:
         i = rng.randrange(len(entries))
         # the repeat carries another code: a client must not trust either blindly
@@ -139,6 +143,13 @@ def batch_json(spec: ResponderSpec, rng: random.Random, prompt: str,
         entries.insert(rng.randrange(len(entries) + 1),
                        (invented, json.dumps(rng.choice(spec.codes))))
     text = "[" + ",".join([f'{{"id":{i},"c":{c}}}' for i, c in entries]) + "]"
+    return _finish_batch(spec, rng, text, max_tokens)
+
+
+def _finish_batch(spec: ResponderSpec, rng: random.Random, text: str,
+                  max_tokens: int | None) -> Reply:
+    """The reply-wide faults of a batch_json answer (malformed JSON, a verbose truncated
+    reply), drawn in that order, then the cut at ``max_tokens``."""
     if spec.malformed_json_rate and rng.random() < spec.malformed_json_rate:
         variant = rng.randrange(3)
         if variant == 0:

@@ -11,7 +11,13 @@ import pytest
 from simulator.model.config import FaultSpec, ResponderSpec
 from simulator.model.faults import draw_connection_fault, random_5xx
 from simulator.model.provider import Admission
-from simulator.model.responder import batch_json, expected_code, parse_items, respond
+from simulator.model.responder import (
+    ITEM_RE,
+    batch_json,
+    expected_code,
+    parse_items,
+    respond,
+)
 from tests.simulator.model.sim_model_helpers import chat, provider
 
 CODES = ("A", "B", "C", "D", "E", "F", "G", "H")
@@ -157,3 +163,12 @@ def test_batch_json_codes_are_expected_code_whatever_the_whitespace(text: str) -
     assert [str(e["id"]) for e in reply] == ["0", "1", "2", "x9"]
     for entry in reply:
         assert entry["c"] == expected_code(texts[str(entry["id"])], CODES)
+
+
+def test_parse_items_finds_what_the_documented_pattern_finds() -> None:
+    rng = random.Random(3)
+    pieces = ["id=", "id=a", "id=1", ":", ": ", "\n", "\r", "x", "\u00e9", " ", "-", ".", "_",
+              "Z", "id=:", "::", "id=\u00e9: ", "id=a\n", "\r\n", "id=ab: c: d"]
+    for _ in range(20_000):
+        prompt = "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 15)))
+        assert parse_items(prompt) == ITEM_RE.findall(prompt), repr(prompt)
