@@ -2,6 +2,8 @@
 
 Run: .venv/bin/python benchmarks/bench_planner.py [--items N] [--sweep-items M]
          [--rounds R] [--before DIR] [--skip-sweep]
+     .venv/bin/python benchmarks/bench_planner.py --instructions [--lengths N1 N2]
+         [--before DIR]
 
 Each plan runs in its own child process (one core: the planner is single-threaded) and
 reports CPU seconds, wall seconds, SimPy events per second, requests and microseconds of
@@ -11,6 +13,12 @@ same for every tree. ``--before DIR`` names another checkout of ratelab (e.g. ma
 two trees alternating for ``--rounds`` rounds, and the medians and their ratio printed
 side by side. The sweep (batch size x TPM, 25 points, two worker processes) plans the
 batched arm alone at ``--sweep-items`` items a point and reports its wall seconds.
+
+``--instructions`` counts instructions instead of seconds (``valgrind --tool=callgrind``,
+immune to the machine's load; fixed hash seed): plans of N1 and N2 items at the arm's batch
+size and of N2 items at twice it, per tree, two at a time. Since a plan costs start-up plus
+``a`` per request plus ``b`` per item, the two plans of N2 items give ``a`` (their
+difference over their difference in requests) and the two lengths the rest, ``b``.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -36,11 +45,14 @@ SWEEP = (
 )
 
 
-def _child_plan(tree: Path, items: int) -> dict[str, Any]:
+def _child_plan(tree: Path, items: int, batch: int | None = None) -> dict[str, Any]:
     from loadtests.planner.sim import PlanOptions, plan_scenario
     from loadtests.scenario import load_scenario, with_overrides
 
-    scenario = with_overrides(load_scenario(tree / SCENARIO), ONLY_BATCHED)
+    overrides: dict[str, object] = dict(ONLY_BATCHED)
+    if batch is not None:
+        overrides[f"arms.{ARM}.client.batch.max_items"] = batch
+    scenario = with_overrides(load_scenario(tree / SCENARIO), overrides)
     wall = time.perf_counter()
     cpu = time.process_time()
     result = plan_scenario(scenario, PlanOptions(items=items))
@@ -77,6 +89,58 @@ def _run(tree: Path, mode: str, items: int) -> dict[str, Any]:
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
+def _callgrind(tree: Path, items: int, batch: int | None) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONHASHSEED="0")
+    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+           __file__, "--child", "plan", "--tree", str(tree), "--items", str(items)]
+    if batch is not None:
+        cmd += ["--batch", str(batch)]
+    return subprocess.Popen(cmd, env=env, cwd=tree, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _collected(proc: subprocess.Popen[str]) -> tuple[int, int]:
+    """(instructions, requests) of a finished callgrind probe."""
+    out, err = proc.communicate()
+    found = re.search(r"Collected : (\d+)", err)
+    if proc.returncode != 0 or found is None:
+        raise SystemExit(f"callgrind probe failed:\n{err[-2000:]}")
+    return int(found.group(1)), int(json.loads(out.strip().splitlines()[-1])["requests"])
+
+
+def instructions(trees: list[tuple[str, Path]], lengths: tuple[int, int]) -> None:
+    """Instructions per item and per request of each tree's planner (module docstring)."""
+    from batchclient.config import ClientConfig
+    from loadtests.scenario import load_scenario
+
+    arm = next(a for a in load_scenario(HERE / SCENARIO).arms if a.name == ARM)
+    assert isinstance(arm.client_config, ClientConfig)
+    batch = arm.client_config.batch.max_items
+    n1, n2 = lengths
+    probes = [(name, tree, n, b) for name, tree in trees
+              for n, b in ((n1, None), (n2, None), (n2, 2 * batch))]
+    results: dict[tuple[str, int, int | None], tuple[int, int]] = {}
+    for i in range(0, len(probes), 2):
+        running = [(p, _callgrind(p[1], p[2], p[3])) for p in probes[i:i + 2]]
+        for (name, _, n, size), proc in running:
+            results[name, n, size] = _collected(proc)
+    print(f"callgrind, plans of {n1:,} and {n2:,} items at batch {batch} and {n2:,} at "
+          f"batch {2 * batch}")
+    per_item: dict[str, float] = {}
+    for name, _ in trees:
+        (i1, r1), (i2, r2), (i3, r3) = (results[name, n1, None], results[name, n2, None],
+                                        results[name, n2, 2 * batch])
+        slope = (i2 - i1) / (n2 - n1)
+        request = (i2 - i3) / (r2 - r3)
+        item = (i2 - i1 - request * (r2 - r1)) / (n2 - n1)
+        per_item[name] = slope
+        print(f"  {name:>7}: {slope:,.0f} instructions per item at batch {batch} "
+              f"({r2:,} requests); {request:,.0f} per request + {item:,.0f} per item")
+    if "before" in per_item:
+        print(f"after/before instructions per item: "
+              f"{per_item['after'] / per_item['before']:.3f}")
+
+
 def _plan_line(name: str, r: dict[str, Any], items: int) -> str:
     cpu, wall, requests, events = r["cpu_s"], r["wall_s"], r["requests"], r["events"]
     return (f"{name:>7}: {cpu:6.1f} s CPU, {wall:6.1f} s wall, {cpu / items * 1e6:5.1f} us/item,"
@@ -94,12 +158,20 @@ def main() -> None:
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--child", choices=("plan", "sweep"), default=None)
     parser.add_argument("--tree", type=Path, default=HERE)
+    parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--instructions", action="store_true",
+                        help="instructions per item and per request under callgrind")
+    parser.add_argument("--lengths", type=int, nargs=2, default=(20_000, 60_000),
+                        metavar=("N1", "N2"), help="--instructions: the two plan lengths")
     args = parser.parse_args()
     if args.child is not None:
-        run = _child_plan if args.child == "plan" else _child_sweep
-        print(json.dumps(run(args.tree, args.items)))
+        print(json.dumps(_child_plan(args.tree, args.items, args.batch) if args.child == "plan"
+                         else _child_sweep(args.tree, args.items)))
         return
     trees = [("after", HERE)] + ([("before", args.before.resolve())] if args.before else [])
+    if args.instructions:
+        instructions(trees, (args.lengths[0], args.lengths[1]))
+        return
     print(f"plan of seed-001's batched arm, {args.items:,} items, {args.rounds} round(s); "
           f"load average {os.getloadavg()[0]:.2f} at start")
     plans: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in trees}
