@@ -85,6 +85,12 @@ def parse_reply(
     found = _exact(text, sent_ids, labels)
     if found is not None:
         return ParsedReply(codes=found, truncated=finish_reason == "length")
+    return _by_json(text, sent_ids, labels, finish_reason)
+
+
+def _by_json(text: str, sent_ids: Sequence[str], labels: Mapping[str, str],
+             finish_reason: str | None) -> ParsedReply:
+    """``parse_reply`` by decoding the reply's JSON objects (any reply ``_exact`` refused)."""
     elements, damaged = _objects(text)
     if not damaged and len(elements) == len(sent_ids):
         found = _in_order(elements, sent_ids, labels)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import random
 
-from batchclient.policy.parsing import ParsedReply, _in_order, _match, _objects, parse_reply
+from batchclient.policy import parsing
+from batchclient.policy.parsing import ParsedReply, parse_reply
 
 LABELS = {"A": "alpha", "B": "beta", "CC": "gamma", "d-1": "delta"}
 CODES = [*LABELS, "Z", "A\\u0041", "", "\u00e9"]
@@ -15,12 +16,7 @@ CODES = [*LABELS, "Z", "A\\u0041", "", "\u00e9"]
 
 def _by_json(text: str, sent: tuple[str, ...], finish: str | None) -> ParsedReply:
     """parse_reply without the text-level match: what the JSON path makes of ``text``."""
-    elements, damaged = _objects(text)
-    if not damaged and len(elements) == len(sent):
-        found = _in_order(elements, sent, LABELS)
-        if found is not None:
-            return ParsedReply(codes=found, truncated=finish == "length")
-    return _match(elements, damaged, sent, LABELS, finish)
+    return parsing._by_json(text, sent, LABELS, finish)
 
 
 def _id(rng: random.Random) -> str:
