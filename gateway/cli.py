@@ -1,9 +1,17 @@
-"""``ratelab gateway``: run the queue-fronted service until interrupted."""
+"""``ratelab gateway``: run the queue-fronted service until SIGINT (Ctrl-C) or SIGTERM.
+
+Both stop it the same way: workers stop (tasks they held stay leased and run again later),
+the site and the state close; the exit status is 128 + the signal's number (130, 143).
+The handlers are the event loop's own, so they hold even when the process was started
+with SIGINT ignored (a background job of a non-interactive shell).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
 import sys
 from dataclasses import replace
 
@@ -42,30 +50,41 @@ def _config(args: argparse.Namespace) -> GatewayConfig:
     return cfg
 
 
-async def _serve(cfg: GatewayConfig, args: argparse.Namespace) -> None:
+async def _serve(cfg: GatewayConfig, args: argparse.Namespace) -> int:
     gw = await start_gateway(cfg, host=args.host, port=args.port, redis_url=args.redis,
                              db_path=args.db)
     backend = f"Redis {args.redis}" if args.redis else f"SQLite {args.db or cfg.db_path}"
     print(f"ratelab gateway on {gw.url} -> {', '.join(u.base_url for u in cfg.upstreams)} "
           f"({cfg.workers} workers, state in {backend})", flush=True)
+    stop = asyncio.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal, sig)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
         await gw.close()
+    return 128 + received[0]
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run until Ctrl-C; 2 on a bad configuration."""
+    """Run until SIGINT or SIGTERM (130, 143); 2 on a bad configuration."""
     try:
         cfg = _config(args)
     except ConfigError as exc:
         print(f"ratelab gateway: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_serve(cfg, args))
-    except KeyboardInterrupt:
+        return asyncio.run(_serve(cfg, args))
+    except KeyboardInterrupt:  # where the loop cannot handle signals itself
         return 130
     except OSError as exc:
         print(f"ratelab gateway: {exc}", file=sys.stderr)
         return 1
-    return 0

@@ -1,4 +1,5 @@
-"""``ratelab gateway`` as a real process: serves, answers, stops on Ctrl-C; bad config -> 2."""
+"""``ratelab gateway`` as a real process: serves, answers, stops on SIGINT or SIGTERM (even
+when started with SIGINT ignored); bad config -> 2."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from loadtests.cli import build_parser, main
 
@@ -27,12 +31,21 @@ def test_bad_config_exits_2(tmp_path: Path, capsys) -> None:
     assert "gw.yaml: upstreams: expected a non-empty list" in capsys.readouterr().err
 
 
-def test_serves_until_interrupted(sim_thread, tmp_path: Path) -> None:
+def _ignoring_sigint() -> None:
+    # as a background job of a non-interactive shell starts: SIGINT ignored
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize(("sig", "status", "start"), [
+    (signal.SIGINT, 130, None), (signal.SIGTERM, 143, None),
+    (signal.SIGINT, 130, _ignoring_sigint)])
+def test_serves_until_interrupted(sim_thread, tmp_path: Path, sig: signal.Signals, status: int,
+                                  start: Callable[[], None] | None) -> None:
     sim = sim_thread(time_scale=20)
     proc = subprocess.Popen(
         [sys.executable, "-m", "loadtests.cli", "gateway", "--port", "0", "--upstream",
          sim.base_url(), "--db", str(tmp_path / "gw.db"), "--workers", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=start)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -45,6 +58,6 @@ def test_serves_until_interrupted(sim_thread, tmp_path: Path) -> None:
         with urllib.request.urlopen(req, timeout=20) as r:
             assert json.loads(r.read())["object"] == "chat.completion"
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         code = proc.wait(timeout=20)
-    assert code == 130
+    assert code == status
