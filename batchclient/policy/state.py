@@ -7,14 +7,14 @@ from dataclasses import dataclass, field
 
 from batchclient.events import Event
 from batchclient.policy.job import ItemResult
-from batchclient.policy.wire import Call, Item
+from batchclient.policy.wire import Call
 
 
 @dataclass(slots=True)
 class ItemState:
     """Where one fed item is: its id, text and tag, routing, packing sizes, sends, failed
     attempts and misses. The item's own fields are held here rather than as an ``Item``
-    (one object per item, not two): ``item`` builds one for a consumer that wants it."""
+    (one object per item, not two); packing takes it as a ``Packable``."""
 
     id: str
     text: str
@@ -27,11 +27,6 @@ class ItemState:
     state: str = "queued"  # queued | inflight | follower | done | dead
     sends: int = 0  # calls that carried the item so far
     tag: str | None = None
-
-    @property
-    def item(self) -> Item:
-        """The fed item (id, text, tag) as an ``Item``."""
-        return Item(self.id, self.text, self.tag)
 
 
 @dataclass(slots=True)
