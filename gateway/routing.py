@@ -103,11 +103,8 @@ class Router:
             return
         if opened_at is None:
             breaker.on_success(now)
-            return
-        if breaker.opened_at is None or breaker.opened_at < opened_at:
-            breaker.opened_at = opened_at
-            breaker.failures = max(breaker.failures, self.settings.failures)
-            breaker.probing = False
+        else:
+            breaker.opened_elsewhere(opened_at)
 
     def state(self, now: float) -> dict[str, str]:
         """Each upstream's breaker state (``closed``, ``open``, ``half_open``)."""

@@ -46,6 +46,14 @@ class Breaker:
             self.opened_at = now
         self.probing = False
 
+    def opened_elsewhere(self, opened_at: float) -> None:
+        """Another process sharing this provider saw it open at ``opened_at``: open as it
+        did (its cooldown) unless this breaker opened later; no probe of ours is out."""
+        if self.opened_at is None or self.opened_at < opened_at:
+            self.opened_at = opened_at
+            self.failures = max(self.failures, self.settings.failures)
+            self.probing = False
+
     def reopens_in(self, now: float) -> float:
         """Virtual seconds until a probe may go (0 when it may now)."""
         if self.opened_at is None:
