@@ -10,6 +10,12 @@ announced the same way and applied by the others (``Router.apply_remote``).
 Pub/sub delivers at most once: an event published while a process is disconnected is lost
 to it. The SSE handler's store polls stay the safety net for states; tokens missed that
 way are missed, as with any live stream.
+
+Tokens are the bulk of the traffic (one message per streamed token), so a process that
+knows no other gateway listens keeps them to itself: PUBLISH returns how many subscribers
+got a message, and a process that starts announces itself (``hello``), so the others
+publish tokens again before it can take its first request. States and breaker changes are
+always published; they keep the count fresh.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import uuid
 from typing import Any
 
@@ -51,12 +58,18 @@ class RedisEventRelay:
         self.origin = uuid.uuid4().hex  # this process: its own events come back, skipped
         self._outbox: asyncio.Queue[str] = asyncio.Queue(MAX_PENDING)
         self._tasks: list[asyncio.Task[None]] = []
+        self._subscribed = False  # this process's own subscription counts in PUBLISH's reply
+        self._others = True       # another process may listen: until PUBLISH says otherwise
         self.dropped = 0
+        self.kept_local = 0       # token events not published: no other process listened
 
     async def start(self) -> None:
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self.channel)
+            self._subscribed = True
+            # before this process takes requests: the others relay tokens from now on
+            await self._publish(json.dumps({"o": self.origin, "hello": 1}))
         except (RedisError, OSError) as exc:  # Redis down: the receive loop keeps trying
             log.warning("task events of other gateways paused (Redis: %s)", exc)
         self.hub.relay = self.publish
@@ -67,6 +80,9 @@ class RedisEventRelay:
 
     def publish(self, task_id: str, event: Event) -> None:
         """Queue a local task event for the other processes (never blocks the worker)."""
+        if not self._others and "token" in event:
+            self.kept_local += 1
+            return
         self._queue({"o": self.origin, "t": task_id, "e": event})
 
     def publish_breaker(self, upstream: str, opened_at: float | None) -> None:
@@ -84,11 +100,15 @@ class RedisEventRelay:
         while True:
             message = await self._outbox.get()
             try:
-                await self.client.publish(self.channel, message)
+                await self._publish(message)
             except (RedisError, OSError) as exc:
                 self.dropped += 1
                 log.warning("task event not relayed (Redis: %s)", exc)
                 await asyncio.sleep(RECONNECT_S)
+
+    async def _publish(self, message: str) -> None:
+        receivers = int(await self.client.publish(self.channel, message))
+        self._others = receivers > (1 if self._subscribed else 0)
 
     async def _receive(self, pubsub: Any) -> None:
         while True:
@@ -98,12 +118,14 @@ class RedisEventRelay:
                     self._deliver(message.get("data"))
             except (RedisError, OSError) as exc:
                 log.warning("task events of other gateways paused (Redis: %s)", exc)
+            self._subscribed = False
             await asyncio.sleep(RECONNECT_S)
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.subscribe(self.channel)
+                self._subscribed = True
 
     def _deliver(self, data: object) -> None:
         if not isinstance(data, str):
@@ -111,6 +133,9 @@ class RedisEventRelay:
         try:
             message = json.loads(data)
             if not isinstance(message, dict) or message.get("o") == self.origin:
+                return
+            self._others = True  # another gateway is on the channel
+            if "hello" in message:
                 return
             if "b" in message:
                 self._breaker(message["b"], message["at"])
@@ -124,8 +149,10 @@ class RedisEventRelay:
     def _breaker(self, upstream: object, opened_at: object) -> None:
         if self.router is None or self.clock is None or not isinstance(upstream, str):
             return
-        if opened_at is not None and not isinstance(opened_at, int | float):
-            return
+        if opened_at is not None and (isinstance(opened_at, bool)
+                                      or not isinstance(opened_at, int | float)
+                                      or not math.isfinite(opened_at)):
+            return  # not a time: ignored rather than opening a breaker forever
         self.router.apply_remote(self.clock.now(), upstream,
                                  None if opened_at is None else float(opened_at))
 

@@ -1,0 +1,82 @@
+"""The Redis event relay on a real redis-server: tokens stay local while no other gateway
+listens, flow again as soon as one starts, and breaker messages that carry no time are
+ignored."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.events import EventHub
+from gateway.relay import RedisEventRelay
+from tests.gateway.conftest import RedisProcess
+
+
+@pytest.fixture
+async def relays(redis_server: RedisProcess) -> AsyncIterator[Callable[..., Any]]:
+    """Factory of started relays, each with its own hub and Redis client; closed after."""
+    opened: list[tuple[RedisEventRelay, aioredis.Redis]] = []
+
+    async def start() -> tuple[EventHub, RedisEventRelay]:
+        client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+        hub = EventHub()
+        relay = RedisEventRelay(client, hub, "test:")
+        await relay.start()
+        opened.append((relay, client))
+        return hub, relay
+
+    yield start
+    for relay, client in opened:
+        await relay.close()
+        await client.aclose()
+
+
+async def _until(check: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.01)
+
+
+async def test_tokens_stay_local_until_another_gateway_listens(relays) -> None:
+    hub, relay = await relays()
+    # alone: the state event's PUBLISH reaches only this process's own subscription
+    hub.publish("t1", {"state": "running"})
+    await _until(lambda: relay._outbox.empty() and not relay._others, "still thought shared")
+    for i in range(5):
+        hub.publish("t1", {"token": str(i)})
+    assert relay.kept_local == 5
+    # a second gateway starts: its hello reaches the first before it takes any request
+    other_hub, _ = await relays()
+    await _until(lambda: relay._others, "the hello did not arrive")
+    queue = other_hub.subscribe("t1")
+    for i in range(5, 8):
+        hub.publish("t1", {"token": str(i)})
+    hub.publish("t1", {"state": "done"})
+    got = [await asyncio.wait_for(queue.get(), 5) for _ in range(4)]
+    assert got == [{"token": "5"}, {"token": "6"}, {"token": "7"}, {"state": "done"}]
+    assert relay.kept_local == 5
+
+
+@pytest.mark.parametrize("opened_at", [True, "soon", float("nan"), float("inf")])
+async def test_a_breaker_message_without_a_time_is_ignored(relays, opened_at: object) -> None:
+    applied: list[tuple[str, float | None]] = []
+
+    class Router:
+        def apply_remote(self, now: float, upstream: str, at: float | None) -> None:
+            applied.append((upstream, at))
+
+    class Clock:
+        def now(self) -> float:
+            return 0.0
+
+    _, relay = await relays()
+    relay.router, relay.clock = Router(), Clock()
+    relay._breaker("up", opened_at)
+    relay._breaker("up", 12)
+    relay._breaker("up", None)
+    assert applied == [("up", 12.0), ("up", None)]
