@@ -13,14 +13,12 @@ import json
 import signal
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from batchclient import gc_tuning
 from batchclient.cache import SqliteResultCache
 from batchclient.config import ConfigError, ProviderSettings, parse_client_config, parse_task
+from batchclient.configreader import load_yaml
 from batchclient.policy.engine import EXIT_ERROR, EXIT_INPUT, InputError
 from batchclient.policy.wire import Item
 from batchclient.progress import ProgressSnapshot, render
@@ -59,15 +57,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def _load_yaml(path: str) -> object:
-    try:
-        return yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
-
-
 def read_items(path: str) -> Iterator[Item]:
     """Items of a JSONL file; raises InputError naming the line."""
     try:
@@ -95,7 +84,7 @@ def read_items(path: str) -> Iterator[Item]:
 def _client_mapping(args: argparse.Namespace) -> dict[str, Any]:
     data: dict[str, Any] = {}
     if args.config:
-        loaded = _load_yaml(args.config)
+        loaded = load_yaml(args.config)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{args.config}: expected a mapping")
         data = dict(loaded or {})
@@ -145,7 +134,7 @@ async def _run(runner: Runner, transport: AiohttpTransport) -> JobResult:
 def main(args: argparse.Namespace) -> int:
     """Run the job; return the exit status."""
     try:
-        task = parse_task(_load_yaml(args.task), args.task)
+        task = parse_task(load_yaml(args.task), args.task)
         if args.model:
             from dataclasses import replace
 

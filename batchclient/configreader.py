@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
+
+import yaml
 
 
 class ConfigError(ValueError):
     """A configuration value is missing or wrong; the message names the file and key path."""
+
+
+def load_yaml(path: str | Path) -> object:
+    """The data of a YAML file (``yaml.safe_load``); a file that cannot be read or is not
+    YAML is a ConfigError naming it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc.reason}") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
 
 
 class Reader:

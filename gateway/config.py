@@ -12,10 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
-import yaml
-
 from batchclient.config import DEFAULT_INSTRUCTIONS, BreakerSettings
-from batchclient.configreader import ConfigError, Reader
+from batchclient.configreader import ConfigError, Reader, load_yaml
 
 LANES: tuple[str, ...] = ("interactive", "background")
 
@@ -251,13 +249,4 @@ def parse_config(data: object, source: str) -> GatewayConfig:
 
 def load_config(path: str | Path) -> GatewayConfig:
     """Read a YAML gateway configuration (``yaml.safe_load``) and parse it."""
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
-    return parse_config(data, source)
+    return parse_config(load_yaml(path), str(path))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from batchclient.config import ConfigError, parse_client_config, parse_task
+from batchclient.configreader import load_yaml
 
 
 def test_full_mapping_parses_into_frozen_settings(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,3 +72,18 @@ def test_task_parsing_and_an_empty_taxonomy() -> None:
         parse_task({"system_prompt": "s", "labels": {}, "model": "m"}, "t.yaml")
     with pytest.raises(ConfigError, match=r"t\.yaml: model: expected a non-empty string"):
         parse_task({"system_prompt": "s", "labels": {"A": "a"}}, "t.yaml")
+
+
+def test_load_yaml_names_the_file_it_cannot_use(tmp_path: Path) -> None:
+    good = tmp_path / "ok.yaml"
+    good.write_text("a: 1\n", encoding="utf-8")
+    assert load_yaml(good) == {"a": 1}
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("a: [1,\n", encoding="utf-8")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"a: \xff\xfe\n")
+    for path, what in ((broken, "not valid YAML"), (binary, "not UTF-8 text"),
+                       (tmp_path / "missing.yaml", "cannot read")):
+        with pytest.raises(ConfigError) as info:
+            load_yaml(path)
+        assert str(info.value).startswith(f"{path}: {what}")
