@@ -111,6 +111,10 @@ def read_yaml(path: Path, file: str | None = None) -> tuple[Any, LineMap]:
         raise ScenarioError(
             [Problem(name, 1, "<root>", f"cannot read file: {exc.strerror}")]
         ) from exc
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ScenarioError([Problem(name, line, "<root>", f"not UTF-8 text: {exc.reason}")]
+                            ) from exc
     try:
         data = yaml.safe_load(text)
         lines = LineMap.from_text(name, text)

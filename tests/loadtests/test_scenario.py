@@ -189,6 +189,14 @@ def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
     assert message.startswith(f"{tmp_path / 'scenario.yaml'}:3: <root>: invalid YAML")
 
 
+def test_a_file_that_is_not_utf8_names_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD)
+    path.write_bytes(path.read_bytes().replace(b"seed: 3", b"seed: \xff3"))
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(path)
+    assert str(info.value).startswith(f"{path}:2: <root>: not UTF-8 text")
+
+
 def test_with_overrides_sets_a_key_and_refuses_missing_ones(tmp_path: Path) -> None:
     s = load_scenario(write(tmp_path, GOOD))
     changed = with_overrides(
