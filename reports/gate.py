@@ -72,6 +72,8 @@ def load_baseline(path: str | Path) -> dict[str, Any]:
         raise BaselineError(f"{path}: cannot read: {exc.strerror}") from exc
     except json.JSONDecodeError as exc:
         raise BaselineError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
+    except UnicodeDecodeError as exc:
+        raise BaselineError(f"{path}: not UTF-8 text: {exc.reason}") from exc
     if not isinstance(data, dict) or data.get("schema") != BASELINE_SCHEMA:
         raise BaselineError(f"{path}: expected a JSON object with schema {BASELINE_SCHEMA!r}")
     figures = data.get("figures")

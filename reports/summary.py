@@ -150,6 +150,8 @@ def load_summary(path: str | Path) -> dict[str, Any]:
         raise SummaryError(f"{path}: cannot read: {exc.strerror}") from exc
     except json.JSONDecodeError as exc:
         raise SummaryError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
+    except UnicodeDecodeError as exc:
+        raise SummaryError(f"{path}: not UTF-8 text: {exc.reason}") from exc
     problems = contract_problems(data)
     if problems:
         raise SummaryError(f"{path}: not a {SCHEMA} summary: " + "; ".join(problems[:5]))

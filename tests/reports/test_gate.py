@@ -91,6 +91,10 @@ def test_bad_input_exits_2(tmp_path: Path, baseline: Path) -> None:
     bad = tmp_path / "bad-baseline.json"
     bad.write_text(json.dumps({"schema": "ratelab.baseline/1", "figures": {"x.y": {"value": "3"}}}))
     assert gate.main(args(run, bad)) == 2
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b'{"schema": "\xff"}')
+    assert gate.main(args(binary, baseline)) == 2
+    assert gate.main(args(run, binary)) == 2
 
 
 def test_compare_prints_the_change(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
