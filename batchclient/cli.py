@@ -60,11 +60,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def read_items(path: str) -> Iterator[Item]:
     """Items of a JSONL file; raises InputError naming the line."""
     try:
-        handle = open(path, encoding="utf-8")  # noqa: SIM115 - closed below
+        # bytes, decoded line by line: a line that is not UTF-8 is named like any other
+        handle = open(path, "rb")  # noqa: SIM115 - closed below
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
     with handle:
-        for n, line in enumerate(handle, 1):
+        for n, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{path}:{n}: not UTF-8 text: {exc.reason}") from exc
             if not line.strip():
                 continue
             try:

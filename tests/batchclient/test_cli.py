@@ -1,0 +1,40 @@
+"""``ratelab job``'s items file: each line an object with id and text; a bad line is an
+InputError naming the file and line, before any request."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batchclient.cli import read_items
+from batchclient.policy.engine import InputError
+from batchclient.policy.wire import Item
+
+
+def test_items_are_read_in_order_blank_lines_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "items.jsonl"
+    path.write_bytes(b'{"id": 1, "text": "caf\xc3\xa9"}\r\n\n'
+                     b'{"id": "b", "text": "x", "tag": "t"}\n')
+    assert list(read_items(str(path))) == [Item("1", "café", None), Item("b", "x", "t")]
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    (b'{"id": 2, "text": "a\xff"}', "not UTF-8 text"),
+    (b'{"id": 2, "text": ', "invalid JSON"),
+    (b'{"id": 2}', "expected an object with id and text"),
+    (b'{"id": true, "text": "a"}', "id must be a string or an integer"),
+])
+def test_a_bad_line_is_named(tmp_path: Path, line: bytes, message: str) -> None:
+    path = tmp_path / "items.jsonl"
+    path.write_bytes(b'{"id": 1, "text": "ok"}\n' + line + b"\n")
+    with pytest.raises(InputError) as info:
+        list(read_items(str(path)))
+    assert str(info.value).startswith(f"{path}:2: {message}")
+
+
+def test_a_missing_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "missing.jsonl"
+    with pytest.raises(InputError) as info:
+        list(read_items(str(path)))
+    assert str(info.value).startswith(f"{path}: cannot read")
