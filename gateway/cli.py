@@ -76,6 +76,9 @@ async def _serve(cfg: GatewayConfig, args: argparse.Namespace) -> int:
 
 def main(args: argparse.Namespace) -> int:
     """Run until SIGINT or SIGTERM (130, 143); 2 on a bad configuration."""
+    if not 0 <= args.port <= 65535:
+        print(f"ratelab gateway: --port: expected 0 to 65535, got {args.port}", file=sys.stderr)
+        return 2
     try:
         cfg = _config(args)
     except ConfigError as exc:

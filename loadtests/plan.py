@@ -123,6 +123,12 @@ def main(args: argparse.Namespace) -> int:
             a["items"].get("pending") for a in live["arms"])
         options = PlanOptions(items=args.items or (totals[0] if totals else None),
                               stop_at_s=scenario.duration_s if partial else None)
+    # made before planning: an unusable --out is refused now, not after a long plan
+    out = args.out or f"runs/{scenario.name}-plan-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return _fail(f"--out {out}: cannot make the run folder: {exc.strerror or exc}")
     try:
         result = plan_scenario(scenario, options)
     except PlanError as exc:
@@ -140,7 +146,6 @@ def main(args: argparse.Namespace) -> int:
     if args.capacity:
         summary["plan"].update(_capacity(scenario, summary, args.sample_items,
                                          args.target_users, args.sample_span_s))
-    out = args.out or f"runs/{scenario.name}-plan-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = write_run_folder(out, result, summary)
     for arm in summary["arms"]:
         t = arm["throughput"]

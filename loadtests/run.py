@@ -259,7 +259,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"{args.scenario}: target.api_key_env: ${target_env} is not set", file=sys.stderr)
         return EXIT_INPUT
     run_dir = Path(args.out) if args.out else default_run_dir(scenario.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"ratelab run: --out {run_dir}: cannot make the run folder: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_INPUT
     try:
         bounds = _bounds(scenario, {}, run_dir)
     except (SetupError, ValueError) as exc:

@@ -88,6 +88,9 @@ def _config(args: argparse.Namespace) -> SimulatorConfig:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``ratelab serve``; returns the exit status (2 on a configuration error)."""
+    if not 0 <= args.port <= 65535:
+        print(f"ratelab serve: --port: expected 0 to 65535, got {args.port}", file=sys.stderr)
+        return 2
     try:
         cfg = _config(args)
     except ConfigError as exc:

@@ -31,6 +31,12 @@ def test_bad_config_exits_2(tmp_path: Path, capsys) -> None:
     assert "gw.yaml: upstreams: expected a non-empty list" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("port", ["-1", "65536"])
+def test_a_port_out_of_range_exits_2(port: str, capsys) -> None:
+    assert main(["gateway", "--port", port]) == 2
+    assert f"--port: expected 0 to 65535, got {port}" in capsys.readouterr().err
+
+
 def _ignoring_sigint() -> None:
     # as a background job of a non-interactive shell starts: SIGINT ignored
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -248,6 +248,17 @@ def test_bad_scenario_is_refused_before_anything_starts(tmp_path: Path) -> None:
     assert not (tmp_path / "never").exists()
 
 
+def test_an_unusable_out_folder_is_refused(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = subprocess.run([sys.executable, "-m", "loadtests.cli", "run",
+                           str(SCENARIOS / "quickstart.yaml"), "--out", str(blocker / "run")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert f"--out {blocker / 'run'}: cannot make the run folder" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_slo_search_doubles_then_bisects_to_the_gpu_capacity(tmp_path: Path) -> None:
     out = tmp_path / "slo"
     assert ratelab_run(SCENARIOS / "slo-search.yaml", out,

@@ -57,6 +57,12 @@ def test_missing_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "absent.yaml" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("port", ["-1", "65536"])
+def test_a_port_out_of_range_exits_2(port: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--port", port]) == 2
+    assert f"--port: expected 0 to 65535, got {port}" in capsys.readouterr().err
+
+
 def test_demo_sends_one_real_request_and_prints_it(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--demo", "--ttft-ms", "0", "--itl-ms", "0", "--seed", "3",
                  "--balance-usd", "5"]) == 0

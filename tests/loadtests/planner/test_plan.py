@@ -70,6 +70,14 @@ def test_cli_refuses_a_bad_sweep_before_running(capsys: pytest.CaptureFixture[st
     assert "KEY=V1" in capsys.readouterr().err
 
 
+def test_cli_refuses_an_unusable_out_folder_before_planning(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["plan", str(HERE / "fid-rpm.yaml"), "--out", str(blocker / "plan")]) == 2
+    assert f"--out {blocker / 'plan'}: cannot make the run folder" in capsys.readouterr().err
+
+
 def test_offline_alternative_halves_the_price() -> None:
     arm = {"items": {"done_per_request": 20.0},
            "projection": {"items": 2_000_000, "duration_s": 7 * 3600.0, "cost_usd": 40.0,
