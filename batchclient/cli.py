@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import sqlite3
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -148,11 +149,21 @@ def main(args: argparse.Namespace) -> int:
         config = parse_client_config(_client_mapping(args), source)
         if not config.providers:
             raise ConfigError(f"{source}: providers: give --base-url or a providers list")
-        store = SqliteJobStore(args.db)
     except (ConfigError, InputError) as exc:
         print(f"ratelab job: {exc}", file=sys.stderr)
         return EXIT_INPUT
-    cache = SqliteResultCache(config.cache_path) if config.cache_path else None
+    try:
+        store = SqliteJobStore(args.db)
+    except sqlite3.Error as exc:
+        print(f"ratelab job: --db {args.db}: cannot open the job store: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    try:
+        cache = SqliteResultCache(config.cache_path) if config.cache_path else None
+    except sqlite3.Error as exc:
+        store.close()
+        print(f"ratelab job: cache {config.cache_path}: cannot open the result cache: {exc}",
+              file=sys.stderr)
+        return EXIT_INPUT
     transport = AiohttpTransport(config.providers, config.stream)
 
     def show(snapshot: ProgressSnapshot) -> None:

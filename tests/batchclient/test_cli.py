@@ -10,6 +10,7 @@ import pytest
 from batchclient.cli import read_items
 from batchclient.policy.engine import InputError
 from batchclient.policy.wire import Item
+from loadtests.cli import main
 
 
 def test_items_are_read_in_order_blank_lines_skipped(tmp_path: Path) -> None:
@@ -38,3 +39,23 @@ def test_a_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(InputError) as info:
         list(read_items(str(path)))
     assert str(info.value).startswith(f"{path}: cannot read")
+
+
+@pytest.mark.parametrize("where", ["db", "cache"])
+def test_a_store_that_cannot_be_opened_is_an_input_error(
+        tmp_path: Path, where: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    items = tmp_path / "items.jsonl"
+    items.write_text('{"id": 1, "text": "ok"}\n', encoding="utf-8")
+    task = tmp_path / "task.yaml"
+    task.write_text("name: t\nsystem_prompt: Classify.\nlabels: {A: alpha}\n"
+                    "model: gpt-4o-mini\n", encoding="utf-8")
+    paths = {"db": str(tmp_path / "job.db"), "cache": str(tmp_path / "cache.db")}
+    paths[where] = str(items)  # not an SQLite file: left as it was
+    status = main(["job", str(items), "--task", str(task), "--db", paths["db"], "--cache",
+                   paths["cache"], "--base-url", "http://127.0.0.1:9/v1", "--no-progress"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert f"{items}: cannot open the" in err and "Traceback" not in err
+    assert items.read_text(encoding="utf-8") == '{"id": 1, "text": "ok"}\n'
