@@ -12,12 +12,16 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import sqlite3
 import sys
 from dataclasses import replace
+from urllib.parse import urlsplit
 
 from batchclient.configreader import ConfigError
 from gateway.config import GatewayConfig, default_config, load_config
 from gateway.server import start_gateway
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")  # what redis-py's from_url accepts
 
 HELP = ("Run the queue-fronted gateway: enqueue, poll or subscribe, per-user limits by tier, "
         "interactive and background lanes, shared through Redis with --redis.")
@@ -47,6 +51,9 @@ def _config(args: argparse.Namespace) -> GatewayConfig:
             raise ConfigError(f"--workers: expected more than lanes.reserved_workers "
                               f"({cfg.lanes.reserved_workers}), got {args.workers}")
         cfg = replace(cfg, workers=args.workers)
+    if args.redis is not None and urlsplit(args.redis).scheme not in REDIS_SCHEMES:
+        raise ConfigError(f"--redis: expected a {', '.join(s + '://' for s in REDIS_SCHEMES)} "
+                          f"URL, got {args.redis!r}")
     return cfg
 
 
@@ -88,6 +95,10 @@ def main(args: argparse.Namespace) -> int:
         return asyncio.run(_serve(cfg, args))
     except KeyboardInterrupt:  # where the loop cannot handle signals itself
         return 130
+    except sqlite3.Error as exc:
+        print(f"ratelab gateway: --db {args.db or cfg.db_path}: cannot open the task store: "
+              f"{exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"ratelab gateway: {exc}", file=sys.stderr)
         return 1

@@ -37,6 +37,16 @@ def test_a_port_out_of_range_exits_2(port: str, capsys) -> None:
     assert f"--port: expected 0 to 65535, got {port}" in capsys.readouterr().err
 
 
+def test_a_bad_redis_url_or_task_store_exits_2(tmp_path: Path, capsys) -> None:
+    assert main(["gateway", "--port", "0", "--redis", "localhost:6379"]) == 2
+    assert "--redis: expected a redis://" in capsys.readouterr().err
+    not_sqlite = tmp_path / "notes.txt"
+    not_sqlite.write_text("not a database\n")
+    assert main(["gateway", "--port", "0", "--db", str(not_sqlite)]) == 2
+    assert f"--db {not_sqlite}: cannot open the task store" in capsys.readouterr().err
+    assert not_sqlite.read_text() == "not a database\n"
+
+
 def _ignoring_sigint() -> None:
     # as a background job of a non-interactive shell starts: SIGINT ignored
     signal.signal(signal.SIGINT, signal.SIG_IGN)
