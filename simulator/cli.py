@@ -99,6 +99,9 @@ def main(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"ratelab serve: cannot read {args.config}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    except UnicodeDecodeError as exc:
+        print(f"ratelab serve: {args.config}: not UTF-8 text: {exc.reason}", file=sys.stderr)
+        return 2
     # the serving loop wakes timers to the microsecond (simulator.loop.new_event_loop)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         if args.demo:

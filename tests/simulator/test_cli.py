@@ -63,6 +63,15 @@ def test_a_port_out_of_range_exits_2(port: str, capsys: pytest.CaptureFixture[st
     assert f"--port: expected 0 to 65535, got {port}" in capsys.readouterr().err
 
 
+def test_a_config_that_is_not_utf8_exits_2(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "sim.yaml"
+    path.write_bytes(b"seed: \xff\n")
+    assert main(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: not UTF-8 text" in err and "Traceback" not in err
+
+
 def test_demo_sends_one_real_request_and_prints_it(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--demo", "--ttft-ms", "0", "--itl-ms", "0", "--seed", "3",
                  "--balance-usd", "5"]) == 0
