@@ -60,16 +60,33 @@ def _bad(code: str, message: str, param: str | None = None) -> BadRequest:
 
 
 def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The messages checked as the provider checks them (content a string, an array of
+    parts, or null for an assistant turn), reduced to their text for the token estimate."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("invalid_messages", "'messages' must be a non-empty array of "
                    "{role, content} objects.", "messages")
+    texts = []
     for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)):
-            raise _bad("invalid_messages", f"messages[{i}] must be an object with string "
-                       "'role' and 'content'.", f"messages[{i}]")
-    return messages
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
+            raise _bad("invalid_messages", f"messages[{i}] must be an object with a string "
+                       "'role'.", f"messages[{i}]")
+        content = m.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or (part.get("type") == "text"
+                                                  and not isinstance(part.get("text"), str)):
+                    raise _bad("invalid_messages", f"messages[{i}].content[{j}] must be an "
+                               "object; a text part's 'text' a string.",
+                               f"messages[{i}].content[{j}]")
+            text = "".join(p["text"] for p in content if isinstance(p.get("text"), str))
+        elif isinstance(content, str) or (content is None and m["role"] == "assistant"):
+            text = content or ""
+        else:
+            raise _bad("invalid_messages", f"messages[{i}].content must be a string or an "
+                       "array of content parts.", f"messages[{i}].content")
+        texts.append({"content": text})
+    return texts
 
 
 def parse_task(body: object, headers: Mapping[str, str], cfg: GatewayConfig,
@@ -77,6 +94,8 @@ def parse_task(body: object, headers: Mapping[str, str], cfg: GatewayConfig,
     """Validate a ``POST /v1/tasks`` or ``/v1/chat/completions`` body; raises BadRequest."""
     if not isinstance(body, dict):
         raise _bad("invalid_body", "The request body must be a JSON object.")
+    if "user" in body and not (isinstance(body["user"], str) and body["user"].strip()):
+        raise _bad("invalid_user", "'user' must be a non-empty string.", "user")
     user = body.get("user", headers.get(USER_HEADER))
     if not isinstance(user, str) or not user.strip():
         raise _bad("missing_user", "A user id is required: the 'user' field or the "
