@@ -25,12 +25,14 @@ class Breaker:
 
     def allows(self, now: float) -> bool:
         """May a request go to this provider now (half-open: only while no probe is out)."""
+        if self.opened_at is None:
+            return True  # closed: every dispatch decision asks, mostly this
         state = self.state(now)
         return state == "closed" or (state == "half_open" and not self.probing)
 
     def on_dispatch(self, now: float) -> None:
         """A request was sent; in half-open state it is the probe."""
-        if self.state(now) == "half_open":
+        if self.opened_at is not None and self.state(now) == "half_open":
             self.probing = True
 
     def on_success(self, now: float) -> None:

@@ -16,11 +16,13 @@ class Concurrency:
         if self.aimd:
             self._limit = float(min(max(settings.limit, settings.min), settings.max))
         self._last_decrease = -1e18
+        self._slots = max(1, int(self._limit))
 
     @property
     def limit(self) -> int:
         """Current number of slots."""
-        return max(1, int(self._limit))
+        # kept as an int beside the float: dispatch reads it several times a decision
+        return self._slots
 
     def on_success(self, now: float, latency_s: float) -> None:
         """A request came back fine after ``latency_s``."""
@@ -31,6 +33,7 @@ class Concurrency:
             self._decrease(now, latency_s)
             return
         self._limit = min(float(self.settings.max), self._limit + 1.0 / self._limit)
+        self._slots = max(1, int(self._limit))
 
     def on_rate_limited(self, now: float, latency_s: float) -> None:
         """A 429 came back."""
@@ -42,3 +45,4 @@ class Concurrency:
             return
         self._last_decrease = now
         self._limit = max(float(self.settings.min), self._limit / 2.0)
+        self._slots = max(1, int(self._limit))

@@ -48,7 +48,7 @@ from batchclient.policy.job import task_digest as task_digest
 from batchclient.policy.lanes import LanePolicy
 from batchclient.policy.packing import Packer
 from batchclient.policy.responses import ResponseHandling
-from batchclient.policy.routing import Predicate, choose_provider, route_model
+from batchclient.policy.routing import Predicate, first_available, route_model
 from batchclient.policy.state import Accepted, Drained, ItemState
 from batchclient.policy.throttle import Throttle
 from batchclient.policy.tokens import canonical_id, reply_item_chars
@@ -57,6 +57,7 @@ from batchclient.policy.wire import Call, Item, Response
 
 _ID = re.compile(r"[A-Za-z0-9_.-]+")
 _IDS = re.compile(r"[A-Za-z0-9_.-]+(?:\n[A-Za-z0-9_.-]+)*")  # ids joined by line breaks
+_WAIT = Wait(None)  # a value: the one "wait for a response or items" every decision shares
 
 
 class Engine(ResponseHandling, InteractiveLane):
@@ -125,6 +126,10 @@ class Engine(ResponseHandling, InteractiveLane):
         self._interactive_calls: dict[int, InteractiveRequest] = {}
         self._now = 0.0
         self._background_inflight = 0
+        # per model: the providers serving it, in failover order (``served_models`` is
+        # fixed for the engine's life, so a decision need not ask ``_serves`` again)
+        self._candidates: dict[str, tuple[ProviderSettings, ...]] = {}
+        self._low_water = (-1, 0)  # (concurrency limit, wants_items' low water for it)
 
     # ----------------------------------------------------------------- items
 
@@ -142,6 +147,10 @@ class Engine(ResponseHandling, InteractiveLane):
             self._throttles[key] = throttle
         return throttle
 
+    def _blocked_until(self, provider: str) -> float:
+        """Virtual time until which ``provider`` is waiting out a 429 (0: it is not)."""
+        return self._rate_limited_until.get(provider, 0.0)
+
     def _serves(self, provider: str, model: str) -> bool:
         if self._served is None or provider not in self._served:
             return True
@@ -158,9 +167,14 @@ class Engine(ResponseHandling, InteractiveLane):
         source is exhausted)."""
         if self._exhausted or self._fatal is not None:
             return 0
-        low_water = max(self.config.page_size // 2,
-                        4 * self._max_items * self.concurrency.limit)
-        if self.buffered >= low_water:
+        # asked before every decision: the low water is recomputed only when the limit moves
+        limit = self.concurrency.limit
+        cached_limit, low_water = self._low_water
+        if limit != cached_limit:
+            low_water = max(self.config.page_size // 2, 4 * self._max_items * limit)
+            self._low_water = (limit, low_water)
+        counts = self.counts
+        if counts.fed - counts.done - counts.dead >= low_water:  # self.buffered
             return 0
         return self.config.page_size
 
@@ -191,8 +205,16 @@ class Engine(ResponseHandling, InteractiveLane):
         joined = "\n".join(ids)
         # an id not starting with "0" is its own canonical form; a leading zero (or a line
         # break inside an id) takes the item-by-item pass
-        if (joined[:1] == "0" or "\n0" in joined or joined.count("\n") != len(ids) - 1
-                or not _IDS.fullmatch(joined)):
+        if joined[:1] == "0" or "\n0" in joined or joined.count("\n") != len(ids) - 1:
+            return None
+        digits = joined.replace("\n", "")
+        numeric = digits.isdigit() and digits.isascii()
+        if numeric:
+            # ASCII digits: the pattern holds unless an id is empty (string tests, not the
+            # regular expression over the whole page)
+            if joined[0] == "\n" or joined[-1] == "\n" or "\n\n" in joined:
+                return None
+        elif not _IDS.fullmatch(joined):
             return None
         if not all(texts) or any(map(str.isspace, texts)):
             return None
@@ -200,7 +222,7 @@ class Engine(ResponseHandling, InteractiveLane):
         if len(set(ids)) != len(ids) or not keys.keys().isdisjoint(ids):
             return None
         code_chars = 6 + 6 + self._code_len + 2 + 1
-        if joined.replace("\n", "").isdigit():  # ASCII: the ids matched the pattern
+        if numeric:
             # every reply object holds a JSON integer (no quotes): sizes without a test per id
             sizes = [(n + 5 + len(text), n + code_chars)
                      for n, text in zip(map(len, ids), texts, strict=True)]
@@ -388,32 +410,42 @@ class Engine(ResponseHandling, InteractiveLane):
 
     def _next(self, now: float) -> Action:
         if self._fatal is not None:
-            return Wait(None) if self._inflight else self._fatal
-        self._release_delayed(now)
-        interactive = self._next_interactive(now)
-        if interactive is not None:
-            return interactive
-        model = next((m for m, q in self._ready.items() if q), None)
+            return _WAIT if self._inflight else self._fatal
+        delayed = self._delayed
+        if delayed and delayed[0][0] <= now:
+            self._release_delayed(now)
+        if self._interactive:  # _next_interactive's own first test, without the call
+            interactive = self._next_interactive(now)
+            if interactive is not None:
+                return interactive
+        model = None  # the first model with items ready
+        for name, queue in self._ready.items():
+            if queue:
+                model = name
+                break
         if model is None:
             if self._inflight:
-                return Wait(None)
-            if self._delayed:
-                return Wait(max(0.0, self._delayed[0][0] - now))
+                return _WAIT
+            if delayed:
+                wait = delayed[0][0] - now
+                return Wait(wait if wait > 0.0 else 0.0)  # max(0.0, wait)
             if self._exhausted:
                 return Done(EXIT_OK)
-            return Wait(None)
-        slots = self.lanes.background_slots(self.concurrency.limit, len(self._interactive))
-        if len(self._inflight) >= self.concurrency.limit or self._background_inflight >= slots:
-            return Wait(None)
-        provider = choose_provider(now, self.providers, self.breakers,
-                                   lambda p: self._rate_limited_until.get(p, 0.0), model,
-                                   self._serves)
+            return _WAIT
+        limit = self.concurrency.limit
+        if len(self._inflight) >= limit or self._background_inflight >= \
+                self.lanes.background_slots(limit, len(self._interactive)):
+            return _WAIT
+        candidates = self._candidates.get(model)
+        if candidates is None:
+            candidates = self._candidates[model] = tuple(
+                p for p in self.providers if self._serves(p.name, model))
+        provider = first_available(now, candidates, self.breakers, self._blocked_until)
         if provider is None:
             if self._inflight:
-                return Wait(None)
+                return _WAIT
             waits = [b.reopens_in(now) for b in self.breakers.values()]
             return Wait(min([w for w in waits if w > 0] or [self.config.breaker.cooldown_s]))
-        queue = self._ready[model]
         size = self.adaptive.size if self.adaptive else self._max_items
         # Items appended at the tail only matter while fewer than ``size`` are queued.
         head = min(size, len(queue))
@@ -425,11 +457,10 @@ class Engine(ResponseHandling, InteractiveLane):
                 [st.sizes for st in states], size, self.config.batch.token_budget)
             packed = self._packed = (key, states[:count], prompt_tokens, max_tokens)
         _, batch, prompt_tokens, max_tokens = packed
-        throttle = self.throttle(provider, model)
+        throttle = self._throttles.get((provider, model)) or self.throttle(provider, model)
         expected = max_tokens - self.config.batch.reply_slack_tokens
         reserve = throttle.estimate(prompt_tokens, max_tokens, expected)
-        wait = throttle.delay(now, reserve, self.concurrency.limit,
-                              ceiling=self.lanes.background_ceiling)
+        wait = throttle.delay(now, reserve, limit, ceiling=self.lanes.background_ceiling)
         if wait > 0:
             return Wait(wait)
         self._background_inflight += 1

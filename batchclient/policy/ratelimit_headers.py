@@ -73,7 +73,9 @@ def _int(value: str | None) -> int | None:
         return None
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one per reply on the hot path (a frozen dataclass's __init__ sets each field
+# through object.__setattr__). A value all the same: nothing changes one once made.
+@dataclass(slots=True)
 class RateHeaders:
     """Limits, remaining budget and reset times (virtual seconds) read from one response."""
 

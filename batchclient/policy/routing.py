@@ -46,13 +46,24 @@ def choose_provider(
     """First provider in order that serves ``model``, whose breaker lets a request through,
     and (for providers with ``failover_on_429``) that is not waiting out a 429 while a
     later provider could take the work. None when every provider is unavailable."""
-    candidates = [p for p in providers if serves(p.name, model)]
+    return first_available(now, [p for p in providers if serves(p.name, model)], breakers,
+                           blocked_until)
+
+
+def first_available(
+    now: float,
+    candidates: Sequence[ProviderSettings],
+    breakers: Mapping[str, Breaker],
+    blocked_until: Callable[[str], float],
+) -> str | None:
+    """``choose_provider`` among ``candidates``, the providers already known to serve the
+    model, in failover order (a dispatch loop keeps them per model instead of asking
+    ``serves`` of every provider at every decision)."""
     for index, provider in enumerate(candidates):
         if not breakers[provider.name].allows(now):
             continue
-        later = candidates[index + 1:]
         if provider.failover_on_429 and blocked_until(provider.name) > now and any(
-            breakers[p.name].allows(now) for p in later
+            breakers[p.name].allows(now) for p in candidates[index + 1:]
         ):
             continue
         return provider.name

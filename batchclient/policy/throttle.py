@@ -116,8 +116,14 @@ class Throttle:
             used_t = (rate.limit_tokens or self.tpm or 0) - rate.remaining_tokens
         if rate.remaining_requests is not None and (rate.limit_requests or self.rpm):
             used_r = (rate.limit_requests or self.rpm or 0) - rate.remaining_requests
-        resets = [r for r in (rate.reset_tokens_s, rate.reset_requests_s) if r is not None]
-        horizon = min([self.settings.window_s, *resets])
+        # min() of the window and the resets given, as comparisons (every reply comes here)
+        horizon = self.settings.window_s
+        reset = rate.reset_tokens_s
+        if reset is not None and reset < horizon:
+            horizon = reset
+        reset = rate.reset_requests_s
+        if reset is not None and reset < horizon:
+            horizon = reset
         self._snapshot = _Snapshot(now, used_t, used_r, self.used_tokens, self.used_requests,
                                    now + horizon)
 
@@ -129,11 +135,15 @@ class Throttle:
         tokens, requests = self.used_tokens, self.used_requests
         snap = self._snapshot
         if snap is not None and now < snap.valid_until:
+            # max() of two ints, as comparisons (every dispatch decision comes here)
             if snap.provider_used_tokens is not None:
-                tokens = max(tokens, snap.provider_used_tokens + tokens - snap.our_tokens)
+                floor = snap.provider_used_tokens + tokens - snap.our_tokens
+                if floor > tokens:
+                    tokens = floor
             if snap.provider_used_requests is not None:
-                requests = max(requests,
-                               snap.provider_used_requests + requests - snap.our_requests)
+                floor = snap.provider_used_requests + requests - snap.our_requests
+                if floor > requests:
+                    requests = floor
         return tokens, requests
 
     def _wait_for_room(self, now: float, excess_tokens: int, excess_requests: int) -> float:
@@ -161,33 +171,42 @@ class Throttle:
         ``slots`` in flight (the article's per-thread sleep). ``ceiling`` lowers the
         configured one (the background lane leaves headroom to the interactive lane).
         """
-        if now < self.blocked_until:
-            return self.blocked_until - now
-        if not self.settings.enabled:
+        blocked_until = self.blocked_until
+        if now < blocked_until:
+            return blocked_until - now
+        settings = self.settings
+        if not settings.enabled:
             return 0.0
         used_t, used_r = self.usage(now)
-        ceiling = self.settings.ceiling if ceiling is None else min(ceiling,
-                                                                     self.settings.ceiling)
+        # min() and max() as comparisons, each the builtin's pick (the first of equals):
+        # a dispatch decision asks this every time it is made
+        if ceiling is None or settings.ceiling < ceiling:
+            ceiling = settings.ceiling
+        tpm, rpm = self.tpm, self.rpm
         excess_t = excess_r = 0
-        if self.tpm:
-            excess_t = int(used_t + tokens - self.tpm * ceiling)
-        if self.rpm:
-            excess_r = int(used_r + 1 - self.rpm * ceiling + 0.999999)
+        if tpm:
+            excess_t = int(used_t + tokens - tpm * ceiling)
+        if rpm:
+            excess_r = int(used_r + 1 - rpm * ceiling + 0.999999)
         if (excess_t > 0 and used_t > 0) or (excess_r > 0 and used_r > 0):
-            wait = self._wait_for_room(now, max(0, excess_t), max(0, excess_r))
+            wait = self._wait_for_room(now, excess_t if excess_t > 0 else 0,
+                                       excess_r if excess_r > 0 else 0)
             if wait > 0:
                 return wait
         if not graduated:
             return 0.0
         fraction = 0.0
-        if self.tpm:
-            fraction = (used_t + tokens) / self.tpm
-        if self.rpm:
-            fraction = max(fraction, (used_r + 1) / self.rpm)
+        if tpm:
+            fraction = (used_t + tokens) / tpm
+        if rpm:
+            by_requests = (used_r + 1) / rpm
+            if by_requests > fraction:
+                fraction = by_requests
         step_delay = 0.0
-        for threshold, delay in self.settings.steps:
+        for threshold, delay in settings.steps:
             if fraction > threshold:
                 step_delay = delay
         if step_delay > 0:
-            return max(0.0, self._last_dispatch + step_delay / max(1, slots) - now)
+            wait = self._last_dispatch + step_delay / (slots if slots > 1 else 1) - now
+            return wait if wait > 0.0 else 0.0
         return 0.0

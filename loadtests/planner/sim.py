@@ -223,6 +223,10 @@ class ArmDriver:
         self._flush(call, response, retry, stage)
         # As the live Runner does: a chat may take several attempts (new call ids, one
         # request id), so waiters are resolved from the engine's finished chats only.
+        # Every chat submitted waits in _interactive until its outcome is drained here:
+        # none waiting, none finished.
+        if not self._interactive:
+            return
         for request_id, outcome in engine.drain_interactive():
             done = self._interactive.pop(request_id, None)
             self._chat_stage.pop(request_id, None)

@@ -38,7 +38,9 @@ def _outcome(engine: Engine, page: list[Item], whole: bool) -> object:
 @pytest.mark.parametrize("seed", range(40))
 def test_page_validation_matches_the_item_pass(seed: int) -> None:
     rng = random.Random(seed)
-    ids = ["7", "007", "0", "a", "a.b", "x y", "", "12", "12", "big", "e", "Z-9", "3\n4"]
+    # ids of digits include other scripts' digits and a superscript (isdigit, not ASCII)
+    ids = ["7", "007", "0", "a", "a.b", "x y", "", "12", "12", "big", "e", "Z-9", "3\n4",
+           "\u0661\u0662", "4\u00b2"]
     texts = ["text", "  ", "", "Some Words", "x" * 70000, "two\nlines"]
     fed = [Item(rng.choice(ids), rng.choice(texts)) for _ in range(rng.randint(0, 3))]
     pages = [[Item(rng.choice(ids), rng.choice(texts)) for _ in range(rng.randint(1, 4))]
