@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import operator
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import reduce
 from itertools import accumulate, islice
 
 from simulator.model.tokens import CHARS_PER_TOKEN, split_chunks
+
+# A reply's chunk time is a running sum of its gaps from t0 + ttft, rounded after each
+# addition, and must be the same float wherever it is computed (the planner reads one
+# time of a reply, the server sleeps until each). Before 3.12, sum() adds floats one by
+# one in a C double, left to right: those roundings, several times faster than a fold
+# (a plan sums ~110 gaps a reply). 3.12's sum() compensates the roundings: a fold there.
+if sys.version_info < (3, 12):
+    def _running_sum(values: Iterable[float], start: float) -> float:
+        """``start`` plus each of ``values`` in order, one rounding per addition."""
+        return sum(values, start)
+else:
+    def _running_sum(values: Iterable[float], start: float) -> float:
+        """``start`` plus each of ``values`` in order, one rounding per addition."""
+        return reduce(operator.add, values, start)
+
 
 # Usage and ResponsePlan are made on every admission: plain slots dataclasses, since a
 # frozen one's __init__ costs three times as much (object.__setattr__ per field). Treat
@@ -86,8 +103,8 @@ class ResponsePlan:
             gaps = len(itl)
         if index < 0 or index > gaps:
             index = gaps
-        # reduce folds left to right from t0 + ttft: bit for bit the list's entry
-        due: float = reduce(operator.add, islice(itl, index), t0 + self.ttft_s)
+        # folded left to right from t0 + ttft: bit for bit the list's entry
+        due = _running_sum(itl if index == len(itl) else islice(itl, index), t0 + self.ttft_s)
         fault = self.fault
         if fault is not None and fault.kind == "stall" and index >= min(fault.at_chunk, gaps):
             due += fault.duration_s

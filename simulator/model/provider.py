@@ -155,8 +155,8 @@ class Provider:
         self._fault_rng = random.Random(f"{seed}:{self.name}:faults")
         self._reply_rng = random.Random(f"{seed}:{self.name}:responder")
         self._latency_rng = random.Random(f"{seed}:{self.name}:latency")
-        self._gap_rng = np.random.default_rng(
-            random.Random(f"{seed}:{self.name}:gaps").getrandbits(64))
+        self._gaps = latency.GapSource(self.profile.latency, np.random.default_rng(
+            random.Random(f"{seed}:{self.name}:gaps").getrandbits(64)))
         self._tenants = {k.key: _Tenant(k) for k in self.profile.keys}
 
     # ------------------------------------------------------------------ helpers
@@ -367,7 +367,7 @@ class Provider:
         dist = spec.ttft_s  # latency.ttft inline, a constant TTFT without the sample call
         draw = dist.value if dist.kind == "constant" else latency.sample(dist, rng)
         ttft = draw + spec.prefill_s_per_token * live.prompt + live.slow_s
-        gaps = latency.gaps(spec, self._gap_rng, live.n_chunks - 1, factor)
+        gaps = self._gaps.take(live.n_chunks - 1, factor)
         completion = live.n * live.n_chunks
         live.admission.plan = ResponsePlan(
             ttft, gaps, live.text, live.finish_reason,
