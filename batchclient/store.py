@@ -1,4 +1,5 @@
-"""Durable job store: items with a NULL result until done, cursor pagination, dead letters.
+"""Durable job store: item outcomes with a NULL result until done, cursor pagination, dead
+letters.
 
 ``SqliteJobStore`` (WAL) implements the small ``JobStore`` protocol so another database
 could be added. Results are committed after every batch and written only where the result
@@ -22,35 +23,76 @@ from batchclient.policy.wire import Item
 
 T = TypeVar("T")
 
-# No index on pending rows: pages walk the rowid (seq) from the cursor, and a partial index
-# on "result IS NULL AND state = 'pending'" cost an index delete on every saved row (about
-# a fifth of the row update). Stores made with it lose it when opened.
+# Schema 2. What was imported (``items``: id, text, tag) is apart from what a run writes
+# (``outcomes``: one row per item, its result NULL until done), so a saved row is a narrow
+# record of four bound values (result, attempts, batch, seq) rather than a rewrite of the
+# item's text and ids with seven (0.64x the instructions of a 20-row transaction). What is
+# the same for every item of one reply (its share of the charge, model, provider) is one
+# ``batches`` row; ``labels`` names the codes. No index on pending rows: pages walk the
+# rowid (seq) from the cursor (a partial index cost an index write on every saved row).
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
     seq INTEGER PRIMARY KEY,
     item_id TEXT NOT NULL UNIQUE,
     canon TEXT NOT NULL UNIQUE,
     text TEXT NOT NULL,
-    tag TEXT,
+    tag TEXT
+);
+CREATE TABLE IF NOT EXISTS outcomes (
+    seq INTEGER PRIMARY KEY REFERENCES items(seq),
     result TEXT,
-    label TEXT,
     state TEXT NOT NULL DEFAULT 'pending',
-    error TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
-    cost_usd REAL NOT NULL DEFAULT 0,
+    batch INTEGER REFERENCES batches(id),
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY,
+    cost_usd_each REAL NOT NULL DEFAULT 0,
     model TEXT,
     provider TEXT
 );
-DROP INDEX IF EXISTS items_pending;
+CREATE TABLE IF NOT EXISTS labels (
+    code TEXT PRIMARY KEY,
+    label TEXT
+);
+CREATE VIEW IF NOT EXISTS item_results AS
+    SELECT i.seq, i.item_id, i.text, i.tag, o.result, l.label, o.state, o.error, o.attempts,
+           COALESCE(b.cost_usd_each, 0) AS cost_usd, b.model, b.provider
+    FROM items i JOIN outcomes o ON o.seq = i.seq
+    LEFT JOIN batches b ON b.id = o.batch LEFT JOIN labels l ON l.code = o.result;
 """
 
-_DONE_BY_SEQ = ("UPDATE items SET result = ?, label = ?, state = 'done', error = NULL, "
-                "attempts = ?, cost_usd = ?, model = ?, provider = ? "
+# A store of schema 1 (one wide ``items`` table with the result columns) is moved to
+# schema 2 in one transaction when opened: a kill during it leaves schema 1 intact.
+_MIGRATE_1 = """
+ALTER TABLE items RENAME TO items_v1;
+{schema}
+INSERT INTO items(seq, item_id, canon, text, tag)
+    SELECT seq, item_id, canon, text, tag FROM items_v1;
+INSERT INTO batches(id, cost_usd_each, model, provider)
+    SELECT seq, cost_usd, model, provider FROM items_v1
+    WHERE state != 'pending' OR result IS NOT NULL;
+INSERT INTO outcomes(seq, result, state, attempts, batch, error)
+    SELECT seq, result, state, attempts,
+           CASE WHEN state != 'pending' OR result IS NOT NULL THEN seq END, error
+    FROM items_v1;
+INSERT OR REPLACE INTO labels(code, label)
+    SELECT result, label FROM items_v1 WHERE result IS NOT NULL ORDER BY seq;
+DROP TABLE items_v1;
+"""
+
+_DONE_BY_SEQ = ("UPDATE outcomes SET result = ?, state = 'done', error = NULL, attempts = ?, "
+                "batch = ? WHERE seq = ? AND result IS NULL")
+_DONE_BY_ID = ("UPDATE outcomes SET result = ?, state = 'done', error = NULL, attempts = ?, "
+               "batch = ? WHERE seq = (SELECT seq FROM items WHERE item_id = ?) "
+               "AND result IS NULL")
+_DEAD_BY_SEQ = ("UPDATE outcomes SET state = 'dead', error = ?, attempts = ?, batch = ? "
                 "WHERE seq = ? AND result IS NULL")
-_DONE_BY_ID = _DONE_BY_SEQ.replace("WHERE seq =", "WHERE item_id =")
-_DEAD_BY_SEQ = ("UPDATE items SET state = 'dead', error = ?, attempts = ?, model = ?, "
-                "provider = ? WHERE seq = ? AND result IS NULL")
-_DEAD_BY_ID = _DEAD_BY_SEQ.replace("WHERE seq =", "WHERE item_id =")
+_DEAD_BY_ID = ("UPDATE outcomes SET state = 'dead', error = ?, attempts = ?, batch = ? "
+               "WHERE seq = (SELECT seq FROM items WHERE item_id = ?) AND result IS NULL")
+_NEW_BATCH = "INSERT INTO batches(cost_usd_each, model, provider) VALUES (?, ?, ?)"
 
 # Items of a page are built through their slot descriptors: the frozen dataclass's
 # __init__ pays an object.__setattr__ per field (about twice the cost), and rows from our
@@ -59,6 +101,11 @@ _new_item = object.__new__
 _set_id: Any = Item.__dict__["id"].__set__
 _set_text: Any = Item.__dict__["text"].__set__
 _set_tag: Any = Item.__dict__["tag"].__set__
+
+
+class StoreVersionError(sqlite3.DatabaseError):
+    """The file is not a job store this version can read (a newer schema, or not ours);
+    a ``sqlite3.Error``, so ``ratelab job`` reports it as a store it cannot open."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,38 +148,82 @@ class JobStore(Protocol):
         ...
 
 
-def _accepted_rows(accepted: Accepted, labels: Mapping[str, str], seqs: Mapping[str, int],
+def _accepted_rows(accepted: Accepted, batch: int, seqs: Mapping[str, int],
                    by_seq: list[tuple[object, ...]], by_id: list[tuple[object, ...]]) -> None:
-    """The ``done`` rows of one reply's items, as ``ItemResult`` would give them."""
-    call, share, codes = accepted.call, accepted.share, accepted.codes
-    model, provider = call.model, call.provider
+    """The ``done`` rows of one reply's items: (code, attempts, batch, seq or item id)."""
+    codes = accepted.codes
+    get = seqs.get
     for state in accepted.states:
         item_id = state.id
-        code = codes[item_id]
-        seq = seqs.get(item_id)
+        seq = get(item_id)
         if seq is None:
-            by_id.append((code, labels[code], state.attempts + 1, share, model, provider,
-                          item_id))
+            by_id.append((codes[item_id], state.attempts + 1, batch, item_id))
         else:
-            by_seq.append((code, labels[code], state.attempts + 1, share, model, provider, seq))
+            by_seq.append((codes[item_id], state.attempts + 1, batch, seq))
 
 
 class SqliteJobStore:
-    """SQLite job store in WAL mode (one connection; ``retries`` on transient errors)."""
+    """SQLite job store in WAL mode (one connection; ``retries`` on transient errors).
+
+    Opening a store of the previous schema (1) migrates it; a newer schema, or a file
+    whose tables are not a job store's, is refused with ``StoreVersionError``."""
 
     def __init__(self, path: str, retries: int = 6, base_delay_s: float = 0.05) -> None:
         self.path = path
         self.retries = retries
         self.base_delay_s = base_delay_s
         self._rng = random.Random(0)
+        # code -> label as written to ``labels``; the labels mapping last seen
+        self._labels: dict[str, str] = {}
+        self._labels_seen: Mapping[str, str] | None = None
         self._conn = self._retry(self._connect)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(_SCHEMA)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._open_schema(conn)
+            self._labels = dict(conn.execute("SELECT code, label FROM labels").fetchall())
+        except BaseException:
+            conn.close()
+            raise
         return conn
+
+    def _open_schema(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if version == SCHEMA_VERSION:
+                pass
+            elif version > SCHEMA_VERSION:
+                raise StoreVersionError(
+                    f"{self.path}: job store schema {version} was written by a newer ratelab "
+                    f"(this one reads schema {SCHEMA_VERSION} and migrates 1)")
+            elif version == 0 and "items" in tables and "outcomes" not in tables:
+                columns = {r[1] for r in conn.execute("PRAGMA table_info(items)")}
+                if not {"seq", "item_id", "canon", "text", "tag", "result", "label", "state",
+                        "error", "attempts", "cost_usd", "model", "provider"} <= columns:
+                    raise StoreVersionError(f"{self.path}: its items table is not a ratelab "
+                                            "job store's (schema 1 or 2)")
+                for statement in _MIGRATE_1.format(schema=_SCHEMA).split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            elif version == 0 and not tables & {"items", "outcomes", "batches", "labels"}:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            else:
+                raise StoreVersionError(f"{self.path}: not a ratelab job store (schema "
+                                        f"{version}, tables {', '.join(sorted(tables))})")
+            if version != SCHEMA_VERSION:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     def _retry(self, fn: Callable[[], T]) -> T:
         for attempt in range(self.retries + 1):
@@ -165,8 +256,10 @@ class SqliteJobStore:
                                 raise InputError(f"item {item.id!r}: id collides with stored "
                                                  f"item {row[0]!r}")
                             continue
-                        conn.execute("INSERT INTO items(item_id, canon, text, tag) "
-                                     "VALUES (?, ?, ?, ?)", (item.id, canon, item.text, item.tag))
+                        seq = conn.execute("INSERT INTO items(item_id, canon, text, tag) "
+                                           "VALUES (?, ?, ?, ?)",
+                                           (item.id, canon, item.text, item.tag)).lastrowid
+                        conn.execute("INSERT INTO outcomes(seq) VALUES (?)", (seq,))
                         new += 1
                     conn.execute("COMMIT")
                 except BaseException:
@@ -188,8 +281,9 @@ class SqliteJobStore:
     def page(self, after_seq: int, limit: int) -> list[tuple[int, Item]]:
         """Cursor pagination: ``WHERE result IS NULL AND seq > ? ORDER BY seq LIMIT ?``."""
         rows = self._retry(lambda: self._conn.execute(
-            "SELECT seq, item_id, text, tag FROM items WHERE result IS NULL AND "
-            "state = 'pending' AND seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall())
+            "SELECT o.seq, i.item_id, i.text, i.tag FROM outcomes o JOIN items i "
+            "ON i.seq = o.seq WHERE o.result IS NULL AND o.state = 'pending' AND o.seq > ? "
+            "ORDER BY o.seq LIMIT ?", (after_seq, limit)).fetchall())
         # TEXT columns come back as str: no conversion per row.
         new, set_id, set_text, set_tag = _new_item, _set_id, _set_text, _set_tag
         out: list[tuple[int, Item]] = []
@@ -210,68 +304,104 @@ class SqliteJobStore:
         Rows whose id ``seqs`` maps (from ``page``) are updated by their integer ``seq``
         (the rowid: no lookup in the item_id index), the others by item_id. An
         ``Accepted`` entry is written straight from the engine's record of the reply (no
-        ``ItemResult`` per item); ``labels`` (code -> label) is then required.
+        ``ItemResult`` per item) with one ``batches`` row for its share, model and
+        provider; ``labels`` (code -> label) is then required. ``ItemResult`` entries
+        share a ``batches`` row per (cost, model, provider) of this call; one with none of
+        them (a cache hit) has no batch.
         """
         if not results:
             return 0
         by_seq = seqs if seqs is not None else {}
-        done_seq: list[tuple[object, ...]] = []
-        done_id: list[tuple[object, ...]] = []
-        dead_seq: list[tuple[object, ...]] = []
-        dead_id: list[tuple[object, ...]] = []
+        new_labels: dict[str, str] = {}
+        if labels is not None and labels is not self._labels_seen:
+            known = self._labels
+            new_labels.update((code, label) for code, label in labels.items()
+                              if known.get(code) != label)
+        # The statements run in run(); batch rows are numbered there (lastrowid), so rows
+        # wait here with their batch's key in place of its id.
+        accepted: list[Accepted] = []
+        item_rows: list[tuple[tuple[object, ...], ItemResult, int | None]] = []
         for r in results:
             if type(r) is Accepted:
                 if labels is None:
                     raise ValueError("save_results: Accepted entries need labels")
-                _accepted_rows(r, labels, by_seq, done_seq, done_id)
+                accepted.append(r)
                 continue
             assert isinstance(r, ItemResult)
-            seq = by_seq.get(r.item_id)
-            if r.state == "done":
-                row: tuple[object, ...] = (r.code, r.label, r.attempts, r.cost_usd, r.model,
-                                           r.provider, r.item_id if seq is None else seq)
-                (done_id if seq is None else done_seq).append(row)
-            else:
-                row = (r.error, r.attempts, r.model, r.provider,
-                       r.item_id if seq is None else seq)
-                (dead_id if seq is None else dead_seq).append(row)
+            if r.state == "done" and r.code is not None and r.label is not None and \
+                    self._labels.get(r.code) != r.label:
+                new_labels[r.code] = r.label
+            item_rows.append(((r.cost_usd, r.model, r.provider), r, by_seq.get(r.item_id)))
 
         def run() -> int:
             conn = self._conn
+            execute = conn.execute
             changed = 0
-            conn.execute("BEGIN IMMEDIATE")
+            done_seq: list[tuple[object, ...]] = []
+            done_id: list[tuple[object, ...]] = []
+            dead_seq: list[tuple[object, ...]] = []
+            dead_id: list[tuple[object, ...]] = []
+            execute("BEGIN IMMEDIATE")
             try:
+                for a in accepted:
+                    call = a.call
+                    cur = execute(_NEW_BATCH, (a.share, call.model, call.provider))
+                    _accepted_rows(a, int(cur.lastrowid or 0), by_seq, done_seq, done_id)
+                batches: dict[tuple[object, ...], int | None] = {}
+                for key, r, seq in item_rows:
+                    if key not in batches:
+                        batches[key] = None if key == (0.0, None, None) else execute(
+                            _NEW_BATCH, key).lastrowid
+                    where = r.item_id if seq is None else seq
+                    if r.state == "done":
+                        (done_id if seq is None else done_seq).append(
+                            (r.code, r.attempts, batches[key], where))
+                    else:
+                        (dead_id if seq is None else dead_seq).append(
+                            (r.error, r.attempts, batches[key], where))
                 for rows, sql in ((done_seq, _DONE_BY_SEQ), (done_id, _DONE_BY_ID),
                                   (dead_seq, _DEAD_BY_SEQ), (dead_id, _DEAD_BY_ID)):
                     if rows:
                         changed += conn.executemany(sql, rows).rowcount
-                conn.execute("COMMIT")
+                if new_labels:
+                    conn.executemany("INSERT OR REPLACE INTO labels(code, label) VALUES (?, ?)",
+                                     new_labels.items())
+                execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                execute("ROLLBACK")
                 raise
             return changed
 
-        return self._retry(run)
+        changed = self._retry(run)
+        self._labels.update(new_labels)
+        if labels is not None:
+            self._labels_seen = labels
+        return changed
 
     def requeue_dead(self) -> int:
         """Put dead-lettered items back to pending (after fixing their cause)."""
         cur = self._retry(lambda: self._conn.execute(
-            "UPDATE items SET state = 'pending' WHERE state = 'dead' AND result IS NULL"))
+            "UPDATE outcomes SET state = 'pending' WHERE state = 'dead' AND result IS NULL"))
         return cur.rowcount
 
     def counts(self) -> StoreCounts:
         """Counts by state and the total cost recorded on done items."""
         row = self._retry(lambda: self._conn.execute(
             "SELECT COUNT(*), SUM(state = 'done'), SUM(state = 'dead'), "
-            "SUM(result IS NULL AND state = 'pending'), COALESCE(SUM(cost_usd), 0) "
-            "FROM items").fetchone())
+            "SUM(result IS NULL AND state = 'pending') FROM outcomes").fetchone())
+        # A batch's cost once per item it finished (a batch row only counts done items).
+        cost = self._retry(lambda: self._conn.execute(
+            "SELECT COALESCE(SUM(b.cost_usd_each * n), 0) FROM batches b JOIN "
+            "(SELECT batch, COUNT(*) AS n FROM outcomes WHERE state = 'done' "
+            "AND batch IS NOT NULL GROUP BY batch) d ON d.batch = b.id").fetchone())
         return StoreCounts(int(row[0]), int(row[1] or 0), int(row[2] or 0), int(row[3] or 0),
-                           float(row[4]))
+                           float(cost[0]))
 
     def results(self) -> dict[str, tuple[str, str | None, str | None]]:
         """Every item's (state, code, error), for reports and tests."""
         rows = self._retry(lambda: self._conn.execute(
-            "SELECT item_id, state, result, error FROM items").fetchall())
+            "SELECT i.item_id, o.state, o.result, o.error FROM items i JOIN outcomes o "
+            "ON o.seq = i.seq").fetchall())
         return {str(r[0]): (str(r[1]), r[2], r[3]) for r in rows}
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,6 +43,13 @@ async def test_run_writes_every_result_once(tmp_path: Path) -> None:
     assert len(requests) == result.requests
     assert sum(e.kind == "item" for e in events) == 100
     assert result.cost_usd == pytest.approx(sum(e.cost_usd for e in requests))
+    # the store's record of each reply's charge and each code's label adds up the same
+    assert r.store.counts().cost_usd == pytest.approx(result.cost_usd)
+    with sqlite3.connect(tmp_path / "job.sqlite") as conn:
+        rows = conn.execute("SELECT result, label, model, provider FROM item_results").fetchall()
+    assert len(rows) == 100 and all(
+        label == f"label {code}" and (model, provider) == ("m1", "p1")
+        for code, label, model, provider in rows)
 
 
 async def test_402_stops_then_resume_completes(tmp_path: Path) -> None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 
+from batchclient import store as store_module
 from batchclient.cache import SqliteResultCache
 from batchclient.policy.engine import InputError, ItemResult
 from batchclient.policy.wire import Item
-from batchclient.store import SqliteJobStore
+from batchclient.store import SCHEMA_VERSION, SqliteJobStore, StoreCounts, StoreVersionError
 
 
 def test_cursor_pages_skip_done_and_dead_items(tmp_path: Path) -> None:
@@ -59,3 +61,101 @@ def test_result_cache_round_trip(tmp_path: Path) -> None:
     cache.put_many([ItemResult("a", "done", "A", "alpha", cache_key="k1"),
                     ItemResult("b", "dead", cache_key="k2")])
     assert cache.get_many(["k1", "k2", "k3"]) == {"k1": "A"}
+
+
+def test_labels_costs_and_batches_read_through_the_item_results_view(tmp_path: Path) -> None:
+    store = SqliteJobStore(str(tmp_path / "j.sqlite"))
+    store.import_items([Item(n, n) for n in "abcd"])
+    assert store.save_results([
+        ItemResult("a", "done", "A", "alpha", "m1", "p1", cost_usd=0.25, attempts=1),
+        ItemResult("b", "done", "B", "beta", "m1", "p1", cost_usd=0.25, attempts=2),
+        ItemResult("c", "dead", model="m1", provider="p2", error="boom", attempts=3),
+        ItemResult("d", "done", "A", "alpha"),  # a cache hit: no charge, no batch
+    ]) == 4
+    assert store.counts() == StoreCounts(4, 3, 1, 0, 0.5)
+    with sqlite3.connect(tmp_path / "j.sqlite") as conn:
+        rows = conn.execute("SELECT item_id, result, label, state, error, attempts, cost_usd, "
+                            "model, provider FROM item_results ORDER BY seq").fetchall()
+    assert rows == [("a", "A", "alpha", "done", None, 1, 0.25, "m1", "p1"),
+                    ("b", "B", "beta", "done", None, 2, 0.25, "m1", "p1"),
+                    ("c", None, None, "dead", "boom", 3, 0.0, "m1", "p2"),
+                    ("d", "A", "alpha", "done", None, 0, 0.0, None, None)]
+
+
+# The schema of the store before outcomes had a table of their own (schema 1).
+_SCHEMA_1 = """
+CREATE TABLE items (seq INTEGER PRIMARY KEY, item_id TEXT NOT NULL UNIQUE,
+    canon TEXT NOT NULL UNIQUE, text TEXT NOT NULL, tag TEXT, result TEXT, label TEXT,
+    state TEXT NOT NULL DEFAULT 'pending', error TEXT, attempts INTEGER NOT NULL DEFAULT 0,
+    cost_usd REAL NOT NULL DEFAULT 0, model TEXT, provider TEXT);
+CREATE INDEX items_pending ON items(seq) WHERE result IS NULL AND state = 'pending';
+INSERT INTO items VALUES (1, 'a', 'a', 'text a', NULL, 'A', 'alpha', 'done', NULL, 1, 0.5,
+                          'm1', 'p1');
+INSERT INTO items VALUES (2, 'b', 'b', 'text b', 't', NULL, NULL, 'dead', 'boom', 4, 0,
+                          'm1', 'p2');
+INSERT INTO items(seq, item_id, canon, text) VALUES (3, 'c', 'c', 'text c');
+"""
+
+
+def test_a_schema_1_store_is_migrated_when_opened(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(_SCHEMA_1)
+    store = SqliteJobStore(str(path))
+    assert [(seq, i.id, i.text) for seq, i in store.page(0, 10)] == [(3, "c", "text c")]
+    assert store.counts() == StoreCounts(3, 1, 1, 1, 0.5)
+    assert store.results() == {"a": ("done", "A", None), "b": ("dead", None, "boom"),
+                               "c": ("pending", None, None)}
+    assert store.save_results([ItemResult("a", "done", "B", "beta")]) == 0  # still done once
+    assert store.requeue_dead() == 1
+    assert store.save_results([ItemResult("b", "done", "B", "beta", "m1", "p1",
+                                          cost_usd=0.25, attempts=5)]) == 1
+    assert store.import_items([Item("d", "text d")]) == 1
+    assert [i.id for _, i in store.page(0, 10)] == ["c", "d"]
+    store.close()
+    again = SqliteJobStore(str(path))  # schema 2 now: opened as it is
+    assert again.counts() == StoreCounts(4, 2, 0, 2, 0.75)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert conn.execute("SELECT item_id, label, cost_usd, model, provider, attempts "
+                            "FROM item_results ORDER BY seq").fetchall() == [
+            ("a", "alpha", 0.5, "m1", "p1", 1), ("b", "beta", 0.25, "m1", "p1", 5),
+            ("c", None, 0.0, None, None, 0), ("d", None, 0.0, None, None, 0)]
+
+
+def test_a_newer_or_foreign_file_is_refused_and_left_alone(tmp_path: Path) -> None:
+    newer = tmp_path / "newer.sqlite"
+    SqliteJobStore(str(newer)).close()
+    with sqlite3.connect(newer) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreVersionError, match=f"schema {SCHEMA_VERSION + 1} .* newer"):
+        SqliteJobStore(str(newer))
+    foreign = tmp_path / "foreign.sqlite"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT)")
+    with pytest.raises(StoreVersionError, match="not a ratelab job store"):
+        SqliteJobStore(str(foreign))
+    with sqlite3.connect(foreign) as conn:
+        assert [r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")] == ["items"]
+    assert issubclass(StoreVersionError, sqlite3.Error)  # ratelab job: "cannot open"
+
+
+def test_a_migration_that_fails_midway_leaves_schema_1_as_it_was(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(_SCHEMA_1)
+        before = conn.execute("SELECT * FROM items ORDER BY seq").fetchall()
+    # fails after the old table was renamed and the new ones filled, before the commit
+    monkeypatch.setattr(store_module, "_MIGRATE_1",
+                        store_module._MIGRATE_1 + "SELECT * FROM no_such_table;")
+    with pytest.raises(sqlite3.OperationalError, match="no_such_table"):
+        SqliteJobStore(str(path), retries=0)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (0,)
+        assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = "
+                                           "'table'")] == ["items"]
+        assert conn.execute("SELECT * FROM items ORDER BY seq").fetchall() == before
+    monkeypatch.undo()
+    assert SqliteJobStore(str(path)).counts() == StoreCounts(3, 1, 1, 1, 0.5)
