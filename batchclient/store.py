@@ -247,6 +247,9 @@ class SqliteJobStore:
                 new = 0
                 conn.execute("BEGIN IMMEDIATE")
                 try:
+                    # the chunk's items get seqs after the largest (rowids): their outcome
+                    # rows are added in one statement at the end
+                    last = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM items").fetchone()[0]
                     for item in chunk:
                         canon = canonical_id(item.id)
                         row = conn.execute("SELECT item_id, text FROM items WHERE canon = ?",
@@ -256,11 +259,11 @@ class SqliteJobStore:
                                 raise InputError(f"item {item.id!r}: id collides with stored "
                                                  f"item {row[0]!r}")
                             continue
-                        seq = conn.execute("INSERT INTO items(item_id, canon, text, tag) "
-                                           "VALUES (?, ?, ?, ?)",
-                                           (item.id, canon, item.text, item.tag)).lastrowid
-                        conn.execute("INSERT INTO outcomes(seq) VALUES (?)", (seq,))
+                        conn.execute("INSERT INTO items(item_id, canon, text, tag) "
+                                     "VALUES (?, ?, ?, ?)", (item.id, canon, item.text, item.tag))
                         new += 1
+                    conn.execute("INSERT INTO outcomes(seq) SELECT seq FROM items WHERE seq > ?",
+                                 (last,))
                     conn.execute("COMMIT")
                 except BaseException:
                     conn.execute("ROLLBACK")
@@ -334,8 +337,9 @@ class SqliteJobStore:
             item_rows.append(((r.cost_usd, r.model, r.provider), r, by_seq.get(r.item_id)))
 
         def run() -> int:
-            conn = self._conn
-            execute = conn.execute
+            # one cursor for the whole transaction (conn.execute makes one per statement)
+            cur = self._conn.cursor()
+            execute = cur.execute
             changed = 0
             done_seq: list[tuple[object, ...]] = []
             done_id: list[tuple[object, ...]] = []
@@ -345,13 +349,13 @@ class SqliteJobStore:
             try:
                 for a in accepted:
                     call = a.call
-                    cur = execute(_NEW_BATCH, (a.share, call.model, call.provider))
+                    execute(_NEW_BATCH, (a.share, call.model, call.provider))
                     _accepted_rows(a, int(cur.lastrowid or 0), by_seq, done_seq, done_id)
                 batches: dict[tuple[object, ...], int | None] = {}
                 for key, r, seq in item_rows:
                     if key not in batches:
-                        batches[key] = None if key == (0.0, None, None) else execute(
-                            _NEW_BATCH, key).lastrowid
+                        batches[key] = None if key == (0.0, None, None) else int(
+                            execute(_NEW_BATCH, key).lastrowid or 0)
                     where = r.item_id if seq is None else seq
                     if r.state == "done":
                         (done_id if seq is None else done_seq).append(
@@ -362,9 +366,9 @@ class SqliteJobStore:
                 for rows, sql in ((done_seq, _DONE_BY_SEQ), (done_id, _DONE_BY_ID),
                                   (dead_seq, _DEAD_BY_SEQ), (dead_id, _DEAD_BY_ID)):
                     if rows:
-                        changed += conn.executemany(sql, rows).rowcount
+                        changed += cur.executemany(sql, rows).rowcount
                 if new_labels:
-                    conn.executemany("INSERT OR REPLACE INTO labels(code, label) VALUES (?, ?)",
+                    cur.executemany("INSERT OR REPLACE INTO labels(code, label) VALUES (?, ?)",
                                      new_labels.items())
                 execute("COMMIT")
             except BaseException:
@@ -386,16 +390,14 @@ class SqliteJobStore:
 
     def counts(self) -> StoreCounts:
         """Counts by state and the total cost recorded on done items."""
+        # One scan; a done item's cost is its batch's share (a rowid lookup per item).
         row = self._retry(lambda: self._conn.execute(
-            "SELECT COUNT(*), SUM(state = 'done'), SUM(state = 'dead'), "
-            "SUM(result IS NULL AND state = 'pending') FROM outcomes").fetchone())
-        # A batch's cost once per item it finished (a batch row only counts done items).
-        cost = self._retry(lambda: self._conn.execute(
-            "SELECT COALESCE(SUM(b.cost_usd_each * n), 0) FROM batches b JOIN "
-            "(SELECT batch, COUNT(*) AS n FROM outcomes WHERE state = 'done' "
-            "AND batch IS NOT NULL GROUP BY batch) d ON d.batch = b.id").fetchone())
+            "SELECT COUNT(*), SUM(o.state = 'done'), SUM(o.state = 'dead'), "
+            "SUM(o.result IS NULL AND o.state = 'pending'), "
+            "COALESCE(SUM(CASE WHEN o.state = 'done' THEN b.cost_usd_each END), 0) "
+            "FROM outcomes o LEFT JOIN batches b ON b.id = o.batch").fetchone())
         return StoreCounts(int(row[0]), int(row[1] or 0), int(row[2] or 0), int(row[3] or 0),
-                           float(cost[0]))
+                           float(row[4]))
 
     def results(self) -> dict[str, tuple[str, str | None, str | None]]:
         """Every item's (state, code, error), for reports and tests."""
