@@ -16,7 +16,7 @@ import re
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
-from itertools import islice
+from itertools import islice, repeat
 
 from batchclient.config import ClientConfig, ProviderSettings, Task
 from batchclient.cost import CostMeter
@@ -315,11 +315,12 @@ class Engine(ResponseHandling, InteractiveLane):
         queue = self._ready.get(model)
         if queue is None:
             queue = self._ready[model] = deque()
+        # the page's keys and states built by C-level loops, then queued in order
+        keys = [prefix + norm for norm in normalise_page(texts)]
+        states = list(map(ItemState, ids, texts, repeat(model, len(ids)), keys, sizes))
+        items.update(zip(ids, states, strict=True))
         append, lead = queue.append, leaders.setdefault
-        for item_id, text, norm, size in zip(ids, texts, normalise_page(texts), sizes,
-                                             strict=True):
-            key = prefix + norm
-            state = items[item_id] = ItemState(item_id, text, model, key, size)
+        for state, key, item_id in zip(states, keys, ids, strict=True):
             # one lookup: the item leads its key unless an earlier one does (ids are unique)
             if lead(key, item_id) is not item_id:
                 state.state = "follower"
