@@ -91,24 +91,30 @@ def _id_json(item_id: str) -> str:
     return '"' + item_id + '"'
 
 
-# The control characters ``str.split()`` takes for whitespace in ASCII text (besides the
-# space, and the newline that separates the joined texts, which no item text contains)
-_CONTROL_SPACES = b"\t\x0b\x0c\r\x1c\x1d\x1e\x1f"
+# ASCII whitespace ``str.split()`` takes besides the space and the newline that joins the
+# texts (which no item line holds): each made a NUL, and the newline a space, so that one
+# search finds any of them and another any space next to a space or a text's end
+_SPACES = bytes.maketrans(b"\t\x0b\x0c\r\x1c\x1d\x1e\x1f\x00\n", b"\x00" * 9 + b" ")
 
 
-def _crcs(texts: list[str]) -> list[int]:
+def _crcs(texts: tuple[str, ...]) -> list[int]:
     """``crc32`` of each text's normalised form (expected_code's), in order.
 
     The common prompt (ASCII, words one space apart, no space at either end of a text) is
     its own normal form once lower-cased: lower-cased, encoded and checked once for all its
     items rather than split, joined, lower-cased and encoded item by item."""
     joined = "\n".join(texts)
-    if (texts and joined.isascii() and "  " not in joined and " \n" not in joined
-            and "\n " not in joined and joined[:1] != " " and joined[-1:] != " "):
+    if texts and joined.isascii():
         data = joined.lower().encode()
-        if len(data.translate(None, _CONTROL_SPACES)) == len(data):
+        flat = data.translate(_SPACES)
+        if (b"\x00" not in flat and b"  " not in flat and flat[:1] != b" "
+                and flat[-1:] != b" "):
             return list(map(crc32, data.split(b"\n")))
     return [crc32(" ".join(text.split()).lower().encode()) for text in texts]
+
+
+_HEAD = '[{"id":'
+_NEXT = '},{"id":'
 
 
 def batch_json(spec: ResponderSpec, rng: random.Random, prompt: str,
@@ -119,13 +125,20 @@ def batch_json(spec: ResponderSpec, rng: random.Random, prompt: str,
     n = len(codes)
     drop = spec.drop_item_rate
     found = parse_items(prompt)
+    ids, texts = zip(*found, strict=True) if found else ((), ())
     # expected_code of every item, whether answered or not (no RNG draw involved)
-    crcs = _crcs([text for _, text in found])
+    crcs = _crcs(texts)
     if (not drop and not spec.repeat_id_rate and not spec.invent_id_rate
             and POISON_MARKER not in prompt):
         # the common reply: every item answered in order, no entry moved or added
-        text = "[" + ",".join([f'{{"id":{_id_json(item_id)},"c":{quoted[crc % n]}}}'
-                               for (item_id, _), crc in zip(found, crcs, strict=True)]) + "]"
+        if not found:
+            return _finish_batch(spec, rng, "[]", max_tokens)
+        # all-digit ids without a leading zero (the least one's first digit tells) are
+        # their own JSON literals: no call per item
+        literals = ids if ("".join(ids).isdigit() and min(ids)[0] != "0") else [
+            _id_json(item_id) for item_id in ids]
+        text = _HEAD + _NEXT.join([f'{literal},"c":{quoted[crc % n]}'
+                                   for literal, crc in zip(literals, crcs, strict=True)]) + "}]"
         return _finish_batch(spec, rng, text, max_tokens)
     entries: list[tuple[str, str]] = []
     for (item_id, text), crc in zip(found, crcs, strict=True):
