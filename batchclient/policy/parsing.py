@@ -9,6 +9,7 @@ reply keeps every complete object before the damage; everything else goes back t
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -18,10 +19,13 @@ from batchclient.policy.wire import Usage
 _DECODER = json.JSONDecoder()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ParsedReply:
     """Outcome of one reply: ``codes`` for accepted items (id -> code), ``rejected``
-    (id -> reason) and ``missing`` (sent ids the reply did not answer)."""
+    (id -> reason) and ``missing`` (sent ids the reply did not answer).
+
+    A value all the same (nothing changes one once made), but not frozen: one is made per
+    reply, and a frozen dataclass's __init__ sets each field through object.__setattr__."""
 
     codes: Mapping[str, str]
     rejected: Mapping[str, str] = field(default_factory=dict)
@@ -100,8 +104,10 @@ def _by_json(text: str, sent_ids: Sequence[str], labels: Mapping[str, str],
 
 
 _HEAD = '[{"id":'
-_CODE = ',"c":"'
-_NEXT = '},{"id":'
+_AROUND = ',"c":"\0"},{"id":'
+_LAST = ',"c":"\0"}]'
+# a code as the compact array writes it: a JSON string without escapes
+_CODES = re.compile(r',"c":"([^"\\]*)"')
 
 
 def _exact(text: str, sent_ids: Sequence[str], labels: Mapping[str, str]
@@ -111,39 +117,48 @@ def _exact(text: str, sent_ids: Sequence[str], labels: Mapping[str, str]
     simulator writes it, every code of the taxonomy); None for any other text, which the
     JSON parse then takes (what it would make of this text is exactly these codes).
 
-    Checked as text, without decoding JSON: split at each ``,"c":"``, every piece must be
-    a code, a quote and the expected join to the next id (built from the sent ids)."""
+    Checked as text, without decoding JSON: the codes (taken a fixed step apart, or found
+    by a pattern), put back into the text the sent ids give, must make the reply again."""
     n = len(sent_ids)
     if not n or not text.startswith(_HEAD):
         return None
     sent = list(sent_ids)
-    if not all(sent):
-        return None
     flat = "".join(sent)
     # An id is written as a JSON integer when it is ASCII digits without a leading zero
     # (json.loads gives back an int whose str() is the id), else as a JSON string that
     # needs no escape; ids that are neither are left to the JSON parse.
-    joined = "\n".join(sent)
-    if flat.isdigit() and flat.isascii() and joined[:1] != "0" and "\n0" not in joined:
-        literals = sent  # the common page: every id a number, each its own literal
+    least = min(sent)
+    if flat.isdigit() and flat.isascii() and least and least[0] != "0":
+        literals = sent  # the common page: every id a number (the least one, first in text
+        # order, is empty or starts with "0" when any does), each its own literal
     else:
-        if '"' in flat or "\\" in flat or not flat.isprintable():
+        if not least or '"' in flat or "\\" in flat or not flat.isprintable():
             return None
         literals = [i if i.isdigit() and i.isascii() and (i[0] != "0" or i == "0")
                     else '"' + i + '"' for i in sent]
-    parts = text.split(_CODE)
-    if len(parts) != n + 1 or parts[0] != _HEAD + literals[0]:
+    # the expected text around the codes, from the ids (NUL marks a code's place: no
+    # literal holds one), must be the reply with its codes put in; equal texts mean the
+    # reply is the compact array of these codes
+    around = (_HEAD + _AROUND.join(literals) + _LAST).split("\0")
+    whole: list[str] = [""] * (2 * n + 1)
+    whole[::2] = around
+    # one-character codes and ids of one length (a page of consecutive numbers) put the
+    # codes a fixed step apart: one slice takes them all; else a pattern finds them
+    codes: str | list[str] = text[len(around[0])::len(around[1]) + 1] if n > 1 else text[
+        len(around[0]):len(around[0]) + 1]
+    if len(codes) != n or len(text) != len(around[0]) + len(around[1]) * (n - 1) + len(
+            around[-1]) + n:
+        codes = _CODES.findall(text)
+        if len(codes) != n:
+            return None
+    whole[1::2] = codes
+    if "".join(whole) != text:
         return None
-    pieces = [part.partition('"') for part in parts[1:]]
-    # each rest must be the join to the next id (the last one "}]"): compared joined by line
-    # breaks, which no expected rest holds, so equal texts mean equal rests one by one
-    expected = (_NEXT + ("\n" + _NEXT).join(literals[1:]) + "\n}]") if n > 1 else "}]"
-    if "\n".join([piece[2] for piece in pieces]) != expected:
-        return None
-    codes = [piece[0] for piece in pieces]
-    # a code written as is: in the taxonomy, no escape, no control character
-    if not labels.keys() >= set(codes) or any(
-            "\\" in code or not code.isprintable() for code in set(codes)):
+    # a code written as is: in the taxonomy, no quote, escape or control character
+    distinct = set(codes)
+    written = "".join(distinct)
+    if (not labels.keys() >= distinct or '"' in written or "\\" in written
+            or not written.isprintable()):
         return None
     return dict(zip(sent, codes, strict=True))
 

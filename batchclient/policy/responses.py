@@ -12,6 +12,7 @@ import random
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import replace
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from batchclient.config import ClientConfig, ProviderSettings, Task
@@ -29,6 +30,9 @@ from batchclient.policy.state import Accepted, Drained, ItemState
 from batchclient.policy.throttle import Throttle
 from batchclient.policy.tokens import text_tokens
 from batchclient.policy.wire import Call, Response, Usage
+
+# an item state's cache key, read for a whole reply in one C-level map
+_KEY = attrgetter("key")
 
 
 class ResponseHandling:
@@ -286,27 +290,18 @@ class ResponseHandling:
         # The hot path of a job (one pass per answered item): the finished items are kept
         # per reply (``Accepted``), not as a result and an event each; ``drain`` expands them.
         items, leaders, followers = self._items, self._leaders, self._followers
-        states: list[ItemState] = []
-        for item_id in codes:
-            state = items.pop(item_id)
-            state.state = "done"
-            key = state.key
-            if leaders.get(key) == item_id:
-                if key in followers:
-                    # its duplicates' events follow the leader's: close the run so far
-                    states.append(state)
-                    self._push_accepted(now, call, share, codes, states)
-                    states = []
-                    code = codes[item_id]
-                    self._release_followers(state, ItemResult(
-                        item_id, "done", code, self.task.labels[code], call.model,
-                        call.provider, None, share, state.attempts + 1, key), now,
-                        call.call_id)
-                    continue
+        states: list[ItemState] = list(map(items.pop, codes))
+        keys = list(map(_KEY, states))
+        if list(map(leaders.get, keys)) == list(codes) and followers.keys().isdisjoint(keys):
+            # the common reply: every item leads its own key and no duplicate waits on it
+            for state in states:
+                state.state = "done"
+            for key in keys:
                 del leaders[key]
-            states.append(state)
-        if states:
-            self._push_accepted(now, call, share, codes, states)
+            if states:
+                self._push_accepted(now, call, share, codes, states)
+        else:
+            self._accept_groups(now, call, share, codes, states)
         self.counts.done += len(codes)
         if self.adaptive is not None:
             self.adaptive.on_reply(len(call.item_ids), len(parsed.codes), parsed.truncated,
@@ -337,3 +332,30 @@ class ResponseHandling:
                 state.state = "queued"
                 self._ready.setdefault(state.model, deque()).append(state)
         return len(parsed.codes)
+
+    def _accept_groups(self, now: float, call: Call, share: float, codes: Mapping[str, str],
+                       finished: list[ItemState]) -> None:
+        """``_accept``'s finished items (already out of the item map, in reply order) when
+        some lead a group of duplicates: their duplicates' events follow the leader's."""
+        leaders, followers = self._leaders, self._followers
+        states: list[ItemState] = []
+        for state in finished:
+            item_id = state.id
+            state.state = "done"
+            key = state.key
+            if leaders.get(key) == item_id:
+                if key in followers:
+                    # close the run so far, then the leader's duplicates
+                    states.append(state)
+                    self._push_accepted(now, call, share, codes, states)
+                    states = []
+                    code = codes[item_id]
+                    self._release_followers(state, ItemResult(
+                        item_id, "done", code, self.task.labels[code], call.model,
+                        call.provider, None, share, state.attempts + 1, key), now,
+                        call.call_id)
+                    continue
+                del leaders[key]
+            states.append(state)
+        if states:
+            self._push_accepted(now, call, share, codes, states)
