@@ -114,15 +114,14 @@ def normalise(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-# ASCII whitespace other than the space (what str.split() also splits on), and NUL
-_CONTROLS = ("\0", "\t", "\n", "\x0b", "\x0c", "\r", "\x1c", "\x1d", "\x1e", "\x1f")
+# ASCII whitespace other than the space (what str.split() also splits on)
+_CONTROLS = ("\t", "\n", "\x0b", "\x0c", "\r", "\x1c", "\x1d", "\x1e", "\x1f")
 
 
 def normalise_page(texts: list[str]) -> list[str]:
     """``normalise`` of each text, a page at a time when it can: an ASCII page whose
     texts already have single spaces between words and none at either end is only
-    lower-cased, in one call over the texts joined by NUL (not whitespace, not cased: each
-    text lower-cases alone; a NUL inside a text takes the item-by-item pass)."""
+    lower-cased (ASCII lower-cases a character at a time, whatever surrounds it)."""
     # The page is already normal when its texts joined by single spaces have no double
     # space (none inside a text, none at a text's ends, no empty text), no space at either
     # end and no other whitespace: checked by substring searches, a quarter of the cost of
@@ -130,9 +129,9 @@ def normalise_page(texts: list[str]) -> list[str]:
     spaced = " ".join(texts)
     if (spaced.isascii() and "  " not in spaced and spaced[:1] != " " and spaced[-1:] != " "
             and not any(c in spaced for c in _CONTROLS)):
-        parts = "\0".join(texts).lower().split("\0")
-        if len(parts) == len(texts):
-            return parts
+        # str.lower by map rather than over the texts joined and split again: no scan for
+        # the separator, no join
+        return list(map(str.lower, texts))
     return [" ".join(text.split()).lower() for text in texts]
 
 

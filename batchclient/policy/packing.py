@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Protocol
 
 from batchclient.config import Task
@@ -30,6 +31,9 @@ class Packable(Protocol):
     @property
     def text(self) -> str: ...
 
+
+# the two columns of an item's packing sizes (prompt line, reply object characters)
+_LINE, _REPLY = itemgetter(0), itemgetter(1)
 
 # what str.splitlines breaks on besides "\n"
 _OTHER_BREAKS = re.compile("[\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
@@ -123,11 +127,29 @@ class Packer:
         """
         instructions = len(self.task.instructions)
         fixed = self.fixed_prompt_tokens
+        slack = self.reply_slack_tokens
+        head = sizes[:max_items]
+        if head:
+            # The common batch: the whole head fits. A batch's tokens only grow with its
+            # items, so when all of them fit the greedy fit takes all: summed a column at a
+            # time rather than grown item by item (lines one break apart, and one after
+            # the instructions when there are any).
+            chars = instructions + sum(map(_LINE, head)) + len(head) - (0 if instructions else 1)
+            reply_chars = 2 + sum(map(_REPLY, head))
+            if fixed + (chars + 3) // 4 + (reply_chars + 3) // 4 + slack <= token_budget:
+                return len(head), fixed + (chars + 3) // 4, (reply_chars + 3) // 4 + slack
+        return self.grow(head, token_budget)
+
+    def grow(self, sizes: Sequence[tuple[int, int]], token_budget: int
+             ) -> tuple[int, int, int]:
+        """``pack_sizes`` of a head of at most ``max_items`` sizes, item by item."""
+        instructions = len(self.task.instructions)
+        fixed = self.fixed_prompt_tokens
+        slack = self.reply_slack_tokens
         chars = instructions
         reply_chars = 2
         count = 0
-        slack = self.reply_slack_tokens
-        for line, reply in sizes[:max_items]:
+        for line, reply in sizes:
             new_chars = chars + line + (1 if chars or count else 0)
             new_reply = reply_chars + reply
             total = fixed + (new_chars + 3) // 4 + (new_reply + 3) // 4 + slack
