@@ -100,7 +100,8 @@ def test_two_processes_do_every_item_exactly_once(tmp_path: Path) -> None:
     assert len(stores) == 2
     for store in stores:
         with sqlite3.connect(store) as db:
-            done += [r[0] for r in db.execute("SELECT item_id FROM items WHERE state='done'")]
+            done += [r[0] for r in db.execute(
+                "SELECT item_id FROM item_results WHERE state = 'done'")]
     assert len(done) == 6000 and len(set(done)) == 6000
     s = summary(out)
     a = arm(s, "gated")
