@@ -46,7 +46,7 @@ from batchclient.policy.userlimits import Tier, UserLimits
 from batchclient.policy.wire import Call, Item, Response, Usage
 from batchclient.progress import ProgressSnapshot, render
 from batchclient.runner import JobResult, Runner
-from batchclient.store import JobStore, SqliteJobStore, StoreCounts
+from batchclient.store import JobStore, SqliteJobStore, StoreCounts, StoreVersionError
 from batchclient.transport import AiohttpTransport, FunctionTransport, Transport
 
 __all__ = [
@@ -92,6 +92,7 @@ __all__ = [
     "SqliteJobStore",
     "SqliteResultCache",
     "StoreCounts",
+    "StoreVersionError",
     "StreamSettings",
     "Task",
     "ThrottleSettings",

@@ -10,8 +10,9 @@ EXPECTED = {
     "JobResult", "JobStore", "LanePolicy", "ModelLimits", "Price", "ProgressSnapshot",
     "ProviderSettings", "Response", "ResultCache", "RetrySettings", "RouteRule", "Runner",
     "ScaledClock", "Send", "SqliteJobStore", "SqliteResultCache", "StoreCounts",
-    "StreamSettings", "Task", "ThrottleSettings", "Tier", "Transport", "Usage", "UserLimited",
-    "UserLimits", "Wait", "fan_out", "parse_client_config", "parse_task", "render",
+    "StoreVersionError", "StreamSettings", "Task", "ThrottleSettings", "Tier", "Transport",
+    "Usage", "UserLimited", "UserLimits", "Wait", "fan_out", "parse_client_config", "parse_task",
+    "render",
 }
 
 
