@@ -162,6 +162,14 @@ def _accepted_rows(accepted: Accepted, batch: int, seqs: Mapping[str, int],
             by_seq.append((codes[item_id], state.attempts + 1, batch, seq))
 
 
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    """The statements of ``script`` one by one, inside the caller's transaction
+    (``executescript`` would commit it first). No statement here holds a ";" in a string."""
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
 class SqliteJobStore:
     """SQLite job store in WAL mode (one connection; ``retries`` on transient errors).
 
@@ -208,13 +216,9 @@ class SqliteJobStore:
                         "error", "attempts", "cost_usd", "model", "provider"} <= columns:
                     raise StoreVersionError(f"{self.path}: its items table is not a ratelab "
                                             "job store's (schema 1 or 2)")
-                for statement in _MIGRATE_1.format(schema=_SCHEMA).split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                _run_script(conn, _MIGRATE_1.format(schema=_SCHEMA))
             elif version == 0 and not tables & {"items", "outcomes", "batches", "labels"}:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                _run_script(conn, _SCHEMA)
             else:
                 raise StoreVersionError(f"{self.path}: not a ratelab job store (schema "
                                         f"{version}, tables {', '.join(sorted(tables))})")

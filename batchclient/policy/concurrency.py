@@ -12,16 +12,13 @@ class Concurrency:
     def __init__(self, settings: ConcurrencySettings) -> None:
         self.settings = settings
         self.aimd = settings.mode == "aimd"
-        self._limit = float(settings.limit)
-        if self.aimd:
-            self._limit = float(min(max(settings.limit, settings.min), settings.max))
         self._last_decrease = -1e18
-        self._slots = max(1, int(self._limit))
+        self._set(float(min(max(settings.limit, settings.min), settings.max)) if self.aimd
+                  else float(settings.limit))
 
     @property
     def limit(self) -> int:
         """Current number of slots."""
-        # kept as an int beside the float: dispatch reads it several times a decision
         return self._slots
 
     def on_success(self, now: float, latency_s: float) -> None:
@@ -32,8 +29,7 @@ class Concurrency:
         if target is not None and latency_s > target:
             self._decrease(now, latency_s)
             return
-        self._limit = min(float(self.settings.max), self._limit + 1.0 / self._limit)
-        self._slots = max(1, int(self._limit))
+        self._set(min(float(self.settings.max), self._limit + 1.0 / self._limit))
 
     def on_rate_limited(self, now: float, latency_s: float) -> None:
         """A 429 came back."""
@@ -44,5 +40,9 @@ class Concurrency:
         if now - self._last_decrease < max(latency_s, 1e-9):
             return
         self._last_decrease = now
-        self._limit = max(float(self.settings.min), self._limit / 2.0)
-        self._slots = max(1, int(self._limit))
+        self._set(max(float(self.settings.min), self._limit / 2.0))
+
+    def _set(self, limit: float) -> None:
+        self._limit = limit
+        # the whole slots kept beside the float: dispatch reads them several times a decision
+        self._slots = max(1, int(limit))

@@ -129,7 +129,6 @@ class Engine(ResponseHandling, InteractiveLane):
         # per model: the providers serving it, in failover order (``served_models`` is
         # fixed for the engine's life, so a decision need not ask ``_serves`` again)
         self._candidates: dict[str, tuple[ProviderSettings, ...]] = {}
-        self._low_water = (-1, 0)  # (concurrency limit, wants_items' low water for it)
 
     # ----------------------------------------------------------------- items
 
@@ -167,14 +166,9 @@ class Engine(ResponseHandling, InteractiveLane):
         source is exhausted)."""
         if self._exhausted or self._fatal is not None:
             return 0
-        # asked before every decision: the low water is recomputed only when the limit moves
-        limit = self.concurrency.limit
-        cached_limit, low_water = self._low_water
-        if limit != cached_limit:
-            low_water = max(self.config.page_size // 2, 4 * self._max_items * limit)
-            self._low_water = (limit, low_water)
-        counts = self.counts
-        if counts.fed - counts.done - counts.dead >= low_water:  # self.buffered
+        low_water = max(self.config.page_size // 2,
+                        4 * self._max_items * self.concurrency.limit)
+        if self.buffered >= low_water:
             return 0
         return self.config.page_size
 
@@ -428,8 +422,7 @@ class Engine(ResponseHandling, InteractiveLane):
             if self._inflight:
                 return _WAIT
             if delayed:
-                wait = delayed[0][0] - now
-                return Wait(wait if wait > 0.0 else 0.0)  # max(0.0, wait)
+                return Wait(max(0.0, delayed[0][0] - now))
             if self._exhausted:
                 return Done(EXIT_OK)
             return _WAIT
@@ -458,7 +451,7 @@ class Engine(ResponseHandling, InteractiveLane):
                 [st.sizes for st in states], size, self.config.batch.token_budget)
             packed = self._packed = (key, states[:count], prompt_tokens, max_tokens)
         _, batch, prompt_tokens, max_tokens = packed
-        throttle = self._throttles.get((provider, model)) or self.throttle(provider, model)
+        throttle = self.throttle(provider, model)
         expected = max_tokens - self.config.batch.reply_slack_tokens
         reserve = throttle.estimate(prompt_tokens, max_tokens, expected)
         wait = throttle.delay(now, reserve, limit, ceiling=self.lanes.background_ceiling)

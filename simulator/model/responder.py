@@ -10,6 +10,7 @@ import hashlib
 import json
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from zlib import crc32
 
@@ -130,16 +131,13 @@ def batch_json(spec: ResponderSpec, rng: random.Random, prompt: str,
     crcs = _crcs(texts)
     if (not drop and not spec.repeat_id_rate and not spec.invent_id_rate
             and POISON_MARKER not in prompt):
-        # the common reply: every item answered in order, no entry moved or added
-        if not found:
-            return _finish_batch(spec, rng, "[]", max_tokens)
+        # the common reply: every item answered in order, no entry moved or added;
         # all-digit ids without a leading zero (the least one's first digit tells) are
         # their own JSON literals: no call per item
-        literals = ids if ("".join(ids).isdigit() and min(ids)[0] != "0") else [
+        literals = ids if (ids and "".join(ids).isdigit() and min(ids)[0] != "0") else [
             _id_json(item_id) for item_id in ids]
-        text = _HEAD + _NEXT.join([f'{literal},"c":{quoted[crc % n]}'
-                                   for literal, crc in zip(literals, crcs, strict=True)]) + "}]"
-        return _finish_batch(spec, rng, text, max_tokens)
+        return _finish_batch(spec, rng, _array(zip(
+            literals, [quoted[crc % n] for crc in crcs], strict=True)), max_tokens)
     entries: list[tuple[str, str]] = []
     for (item_id, text), crc in zip(found, crcs, strict=True):
         if POISON_MARKER in text:
@@ -155,8 +153,14 @@ def batch_json(spec: ResponderSpec, rng: random.Random, prompt: str,
         invented = str(rng.randrange(10**9, 10**10))
         entries.insert(rng.randrange(len(entries) + 1),
                        (invented, json.dumps(rng.choice(spec.codes))))
-    text = "[" + ",".join([f'{{"id":{i},"c":{c}}}' for i, c in entries]) + "]"
-    return _finish_batch(spec, rng, text, max_tokens)
+    return _finish_batch(spec, rng, _array(entries), max_tokens)
+
+
+def _array(entries: Iterable[tuple[str, str]]) -> str:
+    """The compact reply array of (id literal, quoted code) entries:
+    ``[{"id":1,"c":"A"},...]``, one join for the whole reply."""
+    body = _NEXT.join([f'{literal},"c":{code}' for literal, code in entries])
+    return _HEAD + body + "}]" if body else "[]"
 
 
 def _finish_batch(spec: ResponderSpec, rng: random.Random, text: str,
