@@ -36,6 +36,9 @@ class Classified:
     server_error: bool = False
 
 
+_OK = Classified(Verdict.OK, "ok")
+
+
 def _error_fields(body: str) -> tuple[str, str, str]:
     try:
         data = json.loads(body) if body else None
@@ -54,9 +57,9 @@ def classify(response: Response, time_scale: float = 1.0) -> Classified:
     if response.error is not None:
         return Classified(Verdict.RETRY, response.error, server_error=True)
     status = response.status
-    after = retry_after_s(headers, time_scale)
     if 200 <= status < 300:
-        return Classified(Verdict.OK, "ok")
+        return _OK  # a value: every answered request shares it (nothing reads retry-after)
+    after = retry_after_s(headers, time_scale)
     etype, code, message = _error_fields(response.body)
     reason = f"HTTP {status}" + (f" {code or etype}" if code or etype else "") + (
         f": {message}" if message else "")

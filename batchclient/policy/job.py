@@ -25,14 +25,18 @@ class InputError(ValueError):
     """Unusable input (exit status 2): the message names the item or setting."""
 
 
-@dataclass(frozen=True, slots=True)
+# Send and Wait: one or two per dispatch decision (about three a request). Plain slots
+# dataclasses, since a frozen one's __init__ sets its field through object.__setattr__;
+# values by convention (the engine shares one ``Wait(None)``: nothing changes one once
+# made), and ``unsafe_hash`` keeps the hash a frozen one had.
+@dataclass(slots=True, unsafe_hash=True)
 class Send:
     """Send this call now."""
 
     call: Call
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Wait:
     """Nothing to send: wait ``seconds`` (virtual), or until a response or new items
     arrive when ``seconds`` is None."""

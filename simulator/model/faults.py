@@ -29,7 +29,11 @@ def random_5xx(spec: FaultSpec, rng: random.Random) -> int | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
+# Made for every admitted reply when per-reply faults are configured: a plain slots
+# dataclass (a frozen one's __init__ sets each field through object.__setattr__), a value
+# by convention (NO_FAULTS is shared: nothing changes one once made); ``unsafe_hash``
+# keeps the hash a frozen one had.
+@dataclass(slots=True, unsafe_hash=True)
 class StreamFaults:
     """The faults drawn for one admitted chat reply."""
 

@@ -247,7 +247,10 @@ REQUESTS, TOKENS, INPUT, OUTPUT, DAY, CONCURRENCY = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+# Made for every refused request (twice when the full gate explains a refusal): a plain
+# slots dataclass (a frozen one's __init__ sets each field through object.__setattr__), a
+# value by convention; ``unsafe_hash`` keeps the hash a frozen one had.
+@dataclass(slots=True, unsafe_hash=True)
 class Denial:
     """Why a request was refused: which limit, its figures, and when a retry can succeed."""
 

@@ -26,9 +26,11 @@ else:
         return reduce(operator.add, values, start)
 
 
-# Usage and ResponsePlan are made on every admission: plain slots dataclasses, since a
-# frozen one's __init__ costs three times as much (object.__setattr__ per field). Treat
-# them as values all the same: nothing changes them once made.
+# Usage and ResponsePlan are made on every admission, a Fault on every faulted reply and
+# a Refusal on every refused request (a run against a tight window refuses most): plain
+# slots dataclasses, since a frozen one's __init__ costs three times as much
+# (object.__setattr__ per field). Treat them as values all the same: nothing changes them
+# once made (``unsafe_hash`` keeps the hash the frozen ones had).
 
 
 @dataclass(slots=True)
@@ -40,7 +42,7 @@ class Usage:
     total_tokens: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Fault:
     """What the shell must do to the connection (see provider.py's docstring for each kind)."""
 
@@ -119,7 +121,7 @@ class ResponsePlan:
         return chunks
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Refusal:
     """A refused request: status, OpenAI error body, headers (retry-after, rate limits on 429)."""
 
