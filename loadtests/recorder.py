@@ -229,58 +229,63 @@ class Recorder:
             return
         if event.kind != "request":
             raise ValueError(f"unknown event kind {event.kind!r}")
-        if event.outcome not in REQUEST_OUTCOMES:
-            raise ValueError(f"unknown request outcome {event.outcome!r}")
-        acc.requests[event.outcome] += 1
+        # each field read once into a local (a plan adds one of these per request; the
+        # same sums in the same order)
+        outcome, t, latency_s = event.outcome, event.t, event.latency_s
+        items, tokens_in, tokens_out, cost = (event.items, event.tokens_in, event.tokens_out,
+                                              event.cost_usd)
+        if outcome not in REQUEST_OUTCOMES:
+            raise ValueError(f"unknown request outcome {outcome!r}")
+        ok = outcome == "ok"
+        acc.requests[outcome] += 1
         acc.retries += event.retry
         acc.truncated += event.truncated
-        acc.items_sent += event.items
-        if event.outcome == "ok":
-            resolved = event.items if event.items_ok is None else event.items_ok
-            acc.items_ok_sent += event.items
+        acc.items_sent += items
+        sent = t - latency_s
+        if ok:
+            resolved = items if event.items_ok is None else event.items_ok
+            acc.items_ok_sent += items
             acc.items_resolved += resolved
-            acc.dispatched.append(
-                (event.t - event.latency_s, resolved, event.tokens_in + event.tokens_out)
-            )
-        acc.tokens_in += event.tokens_in
-        acc.tokens_out += event.tokens_out
-        acc.cost += event.cost_usd
-        sent = event.t - event.latency_s
+            acc.dispatched.append((sent, resolved, tokens_in + tokens_out))
+        acc.tokens_in += tokens_in
+        acc.tokens_out += tokens_out
+        acc.cost += cost
         if sent < acc.first:
             acc.first = sent
-        if event.t > acc.last:
-            acc.last = event.t
+        if t > acc.last:
+            acc.last = t
         row["requests"] += 1
-        row["ok"] += event.outcome == "ok"
-        row["http_429"] += event.outcome == "http_429"
-        row["errors"] += event.outcome not in ("ok", "http_429")
-        row["tokens_in"] += event.tokens_in
-        row["tokens_out"] += event.tokens_out
-        row["cost_usd"] += event.cost_usd
-        if event.outcome == "ok":
-            acc.latencies.append(event.latency_s)
-            acc.bucket_lat[index].append(event.latency_s)
-            if event.ttft_s is not None:
-                acc.ttfts.append(event.ttft_s)
-                acc.bucket_ttft[index].append(event.ttft_s)
-                if event.tokens_out > 1:
-                    acc.tpots.append((event.latency_s - event.ttft_s) / (event.tokens_out - 1))
+        row["ok"] += ok
+        row["http_429"] += outcome == "http_429"
+        row["errors"] += outcome not in ("ok", "http_429")
+        row["tokens_in"] += tokens_in
+        row["tokens_out"] += tokens_out
+        row["cost_usd"] += cost
+        if ok:
+            acc.latencies.append(latency_s)
+            acc.bucket_lat[index].append(latency_s)
+            ttft_s = event.ttft_s
+            if ttft_s is not None:
+                acc.ttfts.append(ttft_s)
+                acc.bucket_ttft[index].append(ttft_s)
+                if tokens_out > 1:
+                    acc.tpots.append((latency_s - ttft_s) / (tokens_out - 1))
         if event.stage is not None:
             stage = self._stage(event.stage)
             stage["requests"] += 1
-            stage["ok"] += event.outcome == "ok"
-            stage["http_429"] += event.outcome == "http_429"
-            stage["errors"] += event.outcome not in ("ok", "http_429")
-            stage["cost_usd"] += event.cost_usd
+            stage["ok"] += ok
+            stage["http_429"] += outcome == "http_429"
+            stage["errors"] += outcome not in ("ok", "http_429")
+            stage["cost_usd"] += cost
             stage["items"] += (
                 event.items_ok
                 if event.items_ok is not None
-                else (event.items if event.outcome == "ok" else 0)
+                else (items if ok else 0)
             )
-            stage["first"] = min(stage["first"], event.t - event.latency_s)
-            stage["last"] = max(stage["last"], event.t)
-            if event.outcome == "ok":
-                stage["latencies"].append(event.latency_s)
+            stage["first"] = min(stage["first"], sent)
+            stage["last"] = max(stage["last"], t)
+            if ok:
+                stage["latencies"].append(latency_s)
 
     def _stage(self, name: str) -> dict[str, Any]:
         if name not in self._stages:

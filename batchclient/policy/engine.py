@@ -166,8 +166,12 @@ class Engine(ResponseHandling, InteractiveLane):
         source is exhausted)."""
         if self._exhausted or self._fatal is not None:
             return 0
-        low_water = max(self.config.page_size // 2,
-                        4 * self._max_items * self.concurrency.limit)
+        # max() of the two as a comparison (the builtin's pick): asked at every turn of a
+        # driver's loop, about three a request
+        low_water = self.config.page_size // 2
+        wanted = 4 * self._max_items * self.concurrency.limit
+        if wanted > low_water:
+            low_water = wanted
         if self.buffered >= low_water:
             return 0
         return self.config.page_size
@@ -434,7 +438,12 @@ class Engine(ResponseHandling, InteractiveLane):
         if candidates is None:
             candidates = self._candidates[model] = tuple(
                 p for p in self.providers if self._serves(p.name, model))
-        provider = first_available(now, candidates, self.breakers, self._blocked_until)
+        if len(candidates) == 1 and self.breakers[candidates[0].name].opened_at is None:
+            # first_available's answer for one provider whose breaker is closed (nothing
+            # to fail over to): every decision of a single-provider job comes here
+            provider: str | None = candidates[0].name
+        else:
+            provider = first_available(now, candidates, self.breakers, self._blocked_until)
         if provider is None:
             if self._inflight:
                 return _WAIT
@@ -442,7 +451,9 @@ class Engine(ResponseHandling, InteractiveLane):
             return Wait(min([w for w in waits if w > 0] or [self.config.breaker.cooldown_s]))
         size = self.adaptive.size if self.adaptive else self._max_items
         # Items appended at the tail only matter while fewer than ``size`` are queued.
-        head = min(size, len(queue))
+        head = len(queue)
+        if size < head:  # min(size, len(queue)) without the builtin's call
+            head = size
         key = (model, size, head, self._head_moves)
         packed = self._packed
         if packed is None or packed[0] != key:
@@ -451,10 +462,10 @@ class Engine(ResponseHandling, InteractiveLane):
                 [st.sizes for st in states], size, self.config.batch.token_budget)
             packed = self._packed = (key, states[:count], prompt_tokens, max_tokens)
         _, batch, prompt_tokens, max_tokens = packed
-        throttle = self.throttle(provider, model)
+        throttle = self._throttles.get((provider, model)) or self.throttle(provider, model)
         expected = max_tokens - self.config.batch.reply_slack_tokens
         reserve = throttle.estimate(prompt_tokens, max_tokens, expected)
-        wait = throttle.delay(now, reserve, limit, ceiling=self.lanes.background_ceiling)
+        wait = throttle.delay(now, reserve, limit, self.lanes.background_ceiling)
         if wait > 0:
             return Wait(wait)
         self._background_inflight += 1
@@ -487,12 +498,12 @@ class Engine(ResponseHandling, InteractiveLane):
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
-        call = Call(
-            call_id=call_id, provider=provider, model=model,
-            item_ids=tuple(item_ids), body=body, prompt_tokens=prompt_tokens,
-            max_tokens=max_tokens, reserved_tokens=reserve, attempt=attempt,
-            timeout_s=self.config.timeout_s, stream=stream, sent_at=now, resend=resend,
-        )
+        # positional, in Call's field order (call_id, provider, model, item_ids, body,
+        # prompt_tokens, max_tokens, reserved_tokens, attempt, timeout_s, stream, lane,
+        # sent_at, request_id, resend): one per request, and keywords cost a name match each
+        call = Call(call_id, provider, model, tuple(item_ids), body, prompt_tokens, max_tokens,
+                    reserve, attempt, self.config.timeout_s, stream, "background", now, None,
+                    resend)
         throttle.reserve(now, call_id, reserve)
         self.breakers[provider].on_dispatch(now)
         self._inflight[call_id] = call
@@ -526,9 +537,12 @@ class Engine(ResponseHandling, InteractiveLane):
         """``drain`` without expanding the items a reply finished: each ``Accepted`` entry
         (in both lists, at its place) stands for that reply's ``done`` results and item
         events. For drivers that count outcomes rather than keep every item."""
+        # the buffer's lists handed over and fresh ones put in (a driver drains after
+        # every answer: no Drained built per request)
         out = self._out
-        self._out = Drained()
-        return out.results, out.events
+        results, events = out.results, out.events
+        out.results, out.events, out.batches = [], [], 0
+        return results, events
 
     @property
     def inflight(self) -> int:

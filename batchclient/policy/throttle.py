@@ -131,7 +131,12 @@ class Throttle:
 
     def usage(self, now: float) -> tuple[int, int]:
         """(tokens, requests) counted in the window at ``now``, header-corrected."""
-        self._prune(now)
+        # _prune's first test before calling it (every dispatch decision comes here, and
+        # mostly nothing has left the window since the last one)
+        entries = self._entries
+        if entries and entries[0].t <= now - self.settings.window_s - \
+                self.settings.expiry_margin_s:
+            self._prune(now)
         tokens, requests = self.used_tokens, self.used_requests
         snap = self._snapshot
         if snap is not None and now < snap.valid_until:

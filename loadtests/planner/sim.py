@@ -240,7 +240,8 @@ class ArmDriver:
         inflight = 0
         self.started = env.now
         while True:
-            self._feed()
+            if engine.wants_items:  # _feed's own first test, without the call
+                self._feed()
             if self._stop:
                 if not inflight:
                     self.status = 130
@@ -274,7 +275,8 @@ class ArmDriver:
                                         "nothing (no call in flight, no timer)")
                     yield self._wake
                 else:
-                    yield self._wake_or_timer(max(0.0, seconds))
+                    # max(0.0, seconds) as a comparison (a wait or two a request)
+                    yield self._wake_or_timer(seconds if seconds > 0.0 else 0.0)
             while self._done:
                 call, response, retry, stage = self._done.popleft()
                 inflight -= 1
@@ -299,7 +301,10 @@ def _trigger(env: simpy.Environment, event: simpy.Event) -> None:
     without the event's trip through the queue. Each request's completion wakes the
     driver this way, mostly at an instant of its own.
     """
-    if env.active_process is not None or env.peek() <= env.now:
+    # env.active_process, env.peek() and env.now read from the attributes they return
+    # (as the lines below already set what step sets): a call or two a request
+    queue = env._queue
+    if env._active_proc is not None or (queue and queue[0][0] <= env._now):
         event.succeed()
         return
     # what Environment.step does to a processed event that succeeded with None
