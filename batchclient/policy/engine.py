@@ -397,7 +397,7 @@ class Engine(ResponseHandling, InteractiveLane):
         """What to do at ``now``: send a call, wait, or finish."""
         self._now = now
         action = self._next(now)
-        if isinstance(action, Send) or not self._interactive:
+        if not self._interactive or isinstance(action, Send):
             return action
         # An interactive retry waits out its backoff: wake for it, never finish before it.
         due = self._interactive_wait(now)

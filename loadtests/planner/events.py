@@ -63,7 +63,10 @@ class ArmEvents:
             elif event.kind == "request" and request is None:
                 request = event
         if request is not None and call is not None and response is not None:
-            outcome = request_outcome(response)
+            status = response.status
+            # request_outcome's answer for a 2xx reply, without its two calls
+            outcome = ("ok" if response.error is None and 200 <= status < 300
+                       else request_outcome(response))
             ttft_ms = request.ttft_ms
             # positional, in Event's field order (t, kind, arm, outcome, status, latency_s,
             # ttft_s, tokens_in, tokens_out, items, items_ok, cost_usd, retry, truncated,

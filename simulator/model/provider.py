@@ -300,7 +300,9 @@ class Provider:
                 and state.check(now, reserved, prompt) is None):
             # the full gate, in its order (the checks above are repeated: they are pure
             # at one instant, and this path refuses or meets a configured fault)
-            worst = cost_usd(model, prompt, n * limit_max)
+            # the worst case's price is read by a cost cap alone
+            worst = (cost_usd(model, prompt, n * limit_max)
+                     if self.profile.billing.cost_cap_usd is not None else 0.0)
             refusal = self._gate(now, tenant, model, state, counter, prompt, reserved, worst)
             if refusal is not None:
                 return refusal
