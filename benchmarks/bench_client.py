@@ -16,6 +16,8 @@ rounds of fresh processes, and prints every round, the medians and their ratio.
 ``--instructions`` counts instructions instead (``valgrind --tool=callgrind``, which the
 noise of a shared machine cannot disturb): per request of the steady loop, the difference
 of two run lengths, each minus its own start (items, store import, preflight).
+The job runs as ``ratelab job`` runs it, with no event hook; ``--event-hook`` adds one that
+takes every event (one per request and one per item), as the Locust harness's does.
 """
 
 from __future__ import annotations
@@ -167,7 +169,7 @@ def _tune_gc_as_ratelab_job() -> None:
 
 def cpu_per_request(requests: int, rate_per_s: float, strategy: str,
                     preflight_only: bool = False, paced: bool = True,
-                    tune_gc: bool = True) -> dict:
+                    tune_gc: bool = True, event_hook: bool = False) -> dict:
     """Client CPU per request (process time) with an in-process provider paced to
     ``rate_per_s`` (every call answers after a fixed wall delay, 50 ms, with as many calls
     in flight as that rate needs). ``paced=False`` answers at the next turn of the event
@@ -175,7 +177,10 @@ def cpu_per_request(requests: int, rate_per_s: float, strategy: str,
     no longer depends on the machine's speed (``--instructions``). ``preflight_only``
     stops before the first request (the start that ``--instructions`` subtracts).
     ``tune_gc``: the job runs as ``ratelab job`` runs it, with the garbage-collector
-    settings of ``batchclient.gc_tuning`` (when the measured tree has them)."""
+    settings of ``batchclient.gc_tuning`` (when the measured tree has them).
+    ``event_hook``: an event hook that takes every event (one per request and one per item,
+    as the Locust harness's does; it does nothing with them); without it the job runs as
+    ``ratelab job`` runs it, with no hook, so no item event is built."""
     delay_s = 0.05 if paced else 0.0
     per_request = 20 if strategy == "semantic_batch" else 1
     items = make_items(requests * per_request, seed=2)
@@ -186,8 +191,13 @@ def cpu_per_request(requests: int, rate_per_s: float, strategy: str,
     fragments = {item.id: f'{{"id":{int(item.id)},"c":"{CODES[int(item.id) % len(CODES)]}"}}'
                  for item in items}
     headers = {"x-mdb-charged-usd": "0.0001"}
+    marks: list[tuple[float, float]] = []
 
     async def answer(call):  # type: ignore[no-untyped-def]
+        # CPU from the first request on: the steady dispatch loop, without the one-off
+        # validation pass over every item (reported separately).
+        if not marks:
+            marks.append((time.perf_counter(), time.process_time()))
         content = "[" + ",".join([fragments[i] for i in call.item_ids]) + "]"
         body = (f'{{"choices":[{{"message":{{"content":{json.dumps(content)}}},'
                 f'"finish_reason":"stop"}}],"usage":{{"prompt_tokens":{call.prompt_tokens},'
@@ -204,15 +214,13 @@ def cpu_per_request(requests: int, rate_per_s: float, strategy: str,
         }, "cpu")
         store = SqliteJobStore(str(Path(tmp) / "cpu.sqlite"))
         store.import_items(items)
-        marks: list[tuple[float, float]] = []
+        events: list[int] = [0]
 
-        def mark(event: Event) -> None:
-            # CPU from the first answered request on: the steady dispatch loop, without
-            # the one-off validation pass over every item (reported separately).
-            if event.kind == "request" and not marks:
-                marks.append((time.perf_counter(), time.process_time()))
+        def hook(event: Event) -> None:
+            events[0] += 1
 
-        runner = Runner(TASK, cfg, FunctionTransport(answer), store, on_event=mark)
+        runner = Runner(TASK, cfg, FunctionTransport(answer), store,
+                        on_event=hook if event_hook else None)
         if tune_gc:
             _tune_gc_as_ratelab_job()
         if preflight_only:
@@ -223,25 +231,28 @@ def cpu_per_request(requests: int, rate_per_s: float, strategy: str,
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     # Figures of a run that did not do the whole job would flatter the client.
     assert result.done == len(items) and result.requests == requests, result
+    assert not event_hook or events[0] == requests + len(items), events
     steady_wall = time.perf_counter() - marks[0][0] - (time.perf_counter() - wall0 - wall)
     steady_cpu = cpu0 + cpu - marks[0][1]
     preflight_cpu = marks[0][1] - cpu0
-    return {"strategy": strategy, "requests": result.requests,
+    return {"strategy": strategy, "event_hook": event_hook, "requests": result.requests,
             "requests_per_s": result.requests / steady_wall,
             "cpu_us_per_request": 1e6 * steady_cpu / result.requests,
             "preflight_us_per_item": 1e6 * preflight_cpu / len(items)}
 
 
 STRATEGIES = ("semantic_batch", "single")
-CPU_KEYS = ["strategy", "requests", "requests_per_s", "cpu_us_per_request",
+CPU_KEYS = ["strategy", "event_hook", "requests", "requests_per_s", "cpu_us_per_request",
             "preflight_us_per_item"]
 
 
 def cpu_table(requests: int = 3000, rate: float = 1000.0,
-              strategies: tuple[str, ...] = STRATEGIES, tune_gc: bool = True) -> str:
-    """CPU per request of 20-item batches and of single-item requests at ~1,000/s."""
-    return table([cpu_per_request(requests, rate, s, tune_gc=tune_gc) for s in strategies],
-                 CPU_KEYS)
+              strategies: tuple[str, ...] = STRATEGIES, tune_gc: bool = True,
+              hooks: tuple[bool, ...] = (False, True)) -> str:
+    """CPU per request of 20-item batches and of single-item requests at ~1,000/s, as
+    ``ratelab job`` runs (no event hook) and with a hook that takes every event."""
+    return table([cpu_per_request(requests, rate, s, tune_gc=tune_gc, event_hook=h)
+                  for h in hooks for s in strategies], CPU_KEYS)
 
 
 def _probe(tree: Path, args: list[str], valgrind: bool = False) -> str:
@@ -366,6 +377,8 @@ def main() -> None:
                         help="CPU: answer at once (same calls in flight; see --instructions)")
     parser.add_argument("--default-gc", action="store_true",
                         help="CPU: the interpreter's GC settings, not ratelab job's")
+    parser.add_argument("--event-hook", action="store_true",
+                        help="CPU: with an event hook taking every event (as under Locust)")
     parser.add_argument("--json", action="store_true", help="CPU: print JSON rows")
     parser.add_argument("--preflight-only", action="store_true",
                         help="CPU: stop before the first request (see --instructions)")
@@ -381,7 +394,7 @@ def main() -> None:
     args = parser.parse_args()
     strategies = tuple(args.strategy or STRATEGIES)
     tune_gc = not args.default_gc
-    extra = [] if tune_gc else ["--default-gc"]
+    extra = ([] if tune_gc else ["--default-gc"]) + (["--event-hook"] if args.event_hook else [])
     if args.cpu_only:
         trees = {f"this ({TREE.name})": TREE}
         for other in args.against or []:
@@ -396,13 +409,16 @@ def main() -> None:
         elif args.preflight_only:
             for strategy in strategies:
                 cpu_per_request(args.requests, args.rate, strategy, preflight_only=True,
-                                paced=not args.unpaced, tune_gc=tune_gc)
+                                paced=not args.unpaced, tune_gc=tune_gc,
+                                event_hook=args.event_hook)
         elif args.json:
             print(json.dumps([cpu_per_request(args.requests, args.rate, s,
-                                              paced=not args.unpaced, tune_gc=tune_gc)
+                                              paced=not args.unpaced, tune_gc=tune_gc,
+                                              event_hook=args.event_hook)
                               for s in strategies]))
         else:
-            print(cpu_table(args.requests, args.rate, strategies, tune_gc))
+            print(cpu_table(args.requests, args.rate, strategies, tune_gc,
+                            (True,) if args.event_hook else (False, True)))
         return
     minutes = 2.2 if args.quick else args.minutes
     items = make_items(int(4000 * minutes) + 2000)
