@@ -219,18 +219,10 @@ class Engine(ResponseHandling, InteractiveLane):
         keys = self._keys
         if len(set(ids)) != len(ids) or not keys.keys().isdisjoint(ids):
             return None
-        code_chars = 6 + 6 + self._code_len + 2 + 1
+        sizes = self._sizes(ids, texts, numeric)
         if numeric:
-            # every reply object holds a JSON integer (no quotes): sizes without a test per id
-            sizes = [(n + 5 + len(text), n + code_chars)
-                     for n, text in zip(map(len, ids), texts, strict=True)]
-            reply = max(map(len, ids)) + code_chars
+            reply = max(map(len, ids)) + 6 + 6 + self._code_len + 2 + 1
         else:
-            # the reply object of an all-digit id holds a JSON integer (no quotes)
-            sizes = [(len(item_id) + 5 + len(text),
-                      len(item_id) + (code_chars if item_id.isdigit() and item_id.isascii()
-                                      else 2 + code_chars))
-                     for item_id, text in zip(ids, texts, strict=True)]
             reply = max(s[1] for s in sizes)
         instructions = len(self.task.instructions)
         head = instructions + (1 if instructions else 0)
@@ -242,6 +234,32 @@ class Engine(ResponseHandling, InteractiveLane):
         if record:
             keys.update(zip(ids, ids, strict=True))
         return sizes
+
+    def _sizes(self, ids: list[str], texts: list[str], numeric: bool) -> list[tuple[int, int]]:
+        """Each item's (prompt line, reply object) characters. ``numeric``: every id is
+        ASCII digits without a leading zero, so every reply object holds it as it is, as a
+        JSON integer (no quotes): sizes without a test per id."""
+        if numeric:
+            code_chars = 6 + 6 + self._code_len + 2 + 1
+            return [(n + 5 + len(text), n + code_chars)
+                    for n, text in zip(map(len, ids), texts, strict=True)]
+        code_len = self._code_len
+        return [(len(item_id) + 5 + len(text), reply_item_chars(item_id, code_len))
+                for item_id, text in zip(ids, texts, strict=True)]
+
+    def _checked_sizes(self, ids: list[str], texts: list[str]) -> list[tuple[int, int]]:
+        """``_sizes`` of items that passed the checks already (``add_page(checked=True)``)."""
+        joined = "\n".join(ids)
+        digits = joined.replace("\n", "")
+        numeric = (digits.isdigit() and digits.isascii() and joined[:1] != "0"
+                   and "\n0" not in joined)
+        return self._sizes(ids, texts, numeric)
+
+    def check_page(self, page: list[Item]) -> None:
+        """``check_item`` of every item of ``page`` in order, a page at a time: raises
+        InputError naming the first unusable item (or an id that collides with another of
+        the page). Records nothing: ids are not remembered for later pages."""
+        self._check_page(page, record=False)
 
     def _check_page_items(self, page: list[Item], record: bool) -> list[tuple[int, int]]:
         # One pass per item with the sizes (Packer.sizes, alone_tokens) and canonical_id
@@ -296,11 +314,17 @@ class Engine(ResponseHandling, InteractiveLane):
             return
         self._add_checked(page, self._check_page(page, record=True))
 
-    def add_page(self, ids: list[str], texts: list[str]) -> None:
+    def add_page(self, ids: list[str], texts: list[str], checked: bool = False) -> None:
         """``add_items`` of the items ``Item(id, text)`` given as parallel lists (a driver
-        that holds ids and texts, not items: the planner's feed). Same checks, same
-        errors; a page that passes them is validated a page at a time."""
-        sizes = self._check_page_whole(ids, texts, record=True)
+        that holds ids and texts, not items: the planner's feed, the runner's pages). Same
+        checks, same errors; a page that passes them is validated a page at a time.
+
+        ``checked``: as for ``add_items``, every item passed ``check_item`` already and ids
+        are unique by construction (the runner's preflight over its store): sizes only, and
+        no id is kept for later collision checks (memory that would grow with the job).
+        """
+        sizes = self._checked_sizes(ids, texts) if checked else \
+            self._check_page_whole(ids, texts, record=True)
         if sizes is None:
             sizes = self._check_page_items(list(map(Item, ids, texts)), record=True)
         if self.config.routing or self._predicates:

@@ -142,3 +142,39 @@ def test_adaptive_batch_shrinks_on_truncation() -> None:
     done, _, results = drive(engine, FakeProvider(seed=2, faults={"truncate": 0.5}))
     assert done.status == 0 and all(r.state == "done" for r in results.values())
     assert engine.adaptive is not None and engine.adaptive.size < 20
+
+
+@pytest.mark.parametrize("ids", [
+    [str(n) for n in range(1, 41)],  # all digits: sizes without a test per id
+    ["007", "12", "x-1", "a.b", "0", "B_2", "99999999999"],  # leading zeros, quoted ids
+])
+def test_a_checked_page_is_queued_as_a_checked_item_list_is(ids: list[str]) -> None:
+    texts = [f"text of {item_id} with words" for item_id in ids]
+    by_items = Engine(task(), config(), random.Random(1))
+    by_items.add_items(map(Item, ids, texts), checked=True)
+    by_page = Engine(task(), config(), random.Random(1))
+    by_page.add_page(ids, texts, checked=True)
+    by_page_unchecked = Engine(task(), config(), random.Random(1))
+    by_page_unchecked.add_page(ids, texts)
+    sizes = [by_items._items[i].sizes for i in ids]
+    assert [by_page._items[i].sizes for i in ids] == sizes
+    assert [by_page_unchecked._items[i].sizes for i in ids] == sizes
+    # a checked page keeps no id for later collision checks (memory grows with the job)
+    assert by_page._keys == {} and len(by_page_unchecked._keys) == len(ids)
+    for engine in (by_items, by_page):
+        engine.end_of_items()
+    _, _, expected = drive(by_items, FakeProvider())
+    _, _, results = drive(by_page, FakeProvider())
+    assert {k: r.code for k, r in results.items()} == {k: r.code for k, r in expected.items()}
+    assert len(results) == len(ids)
+
+
+def test_check_page_names_the_first_unusable_item_and_records_nothing() -> None:
+    engine = Engine(task(), config(), random.Random(1))
+    engine.check_page([Item("1", "fine"), Item("2", "also fine")])
+    assert engine._keys == {}
+    with pytest.raises(InputError, match="item 'e': empty text"):
+        engine.check_page([Item("1", "fine"), Item("e", " "), Item("a b", "text")])
+    with pytest.raises(InputError, match=r"'007'.*collides"):
+        engine.check_page([Item("7", "a"), Item("007", "b")])
+    engine.check_page([Item("7", "a")])  # nothing was kept from the pages before
