@@ -46,7 +46,7 @@ from batchclient.policy.userlimits import Tier, UserLimits
 from batchclient.policy.wire import Call, Item, Response, Usage
 from batchclient.progress import ProgressSnapshot, render
 from batchclient.runner import JobResult, Runner
-from batchclient.store import JobStore, SqliteJobStore, StoreCounts, StoreVersionError
+from batchclient.store import JobStore, Page, SqliteJobStore, StoreCounts, StoreVersionError
 from batchclient.transport import AiohttpTransport, FunctionTransport, Transport
 
 __all__ = [
@@ -79,6 +79,7 @@ __all__ = [
     "JobStore",
     "LanePolicy",
     "ModelLimits",
+    "Page",
     "Price",
     "ProgressSnapshot",
     "ProviderSettings",

@@ -196,23 +196,25 @@ class Runner:
             page = self.store.page(cursor, 5000)
             if not page:
                 break
-            for _, item in page:
-                checker.check_item(item)
-            checker._keys.clear()
-            cursor = page[-1][0]
+            checker.check_page(page.ids, page.texts)
+            cursor = page.last_seq
         return engine
 
     def _feed(self, engine: Engine, cursor: int) -> int:
+        seqs = self._seqs
         while engine.wants_items:
             page = self.store.page(cursor, engine.wants_items)
             if not page:
                 engine.end_of_items()
                 break
-            cursor = page[-1][0]
+            cursor = page.last_seq
+            seqs.update(zip(page.ids, page.seqs, strict=True))
+            if self.cache is None and not page.tagged:
+                # preflight() checked every stored item; the store keeps ids unique. A page
+                # of untagged items goes to the engine as columns, with no Item per row.
+                engine.add_page(page.ids, page.texts, checked=True)
+                continue
             items = [item for _, item in page]
-            seqs = self._seqs
-            for seq, item in page:
-                seqs[item.id] = seq
             if self.cache is not None:
                 digest = task_digest(self.task)
                 keys = {item.id: cache_key(item.text, self.task, route_model(
@@ -228,7 +230,6 @@ class Runner:
                         fresh.append(item)
                 items = fresh
                 self._flush(engine)
-            # preflight() checked every stored item; the store keeps ids unique
             engine.add_items(items, checked=True)
         return cursor
 

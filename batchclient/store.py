@@ -12,9 +12,9 @@ from __future__ import annotations
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from batchclient.policy.engine import InputError, ItemResult
 from batchclient.policy.state import Accepted
@@ -94,13 +94,33 @@ _DEAD_BY_ID = ("UPDATE outcomes SET state = 'dead', error = ?, attempts = ?, bat
                "WHERE seq = (SELECT seq FROM items WHERE item_id = ?) AND result IS NULL")
 _NEW_BATCH = "INSERT INTO batches(cost_usd_each, model, provider) VALUES (?, ?, ?)"
 
-# Items of a page are built through their slot descriptors: the frozen dataclass's
-# __init__ pays an object.__setattr__ per field (about twice the cost), and rows from our
-# own table need none of its checks.
-_new_item = object.__new__
-_set_id: Any = Item.__dict__["id"].__set__
-_set_text: Any = Item.__dict__["text"].__set__
-_set_tag: Any = Item.__dict__["tag"].__set__
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """Pending items in seq order, as parallel columns: a feed hands ids and texts to the
+    engine a page at a time (``Engine.add_page``) without an ``Item`` per row. Iterating
+    gives ``(seq, Item)`` pairs for a consumer that wants items."""
+
+    seqs: list[int]
+    ids: list[str]
+    texts: list[str]
+    tags: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __iter__(self) -> Iterator[tuple[int, Item]]:
+        return zip(self.seqs, map(Item, self.ids, self.texts, self.tags), strict=True)
+
+    @property
+    def last_seq(self) -> int:
+        """The cursor after this page (its largest seq); raises IndexError when empty."""
+        return self.seqs[-1]
+
+    @property
+    def tagged(self) -> bool:
+        """True when any item of the page has a tag (routing rules may read it)."""
+        return self.tags.count(None) != len(self.tags)
 
 
 class StoreVersionError(sqlite3.DatabaseError):
@@ -126,7 +146,7 @@ class JobStore(Protocol):
         """Add items (idempotent for identical ones); return how many were new."""
         ...
 
-    def page(self, after_seq: int, limit: int) -> list[tuple[int, Item]]:
+    def page(self, after_seq: int, limit: int) -> Page:
         """Up to ``limit`` pending items with ``seq > after_seq``, in seq order."""
         ...
 
@@ -285,23 +305,17 @@ class SqliteJobStore:
             added += flush()
         return added
 
-    def page(self, after_seq: int, limit: int) -> list[tuple[int, Item]]:
+    def page(self, after_seq: int, limit: int) -> Page:
         """Cursor pagination: ``WHERE result IS NULL AND seq > ? ORDER BY seq LIMIT ?``."""
         rows = self._retry(lambda: self._conn.execute(
             "SELECT o.seq, i.item_id, i.text, i.tag FROM outcomes o JOIN items i "
             "ON i.seq = o.seq WHERE o.result IS NULL AND o.state = 'pending' AND o.seq > ? "
             "ORDER BY o.seq LIMIT ?", (after_seq, limit)).fetchall())
-        # TEXT columns come back as str: no conversion per row.
-        new, set_id, set_text, set_tag = _new_item, _set_id, _set_text, _set_tag
-        out: list[tuple[int, Item]] = []
-        append = out.append
-        for seq, item_id, text, tag in rows:
-            item = new(Item)
-            set_id(item, item_id)
-            set_text(item, text)
-            set_tag(item, tag)
-            append((seq, item))
-        return out
+        if not rows:
+            return Page([], [], [], [])
+        # TEXT columns come back as str: the rows turn into columns by C-level loops
+        seqs, ids, texts, tags = map(list, zip(*rows, strict=True))
+        return Page(seqs, ids, texts, tags)
 
     def save_results(self, results: Sequence[ItemResult | Accepted],
                      seqs: Mapping[str, int] | None = None,

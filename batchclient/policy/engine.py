@@ -255,11 +255,13 @@ class Engine(ResponseHandling, InteractiveLane):
                    and "\n0" not in joined)
         return self._sizes(ids, texts, numeric)
 
-    def check_page(self, page: list[Item]) -> None:
-        """``check_item`` of every item of ``page`` in order, a page at a time: raises
-        InputError naming the first unusable item (or an id that collides with another of
-        the page). Records nothing: ids are not remembered for later pages."""
-        self._check_page(page, record=False)
+    def check_page(self, ids: list[str], texts: list[str]) -> None:
+        """``check_item`` of every item ``Item(id, text)`` of the parallel lists, in order,
+        a page at a time: raises InputError naming the first unusable item (or an id that
+        collides with another of the page). Records nothing: ids are not remembered for
+        later pages."""
+        if self._check_page_whole(ids, texts, record=False) is None:
+            self._check_page_items(list(map(Item, ids, texts)), record=False)
 
     def _check_page_items(self, page: list[Item], record: bool) -> list[tuple[int, int]]:
         # One pass per item with the sizes (Packer.sizes, alone_tokens) and canonical_id

@@ -171,10 +171,13 @@ def test_a_checked_page_is_queued_as_a_checked_item_list_is(ids: list[str]) -> N
 
 def test_check_page_names_the_first_unusable_item_and_records_nothing() -> None:
     engine = Engine(task(), config(), random.Random(1))
-    engine.check_page([Item("1", "fine"), Item("2", "also fine")])
+    engine.check_page(["1", "2"], ["fine", "also fine"])
     assert engine._keys == {}
     with pytest.raises(InputError, match="item 'e': empty text"):
-        engine.check_page([Item("1", "fine"), Item("e", " "), Item("a b", "text")])
+        engine.check_page(["1", "e", "a b"], ["fine", " ", "text"])
     with pytest.raises(InputError, match=r"'007'.*collides"):
-        engine.check_page([Item("7", "a"), Item("007", "b")])
-    engine.check_page([Item("7", "a")])  # nothing was kept from the pages before
+        engine.check_page(["7", "007"], ["a", "b"])
+    with pytest.raises(InputError, match=r"'big'.*token_budget"):
+        engine.check_page(["1", "big"], ["fine", "x" * 70000])
+    engine.check_page(["7"], ["a"])  # nothing was kept from the pages before
+    assert engine._keys == {}

@@ -7,7 +7,7 @@ EXPECTED = {
     "AiohttpTransport", "BatchSettings", "BreakerSettings", "Call", "ChatReply", "ClientConfig",
     "Clock", "ConcurrencySettings", "ConfigError", "CostMeter", "Done", "Engine", "Event",
     "EventHook", "FunctionTransport", "InputError", "InteractiveClient", "Item", "ItemResult",
-    "JobResult", "JobStore", "LanePolicy", "ModelLimits", "Price", "ProgressSnapshot",
+    "JobResult", "JobStore", "LanePolicy", "ModelLimits", "Page", "Price", "ProgressSnapshot",
     "ProviderSettings", "Response", "ResultCache", "RetrySettings", "RouteRule", "Runner",
     "ScaledClock", "Send", "SqliteJobStore", "SqliteResultCache", "StoreCounts",
     "StoreVersionError", "StreamSettings", "Task", "ThrottleSettings", "Tier", "Transport",

@@ -115,3 +115,22 @@ async def test_interactive_lane_and_user_limits(tmp_path: Path) -> None:
     r.stop()
     result = await job
     assert result.exit_status == 130 and result.requests == 1
+
+
+async def test_tagged_items_are_routed_by_their_tag_from_the_store(tmp_path: Path) -> None:
+    # A page with tags goes to the engine item by item (a routing rule may read the tag);
+    # an untagged page goes as columns. Both kinds in one job, across pages.
+    store = SqliteJobStore(str(tmp_path / "tags.sqlite"))
+    plain = items(30)
+    tagged = [Item(f"t{i}", f"photo number {i} with words", tag="img") for i in range(1, 11)]
+    store.import_items(plain + tagged)
+    cfg = config(time_scale=1000.0, page_size=16,
+                 routing=[{"model": "m2", "tag": "img"}])
+    transport = FunctionTransport(FakeProvider(seed=3), {"p1": {"m1", "m2"}})
+    r = Runner(task(), cfg, transport, store, clock=ScaledClock(1000.0))
+    result = await r.run()
+    assert (result.exit_status, result.done, result.pending) == (0, 40, 0)
+    models = {item_id: call.model for call in transport.calls for item_id in call.item_ids}
+    assert models == {**{i.id: "m1" for i in plain}, **{i.id: "m2" for i in tagged}}
+    stored = store.results()
+    assert all(stored[i.id] == ("done", code_of(i.text), None) for i in plain + tagged)

@@ -22,7 +22,7 @@ def test_cursor_pages_skip_done_and_dead_items(tmp_path: Path) -> None:
     assert [i.id for _, i in first] == ["i0", "i1", "i2", "i3"]
     store.save_results([ItemResult("i4", "done", "A", "alpha"),
                         ItemResult("i5", "dead", error="boom")])
-    rest = store.page(first[-1][0], 100)
+    rest = store.page(first.last_seq, 100)
     assert [i.id for _, i in rest] == ["i6", "i7", "i8", "i9"]
     c = store.counts()
     assert (c.total, c.done, c.dead, c.pending) == (10, 1, 1, 8)
@@ -159,3 +159,21 @@ def test_a_migration_that_fails_midway_leaves_schema_1_as_it_was(
         assert conn.execute("SELECT * FROM items ORDER BY seq").fetchall() == before
     monkeypatch.undo()
     assert SqliteJobStore(str(path)).counts() == StoreCounts(3, 1, 1, 1, 0.5)
+
+
+def test_a_page_holds_its_items_as_columns(tmp_path: Path) -> None:
+    store = SqliteJobStore(str(tmp_path / "j.sqlite"))
+    store.import_items([Item("a", "text a"), Item("b", "text b", tag="long"), Item("c", "c")])
+    page = store.page(0, 10)
+    assert (page.seqs, page.ids, page.texts, page.tags) == (
+        [1, 2, 3], ["a", "b", "c"], ["text a", "text b", "c"], [None, "long", None])
+    assert list(page) == [(1, Item("a", "text a")), (2, Item("b", "text b", "long")),
+                          (3, Item("c", "c"))]
+    assert len(page) == 3 and page.last_seq == 3 and page.tagged
+    rest = store.page(1, 10)
+    assert rest.ids == ["b", "c"] and rest.tagged
+    untagged = store.page(2, 10)
+    assert untagged.ids == ["c"] and not untagged.tagged
+    empty = store.page(3, 10)
+    assert not empty and len(empty) == 0 and list(empty) == [] and not empty.tagged
+    store.close()
