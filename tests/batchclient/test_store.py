@@ -177,3 +177,21 @@ def test_a_page_holds_its_items_as_columns(tmp_path: Path) -> None:
     empty = store.page(3, 10)
     assert not empty and len(empty) == 0 and list(empty) == [] and not empty.tagged
     store.close()
+
+
+def test_an_import_chunk_is_checked_against_itself_and_the_store(tmp_path: Path) -> None:
+    store = SqliteJobStore(str(tmp_path / "j.sqlite"))
+    # an identical item twice in one chunk is one item
+    assert store.import_items([Item("1", "a"), Item("2", "b"), Item("1", "a")]) == 2
+    # a chunk with a collision (in itself, or with the store) is refused whole
+    for chunk, name in (([Item("3", "c"), Item("4", "d"), Item("4", "other")], "'4'"),
+                        ([Item("5", "e"), Item("01", "f")], "'01'.*'1'"),
+                        ([Item("6", "g"), Item("2", "not b")], "'2'.*'2'")):
+        with pytest.raises(InputError, match=name):
+            store.import_items(chunk)
+        assert store.counts().total == 2 and [i.id for _, i in store.page(0, 10)] == ["1", "2"]
+    # a re-import of what is stored, with new items, adds only the new ones
+    assert store.import_items([Item("2", "b"), Item("7", "h"), Item("1", "a")]) == 1
+    assert store.page(0, 10).ids == ["1", "2", "7"]
+    assert store.counts().pending == 3
+    store.close()
