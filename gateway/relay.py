@@ -56,14 +56,21 @@ class RedisEventRelay:
         self.clock = clock
         self.channel = f"{prefix}events"
         self.origin = uuid.uuid4().hex  # this process: its own events come back, skipped
-        self._outbox: asyncio.Queue[str] = asyncio.Queue(MAX_PENDING)
+        # None: close() wakes the sender
+        self._outbox: asyncio.Queue[str | None] = asyncio.Queue(MAX_PENDING)
         self._tasks: list[asyncio.Task[None]] = []
+        # Set by close(): both loops stop at their next turn even when their cancellation
+        # was swallowed. On Python 3.11 a cancel that races a timeout inside redis-py comes
+        # back as the timeout, a RedisError or OSError that the loops take for an outage
+        # (the sender then waited on its empty outbox, and close() for it, forever).
+        self._closing = False
         self._subscribed = False  # this process's own subscription counts in PUBLISH's reply
         self._others = True       # another process may listen: until PUBLISH says otherwise
         self.dropped = 0
         self.kept_local = 0       # token events not published: no other process listened
 
     async def start(self) -> None:
+        self._closing = False
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self.channel)
@@ -97,8 +104,10 @@ class RedisEventRelay:
             self.dropped += 1  # subscribers elsewhere fall back to the store's states
 
     async def _send(self) -> None:
-        while True:
+        while not self._closing:
             message = await self._outbox.get()
+            if message is None:
+                continue  # close()'s wake-up
             try:
                 await self._publish(message)
             except (RedisError, OSError) as exc:
@@ -111,12 +120,14 @@ class RedisEventRelay:
         self._others = receivers > (1 if self._subscribed else 0)
 
     async def _receive(self, pubsub: Any) -> None:
-        while True:
+        while not self._closing:
             try:
                 # listen() ends at once when the subscription was never made
                 async for message in pubsub.listen():
                     self._deliver(message.get("data"))
             except (RedisError, OSError) as exc:
+                if self._closing:
+                    break
                 log.warning("task events of other gateways paused (Redis: %s)", exc)
             self._subscribed = False
             await asyncio.sleep(RECONNECT_S)
@@ -165,7 +176,10 @@ class RedisEventRelay:
         self.hub.relay = None
         if self.router is not None:
             self.router.on_change = None
+        self._closing = True
         for task in self._tasks:
             task.cancel()
+        with contextlib.suppress(asyncio.QueueFull):  # full: the sender is not waiting
+            self._outbox.put_nowait(None)
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []

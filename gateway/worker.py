@@ -115,6 +115,12 @@ class WorkerPool:
         if self._session is not None:
             await self._session.close()
 
+    def _check_stopping(self) -> None:
+        """End a worker's inner retry loop once close() began, as its cancellation would
+        have (close() waits for every worker; see ``_stopping``)."""
+        if self._stopping:
+            raise asyncio.CancelledError
+
     def wake(self) -> None:
         """Wake one idle worker (a task was queued)."""
         while self._idle:
@@ -176,6 +182,7 @@ class WorkerPool:
         router's choice (``avoid``: upstreams that just failed it); a full window marks its
         upstream rate limited, so one with ``failover_on_429`` hands the call on."""
         while True:
+            self._check_stopping()
             now = self.clock.now()
             name = self.router.choose(now, model, avoid)
             if name is None:   # every breaker is open: wait for one to let a probe through
@@ -216,6 +223,7 @@ class WorkerPool:
                     stored = False
                 break
             except StateUnavailable:
+                self._check_stopping()  # the task stays leased: re-queued after its lease
                 await asyncio.sleep(STATE_RETRY_S)
         if final and stored:
             self.metrics.finished[(task.lane, task.state)] += 1

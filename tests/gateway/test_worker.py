@@ -12,6 +12,7 @@ import yaml
 
 from gateway.config import LaneSettings
 from gateway.server import RunningGateway
+from gateway.state import StateUnavailable
 from simulator.model.config import DEFAULT_PROVIDER_YAML, parse_config
 from simulator.model.responder import expected_code
 from tests.gateway.conftest import gateway_config
@@ -152,3 +153,34 @@ async def test_provider_refusal_fails_the_task(sim_server, gateway) -> None:
         failed = await poll(s, gw, await _post(s, gw, body))
     assert failed["state"] == "failed" and failed["upstream_status"] == 400
     assert failed["error"]["type"] == "invalid_request_error"
+
+
+class _WindowAwayOnCancel:
+    """A provider window whose step blocks and turns its cancellation into an outage, as a
+    cancel that races a Redis timeout comes back on Python 3.11."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    async def acquire(self, now: float, tokens: int, ceiling: float) -> float:
+        self.steps += 1
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            raise StateUnavailable("Redis unreachable: Timeout reading from socket") from None
+        return 0.0
+
+
+async def test_close_stops_a_worker_whose_cancel_came_back_as_an_outage(sim_server,
+                                                                         gateway) -> None:
+    sim = await sim_server(ttft_ms=50, itl_ms=1)
+    gw = await gateway(gateway_config(sim, workers=1))
+    window = _WindowAwayOnCancel()
+    gw.pool.windows = {name: window for name in gw.pool.windows}
+    async with aiohttp.ClientSession() as s:
+        await _post(s, gw, {**CHAT, "user": "bench"})
+    async with asyncio.timeout(10):
+        while window.steps == 0:
+            await asyncio.sleep(0.01)
+        await gw.close()  # the worker retries in _route: it must see close() and stop
+    assert window.steps == 1 and gw.pool._tasks == []
