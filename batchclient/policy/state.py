@@ -61,8 +61,12 @@ class Accepted:
         """One ``done`` item event per item (``name`` is the task's)."""
         call, share, at = self.call, self.share, self.at
         model, provider, call_id = call.model, call.provider, call.call_id
-        return [Event("item", name, at, "done", provider=provider, model=model,
-                      cost_usd=share, item_id=state.id, call_id=call_id)
+        # positional, in Event's field order (kind, name, at, outcome, provider, model,
+        # status, response_time_ms, ttft_ms, tokens_in, tokens_out, items, cost_usd,
+        # item_id, error, balance_usd, call_id), the rest their defaults: one per item,
+        # and a keyword costs a name match each
+        return [Event("item", name, at, "done", provider, model, 0, 0.0, None, 0, 0, 0,
+                      share, state.id, None, None, call_id)
                 for state in self.states]
 
 

@@ -43,6 +43,25 @@ def test_item_events_name_the_request_that_finished_them() -> None:
     assert all(index[cid] < at for cid, at in first_item.items())
 
 
+def test_an_answered_items_event_holds_the_fields_of_a_done_item() -> None:
+    # Accepted.events builds its events positionally: each must be the event named field
+    # by field, the others left at their defaults
+    engine = make(30)
+    events: list[Event] = []
+    done, _, _ = drive(engine, FakeProvider(seed=2), events=events)
+    assert done.status == 0
+    requests = {e.call_id: e for e in events if e.kind == "request"}
+    items_done = [e for e in events if e.kind == "item"]
+    assert len(items_done) == 30
+    for e in items_done:
+        assert e.call_id is not None
+        request = requests[e.call_id]
+        assert e == Event("item", engine.task.name, e.at, "done", provider=request.provider,
+                          model=request.model, cost_usd=e.cost_usd, item_id=e.item_id,
+                          call_id=e.call_id)
+        assert e.at == request.at and e.cost_usd == request.cost_usd / request.items_ok
+
+
 def test_a_cache_hit_is_stamped_with_the_current_time() -> None:
     engine = Engine(task(), config(), random.Random(1))
     engine.complete_from_cache(Item("1", "product number 1 with words"), "A", now=42.5)
