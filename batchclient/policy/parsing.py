@@ -122,38 +122,55 @@ def _exact(text: str, sent_ids: Sequence[str], labels: Mapping[str, str]
     n = len(sent_ids)
     if not n or not text.startswith(_HEAD):
         return None
-    sent = list(sent_ids)
+    sent = sent_ids if isinstance(sent_ids, (list, tuple)) else list(sent_ids)
     flat = "".join(sent)
     # An id is written as a JSON integer when it is ASCII digits without a leading zero
     # (json.loads gives back an int whose str() is the id), else as a JSON string that
     # needs no escape; ids that are neither are left to the JSON parse.
-    least = min(sent)
-    if flat.isdigit() and flat.isascii() and least and least[0] != "0":
-        literals = sent  # the common page: every id a number (the least one, first in text
-        # order, is empty or starts with "0" when any does), each its own literal
-    else:
+    expected = ""
+    literals: Sequence[str] = sent
+    # the common page: every id a number, each its own literal (bytes.isdigit: a table
+    # per character, str.isdigit the Unicode database; the same answer for ASCII)
+    if flat.isascii() and flat.encode().isdigit():
+        # the expected text around the codes, from the ids (NUL marks a code's place: no
+        # literal holds one), must be the reply with its codes put in; equal texts mean
+        # the reply is the compact array of these codes
+        expected = _HEAD + _AROUND.join(sent) + _LAST
+        # an empty id or one with a leading zero is not its own literal: every id
+        # follows '"id":' in the expected text (one search each rather than min())
+        if '"id":0' in expected or '"id":,' in expected:
+            expected = ""
+    if not expected:
+        least = min(sent)
         if not least or '"' in flat or "\\" in flat or not flat.isprintable():
             return None
         literals = [i if i.isdigit() and i.isascii() and (i[0] != "0" or i == "0")
                     else '"' + i + '"' for i in sent]
-    # the expected text around the codes, from the ids (NUL marks a code's place: no
-    # literal holds one), must be the reply with its codes put in; equal texts mean the
-    # reply is the compact array of these codes
-    around = (_HEAD + _AROUND.join(literals) + _LAST).split("\0")
-    whole: list[str] = [""] * (2 * n + 1)
-    whole[::2] = around
-    # one-character codes and ids of one length (a page of consecutive numbers) put the
-    # codes a fixed step apart: one slice takes them all; else a pattern finds them
-    codes: str | list[str] = text[len(around[0])::len(around[1]) + 1] if n > 1 else text[
-        len(around[0]):len(around[0]) + 1]
-    if len(codes) != n or len(text) != len(around[0]) + len(around[1]) * (n - 1) + len(
-            around[-1]) + n:
+        expected = _HEAD + _AROUND.join(literals) + _LAST
+    codes: str | list[str]
+    start = len(_HEAD) + len(literals[0]) + 6  # the first code's place, after ',"c":"'
+    step = len(_AROUND) + len(literals[1]) if n > 1 else 1
+    places = slice(start, start + step * (n - 1) + 1, step)
+    if (len(expected) == len(text) and expected[places] == "\0" * n and text.isascii()
+            and expected.isascii()):
+        # one-character codes a fixed step apart (ids of one length: a page of
+        # consecutive numbers), every NUL at one of those places: the codes are one
+        # slice, put back into the expected text as bytes, without a piece per code
+        codes = text[places]
+        whole = bytearray(expected, "ascii")
+        whole[places] = codes.encode("ascii")
+        if whole != text.encode("ascii"):
+            return None
+    else:
+        around = expected.split("\0")
+        pieces: list[str] = [""] * (2 * n + 1)
+        pieces[::2] = around
         codes = _CODES.findall(text)
         if len(codes) != n:
             return None
-    whole[1::2] = codes
-    if "".join(whole) != text:
-        return None
+        pieces[1::2] = codes
+        if "".join(pieces) != text:
+            return None
     # a code written as is: in the taxonomy, no quote, escape or control character
     distinct = set(codes)
     written = "".join(distinct)

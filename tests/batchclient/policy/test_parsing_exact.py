@@ -87,3 +87,25 @@ def test_texts_that_are_not_json_are_left_to_the_json_parse() -> None:
     for sent, text in cases:
         assert parse_reply(text, sent, LABELS) == _by_json(text, sent, None), text
         assert len(parse_reply(text, sent, LABELS).codes) < len(sent)
+
+
+def test_pages_of_consecutive_numbers_agree_with_the_json_parse() -> None:
+    # ids of one length put one-character codes a fixed step apart (the slice and byte
+    # comparison of _exact): perturbed replies of such pages, a character changed at or
+    # next to a code's place among them
+    rng = random.Random(5)
+    accepted = 0
+    for _ in range(5000):
+        first = rng.choice([0, 7, 98, 548033, 999990, 1000])
+        sent = tuple(str(i) for i in range(first, first + rng.randint(1, 20)))
+        if rng.random() < 0.1:
+            sent = tuple("0" + i if rng.random() < 0.2 else i for i in sent)
+        text = _reply(list(sent), rng)
+        if rng.random() < 0.3 and len(text) > 20:
+            pos = text.find('"c":"', rng.randrange(len(text) - 10))
+            if pos >= 0:
+                pos += 5 + rng.choice([-1, 0, 0, 1])
+                text = text[:pos] + rng.choice('AB"\\\x00\u00e9Z') + text[pos + 1:]
+        assert parse_reply(text, sent, LABELS) == _by_json(text, sent, None), (text, sent)
+        accepted += len(parse_reply(text, sent, LABELS).codes) == len(sent)
+    assert accepted > 1000
