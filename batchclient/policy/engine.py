@@ -206,7 +206,9 @@ class Engine(ResponseHandling, InteractiveLane):
         if joined[:1] == "0" or "\n0" in joined or joined.count("\n") != len(ids) - 1:
             return None
         digits = joined.replace("\n", "")
-        numeric = digits.isdigit() and digits.isascii()
+        # bytes.isdigit tests a character against a table; str.isdigit looks each up in
+        # the Unicode database (about five times the cost): the same answer for ASCII
+        numeric = digits.isascii() and digits.encode().isdigit()
         if numeric:
             # ASCII digits: the pattern holds unless an id is empty (string tests, not the
             # regular expression over the whole page)
@@ -251,7 +253,7 @@ class Engine(ResponseHandling, InteractiveLane):
         """``_sizes`` of items that passed the checks already (``add_page(checked=True)``)."""
         joined = "\n".join(ids)
         digits = joined.replace("\n", "")
-        numeric = (digits.isdigit() and digits.isascii() and joined[:1] != "0"
+        numeric = (digits.isascii() and digits.encode().isdigit() and joined[:1] != "0"
                    and "\n0" not in joined)
         return self._sizes(ids, texts, numeric)
 

@@ -132,9 +132,13 @@ def batch_json(spec: ResponderSpec, rng: random.Random, prompt: str,
     if (not drop and not spec.repeat_id_rate and not spec.invent_id_rate
             and POISON_MARKER not in prompt):
         # the common reply: every item answered in order, no entry moved or added;
-        # all-digit ids without a leading zero (the least one's first digit tells) are
-        # their own JSON literals: no call per item
-        literals = ids if (ids and "".join(ids).isdigit() and min(ids)[0] != "0") else [
+        # all-digit ids without a leading zero are their own JSON literals: no call per
+        # item. Ids match [A-Za-z0-9_.-]+ (ASCII, not empty): bytes.isdigit's table per
+        # character rather than str.isdigit's Unicode lookup, and a leading zero is an
+        # "id=0" at a line's start (a search, not min(); a false alarm from the
+        # instructions only takes the call per item, with the same literals)
+        literals = ids if (ids and "".join(ids).encode().isdigit()
+                           and not prompt.startswith("id=0") and "\nid=0" not in prompt) else [
             _id_json(item_id) for item_id in ids]
         return _finish_batch(spec, rng, _array(zip(
             literals, [quoted[crc % n] for crc in crcs], strict=True)), max_tokens)
