@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from itertools import islice, repeat
+from operator import attrgetter
 
 from batchclient.config import ClientConfig, ProviderSettings, Task
 from batchclient.cost import CostMeter
@@ -58,6 +59,8 @@ from batchclient.policy.wire import Call, Item, Response
 _ID = re.compile(r"[A-Za-z0-9_.-]+")
 _IDS = re.compile(r"[A-Za-z0-9_.-]+(?:\n[A-Za-z0-9_.-]+)*")  # ids joined by line breaks
 _WAIT = Wait(None)  # a value: the one "wait for a response or items" every decision shares
+# what a send reads of its batch's states, a C-level map each
+_STATE_ID, _SENDS, _ATTEMPTS = attrgetter("id"), attrgetter("sends"), attrgetter("attempts")
 
 
 class Engine(ResponseHandling, InteractiveLane):
@@ -349,7 +352,6 @@ class Engine(ResponseHandling, InteractiveLane):
         for state, key, item_id in zip(states, keys, ids, strict=True):
             # one lookup: the item leads its key unless an earlier one does (ids are unique)
             if lead(key, item_id) is not item_id:
-                state.state = "follower"
                 followers.setdefault(key, []).append(item_id)
                 continue
             append(state)
@@ -387,7 +389,6 @@ class Engine(ResponseHandling, InteractiveLane):
                 tag=item.tag)
             items[item_id] = state
             if key in leaders:
-                state.state = "follower"
                 followers.setdefault(key, []).append(item_id)
                 continue
             leaders[key] = item_id
@@ -504,16 +505,12 @@ class Engine(ResponseHandling, InteractiveLane):
             popleft = queue.popleft
             for _ in batch:
                 popleft()  # the head is the batch, in order
-        item_ids = [state.id for state in batch]
-        resend = False  # any item sent before
-        attempt = 0
-        for state in batch:
-            if state.sends:
-                resend = True
-            state.sends += 1
-            state.state = "inflight"
-            if state.attempts > attempt:
-                attempt = state.attempts
+        # the batch's ids, whether any item was sent before and its most failed
+        # attempts, by C-level maps (no item is written at a send: ``sends`` counts when
+        # a reply sends one back)
+        item_ids = tuple(map(_STATE_ID, batch))
+        resend = any(map(_SENDS, batch))
+        attempt = max(map(_ATTEMPTS, batch))
         call_id = self._next_call
         self._next_call += 1
         body: dict[str, object] = {
@@ -529,7 +526,7 @@ class Engine(ResponseHandling, InteractiveLane):
         # positional, in Call's field order (call_id, provider, model, item_ids, body,
         # prompt_tokens, max_tokens, reserved_tokens, attempt, timeout_s, stream, lane,
         # sent_at, request_id, resend): one per request, and keywords cost a name match each
-        call = Call(call_id, provider, model, tuple(item_ids), body, prompt_tokens, max_tokens,
+        call = Call(call_id, provider, model, item_ids, body, prompt_tokens, max_tokens,
                     reserve, attempt, self.config.timeout_s, stream, "background", now, None,
                     resend)
         throttle.reserve(now, call_id, reserve)

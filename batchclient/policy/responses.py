@@ -74,7 +74,7 @@ class ResponseHandling:
 
     def _requeue(self, item_id: str, not_before: float | None, now: float) -> None:
         state = self._items[item_id]
-        state.state = "queued"
+        state.sends += 1  # back from the call that carried it
         if not_before is None or not_before <= now:
             self._ready.setdefault(state.model, deque()).appendleft(state)
             self._head_moves += 1
@@ -85,7 +85,6 @@ class ResponseHandling:
     def _finish(self, item_id: str, result: ItemResult, now: float,
                 call_id: int | None = None) -> None:
         state = self._items.pop(item_id)
-        state.state = result.state
         if result.state == "done":
             self.counts.done += 1
         else:
@@ -300,8 +299,6 @@ class ResponseHandling:
         keys = list(map(_KEY, states))
         if list(map(leaders.get, keys)) == list(codes) and followers.keys().isdisjoint(keys):
             # the common reply: every item leads its own key and no duplicate waits on it
-            for state in states:
-                state.state = "done"
             for key in keys:
                 del leaders[key]
             if states:
@@ -335,7 +332,7 @@ class ResponseHandling:
                     call.call_id)
             else:
                 # Skip: back to the queue for the next pass, no error noise.
-                state.state = "queued"
+                state.sends += 1  # back from the call that carried it
                 self._ready.setdefault(state.model, deque()).append(state)
         return len(parsed.codes)
 
@@ -347,7 +344,6 @@ class ResponseHandling:
         states: list[ItemState] = []
         for state in finished:
             item_id = state.id
-            state.state = "done"
             key = state.key
             if leaders.get(key) == item_id:
                 if key in followers:

@@ -12,9 +12,12 @@ from batchclient.policy.wire import Call
 
 @dataclass(slots=True)
 class ItemState:
-    """Where one fed item is: its id, text and tag, routing, packing sizes, sends, failed
-    attempts and misses. The item's own fields are held here rather than as an ``Item``
-    (one object per item, not two); packing takes it as a ``Packable``."""
+    """One fed item's bookkeeping: its id, text and tag, routing, packing sizes, sends,
+    failed attempts and misses. The item's own fields are held here rather than as an
+    ``Item`` (one object per item, not two); packing takes it as a ``Packable``. Where the
+    item is shows by what holds its state (a ready queue, the retry heap, a call in
+    flight, the followers of its key; a finished item's leaves the engine's item map):
+    no field repeats it."""
 
     id: str
     text: str
@@ -24,8 +27,9 @@ class ItemState:
     attempts: int = 0
     misses: int = 0
     last_error: str | None = None
-    state: str = "queued"  # queued | inflight | follower | done | dead
-    sends: int = 0  # calls that carried the item so far
+    # calls that carried the item and sent it back to a queue (a failure, a skip): as
+    # only a reply sends an item back, the calls that carried it before its next send
+    sends: int = 0
     tag: str | None = None
 
 

@@ -7,7 +7,7 @@ import random
 
 from batchclient.events import Event
 from batchclient.policy.engine import Engine, Send
-from batchclient.policy.wire import Item, Response
+from batchclient.policy.wire import Call, Item, Response
 from tests.batchclient.bc_fakes import FakeProvider, config, drive, items, task
 
 
@@ -60,6 +60,26 @@ def test_an_answered_items_event_holds_the_fields_of_a_done_item() -> None:
                           model=request.model, cost_usd=e.cost_usd, item_id=e.item_id,
                           call_id=e.call_id)
         assert e.at == request.at and e.cost_usd == request.cost_usd / request.items_ok
+
+
+def test_a_call_is_a_resend_when_it_carries_an_item_a_call_carried_before() -> None:
+    # items come back to a queue after a 5xx (a failure) and when a reply leaves them out
+    # (a skip); a call is a resend exactly when one of its items went out before
+    engine = make(60)
+    fake = FakeProvider(seed=3, faults={"drop": 0.2})
+    calls: list[Call] = []
+
+    def answer(call: Call) -> Response:
+        calls.append(call)
+        return Response(503, {}, "") if len(calls) % 4 == 1 else fake(call)
+
+    done, _, results = drive(engine, answer)
+    assert done.status == 0 and len(results) == 60
+    seen: set[str] = set()
+    for call in calls:
+        assert call.resend == (not seen.isdisjoint(call.item_ids)), call.call_id
+        seen.update(call.item_ids)
+    assert any(c.resend for c in calls) and not all(c.resend for c in calls)
 
 
 def test_a_cache_hit_is_stamped_with_the_current_time() -> None:
