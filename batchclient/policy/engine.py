@@ -44,7 +44,7 @@ from batchclient.policy.job import Wait as Wait
 from batchclient.policy.job import cache_key as cache_key
 from batchclient.policy.job import hash_text as hash_text
 from batchclient.policy.job import normalise as normalise
-from batchclient.policy.job import normalise_page
+from batchclient.policy.job import normalise_page, page_is_normal
 from batchclient.policy.job import task_digest as task_digest
 from batchclient.policy.lanes import LanePolicy
 from batchclient.policy.packing import Packer
@@ -195,12 +195,13 @@ class Engine(ResponseHandling, InteractiveLane):
             return sizes
         return self._check_page_items(page, record)
 
-    def _check_page_whole(self, ids: list[str], texts: list[str], record: bool
-                          ) -> list[tuple[int, int]] | None:
+    def _check_page_whole(self, ids: list[str], texts: list[str], record: bool,
+                          normal: bool = False) -> list[tuple[int, int]] | None:
         """``_check_page`` for a page where every check passes, done a page at a time (one
         regular expression over the joined ids, set operations for collisions, the largest
         sizes against the budget): the sizes, or None when any check might fail, for the
-        item-by-item pass to name the first unusable item with its message."""
+        item-by-item pass to name the first unusable item with its message. ``normal``:
+        ``page_is_normal(texts)``, when the caller has it."""
         if not ids:
             return []
         joined = "\n".join(ids)
@@ -219,7 +220,10 @@ class Engine(ResponseHandling, InteractiveLane):
                 return None
         elif not _IDS.fullmatch(joined):
             return None
-        if not all(texts) or any(map(str.isspace, texts)):
+        # a normal page (page_is_normal) whose first text is not empty has no empty text
+        # and none of whitespace alone: the dedup keys' check answers these two
+        if not (normal and texts and texts[0]) and (
+                not all(texts) or any(map(str.isspace, texts))):
             return None
         keys = self._keys
         if len(set(ids)) != len(ids) or not keys.keys().isdisjoint(ids):
@@ -330,12 +334,13 @@ class Engine(ResponseHandling, InteractiveLane):
         are unique by construction (the runner's preflight over its store): sizes only, and
         no id is kept for later collision checks (memory that would grow with the job).
         """
+        normal = page_is_normal(texts)  # for the page checks and the dedup keys
         sizes = self._checked_sizes(ids, texts) if checked else \
-            self._check_page_whole(ids, texts, record=True)
+            self._check_page_whole(ids, texts, record=True, normal=normal)
         if sizes is None:
             sizes = self._check_page_items(list(map(Item, ids, texts)), record=True)
         if self.config.routing or self._predicates:
-            self._add_checked(list(map(Item, ids, texts)), sizes)
+            self._add_checked(list(map(Item, ids, texts)), sizes, normal)
             return
         # Nothing can reroute: every item goes to the task's model, and no Item is built.
         model = self.task.model
@@ -345,7 +350,7 @@ class Engine(ResponseHandling, InteractiveLane):
         if queue is None:
             queue = self._ready[model] = deque()
         # the page's keys and states built by C-level loops, then queued in order
-        keys = [prefix + norm for norm in normalise_page(texts)]
+        keys = [prefix + norm for norm in normalise_page(texts, normal)]
         states = list(map(ItemState, ids, texts, repeat(model, len(ids)), keys, sizes))
         items.update(zip(ids, states, strict=True))
         append, lead = queue.append, leaders.setdefault
@@ -361,8 +366,8 @@ class Engine(ResponseHandling, InteractiveLane):
         """What ``cache_key`` puts before an item's normalised text for ``model``."""
         return f"{model}\x1f{self.task.name}\x1f{self._digest}\x1f"
 
-    def _add_checked(self, page: list[Item], sizes: list[tuple[int, int]] | None = None
-                     ) -> None:
+    def _add_checked(self, page: list[Item], sizes: list[tuple[int, int]] | None = None,
+                     normal: bool | None = None) -> None:
         # Queue a validated page (per item: sizes unless given, route, cache key).
         # Inlined: Packer.sizes and cache_key (the key's model/task/digest prefix is built
         # once per model, not per item); the route is skipped when nothing can reroute.
@@ -374,7 +379,7 @@ class Engine(ResponseHandling, InteractiveLane):
         model = default_model
         prefix = prefixes[default_model]
         queue = ready.get(model)
-        normalised = normalise_page([item.text for item in page])
+        normalised = normalise_page([item.text for item in page], normal)
         for n, item in enumerate(page):
             item_id, text = item.id, item.text
             if rerouting:

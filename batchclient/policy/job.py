@@ -122,17 +122,27 @@ def normalise(text: str) -> str:
 _CONTROLS = ("\t", "\n", "\x0b", "\x0c", "\r", "\x1c", "\x1d", "\x1e", "\x1f")
 
 
-def normalise_page(texts: list[str]) -> list[str]:
+def page_is_normal(texts: list[str]) -> bool:
+    """Whether every text is ASCII with single spaces between words, none at either end
+    and no other whitespace: ``normalise`` only lower-cases it. A page that is, and
+    whose joined texts are not empty, has no empty text and none of whitespace alone."""
+    # The texts joined by single spaces have no double space (none inside a text, none
+    # at a text's ends, no empty text), no space at either end and no other whitespace:
+    # checked by substring searches, a quarter of the cost of splitting every word out and
+    # joining them back.
+    spaced = " ".join(texts)
+    return (spaced.isascii() and "  " not in spaced and spaced[:1] != " "
+            and spaced[-1:] != " " and not any(c in spaced for c in _CONTROLS))
+
+
+def normalise_page(texts: list[str], normal: bool | None = None) -> list[str]:
     """``normalise`` of each text, a page at a time when it can: an ASCII page whose
     texts already have single spaces between words and none at either end is only
-    lower-cased (ASCII lower-cases a character at a time, whatever surrounds it)."""
-    # The page is already normal when its texts joined by single spaces have no double
-    # space (none inside a text, none at a text's ends, no empty text), no space at either
-    # end and no other whitespace: checked by substring searches, a quarter of the cost of
-    # splitting every word out and joining them back.
-    spaced = " ".join(texts)
-    if (spaced.isascii() and "  " not in spaced and spaced[:1] != " " and spaced[-1:] != " "
-            and not any(c in spaced for c in _CONTROLS)):
+    lower-cased (ASCII lower-cases a character at a time, whatever surrounds it).
+    ``normal``: ``page_is_normal(texts)`` when the caller has it already."""
+    if normal is None:
+        normal = page_is_normal(texts)
+    if normal:
         # str.lower by map rather than over the texts joined and split again: no scan for
         # the separator, no join
         return list(map(str.lower, texts))

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from batchclient.policy.engine import Engine, InputError
-from batchclient.policy.job import normalise, normalise_page
+from batchclient.policy.job import normalise, normalise_page, page_is_normal
 from batchclient.policy.wire import Item
 from tests.batchclient.bc_fakes import config, task
 
@@ -24,10 +24,19 @@ def test_page_normalisation_is_the_per_text_one() -> None:
                for _ in range(rng.randint(1, 4))] for _ in range(5000)]
     for page in pages:
         assert normalise_page(page) == [normalise(t) for t in page], page
+        assert normalise_page(page, page_is_normal(page)) == normalise_page(page), page
+        if page_is_normal(page) and page and page[0]:
+            # what the page checks take from it: no empty text, none of whitespace alone
+            assert all(page) and not any(map(str.isspace, page)), page
 
 
-def _outcome(engine: Engine, page: list[Item], whole: bool) -> object:
+def _outcome(engine: Engine, page: list[Item], whole: bool, normal: bool = False) -> object:
     try:
+        if normal:
+            # as add_page checks: the page pass told whether the page is normal
+            ids, texts = [i.id for i in page], [i.text for i in page]
+            sizes = engine._check_page_whole(ids, texts, True, page_is_normal(texts))
+            return sizes if sizes is not None else engine._check_page_items(page, True)
         if whole:
             return engine._check_page(page, record=True)
         return engine._check_page_items(page, record=True)
@@ -41,7 +50,7 @@ def test_page_validation_matches_the_item_pass(seed: int) -> None:
     # ids of digits include other scripts' digits and a superscript (isdigit, not ASCII)
     ids = ["7", "007", "0", "a", "a.b", "x y", "", "12", "12", "big", "e", "Z-9", "3\n4",
            "\u0661\u0662", "4\u00b2"]
-    texts = ["text", "  ", "", "Some Words", "x" * 70000, "two\nlines"]
+    texts = ["text", "  ", "", "Some Words", "x" * 70000, "two\nlines", " ", "\u00a0", "a b"]
     fed = [Item(rng.choice(ids), rng.choice(texts)) for _ in range(rng.randint(0, 3))]
     pages = [[Item(rng.choice(ids), rng.choice(texts)) for _ in range(rng.randint(1, 4))]
              for _ in range(30)]
@@ -49,11 +58,13 @@ def test_page_validation_matches_the_item_pass(seed: int) -> None:
     for page in pages:
         a = Engine(task(), config(), random.Random(1))
         b = Engine(task(), config(), random.Random(1))
-        for engine in (a, b):
+        c = Engine(task(), config(), random.Random(1))
+        for engine in (a, b, c):
             with contextlib.suppress(InputError):
                 engine._check_page_items(fed, record=True)
-        assert _outcome(a, page, True) == _outcome(b, page, False), page
-        assert a._keys == b._keys
+        assert _outcome(a, page, True) == _outcome(b, page, False) == _outcome(
+            c, page, True, normal=True), page
+        assert a._keys == b._keys == c._keys
 
 
 def test_a_clean_page_takes_the_page_pass() -> None:
