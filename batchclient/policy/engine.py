@@ -226,22 +226,35 @@ class Engine(ResponseHandling, InteractiveLane):
                 not all(texts) or any(map(str.isspace, texts))):
             return None
         keys = self._keys
-        if len(set(ids)) != len(ids) or not keys.keys().isdisjoint(ids):
+        # ids unique within the page: by a set when nothing is recorded, else by the
+        # record itself below (the map grows by one per id exactly when they are)
+        if not keys.keys().isdisjoint(ids) or (not record and len(set(ids)) != len(ids)):
             return None
         sizes = self._sizes(ids, texts, numeric)
-        if numeric:
-            reply = max(map(len, ids)) + 6 + 6 + self._code_len + 2 + 1
-        else:
-            reply = max(s[1] for s in sizes)
+        longest = max(map(len, ids))
+        reply = longest + 6 + 6 + self._code_len + 2 + 1 if numeric else max(
+            s[1] for s in sizes)
         instructions = len(self.task.instructions)
         head = instructions + (1 if instructions else 0)
         fixed = self.packer.fixed_prompt_tokens + self.packer.reply_slack_tokens
-        # the token count alone grows with both sizes: the largest of each bounds every item
-        line = max(sizes)[0]  # tuples order by their first member first
-        if fixed + (head + line + 3) // 4 + (2 + reply + 3) // 4 > self.config.batch.token_budget:
-            return None
+        budget = self.config.batch.token_budget
+        # the token count alone grows with both sizes: the largest of each bounds every
+        # item; the longest id and the longest text bound the longest line (a C-level
+        # max each), the line itself taken only when that bound does not fit
+        line = longest + 5 + max(map(len, texts))
+        if fixed + (head + line + 3) // 4 + (2 + reply + 3) // 4 > budget:
+            line = max(sizes)[0]  # tuples order by their first member first
+            if fixed + (head + line + 3) // 4 + (2 + reply + 3) // 4 > budget:
+                return None
         if record:
+            count = len(keys)
             keys.update(zip(ids, ids, strict=True))
+            if len(keys) != count + len(ids):
+                # a repeated id within the page: none of its ids was known (checked
+                # above), so taking them all out leaves the map as it was
+                for item_id in ids:
+                    keys.pop(item_id, None)
+                return None
         return sizes
 
     def _sizes(self, ids: list[str], texts: list[str], numeric: bool) -> list[tuple[int, int]]:

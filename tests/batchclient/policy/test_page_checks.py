@@ -77,3 +77,21 @@ def test_a_clean_page_takes_the_page_pass() -> None:
     assert engine._check_page_whole(["0199"], ["x"], True) is None
     with pytest.raises(InputError, match=r"'0199'.*collides with item '199'"):
         engine._check_page([Item("0199", "x")], record=True)
+
+
+def test_a_page_near_the_budget_takes_the_page_pass() -> None:
+    # the longest id and the longest text of different items: their sum is over the
+    # budget, the longest line is not, and the page pass still gives the sizes
+    engine = Engine(task(), config(), random.Random(1))
+    long_id = "1" * 40  # all digits: every item's reply is bounded by it alike
+    length = 70000
+    while engine._check_page_whole(["1", long_id], ["x" * length, "t"], record=False) is None:
+        length -= 1
+    # the same page with the long text on the long id does not fit: the first one passed
+    # on its longest line, not on the longest id plus the longest text
+    assert engine._check_page_whole(["1", long_id], ["t", "x" * length], record=False) is None
+    ids, texts = ["1", long_id], ["x" * length, "t"]
+    sizes = engine._check_page_whole(ids, texts, record=True)
+    assert sizes is not None and sizes == Engine(task(), config(), random.Random(1)
+                                                 )._check_page_items(
+        [Item(i, t) for i, t in zip(ids, texts, strict=True)], record=True)
