@@ -316,7 +316,9 @@ class WorkloadGenerator:
             tails = [(" " + filler)[:length - width] for filler in fillers]
             tails = [tail[:-1] + "x" if tail[-1] == " " else tail for tail in tails]
             pairs = _PAIRS36[lo - block * 1296:hi - block * 1296]
-            texts += [prefix + pair + tails[pick] for pair, pick in zip(pairs, picks, strict=True)]
+            # an f-string makes each text in one allocation (two concatenations make two)
+            texts += [f"{prefix}{pair}{tails[pick]}"
+                      for pair, pick in zip(pairs, picks, strict=True)]
         return texts
 
     def _constant_tokens(self) -> int:
