@@ -366,6 +366,13 @@ class Engine(ResponseHandling, InteractiveLane):
         keys = [prefix + norm for norm in normalise_page(texts, normal)]
         states = list(map(ItemState, ids, texts, repeat(model, len(ids)), keys, sizes))
         items.update(zip(ids, states, strict=True))
+        if len(set(keys)) == len(keys) and leaders.keys().isdisjoint(keys):
+            # no text repeats another of the page or one waiting: every item leads its
+            # key, queued in order (the loop below, by C-level updates)
+            leaders.update(zip(keys, ids, strict=True))
+            queue.extend(states)
+            self.counts.fed += len(ids)
+            return
         append, lead = queue.append, leaders.setdefault
         for state, key, item_id in zip(states, keys, ids, strict=True):
             # one lookup: the item leads its key unless an earlier one does (ids are unique)

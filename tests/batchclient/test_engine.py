@@ -169,6 +169,29 @@ def test_a_checked_page_is_queued_as_a_checked_item_list_is(ids: list[str]) -> N
     assert len(results) == len(ids)
 
 
+def test_pages_with_and_without_repeated_texts_lead_and_queue_as_items_do() -> None:
+    # a page whose texts repeat none (within it or waiting) takes the page-at-a-time path;
+    # one with a repeat the item loop: leaders, followers and queues as add_items makes them
+    rng = random.Random(3)
+    words = ["alpha", "Beta", "gamma", "DELTA", "eps"]
+    by_items = Engine(task(), config(), random.Random(1))
+    by_page = Engine(task(), config(), random.Random(1))
+    start = 1
+    for size in (30, 1, 40, 25, 2):
+        ids = [str(n) for n in range(start, start + size)]
+        start += size
+        texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))
+                 for _ in ids] if size != 40 else [f"unique text {i}" for i in ids]
+        by_items.add_items(map(Item, ids, texts))
+        by_page.add_page(ids, texts)
+        assert by_page._leaders == by_items._leaders
+        assert list(by_page._leaders) == list(by_items._leaders)
+        assert by_page._followers == by_items._followers
+        assert {m: [st.id for st in q] for m, q in by_page._ready.items()} == {
+            m: [st.id for st in q] for m, q in by_items._ready.items()}
+    assert by_page._followers and by_page.counts.fed == by_items.counts.fed == start - 1
+
+
 def test_check_page_names_the_first_unusable_item_and_records_nothing() -> None:
     engine = Engine(task(), config(), random.Random(1))
     engine.check_page(["1", "2"], ["fine", "also fine"])
