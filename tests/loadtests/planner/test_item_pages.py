@@ -44,8 +44,8 @@ def test_add_page_is_add_items() -> None:
     assert a.counts == b.counts and a._keys == b._keys and a._leaders == b._leaders
     assert a._followers == b._followers and {k: list(q) for k, q in a._ready.items()} == {
         k: list(q) for k, q in b._ready.items()}
-    assert [(s.id, s.text, s.tag, s.model, s.key, s.sizes, s.state) for s in a._items.values()] == [
-        (s.id, s.text, s.tag, s.model, s.key, s.sizes, s.state) for s in b._items.values()]
+    assert [(s.id, s.text, s.tag, s.model, s.key, s.sizes, s.sends) for s in a._items.values()] == [
+        (s.id, s.text, s.tag, s.model, s.key, s.sizes, s.sends) for s in b._items.values()]
     # an unusable page is refused naming the item, as add_items does
     first = page[0].id
     with pytest.raises(InputError, match=rf"'0{first}'.*collides with item '{first}'"):
