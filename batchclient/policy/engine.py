@@ -63,6 +63,13 @@ _WAIT = Wait(None)  # a value: the one "wait for a response or items" every deci
 _STATE_ID, _SENDS, _ATTEMPTS = attrgetter("id"), attrgetter("sends"), attrgetter("attempts")
 
 
+def _ascii_digits(text: str) -> bool:
+    """Whether ``text`` is ASCII digits alone (bytes.isdigit tests a character against a
+    table; str.isdigit looks each up in the Unicode database, about five times the cost:
+    the same answer for ASCII)."""
+    return text.isascii() and text.encode().isdigit()
+
+
 class Engine(ResponseHandling, InteractiveLane):
     """Pure state machine of one job (see the module docstring)."""
 
@@ -169,12 +176,8 @@ class Engine(ResponseHandling, InteractiveLane):
         source is exhausted)."""
         if self._exhausted or self._fatal is not None:
             return 0
-        # max() of the two as a comparison (the builtin's pick): asked at every turn of a
-        # driver's loop, about three a request
-        low_water = self.config.page_size // 2
-        wanted = 4 * self._max_items * self.concurrency.limit
-        if wanted > low_water:
-            low_water = wanted
+        low_water = max(self.config.page_size // 2,
+                        4 * self._max_items * self.concurrency.limit)
         if self.buffered >= low_water:
             return 0
         return self.config.page_size
@@ -209,10 +212,7 @@ class Engine(ResponseHandling, InteractiveLane):
         # break inside an id) takes the item-by-item pass
         if joined[:1] == "0" or "\n0" in joined or joined.count("\n") != len(ids) - 1:
             return None
-        digits = joined.replace("\n", "")
-        # bytes.isdigit tests a character against a table; str.isdigit looks each up in
-        # the Unicode database (about five times the cost): the same answer for ASCII
-        numeric = digits.isascii() and digits.encode().isdigit()
+        numeric = _ascii_digits(joined.replace("\n", ""))
         if numeric:
             # ASCII digits: the pattern holds unless an id is empty (string tests, not the
             # regular expression over the whole page)
@@ -272,9 +272,8 @@ class Engine(ResponseHandling, InteractiveLane):
     def _checked_sizes(self, ids: list[str], texts: list[str]) -> list[tuple[int, int]]:
         """``_sizes`` of items that passed the checks already (``add_page(checked=True)``)."""
         joined = "\n".join(ids)
-        digits = joined.replace("\n", "")
-        numeric = (digits.isascii() and digits.encode().isdigit() and joined[:1] != "0"
-                   and "\n0" not in joined)
+        numeric = (joined[:1] != "0" and "\n0" not in joined
+                   and _ascii_digits(joined.replace("\n", "")))
         return self._sizes(ids, texts, numeric)
 
     def check_page(self, ids: list[str], texts: list[str]) -> None:
@@ -492,12 +491,7 @@ class Engine(ResponseHandling, InteractiveLane):
         if candidates is None:
             candidates = self._candidates[model] = tuple(
                 p for p in self.providers if self._serves(p.name, model))
-        if len(candidates) == 1 and self.breakers[candidates[0].name].opened_at is None:
-            # first_available's answer for one provider whose breaker is closed (nothing
-            # to fail over to): every decision of a single-provider job comes here
-            provider: str | None = candidates[0].name
-        else:
-            provider = first_available(now, candidates, self.breakers, self._blocked_until)
+        provider = first_available(now, candidates, self.breakers, self._blocked_until)
         if provider is None:
             if self._inflight:
                 return _WAIT
@@ -505,9 +499,7 @@ class Engine(ResponseHandling, InteractiveLane):
             return Wait(min([w for w in waits if w > 0] or [self.config.breaker.cooldown_s]))
         size = self.adaptive.size if self.adaptive else self._max_items
         # Items appended at the tail only matter while fewer than ``size`` are queued.
-        head = len(queue)
-        if size < head:  # min(size, len(queue)) without the builtin's call
-            head = size
+        head = min(size, len(queue))
         key = (model, size, head, self._head_moves)
         packed = self._packed
         if packed is None or packed[0] != key:
@@ -516,10 +508,10 @@ class Engine(ResponseHandling, InteractiveLane):
                 [st.sizes for st in states], size, self.config.batch.token_budget)
             packed = self._packed = (key, states[:count], prompt_tokens, max_tokens)
         _, batch, prompt_tokens, max_tokens = packed
-        throttle = self._throttles.get((provider, model)) or self.throttle(provider, model)
+        throttle = self.throttle(provider, model)
         expected = max_tokens - self.config.batch.reply_slack_tokens
         reserve = throttle.estimate(prompt_tokens, max_tokens, expected)
-        wait = throttle.delay(now, reserve, limit, self.lanes.background_ceiling)
+        wait = throttle.delay(now, reserve, limit, ceiling=self.lanes.background_ceiling)
         if wait > 0:
             return Wait(wait)
         self._background_inflight += 1
@@ -548,12 +540,12 @@ class Engine(ResponseHandling, InteractiveLane):
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
-        # positional, in Call's field order (call_id, provider, model, item_ids, body,
-        # prompt_tokens, max_tokens, reserved_tokens, attempt, timeout_s, stream, lane,
-        # sent_at, request_id, resend): one per request, and keywords cost a name match each
-        call = Call(call_id, provider, model, item_ids, body, prompt_tokens, max_tokens,
-                    reserve, attempt, self.config.timeout_s, stream, "background", now, None,
-                    resend)
+        call = Call(
+            call_id=call_id, provider=provider, model=model, item_ids=item_ids, body=body,
+            prompt_tokens=prompt_tokens, max_tokens=max_tokens, reserved_tokens=reserve,
+            attempt=attempt, timeout_s=self.config.timeout_s, stream=stream, sent_at=now,
+            resend=resend,
+        )
         throttle.reserve(now, call_id, reserve)
         self.breakers[provider].on_dispatch(now)
         self._inflight[call_id] = call

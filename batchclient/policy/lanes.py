@@ -19,11 +19,6 @@ class LanePolicy:
 
     def background_slots(self, limit: int, interactive_waiting: int) -> int:
         """Slots the background lane may fill: all of them while nobody is waiting."""
-        reserved = self.reserved_slots
         if interactive_waiting:
-            return max(0, limit - max(reserved, interactive_waiting))
-        # max(1, limit - reserved) as a comparison: every dispatch decision asks this
-        if limit > reserved:
-            free = limit - reserved
-            return free if free > 1 else 1
-        return limit
+            return max(0, limit - max(self.reserved_slots, interactive_waiting))
+        return max(1, limit - self.reserved_slots) if limit > self.reserved_slots else limit

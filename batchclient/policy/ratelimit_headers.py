@@ -112,11 +112,11 @@ def read_rate_headers(headers: Mapping[str, str], time_scale: float = 1.0) -> Ra
         date = get("date")
         rt = _reset(values[2], date)
         rr = _reset(values[5], date)
-        # positional, in the field order (limit, remaining, reset of tokens, then of
-        # requests): one per reply
         return RateHeaders(
-            _int(values[0]), _int(values[1]), None if rt is None else rt * time_scale,
-            _int(values[3]), _int(values[4]), None if rr is None else rr * time_scale,
+            limit_tokens=_int(values[0]), remaining_tokens=_int(values[1]),
+            reset_tokens_s=None if rt is None else rt * time_scale,
+            limit_requests=_int(values[3]), remaining_requests=_int(values[4]),
+            reset_requests_s=None if rr is None else rr * time_scale,
         )
     return RateHeaders()
 

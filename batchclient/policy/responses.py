@@ -48,7 +48,6 @@ class ResponseHandling:
     adaptive: AdaptiveBatchSize | None
     breakers: dict[str, Breaker]
     _provider: dict[str, ProviderSettings]
-    _throttles: dict[tuple[str, str], Throttle]
     _items: dict[str, ItemState]
     _ready: dict[str, deque[ItemState]]
     _delayed: list[tuple[float, int, ItemState]]
@@ -145,12 +144,11 @@ class ResponseHandling:
         self._now = now
         self._inflight.pop(call.call_id, None)
         provider = self._provider[call.provider]
-        throttle = (self._throttles.get((call.provider, call.model))
-                    or self.throttle(call.provider, call.model))
+        throttle = self.throttle(call.provider, call.model)
         verdict = classify(response, provider.time_scale)
         content, finish, usage = self._reply(response, verdict)
         tokens, requests = self._window_usage(call, response, verdict, content, usage, provider)
-        throttle.settle(now, call.call_id, tokens, True, requests)
+        throttle.settle(now, call.call_id, tokens, requests=requests)
         throttle.observe(now, read_rate_headers(response.headers, provider.time_scale))
         charged = 0.0
         if response.status and response.status < 500 and response.status != 402:
@@ -171,20 +169,16 @@ class ResponseHandling:
             self._background_inflight -= 1
             items_ok = self._dispatch_verdict(now, call, response, verdict, content, finish,
                                               charged)
-        # positional, in Event's field order (kind, name, at, outcome, provider, model,
-        # status, response_time_ms, ttft_ms, tokens_in, tokens_out, items, cost_usd,
-        # item_id, error, balance_usd, call_id, finish_reason, truncated, items_ok, lane):
-        # one per request, and keywords cost a name match each
-        ttft_s = response.ttft_s
         events.insert(at, Event(
             "request", f"{self.strategy}:{call.model}", now, verdict.verdict.value,
-            call.provider, call.model, response.status, response.elapsed_s * 1000.0,
-            None if ttft_s is None else ttft_s * 1000.0,
-            usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
-            len(call.item_ids), charged, None,
-            None if verdict.verdict == Verdict.OK else verdict.reason,
-            self.cost.balance_usd, call.call_id, finish, finish == "length", items_ok,
-            call.lane))
+            provider=call.provider, model=call.model, status=response.status,
+            response_time_ms=response.elapsed_s * 1000.0,
+            ttft_ms=None if response.ttft_s is None else response.ttft_s * 1000.0,
+            tokens_in=usage.prompt_tokens if usage else 0,
+            tokens_out=usage.completion_tokens if usage else 0, items=len(call.item_ids),
+            cost_usd=charged, error=None if verdict.verdict == Verdict.OK else verdict.reason,
+            balance_usd=self.cost.balance_usd, call_id=call.call_id, finish_reason=finish,
+            truncated=finish == "length", items_ok=items_ok, lane=call.lane))
         # low_balance_crossed's own first test, without the call: no threshold, no alert
         if self.cost.low_balance_usd is not None and self.cost.low_balance_crossed():
             events.append(Event("balance", self.task.name, now, "low_balance",

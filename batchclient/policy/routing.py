@@ -59,6 +59,11 @@ def first_available(
     """``choose_provider`` among ``candidates``, the providers already known to serve the
     model, in failover order (a dispatch loop keeps them per model instead of asking
     ``serves`` of every provider at every decision)."""
+    if len(candidates) == 1:
+        # nothing to fail over to: the one provider unless its breaker holds requests
+        # (every decision of a single-provider job comes here)
+        name = candidates[0].name
+        return name if breakers[name].allows(now) else None
     for index, provider in enumerate(candidates):
         if not breakers[provider.name].allows(now):
             continue

@@ -75,14 +75,9 @@ class Throttle:
 
     def reserve(self, now: float, key: int, tokens: int) -> None:
         """Count a dispatched request (``tokens`` estimated) in the window."""
-        entries = self._entries
-        settings = self.settings
-        # _prune's first test before calling it, here as in settle, observe and usage:
-        # each runs once or more a request, and mostly nothing is due out of the window
-        if entries and entries[0].t <= now - settings.window_s - settings.expiry_margin_s:
-            self._prune(now)
+        self._prune(now)
         entry = _Entry(now, tokens, 1)
-        entries.append(entry)
+        self._entries.append(entry)
         self._by_key[key] = entry
         self.used_tokens += tokens
         self.used_requests += 1
@@ -101,10 +96,7 @@ class Throttle:
         self.used_tokens += new_tokens - entry.tokens
         self.used_requests += new_requests - entry.requests
         entry.tokens, entry.requests = new_tokens, new_requests
-        entries = self._entries
-        settings = self.settings
-        if entries and entries[0].t <= now - settings.window_s - settings.expiry_margin_s:
-            self._prune(now)
+        self._prune(now)
 
     def block(self, until: float) -> None:
         """Hold every dispatch until ``until`` (a 429's retry-after)."""
@@ -112,12 +104,9 @@ class Throttle:
 
     def observe(self, now: float, rate: RateHeaders) -> None:
         """Correct the estimate with the provider's headers read at ``now``."""
-        settings = self.settings
-        if not settings.use_headers or rate.empty:
+        if not self.settings.use_headers or rate.empty:
             return
-        entries = self._entries
-        if entries and entries[0].t <= now - settings.window_s - settings.expiry_margin_s:
-            self._prune(now)
+        self._prune(now)
         if self.tpm is None and rate.limit_tokens:
             self.tpm = rate.limit_tokens
         if self.rpm is None and rate.limit_requests:
@@ -142,11 +131,7 @@ class Throttle:
 
     def usage(self, now: float) -> tuple[int, int]:
         """(tokens, requests) counted in the window at ``now``, header-corrected."""
-        # _prune's first test before calling it (every dispatch decision comes here)
-        entries = self._entries
-        if entries and entries[0].t <= now - self.settings.window_s - \
-                self.settings.expiry_margin_s:
-            self._prune(now)
+        self._prune(now)
         tokens, requests = self.used_tokens, self.used_requests
         snap = self._snapshot
         if snap is not None and now < snap.valid_until:

@@ -23,6 +23,8 @@ ITEM_OUTCOME = {"done": "done", "cached": "cached", "dead": "dead_letter", "skip
 
 def request_outcome(response: Response) -> str:
     """The recorder outcome of a response: ok, http_429, ..., timeout, cancelled, error."""
+    if response.error is None and 200 <= response.status < 300:
+        return "ok"  # every answered request of a plan: outcome_for_status's first answer
     if response.error is not None:
         if response.error == "timeout":
             return "timeout"
@@ -63,10 +65,7 @@ class ArmEvents:
             elif event.kind == "request" and request is None:
                 request = event
         if request is not None and call is not None and response is not None:
-            status = response.status
-            # request_outcome's answer for a 2xx reply, without its two calls
-            outcome = ("ok" if response.error is None and 200 <= status < 300
-                       else request_outcome(response))
+            outcome = request_outcome(response)
             ttft_ms = request.ttft_ms
             # positional, in Event's field order (t, kind, arm, outcome, status, latency_s,
             # ttft_s, tokens_in, tokens_out, items, items_ok, cost_usd, retry, truncated,

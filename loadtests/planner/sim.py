@@ -275,8 +275,7 @@ class ArmDriver:
                                         "nothing (no call in flight, no timer)")
                     yield self._wake
                 else:
-                    # max(0.0, seconds) as a comparison (a wait or two a request)
-                    yield self._wake_or_timer(seconds if seconds > 0.0 else 0.0)
+                    yield self._wake_or_timer(max(0.0, seconds))
             while self._done:
                 call, response, retry, stage = self._done.popleft()
                 inflight -= 1

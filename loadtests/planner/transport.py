@@ -200,12 +200,11 @@ class VirtualTransport:
         end = plan.chunk_time(start, -1)
         if end > deadline:
             return Response(0, elapsed_s=deadline - t0, error="timeout"), deadline, 0
-        used = plan.usage
-        # sent whole: the text itself, not its chunks joined again (positional: status,
-        # headers, body, content, finish_reason, usage, elapsed_s; one per request)
-        return Response(200, _lower(admission.headers), "", plan.text, plan.finish_reason,
-                        Usage(used.prompt_tokens, used.completion_tokens),
-                        end - t0), end, used.completion_tokens
+        usage = Usage(plan.usage.prompt_tokens, plan.usage.completion_tokens)
+        # sent whole: the text itself, not its chunks joined again
+        return Response(200, _lower(admission.headers), content=plan.text,
+                        finish_reason=plan.finish_reason, usage=usage,
+                        elapsed_s=end - t0), end, plan.usage.completion_tokens
 
     @staticmethod
     def _stream(watchdog: StreamSettings, admission: Admission, start: float, t0: float,
