@@ -82,6 +82,13 @@ class IdScheme:
     start: int = 1
     prefix: str = ""
 
+    @property
+    def unique(self) -> bool:
+        """Whether distinct items always get distinct ids, canonical forms included (all-digit
+        ids compare as numbers): numbers without leading zeros after one fixed prefix do;
+        ``hex`` ids are 48-bit hashes, which can collide (about 1% at 2,000,000 items)."""
+        return self.scheme != "hex"
+
 
 DEFAULT_LABELS: tuple[tuple[str, str], ...] = tuple(
     (code, f"Category {code}") for code in "ABCDEFGH"

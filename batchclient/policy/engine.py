@@ -199,12 +199,14 @@ class Engine(ResponseHandling, InteractiveLane):
         return self._check_page_items(page, record)
 
     def _check_page_whole(self, ids: list[str], texts: list[str], record: bool,
-                          normal: bool = False) -> list[tuple[int, int]] | None:
+                          normal: bool = False, unique: bool = False
+                          ) -> list[tuple[int, int]] | None:
         """``_check_page`` for a page where every check passes, done a page at a time (one
         regular expression over the joined ids, set operations for collisions, the largest
         sizes against the budget): the sizes, or None when any check might fail, for the
         item-by-item pass to name the first unusable item with its message. ``normal``:
-        ``page_is_normal(texts)``, when the caller has it."""
+        ``page_is_normal(texts)``, when the caller has it; ``unique``: ids are unique by
+        construction (``add_page``), so the page is not tested for repeats."""
         if not ids:
             return []
         joined = "\n".join(ids)
@@ -228,7 +230,8 @@ class Engine(ResponseHandling, InteractiveLane):
         keys = self._keys
         # ids unique within the page: by a set when nothing is recorded, else by the
         # record itself below (the map grows by one per id exactly when they are)
-        if not keys.keys().isdisjoint(ids) or (not record and len(set(ids)) != len(ids)):
+        if (keys and not keys.keys().isdisjoint(ids)) or (
+                not record and not unique and len(set(ids)) != len(ids)):
             return None
         sizes = self._sizes(ids, texts, numeric)
         longest = max(map(len, ids))
@@ -337,7 +340,8 @@ class Engine(ResponseHandling, InteractiveLane):
             return
         self._add_checked(page, self._check_page(page, record=True))
 
-    def add_page(self, ids: list[str], texts: list[str], checked: bool = False) -> None:
+    def add_page(self, ids: list[str], texts: list[str], checked: bool = False,
+                 unique: bool = False) -> None:
         """``add_items`` of the items ``Item(id, text)`` given as parallel lists (a driver
         that holds ids and texts, not items: the planner's feed, the runner's pages). Same
         checks, same errors; a page that passes them is validated a page at a time.
@@ -345,12 +349,18 @@ class Engine(ResponseHandling, InteractiveLane):
         ``checked``: as for ``add_items``, every item passed ``check_item`` already and ids
         are unique by construction (the runner's preflight over its store): sizes only, and
         no id is kept for later collision checks (memory that would grow with the job).
+
+        ``unique``: the ids are unique by construction, within the page and against every
+        item fed before (a generator's sequential ids), but nothing else was checked: every
+        check but the collisions is made, and, as with ``checked``, no id is kept. Kept ids
+        would be the largest memory of a long plan (about 90 bytes an item).
         """
         normal = page_is_normal(texts)  # for the page checks and the dedup keys
+        record = not unique
         sizes = self._checked_sizes(ids, texts) if checked else \
-            self._check_page_whole(ids, texts, record=True, normal=normal)
+            self._check_page_whole(ids, texts, record=record, normal=normal, unique=unique)
         if sizes is None:
-            sizes = self._check_page_items(list(map(Item, ids, texts)), record=True)
+            sizes = self._check_page_items(list(map(Item, ids, texts)), record=record)
         if self.config.routing or self._predicates:
             self._add_checked(list(map(Item, ids, texts)), sizes, normal)
             return

@@ -175,10 +175,12 @@ class ItemPages:
     the planner's feed hands pages to ``Engine.add_page`` without an item object or a
     generator step per item. Iterating gives the same items as ``items``."""
 
-    __slots__ = ("_ids", "_pages", "_pos", "_texts")
+    __slots__ = ("_ids", "_pages", "_pos", "_texts", "unique_ids")
 
     def __init__(self, scenario: Scenario, count: int | None = None) -> None:
         self._pages = WorkloadGenerator(scenario.workload, scenario.seed, count).pages()
+        #: every item's id differs from every other's (``Engine.add_page(unique=True)``)
+        self.unique_ids: bool = scenario.workload.ids.unique
         self._ids: list[str] = []
         self._texts: list[str] = []
         self._pos = 0

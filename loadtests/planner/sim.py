@@ -153,7 +153,9 @@ class ArmDriver:
                     engine.end_of_items()
                     self.source = None
                     return
-                engine.add_page(ids, texts)
+                # ids unique by construction are not kept for collision checks: memory
+                # that would grow with the plan (about 90 bytes an item)
+                engine.add_page(ids, texts, unique=self.source.unique_ids)
                 continue
             page: list[Item] = (list(map(Item, *self.source.take(wanted)))
                                 if isinstance(self.source, ItemPages)

@@ -169,6 +169,33 @@ def test_a_checked_page_is_queued_as_a_checked_item_list_is(ids: list[str]) -> N
     assert len(results) == len(ids)
 
 
+@pytest.mark.parametrize("ids", [
+    [str(n) for n in range(1, 41)],
+    ["007", "12", "x-1", "a.b", "0", "B_2", "99999999999"],
+])
+def test_a_page_of_unique_ids_is_checked_and_queued_as_any_page_but_keeps_no_id(
+        ids: list[str]) -> None:
+    texts = [f"text of {item_id} with words" for item_id in ids]
+    unique = Engine(task(), config(), random.Random(1))
+    plain = Engine(task(), config(), random.Random(1))
+    half = len(ids) // 2
+    for part in (slice(0, half), slice(half, None)):
+        unique.add_page(ids[part], texts[part], unique=True)
+        plain.add_page(ids[part], texts[part])
+    assert unique._keys == {} and len(plain._keys) == len(ids)
+    assert [(s.id, s.key, s.sizes) for s in unique._items.values()] == [
+        (s.id, s.key, s.sizes) for s in plain._items.values()]
+    assert {m: [st.id for st in q] for m, q in unique._ready.items()} == {
+        m: [st.id for st in q] for m, q in plain._ready.items()}
+    # every check but the collisions is still made, naming the item
+    with pytest.raises(InputError, match="item 'e': empty text"):
+        unique.add_page(["x1", "e"], ["fine", " "], unique=True)
+    with pytest.raises(InputError, match="item 'a b': id must match"):
+        unique.add_page(["x2", "a b"], ["fine", "text"], unique=True)
+    with pytest.raises(InputError, match=r"item 'big': needs .* tokens alone"):
+        unique.add_page(["big"], ["word " * 50_000], unique=True)
+
+
 def test_pages_with_and_without_repeated_texts_lead_and_queue_as_items_do() -> None:
     # a page whose texts repeat none (within it or waiting) takes the page-at-a-time path;
     # one with a repeat the item loop: leaders, followers and queues as add_items makes them

@@ -50,3 +50,25 @@ def test_add_page_is_add_items() -> None:
     first = page[0].id
     with pytest.raises(InputError, match=rf"'0{first}'.*collides with item '{first}'"):
         a.add_page(["fresh", "0" + first], ["text", "text"])
+
+
+@pytest.mark.parametrize(("scheme", "unique"), [
+    ({}, True), ({"scheme": "prefixed", "prefix": "doc-"}, True), ({"scheme": "hex"}, False)])
+def test_the_feed_keeps_no_id_when_the_scheme_makes_them_unique(
+        scheme: dict[str, object], unique: bool) -> None:
+    scenario = with_overrides(load_scenario(SCENARIO), {"workload.ids": scheme})
+    source = ItemPages(scenario, 3000)
+    assert source.unique_ids is unique
+    ids = [item.id for item in ItemPages(scenario, 3000)]
+    if unique:  # what the flag promises, canonical forms included
+        assert len({i.lstrip("0") or "0" for i in ids}) == len(ids)
+    arm = next(a for a in scenario.arms if a.name == "semantic_batch")
+    setup, task = arm_setup(scenario, arm), task_for(scenario, arm)
+    engine = Engine(task, setup.config, random.Random(1))
+    while True:
+        page = source.take(1000)
+        if not page[0]:
+            break
+        engine.add_page(*page, unique=source.unique_ids)
+    assert engine.counts.fed == 3000
+    assert len(engine._keys) == (0 if unique else 3000)
