@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -61,7 +62,9 @@ def _child_plan(tree: Path, items: int, batch: int | None = None) -> dict[str, A
     arm = next(a for a in result.summary()["arms"] if a["name"] == ARM)
     return {"cpu_s": cpu, "wall_s": wall, "requests": result.requests, "events": result.steps,
             "duration_s": arm["duration_s"], "items_per_min": arm["throughput"]["items_per_min"],
-            "items_done": arm["items"]["done"]}
+            "items_done": arm["items"]["done"],
+            # the planning process's peak resident memory (Linux reports kilobytes)
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _child_sweep(tree: Path, items: int) -> dict[str, Any]:
@@ -145,8 +148,8 @@ def _plan_line(name: str, r: dict[str, Any], items: int) -> str:
     cpu, wall, requests, events = r["cpu_s"], r["wall_s"], r["requests"], r["events"]
     return (f"{name:>7}: {cpu:6.1f} s CPU, {wall:6.1f} s wall, {cpu / items * 1e6:5.1f} us/item,"
             f" {requests:,} requests, {events:,} SimPy events ({events / cpu:,.0f}/CPU s,"
-            f" {requests / cpu:,.0f} requests/CPU s); job {r['duration_s'] / 3600:.2f} h"
-            f" virtual at {r['items_per_min']:,.0f} items/min")
+            f" {requests / cpu:,.0f} requests/CPU s), peak {r['peak_mb']:,.0f} MB;"
+            f" job {r['duration_s'] / 3600:.2f} h virtual at {r['items_per_min']:,.0f} items/min")
 
 
 def main() -> None:
