@@ -93,6 +93,9 @@ class SlidingWindow:
 
     ``acquire`` admits a call when the window plus it stays within ``ceiling`` of the
     limits, recording it; else it says how long until enough of the window expires.
+    ``hold`` shuts it until a time: the provider answered 429, so its own window disagrees
+    with this estimate (other traffic on the key), and every call waits out its
+    retry-after, not only the one refused.
     """
 
     def __init__(self, rpm: int | None, tpm: int | None, window_s: float = WINDOW_S) -> None:
@@ -101,6 +104,11 @@ class SlidingWindow:
         self.window_s = window_s
         self._log: deque[tuple[float, int]] = deque()
         self.tokens = 0
+        self.held_until = 0.0
+
+    def hold(self, until: float) -> None:
+        """Admit nothing before ``until`` (a later hold extends it, an earlier one is moot)."""
+        self.held_until = max(self.held_until, until)
 
     def _prune(self, now: float) -> None:
         cutoff = now - self.window_s
@@ -109,6 +117,8 @@ class SlidingWindow:
 
     def acquire(self, now: float, tokens: int, ceiling: float = 1.0) -> float:
         """0.0 when admitted (and recorded), else virtual seconds to wait before asking again."""
+        if now < self.held_until:
+            return max(1e-3, self.held_until - now)
         self._prune(now)
         over_r = self.rpm is not None and len(self._log) + 1 > math.floor(self.rpm * ceiling)
         over_t = self.tpm is not None and self.tokens + tokens > math.floor(self.tpm * ceiling)

@@ -184,3 +184,7 @@ class MemoryProviderWindow:
     async def acquire(self, now: float, tokens: int, ceiling: float) -> float:
         """``SlidingWindow.acquire``."""
         return self.window.acquire(now, tokens, ceiling)
+
+    async def hold(self, until: float) -> None:
+        """``SlidingWindow.hold``."""
+        self.window.hold(until)

@@ -59,10 +59,17 @@ redis.call('PEXPIRE', KEYS[1], ARGV[6])
 return result
 """
 
-# KEYS[1] window zset (member "<uid>:<tokens>", score = time), KEYS[2] token total.
+# KEYS[1] window zset (member "<uid>:<tokens>", score = time), KEYS[2] token total,
+# KEYS[3] hold (the time before which nothing is admitted: PROVIDER_HOLD).
 # ARGV: now, window_s, rpm (-1), tpm (-1), tokens, ceiling, uid
 PROVIDER_ACQUIRE = """
 local now = tonumber(ARGV[1])
+local held = tonumber(redis.call('GET', KEYS[3]) or '0')
+if now < held then
+  local rest = held - now
+  if rest < 0.001 then rest = 0.001 end
+  return string.format('%.17g', rest)
+end
 local window = tonumber(ARGV[2])
 local rpm = tonumber(ARGV[3])
 local tpm = tonumber(ARGV[4])
@@ -89,6 +96,15 @@ local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local wait = tonumber(first[2]) + window - now
 if wait < 0.001 then wait = 0.001 end
 return string.format('%.17g', wait)
+"""
+
+# KEYS[1] hold. ARGV: until (virtual seconds). A later hold extends it, an earlier one is moot.
+PROVIDER_HOLD = """
+local held = tonumber(ARGV[1])
+if held > tonumber(redis.call('GET', KEYS[1]) or '0') then
+  redis.call('SET', KEYS[1], string.format('%.17g', held))
+end
+return 1
 """
 
 # KEYS[1] task hash, KEYS[2] queue list. ARGV: id, spec, now

@@ -67,6 +67,7 @@ class RedisState:
         self.time_scale = time_scale
         self._admit = client.register_script(lua.USER_ADMIT)
         self._acquire = client.register_script(lua.PROVIDER_ACQUIRE)
+        self._hold = client.register_script(lua.PROVIDER_HOLD)
         self._enqueue = client.register_script(lua.ENQUEUE)
         self._claim = client.register_script(lua.CLAIM)
         self._finish = client.register_script(lua.FINISH)
@@ -167,6 +168,10 @@ class RedisState:
         limits given at construction (keys ``window``, ``window:tokens``)."""
         return await self.window_step("window", self.rpm, self.tpm, now, tokens, ceiling)
 
+    async def hold(self, until: float) -> None:
+        """``window_hold`` of the window given at construction."""
+        await self.window_hold("window", until)
+
     def window(self, upstream: str, rpm: int | None, tpm: int | None) -> RedisWindow:
         """The shared window of one upstream's key (keys ``window:<name>``), for gateways
         in front of several providers."""
@@ -176,10 +181,16 @@ class RedisState:
                           tokens: int, ceiling: float) -> float:
         """One atomic step of the sliding window under keys ``<prefix><name>``."""
         res = await _guard(lambda: self._acquire(
-            keys=[f"{self.prefix}{name}", f"{self.prefix}{name}:tokens"],
+            keys=[f"{self.prefix}{name}", f"{self.prefix}{name}:tokens",
+                  f"{self.prefix}{name}:hold"],
             args=[repr(now), repr(self.window_s), -1 if rpm is None else rpm,
                   -1 if tpm is None else tpm, tokens, repr(ceiling), uuid.uuid4().hex]))
         return float(res)
+
+    async def window_hold(self, name: str, until: float) -> None:
+        """Shut the window under keys ``<prefix><name>`` until virtual time ``until``, for
+        every gateway process sharing it (``SlidingWindow.hold``)."""
+        await _guard(lambda: self._hold(keys=[f"{self.prefix}{name}:hold"], args=[repr(until)]))
 
 
 class RedisWindow:
@@ -197,3 +208,7 @@ class RedisWindow:
         """One atomic step of this upstream's shared sliding window."""
         return await self.state.window_step(self.key, self.rpm, self.tpm, now, tokens,
                                             ceiling)
+
+    async def hold(self, until: float) -> None:
+        """Shut this upstream's shared window until ``until`` (every process)."""
+        await self.state.window_hold(self.key, until)

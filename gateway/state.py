@@ -138,3 +138,7 @@ class ProviderWindow(Protocol):
     async def acquire(self, now: float, tokens: int, ceiling: float) -> float:
         """0.0 when the call may go (recorded), else virtual seconds to wait."""
         ...
+
+    async def hold(self, until: float) -> None:
+        """Admit no call before virtual time ``until`` (the provider answered 429)."""
+        ...

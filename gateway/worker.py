@@ -12,6 +12,7 @@ window, so a background flood leaves room for a waiting user.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -258,7 +259,13 @@ class WorkerPool:
         now = self.clock.now()
         self.router.on_answer(now, up.name, verdict, response.status)
         if verdict.rate_limited:
-            self.router.limited(now, up.name, now + (verdict.retry_after_s or 1.0))
+            until = now + (verdict.retry_after_s or 1.0)
+            self.router.limited(now, up.name, until)
+            # every call to this upstream waits out the retry-after, the other tasks' and,
+            # through Redis, the other processes' too: not one more 429 each
+            # (the shared state away: the router's mark and the window's own wait remain)
+            with contextlib.suppress(StateUnavailable):
+                await self.windows[up.name].hold(until)
         self.metrics.upstream_calls[response.status] += 1
         self.metrics.upstream_calls_by[(up.name, response.status)] += 1
         return response, verdict

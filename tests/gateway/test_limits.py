@@ -86,6 +86,16 @@ def test_sliding_window_never_over_limit() -> None:
         assert len(inside) <= 45 and sum(inside) <= 18_000
 
 
+def test_a_held_window_admits_nothing_until_the_hold_ends() -> None:
+    w = SlidingWindow(rpm=50, tpm=20_000)
+    assert w.acquire(0.0, 100) == 0.0
+    w.hold(10.0)
+    w.hold(4.0)  # an earlier hold does not shorten it
+    assert w.acquire(2.5, 100) == 7.5
+    assert len(w._log) == 1 and w.tokens == 100  # a refused call is not recorded
+    assert w.acquire(10.0, 100) == 0.0 and w.tokens == 200
+
+
 async def test_user_limits_through_http(sim_server, gateway) -> None:
     sim = await sim_server(time_scale=1)
     gw = await gateway(gateway_config(sim))

@@ -33,8 +33,12 @@ async def test_lua_window_matches_sliding_window(redis_server) -> None:
     rng = random.Random(5)
     now = 0.0
     try:
-        for _ in range(800):
+        for step in range(800):
             tokens = rng.randrange(100, 2000)
+            if step % 97 == 5:  # now and then a 429 holds the window a while
+                until = now + rng.uniform(0.5, 20.0)
+                pure.hold(until)
+                await state.hold(until)
             expected = pure.acquire(now, tokens, 0.9)
             got = await state.acquire(now, tokens, 0.9)
             assert abs(got - expected) < 1e-6

@@ -224,3 +224,26 @@ async def test_a_breaker_opened_by_one_gateway_holds_for_the_other(redis_server,
     assert one.metrics.snapshot(None)["upstream_calls_by_upstream"]["first"] == {"503": 3}
     # the second gateway never called the upstream that is down
     assert other.metrics.snapshot(None)["upstream_calls_by_upstream"] == {"second": {"200": 4}}
+
+
+async def test_a_429_holds_the_upstream_for_every_gateway_sharing_it(redis_server, sim_server,
+                                                                      gateway) -> None:
+    # the upstream takes one call a minute and the gateways are not told: its 429 (retry
+    # after the rest of its minute) must hold the shared window, for the gateway that got
+    # it and for the other one, rather than each task and process finding out by a 429
+    sim = await sim_server(time_scale=20, ttft_ms=10, itl_ms=1, seed=6, rpm=1)
+    cfg = gateway_config(sim, time_scale=20, workers=1)
+    one = await gateway(cfg, redis_url=redis_server.url)
+    other = await gateway(cfg, redis_url=redis_server.url)
+    await other.pool.close()  # it only looks at the shared window
+    await post_all(one, [{**CHAT, "user": "bench"}] * 2)
+    deadline = asyncio.get_running_loop().time() + 10
+    while statuses(sim).get("429", 0) == 0:
+        assert asyncio.get_running_loop().time() < deadline, "no 429 from the upstream"
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.1)  # the hold is written after the answer is read
+    name = cfg.upstreams[0].name
+    for gw in (one, other):
+        wait = await gw.pool.windows[name].acquire(gw.pool.clock.now(), 10, 1.0)
+        assert 30.0 < wait <= 60.0, wait  # most of the upstream's minute is left
+    assert statuses(sim) == {"200": 1, "429": 1}
