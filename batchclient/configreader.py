@@ -24,7 +24,18 @@ def load_yaml(path: str | Path) -> object:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}{yaml_error(exc)}") from exc
+
+
+def yaml_error(exc: yaml.YAMLError) -> str:
+    """What follows the file's name in the message of a YAML syntax error: the line when
+    the parser marked one, then the problem alone (PyYAML's own text quotes the source
+    as "<unicode string>" over several lines)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark or exc.context_mark
+        where = f":{mark.line + 1}" if mark is not None else ""
+        return f"{where}: not valid YAML: {exc.problem}"
+    return f": not valid YAML: {exc}"
 
 
 class Reader:

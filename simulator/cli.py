@@ -86,10 +86,29 @@ def _config(args: argparse.Namespace) -> SimulatorConfig:
     return cfg
 
 
+def _flag_problems(args: argparse.Namespace) -> list[str]:
+    """The override flags out of range, as the configuration file's own checks would
+    refuse them (a limit of 0 or a negative latency would serve nonsense, a time_scale of
+    0 would divide by zero)."""
+    checks = (("--rpm", args.rpm, 1), ("--tpm", args.tpm, 1),
+              ("--concurrency", args.concurrency, 1), ("--ttft-ms", args.ttft_ms, 0),
+              ("--itl-ms", args.itl_ms, 0), ("--balance-usd", args.balance_usd, 0))
+    problems = [f"{flag}: expected a number >= {low}, got {value:g}"
+                for flag, value, low in checks if value is not None and not value >= low]
+    if args.time_scale is not None and not args.time_scale > 0:
+        problems.append(f"--time-scale: expected a number > 0, got {args.time_scale:g}")
+    return problems
+
+
 def main(args: argparse.Namespace) -> int:
     """Run ``ratelab serve``; returns the exit status (2 on a configuration error)."""
     if not 0 <= args.port <= 65535:
         print(f"ratelab serve: --port: expected 0 to 65535, got {args.port}", file=sys.stderr)
+        return 2
+    problems = _flag_problems(args)
+    if problems:
+        for problem in problems:
+            print(f"ratelab serve: {problem}", file=sys.stderr)
         return 2
     try:
         cfg = _config(args)

@@ -362,6 +362,12 @@ def load_config(path: str | Path) -> SimulatorConfig:
         raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from exc
     try:
         data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        # the line and the problem alone: PyYAML's own text quotes the source as
+        # "<unicode string>" over several lines
+        mark = exc.problem_mark or exc.context_mark
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}{where}: not valid YAML: {exc.problem or exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
     return parse_config(data, source)

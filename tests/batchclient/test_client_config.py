@@ -82,8 +82,9 @@ def test_load_yaml_names_the_file_it_cannot_use(tmp_path: Path) -> None:
     broken.write_text("a: [1,\n", encoding="utf-8")
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"a: \xff\xfe\n")
-    for path, what in ((broken, "not valid YAML"), (binary, "not UTF-8 text"),
-                       (tmp_path / "missing.yaml", "cannot read")):
+    for path, what in ((broken, ":2: not valid YAML: expected the node content"),
+                       (binary, ": not UTF-8 text"), (tmp_path / "missing.yaml", ": cannot read")):
         with pytest.raises(ConfigError) as info:
             load_yaml(path)
-        assert str(info.value).startswith(f"{path}: {what}")
+        assert str(info.value).startswith(f"{path}{what}")
+        assert "\n" not in str(info.value)

@@ -38,6 +38,8 @@ def test_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
         ("name: x\nkeys: {sk-a: {}}\nmodels: {m: {}}\nlatency: {ttft_s: {dist: wobbly}}\n",
          "latency.ttft_s.dist"),
         ("providers: []\n", "providers"),
+        # a syntax error: the line and PyYAML's problem, on one line
+        ("name: x\n  keys: {}\n", "2: not valid YAML: mapping values are not allowed here"),
     ],
 )
 def test_config_error_is_one_line_naming_file_and_key(
@@ -61,6 +63,18 @@ def test_missing_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_a_port_out_of_range_exits_2(port: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--port", port]) == 2
     assert f"--port: expected 0 to 65535, got {port}" in capsys.readouterr().err
+
+
+def test_override_flags_out_of_range_exit_2_naming_each(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--rpm", "0", "--tpm", "-5", "--time-scale", "0", "--ttft-ms",
+                 "-1", "--concurrency", "2", "--balance-usd", "0"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "ratelab serve: --rpm: expected a number >= 1, got 0",
+        "ratelab serve: --tpm: expected a number >= 1, got -5",
+        "ratelab serve: --ttft-ms: expected a number >= 0, got -1",
+        "ratelab serve: --time-scale: expected a number > 0, got 0",
+    ]
 
 
 def test_a_config_that_is_not_utf8_exits_2(tmp_path: Path,
