@@ -261,11 +261,13 @@ class WorkerPool:
         if verdict.rate_limited:
             until = now + (verdict.retry_after_s or 1.0)
             self.router.limited(now, up.name, until)
-            # every call to this upstream waits out the retry-after, the other tasks' and,
-            # through Redis, the other processes' too: not one more 429 each
-            # (the shared state away: the router's mark and the window's own wait remain)
-            with contextlib.suppress(StateUnavailable):
-                await self.windows[up.name].hold(until)
+            if verdict.verdict == Verdict.RETRY:
+                # every call to this upstream waits out the retry-after, the other tasks'
+                # and, through Redis, the other processes' too: not one more 429 each (a
+                # 429 "too large" says nothing of the window: it holds nothing)
+                # (the shared state away: the router's mark and the window's own wait remain)
+                with contextlib.suppress(StateUnavailable):
+                    await self.windows[up.name].hold(until)
         self.metrics.upstream_calls[response.status] += 1
         self.metrics.upstream_calls_by[(up.name, response.status)] += 1
         return response, verdict

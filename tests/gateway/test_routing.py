@@ -247,3 +247,18 @@ async def test_a_429_holds_the_upstream_for_every_gateway_sharing_it(redis_serve
         wait = await gw.pool.windows[name].acquire(gw.pool.clock.now(), 10, 1.0)
         assert 30.0 < wait <= 60.0, wait  # most of the upstream's minute is left
     assert statuses(sim) == {"200": 1, "429": 1}
+
+
+async def test_a_429_too_large_holds_nothing(sim_server, gateway) -> None:
+    # the request alone is over the upstream's TPM: no retry can succeed, and the window
+    # is no fuller than before, so other calls go on at once
+    sim = await sim_server(time_scale=20, ttft_ms=10, itl_ms=1, seed=7, tpm=1000)
+    cfg = gateway_config(sim, time_scale=20, workers=1)
+    gw = await gateway(cfg)
+    big = {**CHAT, "user": "bench", "max_tokens": 5000}
+    [task_id] = await post_all(gw, [big])
+    async with aiohttp.ClientSession() as s:
+        failed = await poll(s, gw, task_id)
+    assert failed["state"] == "failed" and failed["upstream_status"] == 429
+    window = gw.pool.windows[cfg.upstreams[0].name]
+    assert await window.acquire(gw.pool.clock.now(), 10, 1.0) == 0.0
