@@ -14,6 +14,8 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from operator import attrgetter
 from typing import Protocol, TypeVar
 
 from batchclient.policy.engine import InputError, ItemResult
@@ -168,18 +170,58 @@ class JobStore(Protocol):
         ...
 
 
-def _accepted_rows(accepted: Accepted, batch: int, seqs: Mapping[str, int],
-                   by_seq: list[tuple[object, ...]], by_id: list[tuple[object, ...]]) -> None:
-    """The ``done`` rows of one reply's items: (code, attempts, batch, seq or item id)."""
-    codes = accepted.codes
-    get = seqs.get
-    for state in accepted.states:
-        item_id = state.id
-        seq = get(item_id)
-        if seq is None:
-            by_id.append((codes[item_id], state.attempts + 1, batch, item_id))
-        else:
-            by_seq.append((codes[item_id], state.attempts + 1, batch, seq))
+# an item state's id and failed attempts, read for a whole reply by C-level maps
+_ID, _ATTEMPTS = attrgetter("id"), attrgetter("attempts")
+
+# At most this many rows per statement (3 bound values each, well under SQLite's 32,766).
+_ROWS_PER_STATEMENT = 250
+
+
+@lru_cache(maxsize=64)
+def _done_rows_sql(n: int) -> str:
+    """One statement that marks ``n`` rows done, given by their ``seq`` (bound as ``n``
+    seqs, then ``n`` codes, then ``n`` failed-attempt counts, then the batch): an upsert
+    whose every row conflicts with the outcome row its page read (``outcomes`` rows are
+    never deleted), so it updates that row, and only while its result is NULL, as
+    ``_DONE_BY_SEQ`` does row by row. One statement rather than ``n`` executions of one:
+    about half the instructions per row (no reset, re-bind and step per row)."""
+    rows = ",".join(f"(?{i},?{n + i},'done',?{2 * n + i}+1,?{3 * n + 1})"
+                    for i in range(1, n + 1))
+    return ("INSERT INTO outcomes(seq, result, state, attempts, batch) VALUES " + rows +
+            " ON CONFLICT(seq) DO UPDATE SET result = excluded.result, state = 'done', "
+            "error = NULL, attempts = excluded.attempts, batch = excluded.batch "
+            "WHERE outcomes.result IS NULL")
+
+
+def _save_accepted(cur: sqlite3.Cursor, accepted: Accepted, seqs: Mapping[str, int],
+                   by_id: list[tuple[object, ...]]) -> int:
+    """Write the ``done`` rows of one reply's items with one batch row; returns the rows
+    changed. Items whose seq ``seqs`` does not know go to ``by_id`` (updated later by
+    item_id, as (code, attempts, batch, item id))."""
+    call = accepted.call
+    batch = int(cur.execute(_NEW_BATCH, (accepted.share, call.model, call.provider)
+                            ).lastrowid or 0)
+    states = accepted.states
+    ids = list(map(_ID, states))
+    codes = list(map(accepted.codes.__getitem__, ids))
+    attempts = list(map(_ATTEMPTS, states))
+    found = list(map(seqs.get, ids))
+    if None in found:
+        # not from a page of this store (a caller without seqs): the slow path, by id
+        known = [i for i, seq in enumerate(found) if seq is not None]
+        by_id.extend((codes[i], attempts[i] + 1, batch, ids[i])
+                     for i, seq in enumerate(found) if seq is None)
+        found = [found[i] for i in known]
+        codes = [codes[i] for i in known]
+        attempts = [attempts[i] for i in known]
+    changed = 0
+    step = _ROWS_PER_STATEMENT
+    for at in range(0, len(found), step):
+        part = found[at:at + step] if len(found) > step else found
+        n = len(part)
+        changed += cur.execute(_done_rows_sql(n), [
+            *part, *codes[at:at + n], *attempts[at:at + n], batch]).rowcount
+    return changed
 
 
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
@@ -326,7 +368,8 @@ class SqliteJobStore:
         (the rowid: no lookup in the item_id index), the others by item_id. An
         ``Accepted`` entry is written straight from the engine's record of the reply (no
         ``ItemResult`` per item) with one ``batches`` row for its share, model and
-        provider; ``labels`` (code -> label) is then required. ``ItemResult`` entries
+        provider and one statement for its items' rows (``_done_rows_sql``); ``labels``
+        (code -> label) is then required. ``ItemResult`` entries
         share a ``batches`` row per (cost, model, provider) of this call; one with none of
         them (a cache hit) has no batch.
         """
@@ -366,9 +409,7 @@ class SqliteJobStore:
             execute("BEGIN IMMEDIATE")
             try:
                 for a in accepted:
-                    call = a.call
-                    execute(_NEW_BATCH, (a.share, call.model, call.provider))
-                    _accepted_rows(a, int(cur.lastrowid or 0), by_seq, done_seq, done_id)
+                    changed += _save_accepted(cur, a, by_seq, done_id)
                 batches: dict[tuple[object, ...], int | None] = {}
                 for key, r, seq in item_rows:
                     if key not in batches:

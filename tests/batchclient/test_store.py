@@ -10,7 +10,8 @@ import pytest
 from batchclient import store as store_module
 from batchclient.cache import SqliteResultCache
 from batchclient.policy.engine import InputError, ItemResult
-from batchclient.policy.wire import Item
+from batchclient.policy.state import Accepted, ItemState
+from batchclient.policy.wire import Call, Item
 from batchclient.store import SCHEMA_VERSION, SqliteJobStore, StoreCounts, StoreVersionError
 
 
@@ -195,3 +196,40 @@ def test_an_import_chunk_is_checked_against_itself_and_the_store(tmp_path: Path)
     assert store.page(0, 10).ids == ["1", "2", "7"]
     assert store.counts().pending == 3
     store.close()
+
+
+def _accepted(ids: list[str], codes: str, attempts: list[int], share: float = 0.5) -> Accepted:
+    call = Call(1, "p1", "m1", tuple(ids), {}, 10, 10, 20, 0, 60.0)
+    states = [ItemState(i, i, "m1", i, attempts=a) for i, a in zip(ids, attempts, strict=True)]
+    return Accepted(0.0, call, share, dict(zip(ids, codes, strict=True)), states)
+
+
+@pytest.mark.parametrize("rows_per_statement", [250, 2])
+def test_a_reply_is_written_by_seq_once_with_its_batch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows_per_statement: int) -> None:
+    # One statement per reply (or per rows_per_statement rows) marks its items done by
+    # seq; an item without a seq is written by id; a done row is never written again.
+    monkeypatch.setattr(store_module, "_ROWS_PER_STATEMENT", rows_per_statement)
+    store = SqliteJobStore(str(tmp_path / "j.sqlite"))
+    store.import_items([Item(n, f"text {n}") for n in "abcdefg"])
+    page = store.page(0, 10)
+    seqs = dict(zip(page.ids, page.seqs, strict=True))
+    assert store.save_results([ItemResult("b", "done", "B", "beta")]) == 1
+    labels = {"A": "alpha", "B": "beta"}
+    del seqs["e"]  # written by its id
+    reply = _accepted(["d", "b", "e", "a", "f"], "ABAAB", [0, 0, 2, 1, 0], share=0.25)
+    assert store.save_results([reply], seqs, labels) == 4  # b was done already
+    assert store.results() == {
+        "a": ("done", "A", None), "b": ("done", "B", None), "c": ("pending", None, None),
+        "d": ("done", "A", None), "e": ("done", "A", None), "f": ("done", "B", None),
+        "g": ("pending", None, None)}
+    assert store.save_results([_accepted(["a", "g"], "BB", [0, 0])], seqs, labels) == 1
+    assert store.results()["a"] == ("done", "A", None)
+    assert store.counts() == StoreCounts(7, 6, 0, 1, 1.5)
+    with sqlite3.connect(tmp_path / "j.sqlite") as conn:
+        rows = conn.execute("SELECT item_id, label, attempts, cost_usd, model, provider "
+                            "FROM item_results ORDER BY seq").fetchall()
+    assert rows == [("a", "alpha", 2, 0.25, "m1", "p1"), ("b", "beta", 0, 0.0, None, None),
+                    ("c", None, 0, 0.0, None, None), ("d", "alpha", 1, 0.25, "m1", "p1"),
+                    ("e", "alpha", 3, 0.25, "m1", "p1"), ("f", "beta", 1, 0.25, "m1", "p1"),
+                    ("g", "beta", 1, 0.5, "m1", "p1")]
