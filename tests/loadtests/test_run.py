@@ -131,8 +131,13 @@ def test_seed001_batching_beats_single_and_naive(tmp_path: Path) -> None:
     rate, bound = batch["throughput"]["items_per_min"], batch["bound"]["items_per_min"]
     assert rate <= batch["bound"]["terms"]["latency"] * 1.1
     assert batch["projection"]["basis"] == ("bound" if rate > bound else "run")
-    assert batch["projection"]["items_per_min"] == min(rate, bound)
-    assert 8 * 3600 <= batch["projection"]["duration_s"] <= 11 * 3600  # the article's ~7 h
+    projection = batch["projection"]
+    assert projection["items_per_min"] == min(rate, bound)
+    assert projection["duration_s"] == pytest.approx(projection["items"] / min(rate, bound) * 60)
+    # the TPM bound alone puts the job at the article's ~7 h (8-11 h here); a live pace below
+    # it only lengthens the projection (a loaded machine slows the 30 latency-bound requests:
+    # 13.9 h in one CI run beside other work)
+    assert 8 * 3600 <= projection["items"] / bound * 60 <= 11 * 3600
     assert single["items"]["done"] == batch["items"]["done"] == 600
     assert s["ok"] is True, s["checks"]  # every expectation of the scenario holds
     assert batch["tokens"]["per_item"] == pytest.approx(60.05)
