@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from operator import attrgetter
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 from batchclient.policy.engine import InputError, ItemResult
 from batchclient.policy.state import Accepted
@@ -94,6 +94,10 @@ _DEAD_BY_SEQ = ("UPDATE outcomes SET state = 'dead', error = ?, attempts = ?, ba
                 "WHERE seq = ? AND result IS NULL")
 _DEAD_BY_ID = ("UPDATE outcomes SET state = 'dead', error = ?, attempts = ?, batch = ? "
                "WHERE seq = (SELECT seq FROM items WHERE item_id = ?) AND result IS NULL")
+# the rows of seqs ?2..?3 done, each with the code at its place in ?1 (one character each)
+_DONE_RANGE = ("UPDATE outcomes SET result = substr(?1, seq - ?2 + 1, 1), state = 'done', "
+               "error = NULL, attempts = ?4, batch = ?5 WHERE seq BETWEEN ?2 AND ?3 "
+               "AND result IS NULL")
 _NEW_BATCH = "INSERT INTO batches(cost_usd_each, model, provider) VALUES (?, ?, ?)"
 
 
@@ -205,15 +209,28 @@ def _save_accepted(cur: sqlite3.Cursor, accepted: Accepted, seqs: Mapping[str, i
     ids = list(map(_ID, states))
     codes = list(map(accepted.codes.__getitem__, ids))
     attempts = list(map(_ATTEMPTS, states))
-    found = list(map(seqs.get, ids))
-    if None in found:
+    maybe = list(map(seqs.get, ids))
+    if None in maybe:
         # not from a page of this store (a caller without seqs): the slow path, by id
-        known = [i for i, seq in enumerate(found) if seq is not None]
+        known = [i for i, seq in enumerate(maybe) if seq is not None]
         by_id.extend((codes[i], attempts[i] + 1, batch, ids[i])
-                     for i, seq in enumerate(found) if seq is None)
-        found = [found[i] for i in known]
+                     for i, seq in enumerate(maybe) if seq is None)
+        found = [seq for seq in maybe if seq is not None]
         codes = [codes[i] for i in known]
         attempts = [attempts[i] for i in known]
+    else:
+        found = cast("list[int]", maybe)
+    n = len(found)
+    if n > 1 and found[-1] - found[0] == n - 1 and attempts.count(attempts[0]) == n:
+        # The common reply: consecutive seqs in order (items fed from a page and answered
+        # whole), one-character codes, the same attempts: the codes travel as one string
+        # and the rows are a seq range, with no bound values per row (about 0.7x the
+        # upsert's instructions per row).
+        written = "".join(codes)
+        if len(written) == n and "" not in codes and found == list(
+                range(found[0], found[0] + n)):
+            return int(cur.execute(_DONE_RANGE, (written, found[0], found[-1],
+                                                 attempts[0] + 1, batch)).rowcount)
     changed = 0
     step = _ROWS_PER_STATEMENT
     for at in range(0, len(found), step):

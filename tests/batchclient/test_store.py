@@ -233,3 +233,32 @@ def test_a_reply_is_written_by_seq_once_with_its_batch(
                     ("c", None, 0, 0.0, None, None), ("d", "alpha", 1, 0.25, "m1", "p1"),
                     ("e", "alpha", 3, 0.25, "m1", "p1"), ("f", "beta", 1, 0.25, "m1", "p1"),
                     ("g", "beta", 1, 0.5, "m1", "p1")]
+
+
+@pytest.mark.parametrize("codes,attempts", [
+    ("ABBA", [1, 1, 1, 1]),  # consecutive seqs in order, one-character codes: a seq range
+    ("ABBA", [1, 0, 1, 1]),  # attempts differ: a row each
+    (["A", "BB", "BB", "A"], [1, 1, 1, 1]),  # a longer code: a row each
+])
+def test_a_reply_of_consecutive_rows_is_written_as_any_other(
+        tmp_path: Path, codes: str | list[str], attempts: list[int]) -> None:
+    store = SqliteJobStore(str(tmp_path / "j.sqlite"))
+    store.import_items([Item(n, f"text {n}") for n in "abcdef"])
+    page = store.page(0, 10)
+    seqs = dict(zip(page.ids, page.seqs, strict=True))
+    assert store.save_results([ItemResult("c", "done", "B", "beta")]) == 1
+    labels = {"A": "alpha", "B": "beta", "BB": "beta2"}
+    call = Call(1, "p1", "m1", ("b", "c", "d", "e"), {}, 10, 10, 20, 0, 60.0)
+    states = [ItemState(i, i, "m1", i, attempts=a) for i, a in zip("bcde", attempts,
+                                                                     strict=True)]
+    reply = Accepted(0.0, call, 0.5, dict(zip("bcde", codes, strict=True)), states)
+    assert store.save_results([reply], seqs, labels) == 3  # c was done already
+    with sqlite3.connect(tmp_path / "j.sqlite") as conn:
+        rows = conn.execute("SELECT item_id, result, state, attempts, cost_usd "
+                            "FROM item_results ORDER BY seq").fetchall()
+    assert rows == [("a", None, "pending", 0, 0.0),
+                    ("b", codes[0], "done", attempts[0] + 1, 0.5),
+                    ("c", "B", "done", 0, 0.0),
+                    ("d", codes[2], "done", attempts[2] + 1, 0.5),
+                    ("e", codes[3], "done", attempts[3] + 1, 0.5),
+                    ("f", None, "pending", 0, 0.0)]
