@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from itertools import islice, repeat
 from operator import attrgetter
+from operator import call as invoke
 
 from batchclient.config import ClientConfig, ProviderSettings, Task
 from batchclient.cost import CostMeter
@@ -61,6 +62,7 @@ _IDS = re.compile(r"[A-Za-z0-9_.-]+(?:\n[A-Za-z0-9_.-]+)*")  # ids joined by lin
 _WAIT = Wait(None)  # a value: the one "wait for a response or items" every decision shares
 # what a send reads of its batch's states, a C-level map each
 _STATE_ID, _SENDS, _ATTEMPTS = attrgetter("id"), attrgetter("sends"), attrgetter("attempts")
+_SIZES = attrgetter("sizes")  # what the packing reads of the queue's head, a C-level map
 
 
 def _ascii_digits(text: str) -> bool:
@@ -515,7 +517,7 @@ class Engine(ResponseHandling, InteractiveLane):
         if packed is None or packed[0] != key:
             states = list(islice(queue, head))
             count, prompt_tokens, max_tokens = self.packer.pack_sizes(
-                [st.sizes for st in states], size, self.config.batch.token_budget)
+                list(map(_SIZES, states)), size, self.config.batch.token_budget)
             packed = self._packed = (key, states[:count], prompt_tokens, max_tokens)
         _, batch, prompt_tokens, max_tokens = packed
         throttle = self.throttle(provider, model)
@@ -529,9 +531,9 @@ class Engine(ResponseHandling, InteractiveLane):
         if len(batch) == len(queue):
             queue.clear()
         else:
-            popleft = queue.popleft
-            for _ in batch:
-                popleft()  # the head is the batch, in order
+            # the head is the batch, in order: popped by a C-level loop (a deque of no
+            # length runs the map and keeps nothing)
+            deque(map(invoke, repeat(queue.popleft, len(batch))), 0)
         # the batch's ids, whether any item was sent before and its most failed
         # attempts, by C-level maps (no item is written at a send: ``sends`` counts when
         # a reply sends one back)

@@ -106,16 +106,19 @@ def read_rate_headers(headers: Mapping[str, str], time_scale: float = 1.0) -> Ra
     """Parse either header family (lower-case keys); durations come back in virtual seconds."""
     get = headers.get
     for names in _FAMILIES:
-        values = list(map(get, names))
-        if values.count(None) == len(values):
+        # the six values unpacked and tested by name (every reply comes here: no list to
+        # count and index)
+        limit_t, left_t, reset_t, limit_r, left_r, reset_r = map(get, names)
+        if limit_t is None and left_t is None and reset_t is None and limit_r is None \
+                and left_r is None and reset_r is None:
             continue
         date = get("date")
-        rt = _reset(values[2], date)
-        rr = _reset(values[5], date)
+        rt = _reset(reset_t, date)
+        rr = _reset(reset_r, date)
         return RateHeaders(
-            limit_tokens=_int(values[0]), remaining_tokens=_int(values[1]),
+            limit_tokens=_int(limit_t), remaining_tokens=_int(left_t),
             reset_tokens_s=None if rt is None else rt * time_scale,
-            limit_requests=_int(values[3]), remaining_requests=_int(values[4]),
+            limit_requests=_int(limit_r), remaining_requests=_int(left_r),
             reset_requests_s=None if rr is None else rr * time_scale,
         )
     return RateHeaders()

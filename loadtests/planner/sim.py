@@ -241,9 +241,14 @@ class ArmDriver:
         engine = self.engine
         inflight = 0
         self.started = env.now
+        # wants_items moves only when items finish or the in-flight limit changes, that is
+        # by an answer: asked at the start and after answers, not after every send or wait
+        feed = True
         while True:
-            if engine.wants_items:  # _feed's own first test, without the call
-                self._feed()
+            if feed:
+                feed = False
+                if engine.wants_items:  # _feed's own first test, without the call
+                    self._feed()
             if self._stop:
                 if not inflight:
                     self.status = 130
@@ -282,6 +287,7 @@ class ArmDriver:
                 call, response, retry, stage = self._done.popleft()
                 inflight -= 1
                 self._complete(call, response, retry, stage)
+                feed = True
         self._flush(None, None, False, None)
         self.finished = env.now
         # Chats still waiting when the run ends (queued behind a user limit or a backoff)

@@ -73,15 +73,30 @@ def _no_headers(state: LimitState, now: float, out: dict[str, str]) -> None:
     """The renderer of a style without rate-limit headers."""
 
 
+# OpenAI's header names per window: (limit, remaining, reset) of requests, then of tokens
+_OPENAI_NAMES = (
+    ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
+     "x-ratelimit-reset-requests"),
+    ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"),
+)
+# what the OpenAI style renders of one limit state: per window it has, the window, its
+# three header names and its limit's text
+_OpenAIPlan = tuple[tuple[Window, str, str, str, str], ...]
+
+
 class HeaderRenderer:
     """Renders the rate-limit headers of one provider's style from a key+model limit state."""
 
-    __slots__ = ("epoch_s", "style", "time_scale")
+    __slots__ = ("_openai_plans", "epoch_s", "style", "time_scale")
 
     def __init__(self, style: str, time_scale: float, epoch_s: float):
         self.style = style
         self.time_scale = time_scale
         self.epoch_s = epoch_s
+        # per limit state (a key on a model: a handful a provider), what _openai renders of
+        # it: its windows and capacities are fixed when it is made, so the names and limit
+        # texts are looked out once, not on every reply
+        self._openai_plans: dict[LimitState, _OpenAIPlan] = {}
 
     def wall(self, now: float) -> float:
         """Unix time (wall-clock) of virtual time ``now``."""
@@ -104,17 +119,17 @@ class HeaderRenderer:
 
     def _openai(self, state: LimitState, now: float, out: dict[str, str]) -> None:
         # ``_remaining`` inlined: every 200 and 429 renders these
+        plan = self._openai_plans.get(state)
+        if plan is None:
+            plan = self._openai_plans[state] = tuple(
+                (window, limit, left, reset, _capacity_text(window.capacity))
+                for window, (limit, left, reset) in zip((state.requests, state.tokens),
+                                                        _OPENAI_NAMES, strict=True)
+                if window is not None)
         scale = self.time_scale
-        for window, limit, left, reset in (
-                (state.requests, "x-ratelimit-limit-requests",
-                 "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"),
-                (state.tokens, "x-ratelimit-limit-tokens",
-                 "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")):
-            if window is None:
-                continue
-            capacity = window.capacity
-            out[limit] = _capacity_text(capacity)
-            remaining = int(capacity - window.used(now) + 1e-9)
+        for window, limit, left, reset, capacity_text in plan:
+            out[limit] = capacity_text
+            remaining = int(window.capacity - window.used(now) + 1e-9)
             out[left] = str(remaining if remaining > 0 else 0)
             out[reset] = format_duration(window.reset_in(now) / scale)
 

@@ -72,7 +72,9 @@ class GapSource:
     def __init__(self, spec: LatencySpec, rng: np.random.Generator) -> None:
         self._spec = spec
         self._rng = rng
-        self._block: list[float] = []
+        # a tuple: a reply's gaps are a slice of it, one copy (a list's slice made a tuple
+        # would be two)
+        self._block: tuple[float, ...] = ()
         self._next = 0
 
     def take(self, count: int, factor: float) -> tuple[float, ...]:
@@ -86,14 +88,14 @@ class GapSource:
         end = start + count
         if end > len(block):
             # the unused tail first, then as many fresh draws as this reply needs beyond it
-            fresh = _draw(dist, self._rng, max(self.BLOCK, count)).tolist()
+            fresh = tuple(_draw(dist, self._rng, max(self.BLOCK, count)).tolist())
             block = self._block = block[start:] + fresh
             start, end = 0, count
         self._next = end
         if factor != 1.0:
             # numpy's elementwise product is the same IEEE multiplication
             return tuple([gap * factor for gap in block[start:end]])
-        return tuple(block[start:end])
+        return block[start:end]
 
 
 def _draw(dist: Dist, rng: np.random.Generator, count: int) -> np.ndarray:

@@ -141,10 +141,10 @@ class Provider:
         # (no outage window, no random 5xx: no call, and no RNG draw either way)
         self._outages = bool(profile.faults.outages)
         self._random_5xx = bool(profile.faults.error_500_rate or profile.faults.error_503_rate)
-        # no cost cap, outage or random 5xx: the gate is the balance and the limits alone,
-        # checked inline by chat (the full _gate explains whatever they refuse)
-        self._plain_gate = (profile.billing.cost_cap_usd is None and not self._outages
-                            and not self._random_5xx)
+        # no cost cap or outage: the gate is the balance, the limits and the random 5xx
+        # alone, checked inline by chat (the full _gate explains whatever the first two
+        # refuse)
+        self._plain_gate = profile.billing.cost_cap_usd is None and not self._outages
         self._charge_headers = profile.billing.charge_headers
         self._time_scale = time_scale
         self._init_state()
@@ -245,11 +245,16 @@ class Provider:
         status = (faults.random_5xx(self.profile.faults, self._fault_rng)
                   if self._random_5xx else None)
         if status is not None:
-            if self.profile.count_5xx:
-                state.count_request(now)
-            return self._refuse(status, errors.server_error(status), counter,
-                                self._rate_headers(state, now))
+            return self._server_error(now, state, counter, status)
         return None
+
+    def _server_error(self, now: float, state: LimitState, counter: Counters,
+                      status: int) -> Refusal:
+        """The refusal of a random 500/503 (counted on the RPM window when ``count_5xx``)."""
+        if self.profile.count_5xx:
+            state.count_request(now)
+        return self._refuse(status, errors.server_error(status), counter,
+                            self._rate_headers(state, now))
 
     # ------------------------------------------------------------------ chat
 
@@ -306,6 +311,11 @@ class Provider:
             refusal = self._gate(now, tenant, model, state, counter, prompt, reserved, worst)
             if refusal is not None:
                 return refusal
+        elif self._random_5xx:
+            # the gate's last check, its one draw, after the same checks passed
+            status = faults.random_5xx(self.profile.faults, self._fault_rng)
+            if status is not None:
+                return self._server_error(now, state, counter, status)
         gpu = self.profile.gpu
         if (gpu is not None and gpu.max_queue is not None and self._seqs >= gpu.max_seqs
                 and len(self._queue) >= gpu.max_queue):
