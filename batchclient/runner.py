@@ -302,6 +302,8 @@ class Runner:
     async def run(self) -> JobResult:
         """Run the job; InputError propagates (exit status 2) before any request."""
         engine = await self.preflight()
+        # with no hook nothing reads a request event: the engine makes none
+        engine.request_events = self.on_event is not None
         self.engine = engine
         self._wake = asyncio.Event()
         self._started.set()

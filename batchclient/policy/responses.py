@@ -63,6 +63,10 @@ class ResponseHandling:
     _fatal: Done | None
     _now: float
     _out: Drained
+    # False: an answer makes no request event (a driver that hands events to no one, as
+    # ``ratelab job`` without a hook: about 5 us a request for a value nobody reads);
+    # item, balance and interactive outcomes are unchanged
+    request_events: bool = True
 
     if TYPE_CHECKING:
         # Provided by the other halves of Engine.
@@ -169,16 +173,17 @@ class ResponseHandling:
             self._background_inflight -= 1
             items_ok = self._dispatch_verdict(now, call, response, verdict, content, finish,
                                               charged)
-        events.insert(at, Event(
-            "request", f"{self.strategy}:{call.model}", now, verdict.verdict.value,
-            provider=call.provider, model=call.model, status=response.status,
-            response_time_ms=response.elapsed_s * 1000.0,
-            ttft_ms=None if response.ttft_s is None else response.ttft_s * 1000.0,
-            tokens_in=usage.prompt_tokens if usage else 0,
-            tokens_out=usage.completion_tokens if usage else 0, items=len(call.item_ids),
-            cost_usd=charged, error=None if verdict.verdict == Verdict.OK else verdict.reason,
-            balance_usd=self.cost.balance_usd, call_id=call.call_id, finish_reason=finish,
-            truncated=finish == "length", items_ok=items_ok, lane=call.lane))
+        if self.request_events:
+            events.insert(at, Event(
+                "request", f"{self.strategy}:{call.model}", now, verdict.verdict.value,
+                provider=call.provider, model=call.model, status=response.status,
+                response_time_ms=response.elapsed_s * 1000.0,
+                ttft_ms=None if response.ttft_s is None else response.ttft_s * 1000.0,
+                tokens_in=usage.prompt_tokens if usage else 0,
+                tokens_out=usage.completion_tokens if usage else 0, items=len(call.item_ids),
+                cost_usd=charged, error=None if verdict.verdict == Verdict.OK else verdict.reason,
+                balance_usd=self.cost.balance_usd, call_id=call.call_id, finish_reason=finish,
+                truncated=finish == "length", items_ok=items_ok, lane=call.lane))
         # low_balance_crossed's own first test, without the call: no threshold, no alert
         if self.cost.low_balance_usd is not None and self.cost.low_balance_crossed():
             events.append(Event("balance", self.task.name, now, "low_balance",

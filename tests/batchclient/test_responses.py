@@ -111,3 +111,20 @@ def test_refused_requests_count_against_rpm_as_the_provider_does() -> None:
     assert _refused(True, 402) == (0, 1)
     # a 5xx is one request and no tokens; no reply at all is nothing
     assert _refused(False, 503) == (0, 1)
+
+
+def test_an_engine_without_request_events_makes_the_same_item_outcomes() -> None:
+    # request_events=False (a runner with no hook): no request event, and the same items
+    # done, the same item events, the same calls
+    runs = []
+    for keep in (True, False):
+        engine = make(60)
+        engine.request_events = keep
+        events: list[Event] = []
+        done, _, _ = drive(engine, FakeProvider(seed=4, faults={"drop": 0.1}), events=events)
+        assert done.status == 0
+        runs.append((engine.counts, [e for e in events if e.kind != "request"],
+                     sum(e.kind == "request" for e in events)))
+    (counts, items_seen, requests), (counts_off, items_off, requests_off) = runs
+    assert counts == counts_off and items_seen == items_off
+    assert requests == counts.requests > 0 and requests_off == 0
