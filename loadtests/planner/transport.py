@@ -49,8 +49,8 @@ class _Begin(simpy.Event):
 def _lower(headers: Mapping[str, str]) -> dict[str, str]:
     """``headers`` with lower-case names, as the aiohttp transport reads them. A provider
     sends the same few name sequences (every 200 the same seven): their lower-case forms
-    are remembered by sequence, and the values zipped onto them (about 20% of a
-    comprehension's instructions, which lowers each name anew)."""
+    are remembered by sequence, and the values zipped onto them (about a fifth fewer
+    instructions than a comprehension, which lowers each name anew)."""
     names = tuple(headers)
     lowered = _LOWERED.get(names)
     if lowered is None:
