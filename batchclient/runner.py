@@ -255,7 +255,11 @@ class Runner:
             for result in results:
                 if type(result) is Accepted:
                     # saved: their seqs go, by a C-level map over the reply's states
-                    deque(map(pop, map(_ID, result.states), repeat(None)), maxlen=0)
+                    states = result.states
+                    if len(states) == 1:
+                        pop(states[0].id, None)
+                    else:
+                        deque(map(pop, map(_ID, states), repeat(None)), maxlen=0)
                 else:
                     assert isinstance(result, ItemResult)
                     seqs.pop(result.item_id, None)

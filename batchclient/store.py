@@ -206,6 +206,13 @@ def _save_accepted(cur: sqlite3.Cursor, accepted: Accepted, seqs: Mapping[str, i
     batch = int(cur.execute(_NEW_BATCH, (accepted.share, call.model, call.provider)
                             ).lastrowid or 0)
     states = accepted.states
+    if len(states) == 1:
+        # a one-item reply (the single strategy): one row, without the column lists
+        state = states[0]
+        seq = seqs.get(state.id)
+        if seq is not None:
+            return int(cur.execute(_DONE_BY_SEQ, (accepted.codes[state.id],
+                                                  state.attempts + 1, batch, seq)).rowcount)
     ids = list(map(_ID, states))
     codes = list(map(accepted.codes.__getitem__, ids))
     attempts = list(map(_ATTEMPTS, states))

@@ -262,3 +262,18 @@ def test_a_reply_of_consecutive_rows_is_written_as_any_other(
                     ("d", codes[2], "done", attempts[2] + 1, 0.5),
                     ("e", codes[3], "done", attempts[3] + 1, 0.5),
                     ("f", None, "pending", 0, 0.0)]
+
+
+def test_a_one_item_reply_is_written_once(tmp_path: Path) -> None:
+    store = SqliteJobStore(str(tmp_path / "j.sqlite"))
+    store.import_items([Item(n, f"text {n}") for n in "ab"])
+    page = store.page(0, 10)
+    seqs = dict(zip(page.ids, page.seqs, strict=True))
+    labels = {"A": "alpha", "B": "beta"}
+    assert store.save_results([_accepted(["b"], "B", [2])], seqs, labels) == 1
+    assert store.save_results([_accepted(["b"], "A", [0])], seqs, labels) == 0
+    assert store.save_results([_accepted(["a"], "A", [0])], {}, labels) == 1  # by id
+    with sqlite3.connect(tmp_path / "j.sqlite") as conn:
+        rows = conn.execute("SELECT item_id, result, attempts, cost_usd "
+                            "FROM item_results ORDER BY seq").fetchall()
+    assert rows == [("a", "A", 1, 0.5), ("b", "B", 3, 0.5)]
