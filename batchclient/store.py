@@ -160,7 +160,9 @@ class JobStore(Protocol):
                      seqs: Mapping[str, int] | None = None,
                      labels: Mapping[str, str] | None = None) -> int:
         """Commit one batch of results; return how many rows changed. ``seqs`` may map
-        item ids to the ``seq`` their ``page`` gave them (a faster update). An ``Accepted``
+        item ids to the ``seq`` their ``page`` gave them (a faster update); only seqs that
+        a ``page`` of this store gave: the update trusts them (``SqliteJobStore`` would
+        write an unknown seq as a new outcome row). An ``Accepted``
         entry (``Engine.drain_compact``) stands for the ``done`` items of one reply, their
         codes named by ``labels``."""
         ...
