@@ -35,12 +35,11 @@ from locust.contrib.fasthttp import FastHttpSession, FastHttpUser
 from locust.env import Environment
 
 from loadtests.recorder import Event
-from loadtests.run_process import chat_sizes
 from loadtests.run_setup import arm_model, slot_items
 from loadtests.rundir import SLOTS_FILE, EventLog, RunSpec, SlotClaims
 from loadtests.scenario_gateway import GATEWAY_FILE, GatewaySection, result_mode_for, tier_for
 from loadtests.scenario_model import Scenario, UserGroup
-from loadtests.workload import filler_text
+from loadtests.workload import chat_sizes, chat_text
 
 FINAL = frozenset({"done", "failed", "dead_lettered"})
 JOB_SLOT = "gateway-job"
@@ -229,7 +228,7 @@ def caller_class(group: UserGroup, ctx: Context, counter: itertools.count[int],
         streams: list[gevent.Greenlet] = []
         for _ in range(section.tasks_per_visit):
             prompt, max_tokens = chat_sizes(scenario, group, self.rng)
-            text = filler_text(max(1, prompt - 7), self.rng)
+            text = chat_text(prompt)
             body = {"model": model, "messages": [{"role": "user", "content": text}],
                     "max_tokens": max_tokens, "user": self.uid, "lane": "interactive"}
             url = ctx.urls[self.sent % len(ctx.urls)]

@@ -24,7 +24,7 @@ from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
 from loadtests.run_plans import run_scenario
-from loadtests.run_process import ProcessState, chat_sizes, open_process
+from loadtests.run_process import ProcessState, open_process
 from loadtests.rundir import (
     SLOTS_FILE,
     SPEC_ENV,
@@ -36,6 +36,7 @@ from loadtests.rundir import (
 )
 from loadtests.scenario_model import UserGroup
 from loadtests.shapes import LoadPlan, Settle, arrivals, read_trace
+from loadtests.workload import chat_sizes
 
 log = logging.getLogger("ratelab")
 

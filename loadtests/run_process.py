@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from loadtests.run_setup import arm_task, client_config, slot_items
 from loadtests.rundir import SLOTS_FILE, EventLog, RunSpec, SlotClaims, started
 from loadtests.scenario_model import Arm, Scenario, UserGroup
 from loadtests.shapes import stage_at
-from loadtests.workload import filler_text, sample_size
+from loadtests.workload import chat_text
 
 ITEM_OUTCOMES = {"done": "done", "cached": "cached", "dead": "dead_letter", "skip": "requeued"}
 
@@ -291,7 +290,7 @@ class ProcessState:
                    max_tokens: int) -> str | None:
         """Send one chat as ``user``; returns the refusal reason if a per-user limit refused it."""
         client = await self.chat_client(arm, group)
-        text = filler_text(max(1, prompt_tokens - 7), random.Random(prompt_tokens * 7919 + 1))
+        text = chat_text(prompt_tokens)
         try:
             await client.chat(user, [{"role": "user", "content": text}], max_tokens,
                               stream=group.stream)
@@ -303,12 +302,6 @@ class ProcessState:
         """Stop every interactive runner (call on the loop thread)."""
         for runner, _ in self.chat_runners.values():
             runner.stop()
-
-
-def chat_sizes(scenario: Scenario, group: UserGroup, rng: random.Random) -> tuple[int, int]:
-    """A chat's prompt tokens and max_tokens for ``group`` (its sizes, else the workload's)."""
-    size = group.prompt_tokens or scenario.workload.prompt_tokens
-    return max(8, sample_size(size, rng)), group.max_tokens or scenario.workload.max_tokens
 
 
 def open_process(spec_path: str | Path) -> ProcessState:

@@ -16,6 +16,7 @@ from typing import Any
 
 from loadtests.scenario_model import Scenario
 from loadtests.scenario_schema import KeyPath, LineMap, Problem
+from loadtests.shapes import TraceError, read_trace
 
 # keys whose value is a rate limit: zero would admit nothing, negative is meaningless
 LIMIT_KEYS = frozenset(
@@ -209,6 +210,13 @@ def _group_problems(
             yield lines.problem(
                 (*here, "trace"), f"no trace file {group['trace']!r} (looked in {base})"
             )
+        else:
+            # read now (a trace is small): a bad row is refused before the run, not found by
+            # the load generator (live) or the planner halfway through
+            try:
+                read_trace(base / group["trace"])
+            except (OSError, UnicodeDecodeError, TraceError) as exc:
+                yield lines.problem((*here, "trace"), str(exc))
         return
     stages = group.get("stages")
     if stages is not None and "step" in group:

@@ -8,6 +8,7 @@ tokens is ``4 * n`` characters on one line.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import random
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loadtests.scenario_model import IdScheme, Size, Workload
+from batchclient.policy.tokens import PER_MESSAGE_TOKENS, PRIMING_TOKENS
+from loadtests.scenario_model import IdScheme, Scenario, Size, UserGroup, Workload
 
 CHARS_PER_TOKEN = 4
 POISON_MARKER = "POISON"
@@ -60,6 +62,30 @@ def sample_size(size: Size, rng: random.Random) -> int:
     if size.max is not None:
         tokens = min(tokens, size.max)
     return max(tokens, 0)
+
+
+def chat_sizes(scenario: Scenario, group: UserGroup, rng: random.Random) -> tuple[int, int]:
+    """A chat's prompt tokens and max_tokens for ``group`` (its sizes, else the workload's):
+    one draw from ``rng``, at least ``MIN_CHAT_PROMPT_TOKENS`` prompt tokens."""
+    size = group.prompt_tokens or scenario.workload.prompt_tokens
+    return (max(MIN_CHAT_PROMPT_TOKENS, sample_size(size, rng)),
+            group.max_tokens or scenario.workload.max_tokens)
+
+
+#: a chat's prompt holds the priming, one message's overhead and one token of text
+MIN_CHAT_PROMPT_TOKENS = PRIMING_TOKENS + PER_MESSAGE_TOKENS + 1
+
+
+@functools.lru_cache(maxsize=2048)
+def chat_text(prompt_tokens: int) -> str:
+    """The user message of a one-message chat whose prompt counts ``prompt_tokens`` tokens
+    (the priming and the message's overhead taken off; at least one token of text), as
+    every interactive driver sends it: the live harness, the gateway's users, the planner.
+
+    One text per size, so the same size is the same request everywhere, and made once:
+    drawing a few hundred words per chat was most of the cost of planning chat traffic."""
+    return filler_text(max(1, prompt_tokens - PRIMING_TOKENS - PER_MESSAGE_TOKENS),
+                       random.Random(prompt_tokens * 7919 + 1))
 
 
 def filler_text(tokens: int, rng: random.Random, tag: str = "") -> str:

@@ -42,7 +42,8 @@ from loadtests.planner.events import ArmEvents
 from loadtests.planner.transport import VirtualTransport
 from loadtests.recorder import Event, Recorder, recorder_for
 from loadtests.scenario_model import Scenario, UserGroup
-from loadtests.workload import filler_text, sample_size
+from loadtests.shapes import read_trace
+from loadtests.workload import chat_sizes, chat_text
 from simulator.gc_tuning import YOUNG_THRESHOLD
 from simulator.model.provider import Provider
 from simulator.server import build_providers
@@ -326,11 +327,12 @@ def _trigger(env: simpy.Environment, event: simpy.Event) -> None:
 # ---------------------------------------------------------------------- interactive users
 
 
-def _user_prompt(group: UserGroup, scenario: Scenario, rng: random.Random) -> tuple[str, int]:
-    size = group.prompt_tokens or scenario.workload.prompt_tokens
-    tokens = max(1, sample_size(size, rng) - 4)  # chat overhead: priming and one message
-    max_tokens = group.max_tokens or scenario.workload.max_tokens
-    return filler_text(tokens, rng), int(max_tokens)
+def _user_prompt(group: UserGroup, scenario: Scenario, rng: random.Random,
+                 sizes: tuple[int, int] | None = None) -> tuple[str, int]:
+    """A chat's text and max_tokens: ``sizes`` (prompt tokens, max_tokens) when given (a
+    trace row), else drawn as the live harness draws them."""
+    prompt, max_tokens = sizes if sizes is not None else chat_sizes(scenario, group, rng)
+    return chat_text(prompt), int(max_tokens)
 
 
 def _closed_user(env: simpy.Environment, driver: ArmDriver, group: UserGroup,
@@ -353,9 +355,9 @@ def _closed_user(env: simpy.Environment, driver: ArmDriver, group: UserGroup,
 
 
 def _open_arrival(env: simpy.Environment, driver: ArmDriver, group: UserGroup,
-                  scenario: Scenario, index: int, stage: str,
-                  rng: random.Random) -> Generator[simpy.Event, Any, None]:
-    text, max_tokens = _user_prompt(group, scenario, rng)
+                  scenario: Scenario, index: int, stage: str | None, rng: random.Random,
+                  sizes: tuple[int, int] | None = None) -> Generator[simpy.Event, Any, None]:
+    text, max_tokens = _user_prompt(group, scenario, rng, sizes)
     user = f"{group.name}-{index % max(1, group.user_ids)}"
     outcome = yield from driver.chat(user, [{"role": "user", "content": text}], max_tokens,
                                      stage)
@@ -368,7 +370,8 @@ def _group(env: simpy.Environment, driver: ArmDriver, group: UserGroup, scenario
            rng: random.Random) -> Generator[simpy.Event, Any, None]:
     """Run a user group's stages (closed-loop users or open-loop arrivals), then stop."""
     if group.mode == "trace":
-        raise PlanError(f"load.users.{group.name}: trace replay is not modelled by the planner")
+        yield from _trace(env, driver, group, scenario, rng)
+        return
     t = env.now
     spawned = 0
     for stage in group.stages:
@@ -395,6 +398,23 @@ def _group(env: simpy.Environment, driver: ArmDriver, group: UserGroup, scenario
             if end > env.now:
                 yield env.timeout(end - env.now)
         t = end
+
+
+def _trace(env: simpy.Environment, driver: ArmDriver, group: UserGroup, scenario: Scenario,
+           rng: random.Random) -> Generator[simpy.Event, Any, None]:
+    """Replay ``group``'s trace as the live harness does: each row's chat sent at its time
+    (virtual seconds from the start) with its prompt and max_tokens, whether or not earlier
+    ones returned; rows at or after ``duration_s`` are not sent. Trace requests belong to no
+    stage. The scenario's checks read the trace already (a bad row is refused there)."""
+    assert group.trace is not None  # the scenario checks require it for a trace group
+    start = env.now
+    for index, row in enumerate(read_trace(group.trace)):
+        if row.t_s >= scenario.duration_s:
+            return
+        if start + row.t_s > env.now:
+            yield env.timeout(start + row.t_s - env.now)
+        env.process(_open_arrival(env, driver, group, scenario, index, None, rng,
+                                  (row.prompt_tokens, row.max_tokens)))
 
 
 def _delayed(env: simpy.Environment, delay: float,

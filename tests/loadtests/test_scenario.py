@@ -217,3 +217,14 @@ def test_validate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     good.write_text(GOOD.replace("tpm: 200000", "tpm: 0"))
     assert validate.main(argparse.Namespace(files=[str(good)])) == 2
     assert "providers[0].limits.tpm: a limit of 0" in capsys.readouterr().err
+
+
+def test_a_trace_with_a_bad_row_is_refused_naming_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "t.csv").write_text("t_s,prompt_tokens,max_tokens\n1.0,100,16\nsoon,100,16\n")
+    stages = "      stages:\n" + "".join(f"        - {{duration_s: 60, users: {n}}}\n"
+                                          for n in (5, 10))
+    assert stages in GOOD
+    text = GOOD.replace("mode: closed", "mode: trace\n      trace: t.csv").replace(stages, "")
+    message = refuse(tmp_path, text)
+    assert "load.users[0].trace" in message
+    assert f"{tmp_path / 't.csv'}:3: expected t_s, prompt_tokens, max_tokens" in message

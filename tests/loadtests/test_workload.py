@@ -8,6 +8,7 @@ from loadtests.scenario_model import IdScheme, Size, Workload
 from loadtests.workload import (
     POISON_MARKER,
     WorkloadGenerator,
+    chat_text,
     filler_text,
     sample_size,
     system_prompt,
@@ -145,3 +146,13 @@ def test_pages_carry_the_ids_and_texts_of_the_items() -> None:
 
 def _pairs(gen: WorkloadGenerator, *span: int) -> list[tuple[str, str]]:
     return [pair for ids, texts in gen.pages(*span) for pair in zip(ids, texts, strict=True)]
+
+
+def test_a_chat_text_makes_a_prompt_of_the_size_asked() -> None:
+    # the simulator counts the chat's prompt (priming, message overhead, text) to the token
+    from simulator.model.tokens import chat_prompt_tokens
+
+    for tokens in range(7, 3000, 13):
+        assert chat_prompt_tokens([chat_text(tokens)]) == tokens
+    assert chat_prompt_tokens([chat_text(3)]) == 7  # at least one token of text
+    assert chat_text(300) is chat_text(300)  # one text per size, made once

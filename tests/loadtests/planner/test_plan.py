@@ -14,6 +14,7 @@ from loadtests.planner.sweep import SweepError, parse_sweep, sweep_points
 from loadtests.scenario import load_scenario
 
 HERE = Path(__file__).parent / "scenarios"
+SCENARIOS = Path(__file__).resolve().parents[3] / "scenarios"
 
 
 def test_plan_is_seeded_and_reproducible() -> None:
@@ -101,3 +102,19 @@ def test_failover_scenario_retries_chats_on_the_backup_and_users_see_no_failure(
     assert chat["unrecovered_rate"] <= 0.01
     assert chat["total"] == chat["ok"] + chat["http_429"] + chat["http_5xx"] + chat["http_4xx"] \
         + chat["timeouts"] + chat["errors"] + chat["cancelled"] + chat["http_402"]
+
+
+def test_a_trace_is_replayed_row_by_row_with_its_sizes() -> None:
+    from loadtests.shapes import read_trace
+
+    scenario = load_scenario(SCENARIOS / "open-loop-and-trace.yaml")
+    group = next(g for g in scenario.load.users if g.mode == "trace")
+    assert group.trace is not None
+    rows = [r for r in read_trace(group.trace) if r.t_s < scenario.duration_s]
+    summary = plan_scenario(scenario, PlanOptions()).summary()
+    replay = next(a for a in summary["arms"] if a["name"] == group.arm)
+    # one request per row sent in the run, each prompt and reply of the row's sizes (the
+    # responder's 40-token replies are cut at every row's max_tokens)
+    assert replay["requests"]["total"] == replay["requests"]["ok"] == len(rows)
+    assert replay["tokens"]["input"] == sum(r.prompt_tokens for r in rows)
+    assert replay["tokens"]["output"] == sum(r.max_tokens for r in rows)
