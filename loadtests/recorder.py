@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+from array import array
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -117,8 +118,33 @@ def outcome_for_status(status: int, timed_out: bool = False) -> str:
     return "error"
 
 
+def _floats() -> array[float]:
+    return array("d")
+
+
+class Dispatched:
+    """(dispatch time s, items resolved, tokens) of every successful request, as three
+    parallel arrays: 24 bytes a request where a list of tuples of boxed numbers took about
+    120 (a plan of a month of chat traffic holds millions)."""
+
+    __slots__ = ("items", "times", "tokens")
+
+    def __init__(self) -> None:
+        self.times = array("d")
+        self.items = array("q")
+        self.tokens = array("q")
+
+    def append(self, entry: tuple[float, int, int]) -> None:
+        """Add one request's (dispatch time, items resolved, tokens)."""
+        t, items, tokens = entry
+        self.times.append(t)
+        self.items.append(items)
+        self.tokens.append(tokens)
+
+
 class _ArmAcc:
-    """Per-arm totals, per-bucket series and raw latencies."""
+    """Per-arm totals, per-bucket series and raw latencies (arrays of doubles: 8 bytes a
+    value where a list of floats takes 32)."""
 
     def __init__(self) -> None:
         self.requests: dict[str, int] = defaultdict(int)
@@ -131,16 +157,16 @@ class _ArmAcc:
         self.tokens_in = 0
         self.tokens_out = 0
         self.cost = 0.0
-        self.latencies: list[float] = []
-        self.ttfts: list[float] = []
-        self.tpots: list[float] = []
+        self.latencies = _floats()
+        self.ttfts = _floats()
+        self.tpots = _floats()
         # (dispatch time, items resolved, tokens) of every successful request: steady rate
-        self.dispatched: list[tuple[float, int, int]] = []
+        self.dispatched = Dispatched()
         self.first = math.inf
         self.last = -math.inf
         self.bucket: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self.bucket_lat: dict[int, list[float]] = defaultdict(list)
-        self.bucket_ttft: dict[int, list[float]] = defaultdict(list)
+        self.bucket_lat: dict[int, array[float]] = defaultdict(_floats)
+        self.bucket_ttft: dict[int, array[float]] = defaultdict(_floats)
 
 
 class Recorder:
@@ -299,7 +325,7 @@ class Recorder:
                 "items_done": 0,
                 "first": math.inf,
                 "last": -math.inf,
-                "latencies": [],
+                "latencies": _floats(),
             }
         return self._stages[name]
 
@@ -334,8 +360,8 @@ class Recorder:
                 recent.append(b.get("tokens_in", 0.0) + b.get("tokens_out", 0.0))
                 if len(recent) > window:
                     recent.pop(0)
-                lat = acc.bucket_lat.get(index, [])
-                ttft = acc.bucket_ttft.get(index, [])
+                lat = acc.bucket_lat.get(index, ())
+                ttft = acc.bucket_ttft.get(index, ())
                 rows.append(
                     {
                         "t_s": round((index + 1) * self.bucket_s, 6),

@@ -20,11 +20,13 @@ STEADY_WINDOW_S = 60.0
 
 
 def steady_rate(
-    dispatched: Sequence[tuple[float, int, int]], window_s: float = STEADY_WINDOW_S
+    times: Sequence[float], items: Sequence[int], tokens: Sequence[int],
+    window_s: float = STEADY_WINDOW_S,
 ) -> dict[str, Any]:
     """Items and tokens per virtual minute dispatched in the whole windows after the first.
 
-    ``dispatched`` holds (dispatch time s, items resolved, tokens) per successful request.
+    The three sequences hold, per successful request, its dispatch time (s), the items it
+    resolved and its tokens (a ``Dispatched``'s arrays).
     Windows start at the first dispatch; the first one (the empty rolling window's head start)
     is left out, and so is any window not wholly before the last dispatch (the job's tail), so
     the figure is what the limits allow once they bind, not where the job happened to end.
@@ -32,23 +34,24 @@ def steady_rate(
     """
     empty: dict[str, Any] = {"items_per_min": None, "tokens_per_min": None, "windows": 0,
                              "start_s": None, "end_s": None}
-    if not dispatched:
+    if not len(times):
         return empty
-    times = [d[0] for d in dispatched]
-    first, last = min(times), max(times)
+    at = np.asarray(times, dtype=float)
+    first, last = float(at.min()), float(at.max())
     windows = math.floor((last - first - window_s) / window_s + 1e-9)
     if windows < 1:
         return empty
     lo = first + window_s
     hi = lo + windows * window_s
-    items = sum(n for t, n, _ in dispatched if lo <= t < hi)
-    tokens = sum(k for t, _, k in dispatched if lo <= t < hi)
+    inside = (at >= lo) & (at < hi)
+    done = int(np.asarray(items, dtype=np.int64)[inside].sum())  # integers: exact sums
+    used = int(np.asarray(tokens, dtype=np.int64)[inside].sum())
     minutes = windows * window_s / 60.0
-    return {"items_per_min": items / minutes, "tokens_per_min": tokens / minutes,
+    return {"items_per_min": done / minutes, "tokens_per_min": used / minutes,
             "windows": windows, "start_s": lo, "end_s": hi}
 
 
-def _pcts(values: list[float]) -> dict[str, float | None]:
+def _pcts(values: Sequence[float]) -> dict[str, float | None]:
     if not values:
         empty: dict[str, float | None] = {f"p{q}": None for q in PERCENTILES}
         return empty | {"mean": None, "max": None}
@@ -94,7 +97,7 @@ def arm_summary(rec: Recorder, name: str, pending: int = 0) -> dict[str, Any]:
             "fraction": _ratio(good, total),
         }
     per_item_cost = _ratio(acc.cost, done)
-    steady = steady_rate(acc.dispatched)
+    steady = steady_rate(acc.dispatched.times, acc.dispatched.items, acc.dispatched.tokens)
     summary: dict[str, Any] = {
         "name": name,
         "strategy": info.strategy,

@@ -189,13 +189,14 @@ def test_steady_rate_counts_whole_windows_after_the_first_by_dispatch_time() -> 
     # a burst of 30 requests in the first 10 s, then one request every 2 s until t=250 s
     dispatched = [(0.3 * n, 20, 1000) for n in range(30)]
     dispatched += [(10.0 + 2.0 * n, 10, 500) for n in range(121)]
-    steady = steady_rate(dispatched)
+    steady = steady_rate(*zip(*dispatched, strict=True))
     # windows [60,120) and [120,180): [180,240) ends before the last dispatch (250) too
     assert steady["windows"] == 3 and steady["start_s"] == 60.0 and steady["end_s"] == 240.0
     assert steady["items_per_min"] == 300.0  # 30 requests of 10 items per window
     assert steady["tokens_per_min"] == 15000.0
-    assert steady_rate(dispatched[:30])["items_per_min"] is None  # no whole second window
-    assert steady_rate([])["windows"] == 0
+    # no whole second window in the first 30 requests
+    assert steady_rate(*zip(*dispatched[:30], strict=True))["items_per_min"] is None
+    assert steady_rate([], [], [])["windows"] == 0
 
 
 def test_summary_holds_the_steady_rate_beside_the_whole_run_rate() -> None:
