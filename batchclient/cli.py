@@ -132,6 +132,15 @@ async def _run(runner: Runner, transport: AiohttpTransport) -> JobResult:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, runner.stop)
     try:
+        # a wrong base URL is the commonest mistake, and its requests would be retried with
+        # backoff for minutes before every item is dead-lettered: say so before the run
+        for name, provider in transport.providers.items():
+            why = await transport.unreachable(name)
+            if why is not None:
+                print(f"ratelab job: warning: provider {name!r} at {provider.base_url} cannot "
+                      f"be reached ({why}); its requests are retried with backoff and each "
+                      "item is dead-lettered after retry.max_attempts (Ctrl-C stops and "
+                      "saves the job)", file=sys.stderr)
         return await runner.run()
     finally:
         await transport.close()

@@ -122,6 +122,24 @@ class AiohttpTransport:
             return None
         return {str(m.get("id")) for m in models if isinstance(m, dict) and "id" in m}
 
+    async def unreachable(self, provider: str) -> str | None:
+        """Why ``provider`` cannot be reached at all (no connection to its host, or no
+        answer within 10 s to ``GET {base_url}/models``); None when it answers anything."""
+        p = self.providers[provider]
+        try:
+            async with self._get_session().get(
+                f"{p.base_url}/models", headers=self._headers(p),
+                timeout=aiohttp.ClientTimeout(total=10),
+            ) as resp:
+                await resp.read()
+        except aiohttp.ClientConnectorError as exc:
+            return str(exc.os_error.strerror or exc.os_error)
+        except TimeoutError:
+            return "no answer within 10 s"
+        except aiohttp.ClientError:
+            return None  # it answered, badly: the requests' own errors will say how
+        return None
+
     async def send(self, call: Call) -> Response:
         """POST the call to ``{base_url}/chat/completions``; streams when ``call.stream``."""
         p = self.providers[call.provider]

@@ -59,3 +59,23 @@ def test_a_store_that_cannot_be_opened_is_an_input_error(
     err = capsys.readouterr().err
     assert f"{items}: cannot open the" in err and "Traceback" not in err
     assert items.read_text(encoding="utf-8") == '{"id": 1, "text": "ok"}\n'
+
+
+
+def test_an_unreachable_provider_is_named_before_the_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    items = tmp_path / "items.jsonl"
+    items.write_text('{"id": 1, "text": "ok"}\n', encoding="utf-8")
+    task = tmp_path / "task.yaml"
+    task.write_text("name: t\nsystem_prompt: Classify.\nlabels: {A: alpha}\n"
+                    "model: gpt-4o-mini\n", encoding="utf-8")
+    # 1000x: the retries and breaker cooldowns of a job nobody answers pass in a moment
+    status = main(["job", str(items), "--task", str(task), "--db", str(tmp_path / "j.db"),
+                   "--base-url", "http://127.0.0.1:9/v1", "--no-progress", "--time-scale",
+                   "1000"])
+    err = capsys.readouterr().err
+    assert status == 0 and "Traceback" not in err
+    assert ("ratelab job: warning: provider 'default' at http://127.0.0.1:9/v1 cannot be "
+            "reached") in err

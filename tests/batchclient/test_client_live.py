@@ -295,3 +295,20 @@ def test_cli_refuses_bad_input_with_status_2_before_any_request(tmp_path: Path) 
         assert bad_model.returncode == 2 and "no-such-model" in err.decode()
         stats = admin(server, "main")["keys"]["sk-ratelab"]["models"]
     assert stats == {} or all(not m["requests"] for m in stats.values())
+
+
+async def test_the_transport_tells_an_unreachable_provider_from_one_that_answers(
+        sim_server) -> None:  # type: ignore[no-untyped-def]
+    sim = await sim_server()
+    cfg = parse_client_config({"providers": [
+        {"name": "live", "base_url": sim.base_url(), "api_key": "sk-ratelab"},
+        {"name": "gone", "base_url": "http://127.0.0.1:9/v1", "api_key": "sk-ratelab"},
+        {"name": "wrong_key", "base_url": sim.base_url(), "api_key": "sk-nobody"}]}, "test")
+    transport = AiohttpTransport(cfg.providers, cfg.stream)
+    try:
+        assert await transport.unreachable("live") is None
+        assert await transport.unreachable("wrong_key") is None  # a 401 is an answer
+        why = await transport.unreachable("gone")
+        assert why is not None and "127.0.0.1" in why
+    finally:
+        await transport.close()
