@@ -104,18 +104,22 @@ class AiohttpTransport:
         return {"Authorization": f"Bearer {provider.api_key}",
                 "Content-Type": "application/json"}
 
+    async def _get_models(self, provider: str) -> tuple[int, bytes]:
+        """``GET {base_url}/models`` within 10 s: the status and the body (aiohttp's
+        errors and the timeout raised as they come)."""
+        p = self.providers[provider]
+        async with self._get_session().get(
+            f"{p.base_url}/models", headers=self._headers(p),
+            timeout=aiohttp.ClientTimeout(total=10),
+        ) as resp:
+            return resp.status, await resp.read()
+
     async def list_models(self, provider: str) -> set[str] | None:
         """``GET {base_url}/models``: the served model ids, None if the call fails."""
-        p = self.providers[provider]
         try:
-            async with self._get_session().get(
-                f"{p.base_url}/models", headers=self._headers(p),
-                timeout=aiohttp.ClientTimeout(total=10),
-            ) as resp:
-                if resp.status != 200:
-                    return None
-                data = await resp.json(content_type=None)
-        except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError):
+            status, body = await self._get_models(provider)
+            data = json.loads(body) if status == 200 else None
+        except (TimeoutError, aiohttp.ClientError, ValueError):  # JSON or its encoding
             return None
         models = data.get("data") if isinstance(data, dict) else None
         if not isinstance(models, list):
@@ -125,13 +129,8 @@ class AiohttpTransport:
     async def unreachable(self, provider: str) -> str | None:
         """Why ``provider`` cannot be reached at all (no connection to its host, or no
         answer within 10 s to ``GET {base_url}/models``); None when it answers anything."""
-        p = self.providers[provider]
         try:
-            async with self._get_session().get(
-                f"{p.base_url}/models", headers=self._headers(p),
-                timeout=aiohttp.ClientTimeout(total=10),
-            ) as resp:
-                await resp.read()
+            await self._get_models(provider)
         except aiohttp.ClientConnectorError as exc:
             return str(exc.os_error.strerror or exc.os_error)
         except TimeoutError:

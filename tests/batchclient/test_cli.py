@@ -41,16 +41,22 @@ def test_a_missing_file_is_named(tmp_path: Path) -> None:
     assert str(info.value).startswith(f"{path}: cannot read")
 
 
-@pytest.mark.parametrize("where", ["db", "cache"])
-def test_a_store_that_cannot_be_opened_is_an_input_error(
-        tmp_path: Path, where: str, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+def _one_item_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """An items file of one item and its task file, with an API key in the environment."""
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     items = tmp_path / "items.jsonl"
     items.write_text('{"id": 1, "text": "ok"}\n', encoding="utf-8")
     task = tmp_path / "task.yaml"
     task.write_text("name: t\nsystem_prompt: Classify.\nlabels: {A: alpha}\n"
                     "model: gpt-4o-mini\n", encoding="utf-8")
+    return items, task
+
+
+@pytest.mark.parametrize("where", ["db", "cache"])
+def test_a_store_that_cannot_be_opened_is_an_input_error(
+        tmp_path: Path, where: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    items, task = _one_item_job(tmp_path, monkeypatch)
     paths = {"db": str(tmp_path / "job.db"), "cache": str(tmp_path / "cache.db")}
     paths[where] = str(items)  # not an SQLite file: left as it was
     status = main(["job", str(items), "--task", str(task), "--db", paths["db"], "--cache",
@@ -65,12 +71,7 @@ def test_a_store_that_cannot_be_opened_is_an_input_error(
 def test_an_unreachable_provider_is_named_before_the_run(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    items = tmp_path / "items.jsonl"
-    items.write_text('{"id": 1, "text": "ok"}\n', encoding="utf-8")
-    task = tmp_path / "task.yaml"
-    task.write_text("name: t\nsystem_prompt: Classify.\nlabels: {A: alpha}\n"
-                    "model: gpt-4o-mini\n", encoding="utf-8")
+    items, task = _one_item_job(tmp_path, monkeypatch)
     # 1000x: the retries and breaker cooldowns of a job nobody answers pass in a moment
     status = main(["job", str(items), "--task", str(task), "--db", str(tmp_path / "j.db"),
                    "--base-url", "http://127.0.0.1:9/v1", "--no-progress", "--time-scale",
