@@ -13,7 +13,6 @@ import random
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from itertools import repeat
 from operator import attrgetter
 
 from batchclient.cache import ResultCache
@@ -254,12 +253,8 @@ class Runner:
             pop = seqs.pop
             for result in results:
                 if type(result) is Accepted:
-                    # saved: their seqs go, by a C-level map over the reply's states
-                    states = result.states
-                    if len(states) == 1:
-                        pop(states[0].id, None)
-                    else:
-                        deque(map(pop, map(_ID, states), repeat(None)), maxlen=0)
+                    for item_id in map(_ID, result.states):  # saved: their seqs go
+                        pop(item_id, None)
                 else:
                     assert isinstance(result, ItemResult)
                     seqs.pop(result.item_id, None)
