@@ -18,7 +18,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from itertools import islice, repeat
 from operator import attrgetter
-from operator import call as invoke
 
 from batchclient.config import ClientConfig, ProviderSettings, Task
 from batchclient.cost import CostMeter
@@ -531,9 +530,9 @@ class Engine(ResponseHandling, InteractiveLane):
         if len(batch) == len(queue):
             queue.clear()
         else:
-            # the head is the batch, in order: popped by a C-level loop (a deque of no
-            # length runs the map and keeps nothing)
-            deque(map(invoke, repeat(queue.popleft, len(batch))), 0)
+            popleft = queue.popleft
+            for _ in batch:
+                popleft()  # the head is the batch, in order
         # the batch's ids, whether any item was sent before and its most failed
         # attempts, by C-level maps (no item is written at a send: ``sends`` counts when
         # a reply sends one back)
