@@ -309,19 +309,23 @@ class ResponseHandling:
             self.adaptive.on_reply(len(call.item_ids), len(parsed.codes), parsed.truncated,
                                    parsed.malformed)
         not_answered = [*parsed.missing, *parsed.rejected]
-        damaged = parsed.truncated or parsed.malformed
+        # A cut or garbled reply that answered some items is the batch's fault, not the
+        # items' it lost: they go back without a miss. One that answered none made no
+        # progress (a provider whose every reply is prose or cut before the first answer):
+        # its items count a miss, or they would be sent, and paid for, forever.
+        excused = (parsed.truncated or parsed.malformed) and bool(parsed.codes)
         for item_id in not_answered:
             state = self._items[item_id]
             reason = parsed.rejected.get(item_id, "left out of the reply")
-            repeated = item_id in parsed.repeated
-            # A cut or garbled reply is the batch's fault, not the items' it lost; a
-            # repeated id is a glitch of the reply: it counts as a failed attempt.
-            if repeated:
+            # a repeated id is a glitch of the reply: it counts as a failed attempt
+            if item_id in parsed.repeated:
                 state.attempts += 1
-            elif item_id in parsed.rejected or not damaged:
+            elif item_id in parsed.rejected or not excused:
                 state.misses += 1
             if parsed.truncated and item_id in parsed.missing:
                 reason = "reply cut at max_tokens"
+            elif parsed.malformed and not parsed.codes:
+                reason = "reply held no JSON array of answers"
             state.last_error = reason
             if (state.misses >= self.config.retry.max_misses
                     or state.attempts >= self.config.retry.max_attempts):

@@ -126,6 +126,20 @@ async def test_poison_items_are_dead_lettered_and_counts_add_up(tmp_path: Path) 
         assert store.results()["poison-1"][0] == "dead"
 
 
+async def test_a_provider_that_never_answers_in_json_is_not_paid_forever(
+        tmp_path: Path) -> None:
+    # The simulator's default responder writes prose: every reply is paid for and answers
+    # no item. Each pass counts a miss, so the items are dead-lettered after max_misses.
+    with serve_in_thread(sim(provider(responder={"kind": "lorem"}))) as server:
+        items = make_items(3)
+        result, store = await run_job(tmp_path, client(server, ["main"]), items)
+        assert (result.exit_status, result.done, result.dead, result.pending) == (0, 0, 3, 0)
+        assert result.requests == 5  # one batch of 3 per pass, max_misses passes
+        billed = admin(server, "main")["keys"]["sk-ratelab"]["models"]["m1"]["requests"]
+        assert billed == {"200": 5}
+        assert {state for state, _, _ in store.results().values()} == {"dead"}
+
+
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "loadtests.cli", "job", *args],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

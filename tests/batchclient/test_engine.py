@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -12,7 +13,7 @@ from batchclient.policy.engine import (
     Engine,
     InputError,
 )
-from batchclient.policy.wire import Item
+from batchclient.policy.wire import Call, Item, Response
 from tests.batchclient.bc_fakes import FakeProvider, code_of, config, drive, items, task
 
 
@@ -55,6 +56,37 @@ def test_poison_item_is_dead_lettered_after_max_misses() -> None:
     assert done.status == 0
     assert results["99"].state == "dead" and "left out" in (results["99"].error or "")
     assert engine.counts.done == 5 and engine.counts.dead == 1
+
+
+def _prose(finish: str):  # type: ignore[no-untyped-def]
+    """A provider whose every reply is prose, never the JSON array asked for."""
+    def answer(call: Call) -> Response:
+        body = json.dumps({"choices": [{"index": 0, "finish_reason": finish, "message": {
+            "role": "assistant", "content": "sit amet consectetur adipiscing elit"}}],
+            "usage": {"prompt_tokens": 40, "completion_tokens": 8}})
+        return Response(200, {"x-mdb-charged-usd": "0.0001"}, body, elapsed_s=0.5)
+    return answer
+
+
+@pytest.mark.parametrize(("finish", "error"), [("length", "reply cut at max_tokens"),
+                                               ("stop", "reply held no JSON array")])
+def test_replies_that_answer_nothing_dead_letter_their_items(finish: str, error: str) -> None:
+    # Damaged replies that answer some items excuse the ones they lost; replies that answer
+    # none count a miss, else the items would be sent, and paid for, forever.
+    engine = make(3)
+    done, _, results = drive(engine, _prose(finish), limit=1000)
+    assert done.status == 0
+    assert {r.state for r in results.values()} == {"dead"} and len(results) == 3
+    assert all(error in (r.error or "") for r in results.values())
+    assert engine.counts.requests == config().retry.max_misses  # one batch of 3, each pass
+
+
+def test_cut_replies_that_answer_some_items_excuse_the_rest() -> None:
+    # every reply cut, but never before its first answer: no item is dead-lettered
+    engine = make(60)
+    done, _, results = drive(engine, FakeProvider(seed=4, faults={"truncate": 1.0}))
+    assert done.status == 0 and len(results) == 60
+    assert all(r.state == "done" for r in results.values())
 
 
 def test_single_and_naive_send_one_item_per_request() -> None:
