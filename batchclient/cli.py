@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--low-balance", type=float, help="warn when the balance (USD) "
                         "falls below this")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--retry-dead", action="store_true", help="put the job's "
+                        "dead-lettered items back in the queue before the run (once their "
+                        "cause is fixed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress line")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -184,12 +187,17 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.items:
             store.import_items(read_items(args.items))
+        if args.retry_dead:
+            requeued = store.requeue_dead()
+            print(f"ratelab job: {requeued} dead-lettered item"
+                  f"{'' if requeued == 1 else 's'} back in the queue", file=sys.stderr)
         runner = Runner(task, config, transport, store, cache=cache,
                         on_progress=None if args.no_progress else show,
                         on_low_balance=low_balance)
         # this process exists to run the job: settle the garbage collector for it
         gc_tuning.tune_for_job()
         result = asyncio.run(_run(runner, transport))
+        dead_errors = store.dead_errors() if result.dead else []
     except (ConfigError, InputError) as exc:
         print(f"\nratelab job: {exc}", file=sys.stderr)
         return EXIT_INPUT
@@ -203,6 +211,13 @@ def main(args: argparse.Namespace) -> int:
     if not args.no_progress:
         print(file=sys.stderr)
     _report(result, args.json, _provider_names(config.providers))
+    if dead_errors:
+        # exit 0 says every item was settled; the dead letters and why go to stderr
+        commonest = "; ".join(f"{error or 'no error recorded'} ({n})"
+                              for error, n in dead_errors)
+        print(f"ratelab job: {result.dead} item{'' if result.dead == 1 else 's'} "
+              f"dead-lettered, by last error: {commonest}. Once the cause is fixed, re-run "
+              "with --retry-dead to send them again.", file=sys.stderr)
     return result.exit_status
 
 

@@ -473,6 +473,14 @@ class SqliteJobStore:
             "UPDATE outcomes SET state = 'pending' WHERE state = 'dead' AND result IS NULL"))
         return cur.rowcount
 
+    def dead_errors(self, limit: int = 3) -> list[tuple[str, int]]:
+        """The commonest last errors of dead-lettered items, with how many items each, most
+        first (ties by error): what a user needs to fix before ``requeue_dead``."""
+        rows = self._retry(lambda: self._conn.execute(
+            "SELECT COALESCE(error, ''), COUNT(*) AS n FROM outcomes WHERE state = 'dead' "
+            "GROUP BY 1 ORDER BY n DESC, 1 LIMIT ?", (limit,)).fetchall())
+        return [(str(error), int(n)) for error, n in rows]
+
     def counts(self) -> StoreCounts:
         """Counts by state and the total cost recorded on done items."""
         # One scan; a done item's cost is its batch's share (a rowid lookup per item).

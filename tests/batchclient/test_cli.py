@@ -11,6 +11,8 @@ from batchclient.cli import read_items
 from batchclient.policy.engine import InputError
 from batchclient.policy.wire import Item
 from loadtests.cli import main
+from simulator.model.config import parse_config
+from simulator.server import serve_in_thread
 
 
 def test_items_are_read_in_order_blank_lines_skipped(tmp_path: Path) -> None:
@@ -80,3 +82,32 @@ def test_an_unreachable_provider_is_named_before_the_run(
     assert status == 0 and "Traceback" not in err
     assert ("ratelab job: warning: provider 'default' at http://127.0.0.1:9/v1 cannot be "
             "reached") in err
+
+
+def _simulator(responder: dict[str, object]):  # type: ignore[no-untyped-def]
+    """A simulator at 1000x that takes _one_item_job's key and model."""
+    return serve_in_thread(parse_config({"time_scale": 1000, "providers": [{
+        "name": "p", "models": {"gpt-4o-mini": {}}, "keys": {"sk-test": {}},
+        "responder": responder}]}, "test"))
+
+
+def test_dead_letters_are_explained_then_sent_again_with_retry_dead(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    items, task = _one_item_job(tmp_path, monkeypatch)
+    db = str(tmp_path / "job.db")
+    args = ["job", "--task", str(task), "--db", db, "--no-progress", "--time-scale", "1000"]
+    # a provider that writes prose: the item is dead-lettered, and stderr says why
+    with _simulator({"kind": "lorem"}) as server:
+        status = main([*args, str(items), "--base-url", server.base_url("p")])
+    out, err = capsys.readouterr()
+    assert status == 0 and out.startswith("exit 0: 0 done, 1 dead, 0 pending of 1")
+    assert ("ratelab job: 1 item dead-lettered, by last error: reply cut at max_tokens (1). "
+            "Once the cause is fixed, re-run with --retry-dead") in err
+    # a provider that answers in JSON: resumed with --retry-dead, the item is done
+    with _simulator({"kind": "batch_json", "codes": ["A"]}) as server:
+        status = main([*args, "--retry-dead", "--base-url", server.base_url("p")])
+    out, err = capsys.readouterr()
+    assert status == 0 and out.startswith("exit 0: 1 done, 0 dead, 0 pending of 1")
+    assert "ratelab job: 1 dead-lettered item back in the queue" in err
+    assert "dead-lettered, by last error" not in err

@@ -30,6 +30,16 @@ def test_cursor_pages_skip_done_and_dead_items(tmp_path: Path) -> None:
     assert store.requeue_dead() == 1 and store.counts().pending == 9
 
 
+def test_dead_errors_are_the_commonest_last_errors_first(tmp_path: Path) -> None:
+    store = SqliteJobStore(str(tmp_path / "j.sqlite"))
+    store.import_items(Item(f"i{n}", f"text {n}") for n in range(8))
+    errors = ["cut", "boom", "cut", "prose", "boom", "cut"]
+    store.save_results([ItemResult(f"i{n}", "dead", error=e) for n, e in enumerate(errors)])
+    assert store.dead_errors() == [("cut", 3), ("boom", 2), ("prose", 1)]
+    assert store.dead_errors(limit=1) == [("cut", 3)]
+    assert store.requeue_dead() == 6 and store.dead_errors() == []
+
+
 def test_a_result_is_never_written_twice(tmp_path: Path) -> None:
     store = SqliteJobStore(str(tmp_path / "j.sqlite"))
     store.import_items([Item("a", "x")])
