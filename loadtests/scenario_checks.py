@@ -1,7 +1,8 @@
 """Checks of a scenario's meaning, after the schema: references, limits, stages, sizes.
 
 The schema says what shape a scenario has; these checks say whether it can run: every name
-an arm or load refers to exists, no limit is zero, no stage is empty, and the provider and
+an arm or load refers to exists, no limit is zero, no stage is empty, a batch job's
+providers answer item batches with codes of the workload's labels, and the provider and
 client sections pass their owners' parsers (the simulator's and the client's) when present.
 """
 
@@ -14,9 +15,10 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from loadtests.scenario_model import Scenario
+from loadtests.scenario_model import DEFAULT_LABELS, Scenario
 from loadtests.scenario_schema import KeyPath, LineMap, Problem
 from loadtests.shapes import TraceError, read_trace
+from simulator.model.profile import DEFAULT_CODES, RESPONDERS
 
 # keys whose value is a rate limit: zero would admit nothing, negative is meaningless
 LIMIT_KEYS = frozenset(
@@ -142,7 +144,51 @@ def meaning_problems(doc: Mapping[str, Any], lines: LineMap, base: Path) -> list
         missing = _missing_key(doc, key)
         if missing:
             add(lines.problem(("sweep", key), missing))
+    problems.extend(_responder_problems(doc, lines))
     return problems
+
+
+def _responder_problems(doc: Mapping[str, Any], lines: LineMap) -> Iterator[Problem]:
+    """A batch job's providers must answer item batches, with codes of the workload's
+    labels: a prose responder (the simulator's default, ``lorem``) answers no item, and a
+    code outside the taxonomy is refused, so every such item would be paid for again and
+    again and then dead-lettered."""
+    batch = doc["load"].get("batch")
+    providers = doc.get("providers", [])
+    if batch is None or not providers:
+        return
+    strategies = {a["name"]: a["strategy"] for a in doc["arms"]}
+    names = batch.get("arms", [n for n, s in strategies.items() if s != "interactive"])
+    used: dict[str, str] = {}  # provider -> the first batch arm that sends to it
+    for arm in doc["arms"]:
+        if arm["name"] in names and strategies[arm["name"]] != "interactive":
+            for provider in arm.get("providers", [providers[0]["name"]]):
+                used.setdefault(provider, arm["name"])
+    labels = doc["workload"].get("labels") or dict(DEFAULT_LABELS)
+    for index, provider in enumerate(providers):
+        arm = used.get(provider["name"])
+        if arm is None:
+            continue
+        responder = provider.get("responder") or {}
+        kind = responder.get("kind", "lorem")
+        if kind not in RESPONDERS:
+            continue  # the simulator's parser names an unknown kind (plugin_problems)
+        if kind != "batch_json":
+            yield lines.problem(
+                ("providers", index, "responder", "kind") if "kind" in responder
+                else ("providers", index),
+                f"arm {arm!r} sends item batches to provider {provider['name']!r}, whose "
+                f"responder writes {kind!r} replies: no item would be answered (set "
+                "responder: {kind: batch_json})")
+            continue
+        foreign = [str(c) for c in responder.get("codes", DEFAULT_CODES)
+                   if str(c) not in labels]
+        if foreign:
+            yield lines.problem(
+                ("providers", index, "responder", "codes") if "codes" in responder
+                else ("workload", "labels"),
+                f"provider {provider['name']!r} answers with codes {', '.join(foreign)} that "
+                "workload.labels does not have: the client would refuse those answers")
 
 
 def _unique(

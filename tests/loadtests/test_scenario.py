@@ -167,6 +167,7 @@ def test_profile_reference_with_overrides(tmp_path: Path) -> None:
     (tmp_path / "providers").mkdir()
     (tmp_path / "providers" / "tier.yaml").write_text(
         "name: tier\nmodels: {m1: {}}\nkeys: {sk-1: {}}\nlimits: {tpm: 1000, rpm: 10}\n"
+        "responder: {kind: batch_json}\n"
     )
     text = GOOD.replace(
         "    models: {m1: {input_usd_per_mtok: 0.15, output_usd_per_mtok: 0.6}}\n"
@@ -182,6 +183,24 @@ def test_profile_reference_with_overrides(tmp_path: Path) -> None:
         f"{tmp_path / 'scenario.yaml'}:6: providers[0].profile: "
         "no profile file 'providers/nope.yaml'"
     )
+
+
+def test_a_batch_job_needs_providers_that_answer_item_batches(tmp_path: Path) -> None:
+    # prose answers no item, and codes outside the labels are refused: every item would be
+    # paid for again and again, then dead-lettered
+    message = refuse(tmp_path, GOOD.replace("kind: batch_json", "kind: lorem"))
+    assert message.startswith(
+        f"{tmp_path / 'scenario.yaml'}:9: providers[0].responder.kind: arm 'batched' sends "
+        "item batches to provider 'main', whose responder writes 'lorem' replies")
+    message = refuse(tmp_path, GOOD.replace("    responder: {kind: batch_json}\n", ""))
+    assert message.startswith(f"{tmp_path / 'scenario.yaml'}:5: providers[0]: arm 'batched'")
+    message = refuse(tmp_path, GOOD.replace("kind: batch_json", "kind: batch_json, codes: [A, Q]"))
+    assert message.startswith(
+        f"{tmp_path / 'scenario.yaml'}:9: providers[0].responder.codes: provider 'main' "
+        "answers with codes Q that workload.labels does not have")
+    # without a batch job, a prose provider serves chats as intended
+    load_scenario(write(tmp_path, GOOD.replace("kind: batch_json", "kind: lorem").replace(
+        "  batch: {}\n", "")))
 
 
 def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
