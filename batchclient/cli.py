@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--low-balance", type=float, help="warn when the balance (USD) "
                         "falls below this")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--task-changed", action="store_true", help="continue a job whose "
+                        "task (name, system prompt, instructions, labels or model) changed "
+                        "since it started: its done items keep the earlier task's answers")
     parser.add_argument("--retry-dead", action="store_true", help="put the job's "
                         "dead-lettered items back in the queue before the run (once their "
                         "cause is fixed)")
@@ -193,7 +196,7 @@ def main(args: argparse.Namespace) -> int:
                   f"{'' if requeued == 1 else 's'} back in the queue", file=sys.stderr)
         runner = Runner(task, config, transport, store, cache=cache,
                         on_progress=None if args.no_progress else show,
-                        on_low_balance=low_balance)
+                        on_low_balance=low_balance, rebind_task=args.task_changed)
         # this process exists to run the job: settle the garbage collector for it
         gc_tuning.tune_for_job()
         result = asyncio.run(_run(runner, transport))

@@ -38,7 +38,7 @@ from batchclient.policy.state import Accepted
 from batchclient.policy.userlimits import UserDecision, UserLimits
 from batchclient.policy.wire import Call, Response
 from batchclient.progress import ProgressSnapshot
-from batchclient.store import JobStore
+from batchclient.store import JobStore, TaskRecord
 from batchclient.transport import Transport
 
 WIRE_LATENCY_WALL_S = 0.02
@@ -106,6 +106,7 @@ class Runner:
         user_limits: UserLimits | None = None,
         lanes: LanePolicy | None = None,
         keep_open: bool = False,
+        rebind_task: bool = False,
     ) -> None:
         self.task = task
         if config.time_scale > 1.0:
@@ -126,6 +127,8 @@ class Runner:
         self.user_limits = user_limits
         self.lanes = lanes
         self.keep_open = keep_open
+        # continue a job whose task changed since it started (else preflight refuses it)
+        self.rebind_task = rebind_task
         self._stop = False
         self.engine: Engine | None = None
         self._wake: asyncio.Event | None = None
@@ -199,6 +202,14 @@ class Runner:
         self._pending_at_start = counts.pending
         if counts.total == 0 and not self.keep_open:
             raise InputError("items: the job has no items")
+        record = TaskRecord(self.task.name, task_digest(self.task), self.task.model)
+        before = self.store.bind_task(record, rebind=self.rebind_task)
+        if before is not None and not self.rebind_task:
+            raise InputError(
+                f"task: the job store holds answers to another task (changed: "
+                f"{'; '.join(before.differences(record))}): resuming would mix two tasks' "
+                "answers. Use another job store, or continue with this task on purpose "
+                "(Runner(rebind_task=True), ratelab job --task-changed)")
         checker = Engine(self.task, self.config, random.Random(0), served, self.predicates)
         cursor = 0
         while True:

@@ -59,6 +59,12 @@ CREATE TABLE IF NOT EXISTS labels (
     code TEXT PRIMARY KEY,
     label TEXT
 );
+CREATE TABLE IF NOT EXISTS job_task (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    name TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    model TEXT NOT NULL
+);
 CREATE VIEW IF NOT EXISTS item_results AS
     SELECT i.seq, i.item_id, i.text, i.tag, o.result, l.label, o.state, o.error, o.attempts,
            COALESCE(b.cost_usd_each, 0) AS cost_usd, b.model, b.provider
@@ -99,6 +105,28 @@ _DONE_RANGE = ("UPDATE outcomes SET result = substr(?1, seq - ?2 + 1, 1), state 
                "error = NULL, attempts = ?4, batch = ?5 WHERE seq BETWEEN ?2 AND ?3 "
                "AND result IS NULL")
 _NEW_BATCH = "INSERT INTO batches(cost_usd_each, model, provider) VALUES (?, ?, ?)"
+_JOB_TASK = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS job_task"):].split(";")[0]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """The task a job store's results answer: its name, ``task_digest`` (system prompt,
+    instructions, labels) and model."""
+
+    name: str
+    digest: str
+    model: str
+
+    def differences(self, other: TaskRecord) -> list[str]:
+        """What ``other`` changes, in words (empty when nothing)."""
+        found = []
+        if other.name != self.name:
+            found.append(f"name {self.name!r} -> {other.name!r}")
+        if other.digest != self.digest:
+            found.append("system prompt, instructions or labels")
+        if other.model != self.model:
+            found.append(f"model {self.model!r} -> {other.model!r}")
+        return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +193,11 @@ class JobStore(Protocol):
         write an unknown seq as a new outcome row). An ``Accepted``
         entry (``Engine.drain_compact``) stands for the ``done`` items of one reply, their
         codes named by ``labels``."""
+        ...
+
+    def bind_task(self, task: TaskRecord, rebind: bool = False) -> TaskRecord | None:
+        """Record the task of the job on its first run. Returns the task recorded before
+        when it differs from ``task`` (left as it was unless ``rebind``), else None."""
         ...
 
     def counts(self) -> StoreCounts:
@@ -293,7 +326,8 @@ class SqliteJobStore:
             tables = {r[0] for r in conn.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}
             if version == SCHEMA_VERSION:
-                pass
+                if "job_task" not in tables:  # a store from before the task was recorded
+                    conn.execute(_JOB_TASK)
             elif version > SCHEMA_VERSION:
                 raise StoreVersionError(
                     f"{self.path}: job store schema {version} was written by a newer ratelab "
@@ -472,6 +506,27 @@ class SqliteJobStore:
         cur = self._retry(lambda: self._conn.execute(
             "UPDATE outcomes SET state = 'pending' WHERE state = 'dead' AND result IS NULL"))
         return cur.rowcount
+
+    def bind_task(self, task: TaskRecord, rebind: bool = False) -> TaskRecord | None:
+        """Record the task of the job on its first run. Returns the task recorded before
+        when it differs from ``task`` (left as it was unless ``rebind``), else None."""
+
+        def run() -> TaskRecord | None:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute("SELECT name, digest, model FROM job_task").fetchone()
+                before = None if row is None else TaskRecord(*map(str, row))
+                if before is None or (before != task and rebind):
+                    conn.execute("INSERT OR REPLACE INTO job_task(id, name, digest, model) "
+                                 "VALUES (1, ?, ?, ?)", (task.name, task.digest, task.model))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return before if before is not None and before != task else None
+
+        return self._retry(run)
 
     def dead_errors(self, limit: int = 3) -> list[tuple[str, int]]:
         """The commonest last errors of dead-lettered items, with how many items each, most

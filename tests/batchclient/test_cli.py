@@ -111,3 +111,24 @@ def test_dead_letters_are_explained_then_sent_again_with_retry_dead(
     assert status == 0 and out.startswith("exit 0: 1 done, 0 dead, 0 pending of 1")
     assert "ratelab job: 1 dead-lettered item back in the queue" in err
     assert "dead-lettered, by last error" not in err
+
+
+def test_a_job_resumed_with_another_task_is_refused_unless_said_on_purpose(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    items, task = _one_item_job(tmp_path, monkeypatch)
+    db = str(tmp_path / "job.db")
+    args = ["job", str(items), "--db", db, "--no-progress", "--time-scale", "1000"]
+    with _simulator({"kind": "batch_json", "codes": ["A"]}) as server:
+        url = ["--base-url", server.base_url("p")]
+        assert main([*args, "--task", str(task), *url]) == 0
+        renamed = tmp_path / "renamed.yaml"
+        renamed.write_text(task.read_text(encoding="utf-8").replace("name: t", "name: u"),
+                           encoding="utf-8")
+        capsys.readouterr()
+        assert main([*args, "--task", str(renamed), *url]) == 2
+        err = capsys.readouterr().err
+        assert ("ratelab job: task: the job store holds answers to another task (changed: "
+                "name 't' -> 'u')") in err and "--task-changed" in err
+        assert main([*args, "--task", str(renamed), "--task-changed", *url]) == 0
+        assert main([*args, "--task", str(renamed), *url]) == 0  # now bound to the new one

@@ -12,7 +12,13 @@ from batchclient.cache import SqliteResultCache
 from batchclient.policy.engine import InputError, ItemResult
 from batchclient.policy.state import Accepted, ItemState
 from batchclient.policy.wire import Call, Item
-from batchclient.store import SCHEMA_VERSION, SqliteJobStore, StoreCounts, StoreVersionError
+from batchclient.store import (
+    SCHEMA_VERSION,
+    SqliteJobStore,
+    StoreCounts,
+    StoreVersionError,
+    TaskRecord,
+)
 
 
 def test_cursor_pages_skip_done_and_dead_items(tmp_path: Path) -> None:
@@ -38,6 +44,25 @@ def test_dead_errors_are_the_commonest_last_errors_first(tmp_path: Path) -> None
     assert store.dead_errors() == [("cut", 3), ("boom", 2), ("prose", 1)]
     assert store.dead_errors(limit=1) == [("cut", 3)]
     assert store.requeue_dead() == 6 and store.dead_errors() == []
+
+
+def test_the_job_task_is_recorded_once_and_changes_are_named(tmp_path: Path) -> None:
+    path = str(tmp_path / "j.sqlite")
+    store = SqliteJobStore(path)
+    first = TaskRecord("segment", "d1", "m1")
+    assert store.bind_task(first) is None and store.bind_task(first) is None
+    other = TaskRecord("other", "d2", "m1")
+    assert store.bind_task(other) == first  # refused: the record stays
+    assert store.bind_task(first) is None
+    assert first.differences(other) == ["name 'segment' -> 'other'",
+                                        "system prompt, instructions or labels"]
+    assert store.bind_task(other, rebind=True) == first
+    assert store.bind_task(other) is None
+    # a schema-2 store from before the task was recorded gets the table when opened
+    store._conn.execute("DROP TABLE job_task")
+    store.close()
+    reopened = SqliteJobStore(path)
+    assert reopened.bind_task(first) is None and reopened.bind_task(other) == first
 
 
 def test_a_result_is_never_written_twice(tmp_path: Path) -> None:
