@@ -202,9 +202,11 @@ class Runner:
         self._pending_at_start = counts.pending
         if counts.total == 0 and not self.keep_open:
             raise InputError("items: the job has no items")
+        # a store with no answer yet takes a changed task silently: there is nothing to mix
         record = TaskRecord(self.task.name, task_digest(self.task), self.task.model)
-        before = self.store.bind_task(record, rebind=self.rebind_task)
-        if before is not None and not self.rebind_task:
+        answered = counts.done > 0
+        before = self.store.bind_task(record, rebind=self.rebind_task or not answered)
+        if before is not None and answered and not self.rebind_task:
             raise InputError(
                 f"task: the job store holds answers to another task (changed: "
                 f"{'; '.join(before.differences(record))}): resuming would mix two tasks' "

@@ -164,7 +164,7 @@ def _responder_problems(doc: Mapping[str, Any], lines: LineMap) -> Iterator[Prob
         if arm["name"] in names and strategies[arm["name"]] != "interactive":
             for provider in arm.get("providers", [providers[0]["name"]]):
                 used.setdefault(provider, arm["name"])
-    labels = doc["workload"].get("labels") or dict(DEFAULT_LABELS)
+    labels = {str(code) for code in doc["workload"].get("labels") or dict(DEFAULT_LABELS)}
     for index, provider in enumerate(providers):
         arm = used.get(provider["name"])
         if arm is None:

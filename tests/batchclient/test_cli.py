@@ -119,12 +119,14 @@ def test_a_job_resumed_with_another_task_is_refused_unless_said_on_purpose(
     items, task = _one_item_job(tmp_path, monkeypatch)
     db = str(tmp_path / "job.db")
     args = ["job", str(items), "--db", db, "--no-progress", "--time-scale", "1000"]
+    renamed = tmp_path / "renamed.yaml"
+    renamed.write_text(task.read_text(encoding="utf-8").replace("name: t", "name: u"),
+                       encoding="utf-8")
+    # a first run that answered nothing (no provider at that port): the task may change
+    assert main([*args, "--task", str(renamed), "--base-url", "http://127.0.0.1:9/v1"]) == 0
     with _simulator({"kind": "batch_json", "codes": ["A"]}) as server:
         url = ["--base-url", server.base_url("p")]
-        assert main([*args, "--task", str(task), *url]) == 0
-        renamed = tmp_path / "renamed.yaml"
-        renamed.write_text(task.read_text(encoding="utf-8").replace("name: t", "name: u"),
-                           encoding="utf-8")
+        assert main([*args, "--task", str(task), "--retry-dead", *url]) == 0
         capsys.readouterr()
         assert main([*args, "--task", str(renamed), *url]) == 2
         err = capsys.readouterr().err
