@@ -20,6 +20,7 @@ from simulator.model.config import (
     default_config,
     load_config,
 )
+from simulator.model.profile import ResponderSpec
 from simulator.server import RunningServer, start_server
 
 HELP = "Start the simulated OpenAI-compatible LLM provider (rate limits, billing, latency, faults)."
@@ -137,10 +138,21 @@ def _banner(server: RunningServer, cfg: SimulatorConfig) -> str:
     lines = [f"ratelab simulator listening on {server.url} (time_scale {cfg.time_scale:g})"]
     for i, profile in enumerate(cfg.providers):
         where = f"{server.url}/v1 and " if i == 0 else ""
-        lines.append(f"  provider {profile.name!r}: {where}{server.base_url(profile.name)}")
+        lines.append(f"  provider {profile.name!r}: {where}{server.base_url(profile.name)}; "
+                     f"replies: {_replies(profile.responder)}")
     lines.append(f"  admin: {server.url}/admin/NAME/stats (Bearer {cfg.admin_token}); "
                  f"metrics: {server.url}/metrics")
     return "\n".join(lines)
+
+
+def _replies(responder: ResponderSpec) -> str:
+    """What a provider answers, as the banner says it: a batch job needs item batches
+    answered (batch_json), and prose is the default."""
+    if responder.kind == "batch_json":
+        return f"batch_json, item codes {','.join(responder.codes)}"
+    if responder.kind == "lorem":
+        return "prose (lorem; a batch job needs responder kind batch_json)"
+    return responder.kind
 
 
 async def _serve(cfg: SimulatorConfig, host: str, port: int) -> int:

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from loadtests.cli import main
+from simulator.cli import _replies
+from simulator.model.profile import ResponderSpec
 
 FLAGS = ("--config", "--host", "--port", "--rpm", "--tpm", "--concurrency", "--ttft-ms",
          "--itl-ms", "--balance-usd", "--time-scale", "--seed", "--admin-token", "--demo")
@@ -111,6 +113,10 @@ def test_serve_process_answers_then_stops_on_sigterm(tmp_path: Path) -> None:
         banner = proc.stdout.readline()
         match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", banner)
         assert match, banner
+        # the default provider writes prose, and says so: a batch job needs batch_json
+        assert proc.stdout.readline() == (
+            f"  provider 'default': {match.group(1)}/v1 and {match.group(1)}/p/default/v1; "
+            "replies: prose (lorem; a batch job needs responder kind batch_json)\n")
         request = urllib.request.Request(
             match.group(1) + "/v1/chat/completions",
             data=json.dumps({"model": "gpt-4o-mini", "max_tokens": 5,
@@ -124,3 +130,12 @@ def test_serve_process_answers_then_stops_on_sigterm(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
+
+
+@pytest.mark.parametrize(("spec", "said"), [
+    (ResponderSpec(), "prose (lorem; a batch job needs responder kind batch_json)"),
+    (ResponderSpec(kind="batch_json", codes=("A", "B")), "batch_json, item codes A,B"),
+    (ResponderSpec(kind="echo"), "echo"),
+])
+def test_the_banner_says_what_each_provider_replies(spec: ResponderSpec, said: str) -> None:
+    assert _replies(spec) == said
