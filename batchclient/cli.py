@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sqlite3
 import sys
@@ -166,6 +167,11 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError(f"{source}: providers: give --base-url or a providers list")
     except (ConfigError, InputError) as exc:
         print(f"ratelab job: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    if not args.items and not os.path.exists(args.db):
+        # a resume of a store that is not there: say so, and leave no empty store behind
+        print(f"ratelab job: --db {args.db}: no such job store; give ITEMS.jsonl to start "
+              "a job", file=sys.stderr)
         return EXIT_INPUT
     try:
         store = SqliteJobStore(args.db)

@@ -134,3 +134,15 @@ def test_a_job_resumed_with_another_task_is_refused_unless_said_on_purpose(
                 "name 't' -> 'u')") in err and "--task-changed" in err
         assert main([*args, "--task", str(renamed), "--task-changed", *url]) == 0
         assert main([*args, "--task", str(renamed), *url]) == 0  # now bound to the new one
+
+
+def test_a_resume_of_a_store_that_is_not_there_creates_none(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    _, task = _one_item_job(tmp_path, monkeypatch)
+    db = tmp_path / "typo.db"
+    status = main(["job", "--task", str(task), "--db", str(db), "--base-url",
+                   "http://127.0.0.1:9/v1", "--no-progress"])
+    assert status == 2 and not db.exists()
+    assert capsys.readouterr().err == (f"ratelab job: --db {db}: no such job store; give "
+                                       "ITEMS.jsonl to start a job\n")
