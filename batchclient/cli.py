@@ -1,7 +1,7 @@
 """``ratelab job``: run (or resume) a batch job from a JSONL file into a SQLite job store.
 
 Re-running the same command resumes: items already in the store are not imported again,
-done ones are skipped. Exit statuses follow docs/conventions.md (0, 1, 2, 3, 4, 130).
+done ones are skipped. Exit statuses follow docs/conventions.md (0, 1, 2, 3, 4, 5, 130).
 """
 
 from __future__ import annotations

@@ -130,6 +130,10 @@ class RetrySettings:
 
     ``max_attempts`` counts failed requests carrying the item (429, 5xx, timeouts);
     ``max_misses`` counts replies that left it out or answered it wrongly.
+    ``max_empty_replies`` consecutive replies that answered no item at all, being prose,
+    garbled or cut before their first answer, stop the job (exit 5, the items left pending):
+    the provider or the prompt is at fault, and every further request would be paid for
+    nothing. 0 never stops.
     ``naive_sleep`` is the naive strategy's reaction to a 429: ``article`` sleeps
     ``2**n + random()`` seconds, ``immediate`` retries at once.
     """
@@ -138,6 +142,7 @@ class RetrySettings:
     cap_s: float = 60.0
     max_attempts: int = 8
     max_misses: int = 5
+    max_empty_replies: int = 10
     naive_sleep: Literal["article", "immediate"] = "article"
 
 
@@ -304,6 +309,7 @@ def parse_client_config(data: object, source: str) -> ClientConfig:
     retry = RetrySettings(
         base_s=rt.float_("base_s", 1.0), cap_s=rt.float_("cap_s", 60.0),
         max_attempts=rt.int_("max_attempts", 8, 1), max_misses=rt.int_("max_misses", 5, 1),
+        max_empty_replies=rt.int_("max_empty_replies", 10, 0),
         naive_sleep="immediate"
         if rt.choice("naive_sleep", "article", ("article", "immediate")) == "immediate"
         else "article",

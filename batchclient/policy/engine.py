@@ -32,6 +32,7 @@ from batchclient.policy.job import EXIT_BALANCE as EXIT_BALANCE
 from batchclient.policy.job import EXIT_ERROR as EXIT_ERROR
 from batchclient.policy.job import EXIT_INPUT as EXIT_INPUT
 from batchclient.policy.job import EXIT_INTERRUPTED as EXIT_INTERRUPTED
+from batchclient.policy.job import EXIT_NO_ANSWERS as EXIT_NO_ANSWERS
 from batchclient.policy.job import EXIT_OK as EXIT_OK
 from batchclient.policy.job import Action as Action
 from batchclient.policy.job import Counts as Counts
@@ -127,6 +128,7 @@ class Engine(ResponseHandling, InteractiveLane):
         self._packed: tuple[tuple[str, int, int, int], list[ItemState], int, int] | None = None
         self._exhausted = False
         self._fatal: Done | None = None
+        self._empty_replies = 0  # consecutive replies that answered no item (damaged)
         self._out = Drained()
         self._rate_limited_until: dict[str, float] = {}
         self.user_limits = user_limits

@@ -19,6 +19,8 @@ EXIT_ERROR = 1
 EXIT_INPUT = 2
 EXIT_BALANCE = 3
 EXIT_AUTH = 4
+# the provider's replies answer no item (prose, garbled or cut before the first answer)
+EXIT_NO_ANSWERS = 5
 EXIT_INTERRUPTED = 130
 
 class InputError(ValueError):

@@ -22,7 +22,14 @@ from batchclient.policy.adaptive import AdaptiveBatchSize
 from batchclient.policy.breaker import Breaker
 from batchclient.policy.classify import Classified, Verdict, classify
 from batchclient.policy.concurrency import Concurrency
-from batchclient.policy.job import EXIT_AUTH, EXIT_BALANCE, Counts, Done, ItemResult
+from batchclient.policy.job import (
+    EXIT_AUTH,
+    EXIT_BALANCE,
+    EXIT_NO_ANSWERS,
+    Counts,
+    Done,
+    ItemResult,
+)
 from batchclient.policy.parsing import parse_reply, read_completion
 from batchclient.policy.ratelimit_headers import read_rate_headers
 from batchclient.policy.retry import naive_delay, retry_delay
@@ -61,6 +68,7 @@ class ResponseHandling:
     _seq: int
     _head_moves: int
     _fatal: Done | None
+    _empty_replies: int
     _now: float
     _out: Drained
     # False: an answer makes no request event (a driver that hands events to no one, as
@@ -314,6 +322,10 @@ class ResponseHandling:
         # progress (a provider whose every reply is prose or cut before the first answer):
         # its items count a miss, or they would be sent, and paid for, forever.
         excused = (parsed.truncated or parsed.malformed) and bool(parsed.codes)
+        if parsed.codes:
+            self._empty_replies = 0
+        elif parsed.truncated or parsed.malformed:
+            self._count_empty_reply(parsed.truncated)
         for item_id in not_answered:
             state = self._items[item_id]
             reason = parsed.rejected.get(item_id, "left out of the reply")
@@ -338,6 +350,21 @@ class ResponseHandling:
                 state.sends += 1  # back from the call that carried it
                 self._ready.setdefault(state.model, deque()).append(state)
         return len(parsed.codes)
+
+    def _count_empty_reply(self, truncated: bool) -> None:
+        """One more reply in a row that answered no item, being prose, garbled or cut before
+        its first answer. ``retry.max_empty_replies`` of them stop dispatch (exit 5, items
+        left pending): the provider or the prompt is at fault, not the items, and every
+        further request would be paid for nothing. A well-formed reply that leaves its items
+        out (a poison item's) counts as nothing here."""
+        self._empty_replies += 1
+        limit = self.config.retry.max_empty_replies
+        if limit and self._empty_replies >= limit and self._fatal is None:
+            how = "cut at max_tokens before their first answer" if truncated else \
+                "not the JSON array asked for"
+            self._fatal = Done(EXIT_NO_ANSWERS, (
+                f"the last {self._empty_replies} replies answered no item ({how}): check "
+                "the provider and the task's prompt; the items are left pending"))
 
     def _accept_groups(self, now: float, call: Call, share: float, codes: Mapping[str, str],
                        finished: list[ItemState]) -> None:

@@ -140,6 +140,21 @@ async def test_a_provider_that_never_answers_in_json_is_not_paid_forever(
         assert {state for state, _, _ in store.results().values()} == {"dead"}
 
 
+async def test_a_job_whose_replies_answer_nothing_stops_with_status_5(tmp_path: Path) -> None:
+    # 200 items against prose: the 10th reply in a row that answers no item stops dispatch;
+    # the requests then in flight finish, every item stays pending, nothing more is paid
+    with serve_in_thread(sim(provider(responder={"kind": "lorem"}))) as server:
+        cfg = client(server, ["main"], concurrency={"limit": 4})
+        result, store = await run_job(tmp_path, cfg, make_items(200))
+        assert (result.exit_status, result.done, result.dead, result.pending) == (5, 0, 0, 200)
+        assert result.reason.startswith("the last 1") and "replies answered no item" in (
+            result.reason)
+        assert 10 <= result.requests <= 13
+        billed = admin(server, "main")["keys"]["sk-ratelab"]["models"]["m1"]["requests"]
+        assert billed == {"200": result.requests}
+        assert store.counts().pending == 200
+
+
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "loadtests.cli", "job", *args],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -10,6 +10,7 @@ import pytest
 from batchclient.policy.engine import (
     EXIT_AUTH,
     EXIT_BALANCE,
+    EXIT_NO_ANSWERS,
     Engine,
     InputError,
 )
@@ -79,6 +80,37 @@ def test_replies_that_answer_nothing_dead_letter_their_items(finish: str, error:
     assert {r.state for r in results.values()} == {"dead"} and len(results) == 3
     assert all(error in (r.error or "") for r in results.values())
     assert engine.counts.requests == config().retry.max_misses  # one batch of 3, each pass
+
+
+@pytest.mark.parametrize(("finish", "how"), [
+    ("length", "cut at max_tokens before their first answer"),
+    ("stop", "not the JSON array asked for")])
+def test_replies_in_a_row_that_answer_nothing_stop_the_job(finish: str, how: str) -> None:
+    # 100 items, one batch of 20 in flight at a time: the 10th empty reply in a row stops
+    # dispatch (max_empty_replies), every item left pending with two misses, none dead
+    engine = make(100, concurrency={"limit": 1})
+    done, _, results = drive(engine, _prose(finish), limit=1000)
+    assert done.status == EXIT_NO_ANSWERS == 5
+    assert done.reason == (f"the last 10 replies answered no item ({how}): check the "
+                           "provider and the task's prompt; the items are left pending")
+    assert results == {} and engine.counts.requests == 10 and engine.counts.pending == 100
+    # 0 never stops: the items are dead-lettered after max_misses passes instead
+    engine = make(100, concurrency={"limit": 1}, retry={"max_empty_replies": 0})
+    done, _, results = drive(engine, _prose(finish), limit=1000)
+    assert done.status == 0 and engine.counts.requests == 25 and len(results) == 100
+
+
+def test_an_answer_between_empty_replies_starts_the_count_again() -> None:
+    # every other reply is prose (19 of them), but never ten in a row: no stop; the one
+    # batch that met prose on each of its five passes is dead-lettered
+    fake = FakeProvider(seed=1)
+    prose = _prose("stop")
+    engine = make(400, concurrency={"limit": 1})
+    done, _, results = drive(engine, lambda call: prose(call) if call.call_id % 2 else
+                             fake(call), limit=5000)
+    assert done.status == 0 and engine.counts.requests == 39
+    states = [r.state for r in results.values()]
+    assert (states.count("done"), states.count("dead")) == (380, 20)
 
 
 def test_cut_replies_that_answer_some_items_excuse_the_rest() -> None:
