@@ -63,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-scale", type=float, metavar="K",
                         help="compress time: one wall second stands for K virtual seconds; "
                              "latencies, windows and retry-after shrink by K")
+    parser.add_argument("--item-codes", metavar="A,B,...",
+                        help="answer item batches (as ratelab job sends them) with a JSON "
+                             "array of these label codes, the batch_json responder; default: "
+                             "the config's responder, prose for the built-in paid tier")
     parser.add_argument("--seed", type=int, metavar="N",
                         help="seed of every random draw: latency, responders, faults "
                              "(default 0, or the config's seed)")
@@ -80,11 +84,16 @@ def _config(args: argparse.Namespace) -> SimulatorConfig:
     cfg = apply_overrides(
         cfg, rpm=args.rpm, tpm=args.tpm, concurrency=args.concurrency, ttft_ms=args.ttft_ms,
         itl_ms=args.itl_ms, balance_usd=args.balance_usd, time_scale=args.time_scale,
-        seed=args.seed,
+        seed=args.seed, item_codes=_item_codes(args.item_codes),
     )
     if args.admin_token:
         cfg = dataclasses.replace(cfg, admin_token=args.admin_token)
     return cfg
+
+
+def _item_codes(flag: str | None) -> tuple[str, ...] | None:
+    """``--item-codes A,B,C`` as codes (checked by ``_flag_problems`` first)."""
+    return None if flag is None else tuple(code.strip() for code in flag.split(","))
 
 
 def _flag_problems(args: argparse.Namespace) -> list[str]:
@@ -98,6 +107,10 @@ def _flag_problems(args: argparse.Namespace) -> list[str]:
                 for flag, value, low in checks if value is not None and not value >= low]
     if args.time_scale is not None and not args.time_scale > 0:
         problems.append(f"--time-scale: expected a number > 0, got {args.time_scale:g}")
+    codes = _item_codes(args.item_codes)
+    if codes is not None and (not all(codes) or len(set(codes)) != len(codes)):
+        problems.append(f"--item-codes: expected distinct codes separated by commas, got "
+                        f"{args.item_codes!r}")
     return problems
 
 
@@ -151,7 +164,7 @@ def _replies(responder: ResponderSpec) -> str:
     if responder.kind == "batch_json":
         return f"batch_json, item codes {','.join(responder.codes)}"
     if responder.kind == "lorem":
-        return "prose (lorem; a batch job needs responder kind batch_json)"
+        return "prose (lorem; for a batch job, serve with --item-codes)"
     return responder.kind
 
 

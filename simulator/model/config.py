@@ -422,11 +422,14 @@ def _override_limits(spec: LimitSpec, changes: dict[str, object], sliding: bool)
 def apply_overrides(cfg: SimulatorConfig, *, rpm: int | None = None, tpm: int | None = None,
                     concurrency: int | None = None, ttft_ms: float | None = None,
                     itl_ms: float | None = None, balance_usd: float | None = None,
-                    time_scale: float | None = None, seed: int | None = None) -> SimulatorConfig:
+                    time_scale: float | None = None, seed: int | None = None,
+                    item_codes: tuple[str, ...] | None = None) -> SimulatorConfig:
     """Apply the ``ratelab serve`` flags to every key and model of every provider.
 
     Limits given this way use a sliding 60-second window; ``ttft_ms``/``itl_ms`` become
-    constant latencies (milliseconds); ``balance_usd`` is every key's prepaid balance.
+    constant latencies (milliseconds); ``balance_usd`` is every key's prepaid balance;
+    ``item_codes`` makes every provider answer item batches (the ``batch_json`` responder,
+    its faults kept) with these label codes.
     """
     changes: dict[str, object] = {}
     if rpm is not None:
@@ -456,9 +459,12 @@ def apply_overrides(cfg: SimulatorConfig, *, rpm: int | None = None, tpm: int | 
         billing = p.billing
         if balance_usd is not None:
             billing = dataclasses.replace(billing, balance_usd=balance_usd)
+        responder = p.responder
+        if item_codes is not None:
+            responder = dataclasses.replace(responder, kind="batch_json", codes=item_codes)
         providers.append(dataclasses.replace(
             p, keys=keys, default_limits=limits(p.default_limits), latency=latency,
-            billing=billing,
+            billing=billing, responder=responder,
         ))
     return dataclasses.replace(
         cfg,

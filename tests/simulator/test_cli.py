@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from loadtests.cli import main
-from simulator.cli import _replies
+from simulator.cli import _config, _replies, add_arguments
 from simulator.model.profile import ResponderSpec
 
 FLAGS = ("--config", "--host", "--port", "--rpm", "--tpm", "--concurrency", "--ttft-ms",
@@ -67,6 +68,23 @@ def test_a_port_out_of_range_exits_2(port: str, capsys: pytest.CaptureFixture[st
     assert f"--port: expected 0 to 65535, got {port}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("codes", ["A,,B", "A,A", ""])
+def test_item_codes_must_be_distinct_and_present(
+        codes: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--item-codes", codes]) == 2
+    assert capsys.readouterr().err == (f"ratelab serve: --item-codes: expected distinct codes "
+                                       f"separated by commas, got {codes!r}\n")
+
+
+def test_item_codes_make_every_provider_answer_item_batches() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = _config(parser.parse_args(["--item-codes", "A, B,C"]))
+    assert {(p.responder.kind, p.responder.codes) for p in cfg.providers} == {
+        ("batch_json", ("A", "B", "C"))}
+    assert _replies(cfg.providers[0].responder) == "batch_json, item codes A,B,C"
+
+
 def test_override_flags_out_of_range_exit_2_naming_each(
         capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--rpm", "0", "--tpm", "-5", "--time-scale", "0", "--ttft-ms",
@@ -116,7 +134,7 @@ def test_serve_process_answers_then_stops_on_sigterm(tmp_path: Path) -> None:
         # the default provider writes prose, and says so: a batch job needs batch_json
         assert proc.stdout.readline() == (
             f"  provider 'default': {match.group(1)}/v1 and {match.group(1)}/p/default/v1; "
-            "replies: prose (lorem; a batch job needs responder kind batch_json)\n")
+            "replies: prose (lorem; for a batch job, serve with --item-codes)\n")
         request = urllib.request.Request(
             match.group(1) + "/v1/chat/completions",
             data=json.dumps({"model": "gpt-4o-mini", "max_tokens": 5,
@@ -133,7 +151,7 @@ def test_serve_process_answers_then_stops_on_sigterm(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("spec", "said"), [
-    (ResponderSpec(), "prose (lorem; a batch job needs responder kind batch_json)"),
+    (ResponderSpec(), "prose (lorem; for a batch job, serve with --item-codes)"),
     (ResponderSpec(kind="batch_json", codes=("A", "B")), "batch_json, item codes A,B"),
     (ResponderSpec(kind="echo"), "echo"),
 ])
