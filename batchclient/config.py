@@ -130,10 +130,10 @@ class RetrySettings:
 
     ``max_attempts`` counts failed requests carrying the item (429, 5xx, timeouts);
     ``max_misses`` counts replies that left it out or answered it wrongly.
-    ``max_empty_replies`` consecutive replies that answered no item at all, being prose,
-    garbled or cut before their first answer, stop the job (exit 5, the items left pending):
-    the provider or the prompt is at fault, and every further request would be paid for
-    nothing. 0 never stops.
+    ``max_empty_replies`` consecutive replies that answered no item at all (prose, garbled,
+    cut before their first answer, or every answer refused) stop the job (exit 5, the items
+    left pending): the provider or the prompt is at fault, and every further request would
+    be paid for nothing. 0 never stops.
     ``naive_sleep`` is the naive strategy's reaction to a 429: ``article`` sleeps
     ``2**n + random()`` seconds, ``immediate`` retries at once.
     """

@@ -19,7 +19,7 @@ EXIT_ERROR = 1
 EXIT_INPUT = 2
 EXIT_BALANCE = 3
 EXIT_AUTH = 4
-# the provider's replies answer no item (prose, garbled or cut before the first answer)
+# the provider's replies answer no item (prose, garbled, cut, or every answer refused)
 EXIT_NO_ANSWERS = 5
 EXIT_INTERRUPTED = 130
 

@@ -30,7 +30,7 @@ from batchclient.policy.job import (
     Done,
     ItemResult,
 )
-from batchclient.policy.parsing import parse_reply, read_completion
+from batchclient.policy.parsing import ParsedReply, parse_reply, read_completion
 from batchclient.policy.ratelimit_headers import read_rate_headers
 from batchclient.policy.retry import naive_delay, retry_delay
 from batchclient.policy.state import Accepted, Drained, ItemState
@@ -324,8 +324,8 @@ class ResponseHandling:
         excused = (parsed.truncated or parsed.malformed) and bool(parsed.codes)
         if parsed.codes:
             self._empty_replies = 0
-        elif parsed.truncated or parsed.malformed:
-            self._count_empty_reply(parsed.truncated)
+        elif parsed.truncated or parsed.malformed or parsed.rejected:
+            self._count_empty_reply(parsed)
         for item_id in not_answered:
             state = self._items[item_id]
             reason = parsed.rejected.get(item_id, "left out of the reply")
@@ -351,17 +351,22 @@ class ResponseHandling:
                 self._ready.setdefault(state.model, deque()).append(state)
         return len(parsed.codes)
 
-    def _count_empty_reply(self, truncated: bool) -> None:
-        """One more reply in a row that answered no item, being prose, garbled or cut before
-        its first answer. ``retry.max_empty_replies`` of them stop dispatch (exit 5, items
-        left pending): the provider or the prompt is at fault, not the items, and every
-        further request would be paid for nothing. A well-formed reply that leaves its items
-        out (a poison item's) counts as nothing here."""
+    def _count_empty_reply(self, parsed: ParsedReply) -> None:
+        """One more reply in a row that answered no item: prose, garbled, cut before its
+        first answer, or every answer refused (codes outside the taxonomy).
+        ``retry.max_empty_replies`` of them stop dispatch (exit 5, items left pending): the
+        provider or the prompt is at fault, not the items, and every further request would
+        be paid for nothing. A well-formed reply that leaves its items out (a poison
+        item's) counts as nothing here."""
         self._empty_replies += 1
         limit = self.config.retry.max_empty_replies
         if limit and self._empty_replies >= limit and self._fatal is None:
-            how = "cut at max_tokens before their first answer" if truncated else \
-                "not the JSON array asked for"
+            if parsed.truncated:
+                how = "cut at max_tokens before their first answer"
+            elif parsed.malformed:
+                how = "not the JSON array asked for"
+            else:
+                how = f"every answer refused: {next(iter(parsed.rejected.values()))}"
             self._fatal = Done(EXIT_NO_ANSWERS, (
                 f"the last {self._empty_replies} replies answered no item ({how}): check "
                 "the provider and the task's prompt; the items are left pending"))

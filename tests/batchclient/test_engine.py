@@ -100,6 +100,16 @@ def test_replies_in_a_row_that_answer_nothing_stop_the_job(finish: str, how: str
     assert done.status == 0 and engine.counts.requests == 25 and len(results) == 100
 
 
+def test_replies_whose_every_answer_is_refused_stop_the_job_too() -> None:
+    # a well-formed array, every code outside the taxonomy (the prompt's codes are wrong)
+    engine = make(100, concurrency={"limit": 1})
+    done, _, results = drive(engine, FakeProvider(faults={"bad_code": 1.0}), limit=1000)
+    assert done.status == EXIT_NO_ANSWERS and engine.counts.requests == 10
+    assert done.reason.startswith("the last 10 replies answered no item (every answer "
+                                  "refused: code 'Z' outside the taxonomy)")
+    assert results == {} and engine.counts.pending == 100
+
+
 def test_an_answer_between_empty_replies_starts_the_count_again() -> None:
     # every other reply is prose (19 of them), but never ten in a row: no stop; the one
     # batch that met prose on each of its five passes is dead-lettered
