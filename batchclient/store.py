@@ -33,7 +33,15 @@ T = TypeVar("T")
 # ``batches`` row; ``labels`` names the codes. No index on pending rows: pages walk the
 # rowid (seq) from the cursor (a partial index cost an index write on every saved row).
 SCHEMA_VERSION = 2
-_SCHEMA = """
+# The one row naming the task a store's results answer (``bind_task``); a schema-2 store
+# from before it gets the table when opened.
+_JOB_TASK = """CREATE TABLE IF NOT EXISTS job_task (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    name TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    model TEXT NOT NULL
+)"""
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS items (
     seq INTEGER PRIMARY KEY,
     item_id TEXT NOT NULL UNIQUE,
@@ -59,12 +67,7 @@ CREATE TABLE IF NOT EXISTS labels (
     code TEXT PRIMARY KEY,
     label TEXT
 );
-CREATE TABLE IF NOT EXISTS job_task (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    name TEXT NOT NULL,
-    digest TEXT NOT NULL,
-    model TEXT NOT NULL
-);
+{_JOB_TASK};
 CREATE VIEW IF NOT EXISTS item_results AS
     SELECT i.seq, i.item_id, i.text, i.tag, o.result, l.label, o.state, o.error, o.attempts,
            COALESCE(b.cost_usd_each, 0) AS cost_usd, b.model, b.provider
@@ -105,7 +108,6 @@ _DONE_RANGE = ("UPDATE outcomes SET result = substr(?1, seq - ?2 + 1, 1), state 
                "error = NULL, attempts = ?4, batch = ?5 WHERE seq BETWEEN ?2 AND ?3 "
                "AND result IS NULL")
 _NEW_BATCH = "INSERT INTO batches(cost_usd_each, model, provider) VALUES (?, ?, ?)"
-_JOB_TASK = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS job_task"):].split(";")[0]
 
 
 @dataclass(frozen=True, slots=True)
