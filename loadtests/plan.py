@@ -118,6 +118,13 @@ def main(args: argparse.Namespace) -> int:
             live = load_summary(Path(args.compare) / "summary.json")
         except (SummaryError, OSError) as exc:
             return _fail(f"--compare {args.compare}: {exc}")
+        # checked before planning: an empty table of another scenario's arms would pass
+        if live.get("mode") != "live":
+            return _fail(f"--compare {args.compare}: a {live.get('mode')} folder, not a live "
+                         "run (ratelab run writes one)")
+        if live.get("scenario") != scenario.name:
+            return _fail(f"--compare {args.compare}: a run of scenario "
+                         f"{live.get('scenario')!r}, not {scenario.name!r}")
         totals = [a["items"]["total"] for a in live["arms"] if a["items"]["total"]]
         partial = bool(live.get("partial")) or any(
             a["items"].get("pending") for a in live["arms"])
@@ -174,6 +181,8 @@ def main(args: argparse.Namespace) -> int:
               f"{answer['gpus']} GPUs")
     if live is not None:
         rows = fidelity_rows(summary, live)
+        if not rows:
+            return _fail(f"--compare {args.compare}: no arm of the run is an arm of this plan")
         print(fidelity_text(rows))
         bad = [r for r in rows if r["error"] is None or abs(r["error"]) > args.tolerance]
         return 1 if bad else 0

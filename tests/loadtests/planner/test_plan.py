@@ -79,6 +79,34 @@ def test_cli_refuses_an_unusable_out_folder_before_planning(
     assert f"--out {blocker / 'plan'}: cannot make the run folder" in capsys.readouterr().err
 
 
+def test_compare_refuses_a_plan_folder_or_another_scenarios_run_before_planning(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a plan's folder of fid-rpm, then the same summary dressed as a live run
+    plan = tmp_path / "plan"
+    assert main(["plan", str(HERE / "fid-rpm.yaml"), "--items", "200", "--out", str(plan)]) == 0
+    capsys.readouterr()
+    assert main(["plan", str(HERE / "fid-rpm.yaml"), "--compare", str(plan),
+                 "--out", str(tmp_path / "a")]) == 2
+    assert capsys.readouterr().err == (f"ratelab plan: --compare {plan}: a plan folder, not a "
+                                       "live run (ratelab run writes one)\n")
+    summary = json.loads((plan / "summary.json").read_text())
+    live = tmp_path / "live"
+    live.mkdir()
+    (live / "summary.json").write_text(json.dumps({**summary, "mode": "live"}))
+    assert main(["plan", str(HERE / "fid-batch.yaml"), "--compare", str(live),
+                 "--out", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err == (f"ratelab plan: --compare {live}: a run of scenario "
+                                       "'fid-rpm', not 'fid-batch'\n")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # the right scenario, but none of its arms in the run: no figure to hold, not a pass
+    arms = [{**arm, "name": "renamed"} for arm in summary["arms"]]
+    (live / "summary.json").write_text(json.dumps({**summary, "mode": "live", "arms": arms}))
+    assert main(["plan", str(HERE / "fid-rpm.yaml"), "--items", "200", "--compare", str(live),
+                 "--out", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err.endswith(f"ratelab plan: --compare {live}: no arm of the "
+                                            "run is an arm of this plan\n")
+
+
 def test_offline_alternative_halves_the_price() -> None:
     arm = {"items": {"done_per_request": 20.0},
            "projection": {"items": 2_000_000, "duration_s": 7 * 3600.0, "cost_usd": 40.0,
