@@ -240,6 +240,11 @@ def main(args: argparse.Namespace) -> int:
             )
             return 0
         baseline = load_baseline(baseline_path)
+        if baseline.get("scenario", summary["scenario"]) != summary["scenario"]:
+            # another scenario's figures would all read as missing: regressions that are not
+            raise BaselineError(
+                f"{baseline_path}: a baseline of scenario {baseline['scenario']!r}, and "
+                f"{args.summary} a run of {summary['scenario']!r}")
     except (SummaryError, BaselineError) as exc:
         print(f"ratelab gate: {exc}", file=sys.stderr)
         return 2

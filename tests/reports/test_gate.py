@@ -97,6 +97,21 @@ def test_bad_input_exits_2(tmp_path: Path, baseline: Path) -> None:
     assert gate.main(args(run, binary)) == 2
 
 
+def test_a_baseline_of_another_scenario_exits_2(
+    tmp_path: Path, baseline: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # its figures would all read as missing: regressions that are not
+    run, _ = build_run(tmp_path / "ok")
+    data = json.loads(baseline.read_text())
+    other = tmp_path / "other-baseline.json"
+    other.write_text(json.dumps({**data, "scenario": "ci-gate"}))
+    summary = json.loads((run / "summary.json").read_text())
+    assert gate.main(args(run, other)) == 2
+    assert capsys.readouterr().err == (
+        f"ratelab gate: {other}: a baseline of scenario 'ci-gate', and {run} a run of "
+        f"{summary['scenario']!r}\n")
+
+
 def test_compare_prints_the_change(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a, _ = build_run(tmp_path / "a")
     b, _ = build_run(tmp_path / "b", batch=10)
