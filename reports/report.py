@@ -124,8 +124,18 @@ def headline(summary: Mapping[str, Any]) -> str:
     if bound.get("items_per_min") is not None:
         text += (
             f", {fmt_pct(bound['efficiency'])} of the bound of "
-            f"{fmt_int(bound['items_per_min'])} items/min; the **{bound['binding']}** limit binds."
+            f"{fmt_int(bound['items_per_min'])} items/min; the **{bound['binding']}** limit binds"
         )
+        if (bound.get("efficiency") or 0) > 1 and tp.get("steady_items_per_min") is None:
+            # a job shorter than a full window: its first window started empty
+            took = arm.get("duration_s")
+            text += (
+                " (above the bound because the job"
+                + (f", {took:,.0f} s," if took is not None else "")
+                + " never reached a steady state: it ran on the limit window's first, empty "
+                "minute, and a longer job settles at or below the bound)"
+            )
+        text += "."
     else:
         text += "."
     cost = arm["cost_usd"]

@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from reports.report import fmt_hours, fmt_int, fmt_pct, fmt_usd, write_report
+from reports.report import fmt_hours, fmt_int, fmt_pct, fmt_usd, headline, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("throughput", "tokens", "latency", "errors", "cost", "arms", "sweep")
@@ -64,3 +64,16 @@ def test_markdown_shows_the_plots_written_beside_it(run_dir: Path) -> None:
     for name in linked:
         data = (run_dir / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
+
+
+def test_a_rate_above_the_bound_without_a_steady_state_is_explained(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    arm = summary["arms"][0]
+    assert "never reached a steady state" not in headline(summary)  # steady, under the bound
+    # a 86-second job at 122% of the bound: the limit window's first, empty minute
+    arm["bound"]["efficiency"] = 1.22
+    arm["duration_s"] = 86.3
+    arm["throughput"]["steady_items_per_min"] = None
+    assert ("limit binds (above the bound because the job, 86 s, never reached a steady "
+            "state: it ran on the limit window's first, empty minute, and a longer job "
+            "settles at or below the bound).") in headline(summary)
