@@ -25,7 +25,7 @@ from batchclient.policy.engine import EXIT_ERROR, EXIT_INPUT, InputError
 from batchclient.policy.wire import Item
 from batchclient.progress import ProgressSnapshot, render
 from batchclient.runner import JobResult, Runner
-from batchclient.store import SqliteJobStore
+from batchclient.store import SqliteJobStore, StoreBusyError
 from batchclient.transport import AiohttpTransport
 
 HELP = "Run or resume a batch job: classify ITEMS.jsonl through a rate-limited LLM API."
@@ -177,6 +177,12 @@ def main(args: argparse.Namespace) -> int:
         store = SqliteJobStore(args.db)
     except sqlite3.Error as exc:
         print(f"ratelab job: --db {args.db}: cannot open the job store: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    try:
+        store.claim()  # one run per store: a second would pay again for the same items
+    except StoreBusyError as exc:
+        store.close()
+        print(f"ratelab job: --db {exc}", file=sys.stderr)
         return EXIT_INPUT
     try:
         cache = SqliteResultCache(config.cache_path) if config.cache_path else None

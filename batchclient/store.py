@@ -9,6 +9,8 @@ Transient SQLite errors (locked, I/O) are retried with backoff.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import random
 import sqlite3
 import time
@@ -164,6 +166,11 @@ class StoreVersionError(sqlite3.DatabaseError):
     a ``sqlite3.Error``, so ``ratelab job`` reports it as a store it cannot open."""
 
 
+class StoreBusyError(InputError):
+    """Another process holds the store for a run (``SqliteJobStore.claim``): two runners on
+    one store would send, and pay for, the same pending items."""
+
+
 @dataclass(frozen=True, slots=True)
 class StoreCounts:
     """Items in the store by state; ``total = done + dead + pending``."""
@@ -307,6 +314,7 @@ class SqliteJobStore:
         # code -> label as written to ``labels``; the labels mapping last seen
         self._labels: dict[str, str] = {}
         self._labels_seen: Mapping[str, str] | None = None
+        self._claim: int | None = None  # the descriptor holding this run's flock
         self._conn = self._retry(self._connect)
 
     def _connect(self) -> sqlite3.Connection:
@@ -556,6 +564,26 @@ class SqliteJobStore:
             "ON o.seq = i.seq").fetchall())
         return {str(r[0]): (str(r[1]), r[2], r[3]) for r in rows}
 
+    def claim(self) -> None:
+        """Hold the store for this process's run until ``close``; raises StoreBusyError at
+        once when another process holds it. An advisory ``flock`` on the database file:
+        SQLite's own locks are ``fcntl`` record locks, a separate set, so this never blocks
+        a read or a write, only a second claim."""
+        if self._claim is not None:
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreBusyError(f"{self.path}: another process is running a job on this "
+                                 "store; wait for it to finish, or stop it (Ctrl-C saves "
+                                 "its progress)") from None
+        self._claim = fd
+
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connection (and release a claim)."""
         self._conn.close()
+        if self._claim is not None:
+            os.close(self._claim)  # closing the descriptor releases its flock
+            self._claim = None

@@ -10,6 +10,7 @@ import pytest
 from batchclient.cli import read_items
 from batchclient.policy.engine import InputError
 from batchclient.policy.wire import Item
+from batchclient.store import SqliteJobStore
 from loadtests.cli import main
 from simulator.model.config import parse_config
 from simulator.server import serve_in_thread
@@ -146,3 +147,22 @@ def test_a_resume_of_a_store_that_is_not_there_creates_none(
     assert status == 2 and not db.exists()
     assert capsys.readouterr().err == (f"ratelab job: --db {db}: no such job store; give "
                                        "ITEMS.jsonl to start a job\n")
+
+
+def test_a_store_another_process_is_running_is_refused_before_import(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    items, task = _one_item_job(tmp_path, monkeypatch)
+    db = tmp_path / "job.db"
+    holder = SqliteJobStore(str(db))
+    holder.claim()  # the other run
+    try:
+        status = main(["job", str(items), "--task", str(task), "--db", str(db),
+                       "--base-url", "http://127.0.0.1:9/v1", "--no-progress"])
+        assert status == 2
+        assert capsys.readouterr().err == (
+            f"ratelab job: --db {db}: another process is running a job on this store; wait "
+            "for it to finish, or stop it (Ctrl-C saves its progress)\n")
+        assert holder.counts().total == 0  # nothing imported
+    finally:
+        holder.close()

@@ -15,6 +15,7 @@ from batchclient.policy.wire import Call, Item
 from batchclient.store import (
     SCHEMA_VERSION,
     SqliteJobStore,
+    StoreBusyError,
     StoreCounts,
     StoreVersionError,
     TaskRecord,
@@ -63,6 +64,20 @@ def test_the_job_task_is_recorded_once_and_changes_are_named(tmp_path: Path) -> 
     store.close()
     reopened = SqliteJobStore(path)
     assert reopened.bind_task(first) is None and reopened.bind_task(other) == first
+
+
+def test_one_claim_at_a_time_and_close_releases_it(tmp_path: Path) -> None:
+    path = str(tmp_path / "j.sqlite")
+    first, second = SqliteJobStore(path), SqliteJobStore(path)
+    first.claim()
+    first.claim()  # again by its holder: nothing changes
+    with pytest.raises(StoreBusyError, match="another process is running a job"):
+        second.claim()
+    # a claim blocks no read or write
+    assert second.import_items([Item("a", "text a")]) == 1 and first.counts().total == 1
+    first.close()
+    second.claim()
+    second.close()
 
 
 def test_a_result_is_never_written_twice(tmp_path: Path) -> None:
