@@ -203,10 +203,10 @@ class Runner:
         if counts.total == 0 and not self.keep_open:
             raise InputError("items: the job has no items")
         # a store with no answer yet takes a changed task silently: there is nothing to mix
+        rebind = self.rebind_task or counts.done == 0
         record = TaskRecord(self.task.name, task_digest(self.task), self.task.model)
-        answered = counts.done > 0
-        before = self.store.bind_task(record, rebind=self.rebind_task or not answered)
-        if before is not None and answered and not self.rebind_task:
+        before = self.store.bind_task(record, rebind=rebind)
+        if before is not None and not rebind:
             raise InputError(
                 f"task: the job store holds answers to another task (changed: "
                 f"{'; '.join(before.differences(record))}): resuming would mix two tasks' "

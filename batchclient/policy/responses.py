@@ -321,10 +321,11 @@ class ResponseHandling:
         # items' it lost: they go back without a miss. One that answered none made no
         # progress (a provider whose every reply is prose or cut before the first answer):
         # its items count a miss, or they would be sent, and paid for, forever.
-        excused = (parsed.truncated or parsed.malformed) and bool(parsed.codes)
+        damaged = parsed.truncated or parsed.malformed
+        excused = damaged and bool(parsed.codes)
         if parsed.codes:
             self._empty_replies = 0
-        elif parsed.truncated or parsed.malformed or parsed.rejected:
+        elif damaged or parsed.rejected:
             self._count_empty_reply(parsed)
         for item_id in not_answered:
             state = self._items[item_id]
