@@ -219,6 +219,12 @@ def main(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"\nratelab job: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except sqlite3.Error as exc:
+        # past its retries (a full disk, a store locked for too long): every batch answered
+        # before it is committed, so re-running resumes from there
+        print(f"\nratelab job: --db {args.db}: the job store failed: {exc}; the results "
+              "saved before it are kept, re-run to resume", file=sys.stderr)
+        return EXIT_ERROR
     finally:
         store.close()
         if cache is not None:

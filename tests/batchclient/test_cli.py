@@ -3,6 +3,7 @@ InputError naming the file and line, before any request."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,21 @@ def test_a_store_another_process_is_running_is_refused_before_import(
         assert holder.counts().total == 0  # nothing imported
     finally:
         holder.close()
+
+
+def test_a_job_store_that_fails_mid_job_is_named_without_a_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    items, task = _one_item_job(tmp_path, monkeypatch)
+    db = tmp_path / "job.db"
+
+    def full(self: SqliteJobStore, _items: object) -> int:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(SqliteJobStore, "import_items", full)
+    status = main(["job", str(items), "--task", str(task), "--db", str(db),
+                   "--base-url", "http://127.0.0.1:9/v1", "--no-progress"])
+    assert status == 1
+    assert capsys.readouterr().err == (
+        f"\nratelab job: --db {db}: the job store failed: database or disk is full; the "
+        "results saved before it are kept, re-run to resume\n")
