@@ -19,7 +19,7 @@ from aiohttp import web
 from gateway.clock import GatewayClock
 from gateway.config import GatewayConfig
 from gateway.events import EventHub, Metrics
-from gateway.limits import refusal_message
+from gateway.limits import LIMIT_TOO_BIG, refusal_message
 from gateway.requests import BadRequest, TaskRequest, error_body, parse_task
 from gateway.state import (
     StateUnavailable,
@@ -123,12 +123,15 @@ class GatewayApp:
         if not decision.allowed:
             self.metrics.refused[(tier_name, decision.limit)] += 1
             wall = self.clock.wall(decision.retry_in_s)
+            # a request larger than a whole day's tokens never passes: no retry-after, and
+            # the header the openai SDK (and the batching client) take as "do not retry"
+            headers = ({"x-should-retry": "false"} if decision.limit == LIMIT_TOO_BIG else
+                       {"retry-after": str(max(1, math.ceil(wall))),
+                        "retry-after-ms": str(max(1, math.ceil(wall * 1000)))})
             return _json(429, error_body(
                 refusal_message(req.user, tier_name, tier, decision, self.clock.time_scale),
                 "user_rate_limit", "rate_limit_exceeded", "user", limit=decision.limit,
-                tier=tier_name, user=req.user),
-                {"retry-after": str(max(1, math.ceil(wall))),
-                 "retry-after-ms": str(max(1, math.ceil(wall * 1000)))})
+                tier=tier_name, user=req.user), headers)
         task = TaskRecord(task_id or TaskRecord.new_id(), req.user, tier_name, req.lane,
                           req.queue, req.body, req.tokens, now)
         await self.store.put(task)

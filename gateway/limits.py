@@ -83,7 +83,10 @@ def refusal_message(user: str, tier_name: str, tier: TierLimits, decision: UserD
     elif decision.limit == LIMIT_TPD:
         what = f"tokens per day ({tier.tokens_per_day:,} tokens/day)"
     else:
-        what = f"tokens per day: one request is larger than the day's {tier.tokens_per_day:,}"
+        # no wait admits it: say so, as the provider's "Request too large" does
+        return (f"User {user!r} (tier {tier_name!r}) is over the limit on tokens per day: "
+                f"one request is larger than the day's {tier.tokens_per_day:,} tokens, so no "
+                "retry can succeed; lower max_tokens or shorten the prompt.")
     return (f"User {user!r} (tier {tier_name!r}) is over the limit on {what}; "
             f"retry after {math.ceil(wall * 1000) / 1000:g} s.")
 

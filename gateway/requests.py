@@ -128,9 +128,10 @@ def _item_task(body: Mapping[str, Any], item: object, user: str, lane: str,
                cfg: GatewayConfig) -> TaskRequest:
     if not (isinstance(item, dict) and isinstance(item.get("text"), str)
             and isinstance(item.get("id"), str | int) and not isinstance(item.get("id"), bool)
-            and ITEM_ID.fullmatch(str(item["id"]))):
-        raise _bad("invalid_item", "'item' must be {\"id\": [A-Za-z0-9_.-]+, \"text\": string}.",
-                   "item")
+            and ITEM_ID.fullmatch(str(item["id"])) and item["text"].strip()):
+        # an empty text has nothing to classify (ratelab job refuses one before it sends)
+        raise _bad("invalid_item", "'item' must be {\"id\": [A-Za-z0-9_.-]+, \"text\": a "
+                   "non-empty string}.", "item")
     if not cfg.batching.enabled:
         raise _bad("batching_disabled", "This gateway does not pack items; send 'messages'.",
                    "item")

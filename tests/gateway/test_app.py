@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import aiohttp
+import pytest
 
 from gateway.server import RunningGateway
 from tests.gateway.conftest import gateway_config, sse_events
@@ -113,6 +114,9 @@ async def test_bad_input(sim_server, gateway) -> None:
         ("/v1/tasks", {**CHAT, "user": "ann", "max_tokens": 0}, 400, "invalid_max_tokens"),
         ("/v1/tasks", {"user": "ann", "item": {"id": "a b", "text": "x"}}, 400,
          "invalid_item"),
+        ("/v1/tasks", {"user": "ann", "item": {"id": "a", "text": ""}}, 400, "invalid_item"),
+        ("/v1/tasks", {"user": "ann", "item": {"id": "a", "text": " \n"}}, 400,
+         "invalid_item"),
         ("/v1/tasks", {"user": "ann", "messages": [{"role": "user", "content": "x" * 5000}]},
          413, "request_too_large"),
         ("/v1/chat/completions", {"messages": CHAT["messages"]}, 400, "missing_user"),
@@ -168,3 +172,31 @@ async def test_pass_through_under_the_same_user_limits(sim_server, gateway) -> N
                 body = await r.json()
     assert [status for _, status in got] == [200, 202, 200, 202, 200, 429, 429]
     assert body["error"]["limit"] == "requests_per_minute"
+
+
+async def test_a_request_larger_than_a_day_is_refused_for_good(sim_server, gateway) -> None:
+    """No wait admits it: no retry-after, x-should-retry false, and words that say so;
+    the openai SDK, retries on, gives up at once."""
+    import openai
+    sim = await sim_server(time_scale=20)
+    gw = await gateway(gateway_config(sim))
+    async with aiohttp.ClientSession() as s, s.post(f"{gw.url}/v1/tasks",
+                      json={**CHAT, "user": "ann", "max_tokens": 6000}) as r:
+        body = await r.json()
+        assert r.status == 429
+        assert r.headers["x-should-retry"] == "false"
+        assert "retry-after" not in r.headers
+    assert body["error"]["limit"] == "request_larger_than_tokens_per_day"
+    assert body["error"]["message"] == (
+        "User 'ann' (tier 'free') is over the limit on tokens per day: one request is larger "
+        "than the day's 5,000 tokens, so no retry can succeed; lower max_tokens or shorten "
+        "the prompt.")
+    client = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=2)
+    with pytest.raises(openai.RateLimitError):
+        await client.chat.completions.create(model="gpt-4o-mini", messages=CHAT["messages"],
+                                             max_tokens=6000, user="ann")
+    await client.close()
+    async with aiohttp.ClientSession() as s, s.get(f"{gw.url}/metrics?format=json") as r:
+        metrics = await r.json()
+    assert metrics["refused"] == [{"tier": "free", "limit": "request_larger_than_tokens_per_day",
+                                   "count": 2}]
