@@ -193,8 +193,9 @@ async def test_a_request_larger_than_a_day_is_refused_for_good(sim_server, gatew
         "the prompt.")
     client = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=2)
     with pytest.raises(openai.RateLimitError):
-        await client.chat.completions.create(model="gpt-4o-mini", messages=CHAT["messages"],
-                                             max_tokens=6000, user="ann")
+        await client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}], max_tokens=6000,
+            user="ann")
     await client.close()
     async with aiohttp.ClientSession() as s, s.get(f"{gw.url}/metrics?format=json") as r:
         metrics = await r.json()
