@@ -305,7 +305,9 @@ class WorkerPool:
             if verdict.verdict == Verdict.RETRY:
                 task.state = "dead_lettered"
                 task.error = {"type": "upstream_error", "code": "retries_exhausted",
-                              "message": f"gave up after {attempt} attempts: {verdict.reason}"}
+                              # calls, not the task's ``attempts`` (its leases, one here)
+                              "message": f"gave up after {attempt} calls to the upstreams "
+                                         f"(max_attempts): {verdict.reason}"}
             else:
                 task.state = "failed"
                 task.error = _upstream_error(response, verdict.reason)

@@ -140,7 +140,8 @@ async def test_upstream_errors_fail_or_dead_letter(sim_server, gateway) -> None:
             passthrough = (r.status, await r.json())
     assert dead["state"] == "dead_lettered" and dead["attempts"] == 1
     assert dead["error"]["code"] == "retries_exhausted"
-    assert dead["error"]["message"].startswith("gave up after 3 attempts: HTTP 500")
+    assert dead["error"]["message"].startswith(
+        "gave up after 3 calls to the upstreams (max_attempts): HTTP 500")
     assert passthrough[0] == 500 and passthrough[1]["error"]["code"] == "retries_exhausted"
     assert gw.metrics.upstream_calls == {500: 6}
 
