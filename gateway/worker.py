@@ -356,9 +356,9 @@ class WorkerPool:
                 if task.misses >= b.max_misses:
                     task.state = "dead_lettered"
                     task.error = {"type": "upstream_error", "code": "item_never_answered",
-                                  "message": f"the reply left the item out {task.misses} "
-                                             "times" + (f" ({parsed.rejected[task.id]})"
-                                                        if task.id in parsed.rejected else "")}
+                                  "message": f"no reply answered the item in {task.misses} "
+                                             "tries (the last: "
+                                             f"{parsed.why_unanswered(task.id)})"}
                     await self._save(task, final=True)
                 else:
                     await self._save(task, final=False)

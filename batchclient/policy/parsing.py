@@ -35,6 +35,14 @@ class ParsedReply:
     unknown_ids: int = 0
     repeated: frozenset[str] = frozenset()
 
+    def why_unanswered(self, item_id: str) -> str:
+        """Why the reply did not answer ``item_id``: words for its last error."""
+        if self.truncated and item_id in self.missing:
+            return "reply cut at max_tokens"
+        if self.malformed and not self.codes:
+            return "reply held no JSON array of answers"
+        return self.rejected.get(item_id, "left out of the reply")
+
 
 def _objects(text: str) -> tuple[list[object], bool]:
     """Complete top-level elements of a JSON array, and whether the array was damaged."""

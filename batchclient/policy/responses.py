@@ -329,16 +329,12 @@ class ResponseHandling:
             self._count_empty_reply(parsed)
         for item_id in not_answered:
             state = self._items[item_id]
-            reason = parsed.rejected.get(item_id, "left out of the reply")
+            reason = parsed.why_unanswered(item_id)
             # a repeated id is a glitch of the reply: it counts as a failed attempt
             if item_id in parsed.repeated:
                 state.attempts += 1
             elif item_id in parsed.rejected or not excused:
                 state.misses += 1
-            if parsed.truncated and item_id in parsed.missing:
-                reason = "reply cut at max_tokens"
-            elif parsed.malformed and not parsed.codes:
-                reason = "reply held no JSON array of answers"
             state.last_error = reason
             if (state.misses >= self.config.retry.max_misses
                     or state.attempts >= self.config.retry.max_attempts):

@@ -86,9 +86,26 @@ async def test_item_tasks_packed_with_semantic_batching(sim_server, gateway) -> 
         assert res["result"] == {"id": f"sku-{i}", "code": expected_code(text, codes),
                                  "label": expected_code(text, codes)}
     assert results[-1]["state"] == "dead_lettered"
-    assert results[-1]["error"]["code"] == "item_never_answered"
+    assert results[-1]["error"] == {
+        "type": "upstream_error", "code": "item_never_answered",
+        "message": "no reply answered the item in 3 tries (the last: left out of the reply)"}
     calls = sum(gw.metrics.upstream_calls.values())
     assert calls <= 20 < len(texts)  # packed: far fewer calls than items
+
+
+async def test_item_tasks_against_a_prose_provider_say_why(sim_server, gateway) -> None:
+    """A provider that answers in prose (the simulator's default) answers no item: each is
+    dead-lettered after ``max_misses`` calls, and its error says what the replies were
+    (prose runs past the tight max_tokens of a batch)."""
+    sim = await sim_server(time_scale=20, seed=9)
+    gw = await gateway(gateway_config(sim, time_scale=20, workers=1))
+    async with aiohttp.ClientSession() as s:
+        task_id = await _post(s, gw, {"user": "bench", "item": {"id": "a", "text": "hello"}})
+        result = await poll(s, gw, task_id)
+    assert result["state"] == "dead_lettered"
+    assert result["error"]["message"] == (
+        "no reply answered the item in 3 tries (the last: reply cut at max_tokens)")
+    assert gw.metrics.upstream_calls == {200: 3}
 
 
 async def _post(s: aiohttp.ClientSession, gw: RunningGateway, body: dict[str, Any]) -> str:
