@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -80,16 +81,26 @@ def load_baseline(path: str | Path) -> dict[str, Any]:
     if not isinstance(figures, dict) or not figures:
         raise BaselineError(f"{path}: figures: expected a non-empty object")
     for name, spec in figures.items():
-        if not isinstance(spec, dict) or not isinstance(spec.get("value"), int | float):
-            raise BaselineError(f'{path}: figures.{name}: expected {{"value": number, ...}}')
+        # JSON as Python reads it takes NaN and Infinity, and a NaN passes every comparison:
+        # a gate on one could never fail
+        if not isinstance(spec, dict) or not _finite(spec.get("value")):
+            raise BaselineError(
+                f'{path}: figures.{name}: expected {{"value": finite number, ...}}')
         for key in ("tolerance", "abs_tolerance"):
-            if key in spec and (not isinstance(spec[key], int | float) or spec[key] < 0):
-                raise BaselineError(f"{path}: figures.{name}.{key}: expected a number >= 0")
+            if key in spec and not (_finite(spec[key]) and spec[key] >= 0):
+                raise BaselineError(
+                    f"{path}: figures.{name}.{key}: expected a finite number >= 0")
         if spec.get("direction", "higher") not in ("higher", "lower", "equal"):
             raise BaselineError(
                 f"{path}: figures.{name}.direction: expected higher, lower or equal"
             )
     return data
+
+
+def _finite(value: object) -> bool:
+    """A JSON number (not a boolean) that is neither NaN nor infinite."""
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def _fmt(value: float | None) -> str:
@@ -110,8 +121,10 @@ def gate_rows(summary: Mapping[str, Any], baseline: Mapping[str, Any]) -> list[R
         way = spec.get("direction", direction(name))
         tol_text = f"{rel:.0%}" if rel * abs(base) >= abs_tol else f"±{abs_tol:g}"
         now = figure(summary, name)
-        if now is None:
-            rows.append(Row(name, _fmt(base), "missing", tol_text, "MISSING"))
+        if now is None or not math.isfinite(now):
+            # not a number is no figure: it fails, as a missing one does
+            rows.append(Row(name, _fmt(base), "missing" if now is None else _fmt(now),
+                            tol_text, "MISSING"))
             continue
         worse = (
             (now < base - allowed)
@@ -208,6 +221,8 @@ def new_baseline(summary: Mapping[str, Any], old: Mapping[str, Any] | None) -> d
         now = figure(summary, name)
         if now is None:
             raise SummaryError(f"figure {name!r} is missing from the summary")
+        if not math.isfinite(now):
+            raise SummaryError(f"figure {name!r} is {now:g} in the summary: no baseline")
         figures[name] = {**spec, "value": now}
     return {"schema": BASELINE_SCHEMA, "scenario": summary["scenario"], "figures": figures}
 

@@ -97,6 +97,41 @@ def test_bad_input_exits_2(tmp_path: Path, baseline: Path) -> None:
     assert gate.main(args(run, binary)) == 2
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"tolerance": float("nan")},
+     "figures.batched.items.per_request.tolerance: expected a finite number >= 0"),
+    ({"abs_tolerance": float("inf")},
+     "figures.batched.items.per_request.abs_tolerance: expected a finite number >= 0"),
+    ({"value": float("nan")},
+     'figures.batched.items.per_request: expected {"value": finite number, ...}'),
+    ({"value": True}, 'figures.batched.items.per_request: expected {"value": finite number, ...}'),
+])
+def test_a_baseline_that_cannot_fail_exits_2(
+    tmp_path: Path, baseline: Path, change: dict[str, object], message: str,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    # NaN passes every comparison: as a tolerance or a value it would pass any run
+    run, _ = build_run(tmp_path / "b10", batch=10)
+    data = json.loads(baseline.read_text())
+    data["figures"]["batched.items.per_request"].update(change)
+    odd = tmp_path / "odd-baseline.json"
+    odd.write_text(json.dumps(data))
+    assert gate.main(args(run, odd)) == 2
+    assert capsys.readouterr().err == f"ratelab gate: {odd}: {message}\n"
+
+
+def test_a_figure_that_is_not_a_number_fails_the_gate(
+    tmp_path: Path, baseline: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = build_run(tmp_path / "nan")
+    summary = json.loads((run / "summary.json").read_text())
+    arm = next(a for a in summary["arms"] if a["name"] == "batched")
+    arm["items"]["per_request"] = float("nan")
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert gate.main(args(run, baseline)) == 1
+    assert "batched.items.per_request" in capsys.readouterr().err
+
+
 def test_a_baseline_of_another_scenario_exits_2(
     tmp_path: Path, baseline: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
