@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -88,8 +89,10 @@ class Reader:
         value = self.raw(name)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-            raise self.fail(name, f"a number >= {minimum}")
+        # NaN passes every comparison, and no setting means anything at infinity
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not math.isfinite(value) or value < minimum):
+            raise self.fail(name, f"a finite number >= {minimum}")
         return float(value)
 
     def opt_float(self, name: str) -> float | None:

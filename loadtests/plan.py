@@ -7,6 +7,7 @@ Exit statuses: 0 planned (and, with ``--compare``, every figure within ``--toler
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -49,6 +50,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _fail(message: str) -> int:
     print(f"ratelab plan: {message}", file=sys.stderr)
     return 2
+
+
+def _flag_problem(args: argparse.Namespace) -> str | None:
+    """The first numeric flag out of range (NaN passes no check: each is spelled so that
+    it fails), or None."""
+    if args.processes is not None and not args.processes >= 1:
+        return f"--processes: expected an integer >= 1, got {args.processes}"
+    if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+        return f"--tolerance: expected a relative error >= 0, got {args.tolerance:g}"
+    if not args.sample_items >= 1:
+        return f"--sample-items: expected an integer >= 1, got {args.sample_items}"
+    if not (math.isfinite(args.sample_span_s) and args.sample_span_s > 0):
+        return f"--sample-span-s: expected virtual seconds > 0, got {args.sample_span_s:g}"
+    if args.target_users is not None and not args.target_users >= 1:
+        return f"--target-users: expected an integer >= 1, got {args.target_users}"
+    return None
 
 
 def _capacity(scenario: Any, summary: dict[str, Any], sample: int,
@@ -105,6 +122,9 @@ def main(args: argparse.Namespace) -> int:
         return _fail(f"scenario refused:\n{exc}")
     if args.items is not None and args.items < 1:
         return _fail("--items: expected a positive item count")
+    problem = _flag_problem(args)
+    if problem:
+        return _fail(problem)
     try:
         sweeps = [parse_sweep(s) for s in args.sweep] or [
             (k, tuple(v)) for k, v in scenario.sweep]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -141,9 +142,15 @@ def scenario_schema() -> Mapping[str, Any]:
 def schema_problems(data: Any, lines: LineMap) -> list[Problem]:
     """Check ``data`` against the scenario schema; one located problem per violation."""
     validator = jsonschema.Draft202012Validator(scenario_schema())
-    problems: list[Problem] = []
+    # NaN passes every bound the schema sets (each comparison is false) and YAML spells it
+    # .nan; no setting means anything at .inf either: refused here, wherever they are
+    odd = {path: value for path, value in _non_finite(data, ())}
+    problems = [lines.problem(path, f"expected a finite number, got {value}")
+                for path, value in odd.items()]
     seen: set[tuple[int, str, str]] = set()
     for error in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
+        if tuple(error.absolute_path) in odd:
+            continue
         for path, message in _explain(error):
             problem = lines.problem(path, message)
             key = (problem.line, problem.path, problem.message)
@@ -151,6 +158,18 @@ def schema_problems(data: Any, lines: LineMap) -> list[Problem]:
                 seen.add(key)
                 problems.append(problem)
     return problems
+
+
+def _non_finite(data: Any, path: KeyPath) -> Iterator[tuple[KeyPath, float]]:
+    """Each NaN or infinite float in ``data``, with its key path."""
+    if isinstance(data, float) and not math.isfinite(data):
+        yield path, data
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            yield from _non_finite(value, (*path, str(key)))
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            yield from _non_finite(value, (*path, index))
 
 
 def _explain(error: ValidationError) -> Iterator[tuple[KeyPath, str]]:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import signal
 import sys
 
@@ -104,8 +105,10 @@ def _flag_problems(args: argparse.Namespace) -> list[str]:
               ("--concurrency", args.concurrency, 1), ("--ttft-ms", args.ttft_ms, 0),
               ("--itl-ms", args.itl_ms, 0), ("--balance-usd", args.balance_usd, 0))
     problems = [f"{flag}: expected a number >= {low}, got {value:g}"
-                for flag, value, low in checks if value is not None and not value >= low]
-    if args.time_scale is not None and not args.time_scale > 0:
+                for flag, value, low in checks
+                if value is not None and not (math.isfinite(value) and value >= low)]
+    if args.time_scale is not None and not (math.isfinite(args.time_scale)
+                                            and args.time_scale > 0):
         problems.append(f"--time-scale: expected a number > 0, got {args.time_scale:g}")
     codes = _item_codes(args.item_codes)
     if codes is not None and (not all(codes) or len(set(codes)) != len(codes)):

@@ -58,6 +58,9 @@ def test_naive_strategy_turns_the_throttle_off_by_default() -> None:
     ({"throttle": {"steps": [[2, 1]]}}, "arm.yaml: throttle.steps: expected a list"),
     ({"routing": [{"model": "m"}]}, "arm.yaml: routing[0]: expected max_item_tokens or tag"),
     ({"concurrency": "lots"}, "arm.yaml: concurrency: expected a mapping"),
+    ({"time_scale": float("nan")}, "arm.yaml: time_scale: expected a finite number >= 1e-09"),
+    ({"retry": {"base_s": float("inf")}},
+     "arm.yaml: retry.base_s: expected a finite number >= 0.0"),
 ])
 def test_errors_name_the_source_and_key(data: object, message: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -143,6 +143,17 @@ def test_negative_rate_and_unknown_arm(tmp_path: Path) -> None:
     assert "workload.duplicate_rate: -0.1 is less than the minimum of 0" in message
 
 
+def test_nan_and_infinity_are_refused_wherever_they_are(tmp_path: Path) -> None:
+    """YAML's .nan passes every bound (each comparison is false) and .inf means nothing."""
+    text = GOOD.replace("time_scale: 60", "time_scale: .nan").replace(
+        "mean: 15, sd: 3", "mean: .inf, sd: 3")
+    assert refuse(tmp_path, text).splitlines() == [
+        f"{tmp_path / 'scenario.yaml'}:3: time_scale: expected a finite number, got nan",
+        f"{tmp_path / 'scenario.yaml'}:12: workload.item_tokens.mean: expected a finite "
+        "number, got inf",
+    ]
+
+
 def test_unknown_arm_in_users(tmp_path: Path) -> None:
     message = refuse(tmp_path, GOOD.replace("arm: chat", "arm: chatt"))
     assert (

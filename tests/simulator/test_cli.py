@@ -97,6 +97,16 @@ def test_override_flags_out_of_range_exit_2_naming_each(
     ]
 
 
+def test_flags_that_are_not_finite_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--time-scale", "inf", "--balance-usd", "inf", "--itl-ms",
+                 "nan"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "ratelab serve: --itl-ms: expected a number >= 0, got nan",
+        "ratelab serve: --balance-usd: expected a number >= 0, got inf",
+        "ratelab serve: --time-scale: expected a number > 0, got inf",
+    ]
+
+
 def test_a_config_that_is_not_utf8_exits_2(tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "sim.yaml"

@@ -71,6 +71,27 @@ def test_cli_refuses_a_bad_sweep_before_running(capsys: pytest.CaptureFixture[st
     assert "KEY=V1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--processes", "0", "--sweep", "arms.batched.keys=1,2"],
+     "--processes: expected an integer >= 1, got 0"),
+    (["--tolerance", "-0.1"], "--tolerance: expected a relative error >= 0, got -0.1"),
+    (["--tolerance", "nan"], "--tolerance: expected a relative error >= 0, got nan"),
+    (["--capacity", "--sample-items", "0"], "--sample-items: expected an integer >= 1, got 0"),
+    (["--capacity", "--sample-span-s", "nan"],
+     "--sample-span-s: expected virtual seconds > 0, got nan"),
+    (["--capacity", "--sample-span-s", "-5"],
+     "--sample-span-s: expected virtual seconds > 0, got -5"),
+    (["--capacity", "--target-users", "0"], "--target-users: expected an integer >= 1, got 0"),
+])
+def test_cli_refuses_numeric_flags_out_of_range_before_planning(
+        flags: list[str], message: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "plan"
+    assert main(["plan", str(HERE / "fid-batch.yaml"), "--out", str(out), *flags]) == 2
+    assert capsys.readouterr().err == f"ratelab plan: {message}\n"
+    assert not out.exists()
+
+
 def test_cli_refuses_an_unusable_out_folder_before_planning(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     blocker = tmp_path / "a-file"
