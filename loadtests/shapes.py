@@ -107,11 +107,16 @@ def read_trace(path: str | Path) -> list[TraceRow]:
         for n, raw in enumerate(reader, start=2):
             try:
                 out = raw.get("max_tokens") or raw.get("output_tokens") or "0"
-                rows.append(
-                    TraceRow(float(raw["t_s"]), int(float(raw["prompt_tokens"])), int(float(out)))
-                )
+                row = TraceRow(float(raw["t_s"]), int(float(raw["prompt_tokens"])),
+                               int(float(out)))
             except (KeyError, TypeError, ValueError) as exc:
                 raise TraceError(f"{path}:{n}: expected t_s, prompt_tokens, max_tokens") from exc
+            # float() reads "nan" and "inf": a request at no time, or never, is no request
+            if not (math.isfinite(row.t_s) and row.t_s >= 0):
+                raise TraceError(f"{path}:{n}: t_s: expected seconds >= 0, got {raw['t_s']}")
+            if row.prompt_tokens < 0 or row.max_tokens < 0:
+                raise TraceError(f"{path}:{n}: expected token counts >= 0")
+            rows.append(row)
     rows.sort(key=lambda r: r.t_s)
     return rows
 

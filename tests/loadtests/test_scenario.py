@@ -258,3 +258,8 @@ def test_a_trace_with_a_bad_row_is_refused_naming_file_and_line(tmp_path: Path) 
     message = refuse(tmp_path, text)
     assert "load.users[0].trace" in message
     assert f"{tmp_path / 't.csv'}:3: expected t_s, prompt_tokens, max_tokens" in message
+    for row, problem in (("nan,100,16", "t_s: expected seconds >= 0, got nan"),
+                         ("-2,100,16", "t_s: expected seconds >= 0, got -2"),
+                         ("3,-100,16", "expected token counts >= 0")):
+        (tmp_path / "t.csv").write_text(f"t_s,prompt_tokens,max_tokens\n1.0,100,16\n{row}\n")
+        assert f"{tmp_path / 't.csv'}:3: {problem}" in refuse(tmp_path, text)
