@@ -135,6 +135,14 @@ def headline(summary: Mapping[str, Any]) -> str:
                 + " never reached a steady state: it ran on the limit window's first, empty "
                 "minute, and a longer job settles at or below the bound)"
             )
+        elif (bound.get("efficiency") or 0) > 1:
+            # the whole run's rate counts the first window's burst; the steady one does not
+            steady = tp["steady_items_per_min"]
+            text += (
+                " (above the bound over the whole run, which began on the limit window's "
+                f"first, empty minute; its steady rate was {fmt_int(steady)} items/min, "
+                f"{fmt_pct(steady / bound['items_per_min'])} of the bound)"
+            )
         text += "."
     else:
         text += "."

@@ -77,3 +77,16 @@ def test_a_rate_above_the_bound_without_a_steady_state_is_explained(run_dir: Pat
     assert ("limit binds (above the bound because the job, 86 s, never reached a steady "
             "state: it ran on the limit window's first, empty minute, and a longer job "
             "settles at or below the bound).") in headline(summary)
+
+
+def test_a_whole_run_rate_above_the_bound_gives_the_steady_rate(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    arm = summary["arms"][0]
+    assert "steady rate" not in headline(summary)  # under the bound
+    # a 5-minute job at 106% over the whole run: the first minute's burst
+    arm["bound"]["efficiency"] = 1.06
+    arm["bound"]["items_per_min"] = 3422.0
+    arm["throughput"]["steady_items_per_min"] = 3360.0
+    assert ("limit binds (above the bound over the whole run, which began on the limit "
+            "window's first, empty minute; its steady rate was 3,360 items/min, 98% of the "
+            "bound).") in headline(summary)
