@@ -62,7 +62,10 @@ class ProviderSettings:
     ``reserve_max_tokens`` tells whether the provider counts ``max_tokens`` against TPM at
     admission (True) or only actual usage; ``time_scale`` is the wire compression factor.
     ``count_refused`` tells whether requests it refuses (429, 402, 400) still count against
-    its RPM window, as OpenAI's do (the default).
+    its RPM window, as OpenAI's do (the default). ``share`` is the fraction of the key's
+    limits this client may use when other clients (processes) share the key: its own
+    usage stays within that part, while the provider's headers, which count every
+    client's, are still held against the whole limit.
     """
 
     name: str
@@ -75,6 +78,7 @@ class ProviderSettings:
     prices: Mapping[str, Price] = field(default_factory=dict)
     failover_on_429: bool = False
     count_refused: bool = True
+    share: float = 1.0
 
     def limits_for(self, model: str) -> ModelLimits:
         """Limits that apply to ``model`` here (per-model entry, else the provider's)."""
@@ -239,7 +243,10 @@ def _provider(r: Reader, default_scale: float) -> ProviderSettings:
         reserve_max_tokens=counting == "reserve_max_tokens", prices=prices,
         failover_on_429=r.bool_("failover_on_429", False),
         count_refused=r.bool_("count_refused", True),
+        share=r.float_("share", 1.0, 1e-6),
     )
+    if settings.share > 1.0:
+        raise r.fail("share", "a fraction of the key's limits, at most 1")
     r.finish()
     return settings
 

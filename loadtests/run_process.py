@@ -16,7 +16,7 @@ import asyncio
 import os
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +207,12 @@ class ProcessState:
     async def run_batch_arm(self, arm: Arm, slot: int) -> JobResult:
         """Run ``arm``'s job over this slot's items; log a ``job`` record and return the result."""
         config = self.config(arm)
+        if self.spec.slots > 1:
+            # the slots' clients share each key: each keeps to its part of the limits (the
+            # headers still show every slot's use), as one client would pace the whole job,
+            # rather than all of them racing for the same window
+            config = replace(config, providers=tuple(
+                replace(p, share=1.0 / self.spec.slots) for p in config.providers))
         store = SqliteJobStore(str(self.run_dir / f"store-{arm.name}-{slot}.sqlite"))
         store.import_items(slot_items(self.scenario, slot, self.spec.slots))
         cache = SqliteResultCache(config.cache_path) if config.cache_path else None

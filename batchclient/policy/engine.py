@@ -155,7 +155,8 @@ class Engine(ResponseHandling, InteractiveLane):
             settings = self.config.throttle
             if self.strategy == "naive":
                 settings = replace(settings, enabled=False, use_headers=False)
-            throttle = Throttle(settings, limits.tpm, limits.rpm, p.reserve_max_tokens)
+            throttle = Throttle(settings, limits.tpm, limits.rpm, p.reserve_max_tokens,
+                                share=p.share)
             self._throttles[key] = throttle
         return throttle
 

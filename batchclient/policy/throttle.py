@@ -42,10 +42,13 @@ class Throttle:
         tpm: int | None,
         rpm: int | None,
         reserve_max_tokens: bool = True,
+        share: float = 1.0,
     ) -> None:
         self.settings = settings
         self.tpm = tpm
         self.rpm = rpm
+        # the part of the key's limits our own usage may take (other clients share it)
+        self.share = share
         self.reserve_max_tokens = reserve_max_tokens
         self._entries: deque[_Entry] = deque()
         self._by_key: dict[int, _Entry] = {}
@@ -188,6 +191,19 @@ class Throttle:
             excess_t = int(used_t + tokens - tpm * ceiling)
         if rpm:
             excess_r = int(used_r + 1 - rpm * ceiling + 0.999999)
+        share = self.share
+        if share < 1.0:
+            # our own usage against our part of the key; the header-corrected usage above
+            # (every client's) against the whole of it
+            own_t, own_r = self.used_tokens, self.used_requests
+            if tpm:
+                own = int(own_t + tokens - tpm * share * ceiling)
+                if own > excess_t:
+                    excess_t = own
+            if rpm:
+                own = int(own_r + 1 - rpm * share * ceiling + 0.999999)
+                if own > excess_r:
+                    excess_r = own
         if (excess_t > 0 and used_t > 0) or (excess_r > 0 and used_r > 0):
             wait = self._wait_for_room(now, excess_t if excess_t > 0 else 0,
                                        excess_r if excess_r > 0 else 0)
@@ -202,6 +218,11 @@ class Throttle:
             by_requests = (used_r + 1) / rpm
             if by_requests > fraction:
                 fraction = by_requests
+        if share < 1.0:
+            if tpm:
+                fraction = max(fraction, (self.used_tokens + tokens) / (tpm * share))
+            if rpm:
+                fraction = max(fraction, (self.used_requests + 1) / (rpm * share))
         step_delay = 0.0
         for threshold, delay in settings.steps:
             if fraction > threshold:

@@ -58,6 +58,8 @@ def test_naive_strategy_turns_the_throttle_off_by_default() -> None:
     ({"throttle": {"steps": [[2, 1]]}}, "arm.yaml: throttle.steps: expected a list"),
     ({"routing": [{"model": "m"}]}, "arm.yaml: routing[0]: expected max_item_tokens or tag"),
     ({"concurrency": "lots"}, "arm.yaml: concurrency: expected a mapping"),
+    ({"providers": [{"name": "a", "base_url": "http://x", "api_key": "k", "share": 1.5}]},
+     "arm.yaml: providers[0].share: expected a fraction of the key's limits, at most 1"),
     ({"time_scale": float("nan")}, "arm.yaml: time_scale: expected a finite number >= 1e-09"),
     ({"retry": {"base_s": float("inf")}},
      "arm.yaml: retry.base_s: expected a finite number >= 0.0"),

@@ -63,6 +63,25 @@ def test_graduated_steps_space_dispatches_over_the_slots() -> None:
     assert Throttle(ThrottleSettings(), tpm=1000, rpm=None).delay(0.0, 10) == 0.0
 
 
+def test_a_share_of_the_key_bounds_our_own_usage_and_the_headers_the_whole() -> None:
+    t = Throttle(NO_STEPS, tpm=1000, rpm=10, share=0.5)
+    t.reserve(0.0, 1, 450)
+    assert t.delay(0.0, 50) == 0.0  # 500 of our 500
+    assert t.delay(0.0, 51) == 60.0  # over our half: wait for our own 450 to leave
+    # the other client's use, through the headers: 900 of the key's 1000 used
+    t.observe(1.0, RateHeaders(limit_tokens=1000, remaining_tokens=100, reset_tokens_s=30.0))
+    assert t.delay(1.0, 50) == 0.0  # 950 of the whole
+    assert t.delay(1.0, 101) == 59.0  # 1001 of the whole, though ours is 451 of 500
+    for call in range(2, 6):
+        t.reserve(2.0, call, 1)
+    assert t.delay(2.0, 1) == 58.0  # a sixth request of our 5 a minute (RPM 10 / 2)
+    # graduated steps count our fraction of our part
+    g = Throttle(ThrottleSettings(ceiling=1.0, expiry_margin_s=0.0), tpm=1000, rpm=None,
+                 share=0.5)
+    g.reserve(0.0, 1, 450)
+    assert g.delay(0.0, 10) == 0.3  # 460/500 > 85 %
+
+
 def test_blocked_by_retry_after() -> None:
     t = Throttle(NO_STEPS, tpm=1000, rpm=None)
     t.block(12.0)

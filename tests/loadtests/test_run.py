@@ -110,6 +110,8 @@ def test_two_processes_do_every_item_exactly_once(tmp_path: Path) -> None:
     assert a["items"]["done"] == 6000 and a["items"]["lost"] == 0
     # requests answered ok carried every item once: nothing was billed twice
     assert a["items"]["per_request"] * a["requests"]["ok"] == pytest.approx(6000, abs=40)
+    # each slot's client keeps to its half of the key: they do not race for one window
+    assert a["requests"]["rate_429"] < 0.005, a["requests"]
 
 
 def test_seed001_batching_beats_single_and_naive(tmp_path: Path) -> None:
