@@ -100,6 +100,46 @@ def what_to_change(arm: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _above_bound(arm: Mapping[str, Any]) -> str:
+    """Why an arm's rate above its bound is no contradiction, as a parenthesis ('' when
+    it is not above): items the result cache answered were never sent, and a job's first
+    limit window starts empty."""
+    bound, tp, items = arm["bound"], arm["throughput"], arm["items"]
+    if not (bound.get("efficiency") or 0) > 1:
+        return ""
+    reasons = []
+    cached, done = items.get("cached") or 0, items.get("done") or 0
+    sent_share = (done - cached) / done if done else 1.0
+    if cached:
+        sent = tp["items_per_min"] * sent_share
+        reasons.append(
+            f"{fmt_int(cached)} items ({fmt_pct(cached / done)}) came from the result cache "
+            "without a request, and the bound counts items sent: "
+            f"{fmt_int(sent)} items/min were sent, {fmt_pct(sent / bound['items_per_min'])} "
+            "of the bound")
+        if sent <= bound["items_per_min"]:
+            return f" (above the bound because {reasons[0]})"
+    if bound.get("binding") not in ("tpm", "rpm"):
+        # no window to start empty: the bound's latency or concurrency was not this run's
+        return f" (above the bound because {reasons[0]})" if reasons else ""
+    steady = tp.get("steady_items_per_min")
+    if steady is None:
+        # a job shorter than a full window: its first window started empty
+        took = arm.get("duration_s")
+        reasons.append(
+            "the job" + (f", {took:,.0f} s," if took is not None else "")
+            + " never reached a steady state: it ran on the limit window's first, empty "
+            "minute, and a longer job settles at or below the bound")
+    else:
+        # the whole run's rate counts the first window's burst; the steady one does not
+        reasons.append(
+            "the whole run began on the limit window's first, empty minute; its steady rate "
+            f"was {fmt_int(steady)} items/min, "
+            f"{fmt_pct(steady * sent_share / bound['items_per_min'])} of the bound"
+            + (" in items sent" if cached else ""))
+    return " (above the bound because " + "; and ".join(reasons) + ")"
+
+
 def headline(summary: Mapping[str, Any]) -> str:
     """The first paragraph: how fast, how much, which limit binds, what to change."""
     arm = lead_arm(summary)
@@ -126,23 +166,7 @@ def headline(summary: Mapping[str, Any]) -> str:
             f", {fmt_pct(bound['efficiency'])} of the bound of "
             f"{fmt_int(bound['items_per_min'])} items/min; the **{bound['binding']}** limit binds"
         )
-        if (bound.get("efficiency") or 0) > 1 and tp.get("steady_items_per_min") is None:
-            # a job shorter than a full window: its first window started empty
-            took = arm.get("duration_s")
-            text += (
-                " (above the bound because the job"
-                + (f", {took:,.0f} s," if took is not None else "")
-                + " never reached a steady state: it ran on the limit window's first, empty "
-                "minute, and a longer job settles at or below the bound)"
-            )
-        elif (bound.get("efficiency") or 0) > 1:
-            # the whole run's rate counts the first window's burst; the steady one does not
-            steady = tp["steady_items_per_min"]
-            text += (
-                " (above the bound over the whole run, which began on the limit window's "
-                f"first, empty minute; its steady rate was {fmt_int(steady)} items/min, "
-                f"{fmt_pct(steady / bound['items_per_min'])} of the bound)"
-            )
+        text += _above_bound(arm)
         text += "."
     else:
         text += "."
