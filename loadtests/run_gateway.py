@@ -142,7 +142,8 @@ class GatewayRun:
         return figures
 
     def provider_figures(self, origin: float) -> dict[str, Any]:
-        """What the provider saw: requests by status, 429s, the busiest 60 s (sampled)."""
+        """What the provider saw: requests by status, 429s, the busiest 60 s (sampled),
+        and what it charged the gateway's key (USD; None when its stats give no figure)."""
         up = self.config.upstream
         samples = [((t - origin) * self.time_scale, n, r) for t, n, r in self.sampler.provider]
         busiest = 0
@@ -159,7 +160,8 @@ class GatewayRun:
         refused = requests.get("429", 0)
         return {"name": self.provider_name, "rpm_limit": up.rpm, "tpm_limit": up.tpm,
                 "requests": dict(sorted(requests.items())), "http_429": refused,
-                "busiest_60s_requests": busiest, "within_limit": refused == 0}
+                "busiest_60s_requests": busiest, "within_limit": refused == 0,
+                "spent_usd": key.get("spent_usd")}
 
 
 def write_rows(rows: Sequence[Mapping[str, Any]], path: Path) -> None:

@@ -140,6 +140,24 @@ def _above_bound(arm: Mapping[str, Any]) -> str:
     return " (above the bound because " + "; and ".join(reasons) + ")"
 
 
+def _cost_sentence(summary: Mapping[str, Any], arm: Mapping[str, Any]) -> str:
+    """What the lead arm cost: per item for a job, per request for chats; for callers of
+    the gateway, who pay nothing themselves, what the provider charged the gateway."""
+    cost = arm["cost_usd"]
+    if arm["items"]["total"]:
+        return (f" It cost **{fmt_usd(cost['per_item'])} per item** "
+                f"({fmt_usd(cost['total'])} in all)")
+    gateway = summary.get("gateway") or {}
+    spent = (gateway.get("provider") or {}).get("spent_usd")
+    if spent is not None and not cost["total"]:
+        done = (gateway.get("tasks") or {}).get("by_state", {}).get("done", 0)
+        return (" Through the gateway, the provider charged **"
+                + (f"{fmt_usd(spent / done)} per task done** ({fmt_usd(spent)} in all)" if done
+                   else f"{fmt_usd(spent)}** in all"))
+    return (f" It cost **{fmt_usd(cost['per_request'])} per request** "
+            f"({fmt_usd(cost['total'])} in all)")
+
+
 def headline(summary: Mapping[str, Any]) -> str:
     """The first paragraph: how fast, how much, which limit binds, what to change."""
     arm = lead_arm(summary)
@@ -170,8 +188,7 @@ def headline(summary: Mapping[str, Any]) -> str:
         text += "."
     else:
         text += "."
-    cost = arm["cost_usd"]
-    text += f" It cost **{fmt_usd(cost['per_item'])} per item** ({fmt_usd(cost['total'])} in all)"
+    text += _cost_sentence(summary, arm)
     proj = arm["projection"]
     if proj.get("duration_s") is not None:
         text += (

@@ -75,6 +75,9 @@ def _check(gw: dict[str, Any], run_dir: Path) -> None:
     # the provider never refused the shared key: the gateway kept under its limit
     assert gw["provider"]["http_429"] == 0
     assert gw["provider"]["within_limit"] is True
+    # what the provider charged the gateway's key: the callers' cost, in the headline
+    assert gw["provider"]["spent_usd"] > 0
+    assert "Through the gateway, the provider charged" in (run_dir / "report.md").read_text()
 
 
 def test_queue_pattern_in_process(tmp_path: Path) -> None:

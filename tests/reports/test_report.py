@@ -113,3 +113,21 @@ def test_a_rate_above_the_bound_from_the_result_cache_is_explained(run_dir: Path
             "without a request, and the bound counts items sent: 3,715 items/min were sent, "
             "119% of the bound; and the job, 89 s, never reached a steady state") in (
                 headline(summary))
+
+
+def test_chats_cost_per_request_and_gateway_callers_what_the_provider_charged(
+        run_dir: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["arms"] = summary["arms"][:1]
+    arm = summary["arms"][0]
+    arm["items"]["total"] = 0
+    arm["bound"]["items_per_min"] = None
+    arm["projection"]["duration_s"] = None
+    arm["cost_usd"].update(total=2.0844621, per_item=None, per_request=0.0001275056)
+    assert "It cost **USD 0.0001275 per request** (USD 2.08 in all)." in headline(summary)
+    # seed-003's queue pattern: callers pay nothing themselves; the gateway's key does
+    arm["cost_usd"].update(total=0.0, per_request=0.0)
+    summary["gateway"] = {"tasks": {"by_state": {"done": 4840}},
+                          "provider": {"name": "paid", "spent_usd": 0.6171}}
+    assert ("Through the gateway, the provider charged **USD 0.0001275 per task done** "
+            "(USD 0.62 in all).") in headline(summary)
