@@ -19,8 +19,8 @@ from types import MappingProxyType
 
 BINDINGS = ("tpm", "rpm", "concurrency", "latency")
 
-# term -> the binding it reports as
-_TERM_BINDING = {
+# term of the bound -> the binding it reports as (input and output TPM are TPM)
+TERM_BINDING = {
     "tpm": "tpm",
     "input_tpm": "tpm",
     "output_tpm": "tpm",
@@ -112,7 +112,7 @@ def throughput_bound(inputs: BoundInputs) -> Bound:
     value = terms[name]
     return Bound(
         items_per_min=value if math.isfinite(value) else math.inf,
-        binding=_TERM_BINDING[name],
+        binding=TERM_BINDING[name],
         terms=MappingProxyType(terms),
         batch_size=b,
         input_tokens_per_request=prompt,

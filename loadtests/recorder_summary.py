@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from loadtests.bound import TERM_BINDING
+
 if TYPE_CHECKING:
     from loadtests.bound import Bound
     from loadtests.recorder import Recorder
@@ -247,6 +249,7 @@ def _projection(
         "needed_keys": None,
         "needed_tpm": None,
         "needed_rpm": None,
+        "other_limit": None,
     }
     if duration is None:
         return out
@@ -254,12 +257,23 @@ def _projection(
     out["needed_factor"] = factor
     out["needed_keys"] = max(1, math.ceil(factor - 1e-9))
     inputs = rec.arms[name].bound
-    if has_bound and inputs is not None:
+    bound = rec.bound(name)
+    if has_bound and inputs is not None and bound is not None:
         keys = max(1, inputs.keys)
-        if inputs.tpm is not None:
+        # More TPM (or RPM) alone meets the deadline only while every other term of the
+        # bound allows the rate it needs: past it another limit binds (the client's
+        # in-flight cap over the latency, most often) and more TPM buys nothing.
+        needed_rate = items / deadline * 60.0
+        short = {term: value for term, value in bound.terms.items() if value < needed_rate}
+        if inputs.tpm is not None and not any(TERM_BINDING[t] != "tpm" for t in short):
             out["needed_tpm"] = inputs.tpm * keys * factor
-        if inputs.rpm is not None:
+        if inputs.rpm is not None and not any(TERM_BINDING[t] != "rpm" for t in short):
             out["needed_rpm"] = inputs.rpm * keys * factor
+        stops = {t: v for t, v in short.items() if TERM_BINDING[t] not in ("tpm", "rpm")}
+        if stops:
+            term = min(stops, key=lambda t: (stops[t], t))
+            out["other_limit"] = {"binding": TERM_BINDING[term],
+                                  "items_per_min": stops[term]}
     return out
 
 

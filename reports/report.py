@@ -96,7 +96,13 @@ def what_to_change(arm: Mapping[str, Any]) -> str:
                 keys = proj["needed_keys"]
                 need.append(f"{keys} key{'s' if keys != 1 else ''}")
             if need:
-                parts.append(f"To finish in {deadline} you need {' or '.join(need)}.")
+                text = f"To finish in {deadline} you need {' or '.join(need)}"
+                other = proj.get("other_limit")
+                if other is not None and proj.get("needed_tpm") is None:
+                    # more TPM is the obvious wish; say why it is not on the list
+                    text += (f" (more TPM alone would stop at the {other['binding']} limit, "
+                             f"{fmt_int(other['items_per_min'])} items/min)")
+                parts.append(text + ".")
     return " ".join(parts)
 
 

@@ -106,8 +106,23 @@ def test_summary_figures_are_exact() -> None:
     assert a["cost_usd"]["total"] == pytest.approx(0.031)
     assert a["projection"]["duration_s"] == pytest.approx(1_000_000 / 599 * 59)
     assert a["projection"]["needed_keys"] == 28  # 27.4 h against a 1 h deadline
-    assert a["projection"]["needed_tpm"] == pytest.approx(200_000 * 1_000_000 / 599 * 59 / 3600)
+    # 16,667 items/min needed; 8 in flight at 1 s of latency stop at 9,600, and RPM 500 at
+    # 10,000: more TPM alone cannot meet the deadline (nor more RPM), more keys can
+    assert a["projection"]["needed_tpm"] is None and a["projection"]["needed_rpm"] is None
+    assert a["projection"]["other_limit"] == {"binding": "latency", "items_per_min": 9600.0}
     assert [c["ok"] for c in s["checks"]] == [True, False]  # 609 items/min; 429 rate 8.6%
+
+
+def test_more_tpm_is_the_answer_only_while_no_other_limit_stops_short() -> None:
+    inputs = BoundInputs(700, 20, 15, 5, 1.0, tpm=200_000, rpm=5000, client_concurrency=64)
+    rec = Recorder("t", "live", [ArmInfo("a", "semantic_batch", 600, inputs)], bucket_s=1.0,
+                   project_items=1_000_000, project_deadline_s=3600.0)
+    rec.add_many(events())
+    p = rec.summary()["arms"][0]["projection"]
+    # 64 in flight reach 76,800 items/min and RPM 5,000 100,000: TPM binds to the end
+    assert p["needed_tpm"] == pytest.approx(200_000 * 1_000_000 / 599 * 59 / 3600)
+    assert p["needed_rpm"] is None  # TPM stops short of what more RPM alone would need
+    assert p["other_limit"] is None
 
 
 def test_order_does_not_matter() -> None:

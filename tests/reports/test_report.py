@@ -131,3 +131,12 @@ def test_chats_cost_per_request_and_gateway_callers_what_the_provider_charged(
                           "provider": {"name": "paid", "spent_usd": 0.6171}}
     assert ("Through the gateway, the provider charged **USD 0.0001275 per task done** "
             "(USD 0.62 in all).") in headline(summary)
+
+
+def test_the_deadline_advice_says_why_more_tpm_is_not_enough(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    proj = summary["arms"][0]["projection"]
+    proj.update(meets_deadline=False, needed_tpm=None, needed_keys=3,
+                other_limit={"binding": "latency", "items_per_min": 6261.4})
+    assert ("To finish in 4.0 h you need 3 keys (more TPM alone would stop at the latency "
+            "limit, 6,261 items/min).") in headline(summary)
