@@ -68,6 +68,27 @@ def _flag_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _deadline_words(answer: dict[str, Any]) -> str:
+    """A deadline answer in words: met or not, and the smallest change of each kind that
+    meets it (or that none in the range searched does)."""
+    from loadtests.planner.capacity import BATCH_SIZES, KEY_COUNTS, TIERS_TPM
+
+    hours = answer["deadline_s"] / 3600
+    if answer["meets_now"]:
+        return f"meets the {hours:,.1f} h deadline as it is"
+    words = {"keys": ("keys", "key count", KEY_COUNTS), "tier_tpm": ("TPM", "TPM", TIERS_TPM),
+             "batch_size": ("items a request", "batch size", BATCH_SIZES)}
+    found = []
+    for key, (unit, kind, searched) in words.items():
+        if key not in answer:
+            continue  # not searched for this arm (batch size: batched arms only)
+        hit = answer[key]
+        found.append(f"{hit['value']:,} {unit}" if hit else
+                     f"no {kind} up to {max(searched):,}")
+    return f"misses the {hours:,.1f} h deadline; the smallest change meeting it: " + \
+        "; ".join(found)
+
+
 def _capacity(scenario: Any, summary: dict[str, Any], sample: int,
               target_users: int | None = None, span_s: float = 600.0) -> dict[str, Any]:
     from loadtests.planner.batchsize import optimal_batch_size
@@ -187,10 +208,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"planned in {result.wall_s:.2f} s ({result.requests:,} requests, "
           f"{summary['plan']['events_per_s']:,.0f} events/s); report: {folder}/report.html")
     for name, answer in (summary["plan"].get("deadline") or {}).items():
-        found = {k: (a["value"] if a else None) for k, a in answer.items()
-                 if k in ("keys", "tier_tpm", "batch_size")}
-        print(f"{name}: deadline {answer['deadline_s']:,.0f} s met now: {answer['meets_now']}; "
-              f"smallest meeting it: {found}")
+        print(f"{name}: {_deadline_words(answer)}")
     if "batch_size" in summary["plan"] and summary["plan"]["batch_size"]["best"]:
         best = summary["plan"]["batch_size"]["best"]
         print(f"optimal batch size: {best['batch_size']} "

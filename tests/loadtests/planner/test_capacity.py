@@ -58,5 +58,6 @@ def test_cli_prints_the_capacity_answers(tmp_path: Path,
                    "--out", str(tmp_path / "run")])
     assert status == 0
     out = capsys.readouterr().out
-    assert "smallest meeting it: {'keys': 2, 'tier_tpm': 200000, 'batch_size': 40}" in out
+    assert ("the smallest change meeting it: 2 keys; 200,000 TPM; 40 items a request"
+            in out)
     assert "optimal batch size: 80" in out
