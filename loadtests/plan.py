@@ -89,6 +89,22 @@ def _deadline_words(answer: dict[str, Any]) -> str:
         "; ".join(found)
 
 
+def _fidelity_failure(bad: list[dict[str, Any]], tolerance: float,
+                      time_scale: object) -> str:
+    """Which compared figures are outside the tolerance, and the usual reason when the live
+    run was time-compressed."""
+    listed = ", ".join(
+        f"{r['arm']} {r['figure']} "
+        + ("unknown" if r["error"] is None else f"{100 * r['error']:+.1f}%") for r in bad)
+    text = (f"ratelab plan: {len(bad)} figure{'s' if len(bad) != 1 else ''} outside the "
+            f"{100 * tolerance:g}% tolerance: {listed}")
+    if isinstance(time_scale, int | float) and time_scale > 1:
+        text += (f" (the live run was compressed {time_scale:g}-fold: each round trip's real "
+                 "milliseconds count that many times over, which makes it a few percent "
+                 "slower than the plan; docs/planner.md, Fidelity)")
+    return text
+
+
 def _capacity(scenario: Any, summary: dict[str, Any], sample: int,
               target_users: int | None = None, span_s: float = 600.0) -> dict[str, Any]:
     from loadtests.planner.batchsize import optimal_batch_size
@@ -223,5 +239,8 @@ def main(args: argparse.Namespace) -> int:
             return _fail(f"--compare {args.compare}: no arm of the run is an arm of this plan")
         print(fidelity_text(rows))
         bad = [r for r in rows if r["error"] is None or abs(r["error"]) > args.tolerance]
+        if bad:
+            print(_fidelity_failure(bad, args.tolerance, live.get("time_scale")),
+                  file=sys.stderr)
         return 1 if bad else 0
     return 0

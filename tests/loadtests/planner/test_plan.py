@@ -128,6 +128,31 @@ def test_compare_refuses_a_plan_folder_or_another_scenarios_run_before_planning(
                                             "run is an arm of this plan\n")
 
 
+def test_compare_names_the_figures_outside_the_tolerance(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the plan's own summary as a live run compressed 60-fold, 10% slower
+    plan = tmp_path / "plan"
+    assert main(["plan", str(HERE / "fid-rpm.yaml"), "--items", "200", "--out", str(plan)]) == 0
+    summary = json.loads((plan / "summary.json").read_text())
+    arm = summary["arms"][0]
+    arm["throughput"]["items_per_min"] /= 1.1
+    live = tmp_path / "live"
+    live.mkdir()
+    (live / "summary.json").write_text(json.dumps({**summary, "mode": "live",
+                                                   "time_scale": 60}))
+    capsys.readouterr()
+    assert main(["plan", str(HERE / "fid-rpm.yaml"), "--items", "200", "--compare", str(live),
+                 "--out", str(tmp_path / "a")]) == 1
+    assert capsys.readouterr().err == (
+        f"ratelab plan: 1 figure outside the 5% tolerance: {arm['name']} items/min +10.0% "
+        "(the live run was compressed 60-fold: each round trip's real milliseconds count that "
+        "many times over, which makes it a few percent slower than the plan; "
+        "docs/planner.md, Fidelity)\n")
+    assert main(["plan", str(HERE / "fid-rpm.yaml"), "--items", "200", "--compare", str(live),
+                 "--tolerance", "0.11", "--out", str(tmp_path / "b")]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_offline_alternative_halves_the_price() -> None:
     arm = {"items": {"done_per_request": 20.0},
            "projection": {"items": 2_000_000, "duration_s": 7 * 3600.0, "cost_usd": 40.0,
