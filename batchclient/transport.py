@@ -81,6 +81,9 @@ class AiohttpTransport:
         self.stream = stream if stream is not None else StreamSettings()
         self._limit = limit
         self._session: aiohttp.ClientSession | None = None
+        # each provider's GET /models answer, once: the reachability check and the
+        # preflight's list of served models before a job read the same one
+        self._models: dict[str, tuple[int, bytes]] = {}
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -106,13 +109,17 @@ class AiohttpTransport:
 
     async def _get_models(self, provider: str) -> tuple[int, bytes]:
         """``GET {base_url}/models`` within 10 s: the status and the body (aiohttp's
-        errors and the timeout raised as they come)."""
+        errors and the timeout raised as they come), fetched once per provider."""
+        got = self._models.get(provider)
+        if got is not None:
+            return got
         p = self.providers[provider]
         async with self._get_session().get(
             f"{p.base_url}/models", headers=self._headers(p),
             timeout=aiohttp.ClientTimeout(total=10),
         ) as resp:
-            return resp.status, await resp.read()
+            got = self._models[provider] = (resp.status, await resp.read())
+        return got
 
     async def list_models(self, provider: str) -> set[str] | None:
         """``GET {base_url}/models``: the served model ids, None if the call fails."""

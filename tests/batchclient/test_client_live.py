@@ -341,3 +341,31 @@ async def test_the_transport_tells_an_unreachable_provider_from_one_that_answers
         assert why is not None and "127.0.0.1" in why
     finally:
         await transport.close()
+
+
+async def test_a_providers_model_list_is_fetched_once() -> None:
+    """The reachability check and the preflight's served models read one GET /models."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    hits: list[str] = []
+
+    async def models(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.json_response({"object": "list", "data": [{"id": "m1", "object": "model"}]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    cfg = parse_client_config({"providers": [
+        {"name": "p", "base_url": f"http://127.0.0.1:{server.port}/v1", "api_key": "k"}]},
+        "test")
+    transport = AiohttpTransport(cfg.providers, cfg.stream)
+    try:
+        assert await transport.unreachable("p") is None
+        assert await transport.list_models("p") == {"m1"}
+        assert hits == ["/v1/models"]
+    finally:
+        await transport.close()
+        await server.close()
