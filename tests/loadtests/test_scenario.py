@@ -249,6 +249,23 @@ def test_validate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "providers[0].limits.tpm: a limit of 0" in capsys.readouterr().err
 
 
+
+def test_validate_takes_a_folder_of_scenarios(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "scenarios"
+    (folder / "providers").mkdir(parents=True)
+    (folder / "a.yaml").write_text(textwrap.dedent(GOOD))
+    (folder / "b.yaml").write_text(textwrap.dedent(GOOD))
+    (folder / "providers" / "not-a-scenario.yaml").write_text("headers: openai\n")
+    assert validate.main(argparse.Namespace(files=[str(folder)])) == 0
+    assert capsys.readouterr().out == f"{folder / 'a.yaml'}: ok\n{folder / 'b.yaml'}: ok\n"
+    assert validate.main(argparse.Namespace(files=[str(folder / "providers" / "x")])) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert validate.main(argparse.Namespace(files=[str(empty)])) == 2
+    assert capsys.readouterr().err.endswith(f"{empty}: no *.yaml file in this folder\n")
+
+
 def test_a_trace_with_a_bad_row_is_refused_naming_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "t.csv").write_text("t_s,prompt_tokens,max_tokens\n1.0,100,16\nsoon,100,16\n")
     stages = "      stages:\n" + "".join(f"        - {{duration_s: 60, users: {n}}}\n"
