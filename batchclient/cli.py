@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tpm", type=int, help="tokens per minute the provider allows")
     parser.add_argument("--rpm", type=int, help="requests per minute the provider allows")
     parser.add_argument("--tpm-counting", choices=["reserve_max_tokens", "actual"])
+    parser.add_argument("--share", type=float, help="the part of the key's limits this job may "
+                        "use when other jobs share the key, e.g. 0.5 for one of two")
     parser.add_argument("--cache", help="result cache SQLite file shared across jobs")
     parser.add_argument("--low-balance", type=float, help="warn when the balance (USD) "
                         "falls below this")
@@ -128,6 +130,10 @@ def _client_mapping(args: argparse.Namespace) -> dict[str, Any]:
                     first[key] = value
             providers[0] = first
             data["providers"] = providers
+    if args.share is not None:
+        # every provider's key: each is shared alike
+        data["providers"] = [{**p, "share": args.share} if isinstance(p, dict) else p
+                             for p in data.get("providers") or []]
     if args.cache:
         data["cache_path"] = args.cache
     return data

@@ -185,3 +185,20 @@ def test_a_job_store_that_fails_mid_job_is_named_without_a_traceback(
     assert capsys.readouterr().err == (
         f"\nratelab job: --db {db}: the job store failed: database or disk is full; the "
         "results saved before it are kept, re-run to resume\n")
+
+
+def test_share_gives_the_job_a_part_of_the_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    items, task = _one_item_job(tmp_path, monkeypatch)
+    args = ["job", str(items), "--task", str(task), "--no-progress", "--time-scale", "1000"]
+    with _simulator({"kind": "batch_json", "codes": ["A"]}) as server:
+        status = main([*args, "--db", str(tmp_path / "a.db"), "--share", "1.5",
+                       "--base-url", server.base_url("p")])
+        assert status == 2
+        assert capsys.readouterr().err == (
+            "ratelab job: command line: providers[0].share: expected a fraction of the key's "
+            "limits, at most 1, got 1.5\n")
+        status = main([*args, "--db", str(tmp_path / "b.db"), "--share", "0.5",
+                       "--base-url", server.base_url("p")])
+    assert status == 0 and capsys.readouterr().out.startswith("exit 0: 1 done, 0 dead")
