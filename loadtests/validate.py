@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
+
 from loadtests.scenario import load_scenario
 from loadtests.scenario_schema import ScenarioError
 
@@ -38,8 +40,41 @@ def main(args: argparse.Namespace) -> int:
         try:
             load_scenario(name)
         except ScenarioError as exc:
+            provider = _provider_file_check(name)
+            if provider is not None:
+                # a provider profile or simulator configuration: checked as what it is
+                ok, line = provider
+                print(line, file=sys.stdout if ok else sys.stderr)
+                status = status if ok else 2
+                continue
             print(str(exc), file=sys.stderr)
             status = 2
             continue
         print(f"{name}: ok" if len(names) > 1 else "ok")
     return status
+
+
+# keys a scenario has at its top level and a provider profile or simulator config has not
+_SCENARIO_KEYS = ("arms", "workload", "load")
+_PROVIDER_KEYS = ("limits", "models", "keys", "latency", "responder", "providers")
+
+
+def _provider_file_check(name: str) -> tuple[bool, str] | None:
+    """For a file that is a provider profile or a simulator configuration rather than a
+    scenario (no arms, workload or load, but provider keys): whether it is usable, and the
+    line to print (ok, or its problem as ``ratelab serve --config`` reports it). None
+    for any other file."""
+    from simulator.model.config import ConfigError, load_config
+
+    try:
+        data = yaml.safe_load(Path(name).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if (not isinstance(data, dict) or any(k in data for k in _SCENARIO_KEYS)
+            or not any(k in data for k in _PROVIDER_KEYS)):
+        return None
+    try:
+        load_config(name)
+    except ConfigError as exc:
+        return False, f"{exc} (a provider file, checked as ratelab serve --config reads it)"
+    return True, f"{name}: ok (a provider file, for ratelab serve --config or a profile:)"

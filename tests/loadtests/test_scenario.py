@@ -259,6 +259,16 @@ def test_validate_takes_a_folder_of_scenarios(tmp_path: Path,
     (folder / "providers" / "not-a-scenario.yaml").write_text("headers: openai\n")
     assert validate.main(argparse.Namespace(files=[str(folder)])) == 0
     assert capsys.readouterr().out == f"{folder / 'a.yaml'}: ok\n{folder / 'b.yaml'}: ok\n"
+    # a provider profile is checked as one, not as a scenario missing its arms
+    shipped = SCENARIOS / "providers"
+    assert validate.main(argparse.Namespace(files=[str(shipped)])) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert f"{shipped / 'paid-tier.yaml'}: ok (a provider file, for ratelab serve --config " \
+        "or a profile:)" in out
+    bad = folder / "providers" / "bad.yaml"
+    bad.write_text("name: x\nmodels: {m: {}}\nlimits: {rpm: 0}\n")
+    assert validate.main(argparse.Namespace(files=[str(bad)])) == 2
+    assert capsys.readouterr().err.startswith(f"{bad}: limits.rpm: expected ")
     assert validate.main(argparse.Namespace(files=[str(folder / "providers" / "x")])) == 2
     empty = tmp_path / "empty"
     empty.mkdir()
