@@ -28,6 +28,16 @@ ADVICE = {
 }
 
 
+# why a run stopped early (summary ``stopped``), in the first paragraph's words
+STOPPED = {
+    "interrupted": "interrupted",
+    "ui_stop": "stopped from the web UI",
+    "error_guard": "stopped by the error-rate guard",
+    "spend_cap": "stopped at the spend cap, the requests in flight finishing",
+    "batch_failed": "a batch slot failed",
+}
+
+
 def fmt_int(value: float | None) -> str:
     """``3,600`` (rounded), or ``n/a``."""
     return "n/a" if value is None else f"{round(value):,}"
@@ -167,7 +177,10 @@ def _cost_sentence(summary: Mapping[str, Any], arm: Mapping[str, Any]) -> str:
 def headline(summary: Mapping[str, Any]) -> str:
     """The first paragraph: how fast, how much, which limit binds, what to change."""
     arm = lead_arm(summary)
-    state = f"{summary['mode']}, partial" if summary.get("partial") else summary["mode"]
+    state = summary["mode"]
+    if summary.get("partial"):
+        why = STOPPED.get(summary.get("stopped") or "")
+        state += f", partial: {why}" if why else ", partial"
     name = f"**{arm['name']}** ({arm['strategy']})"
     tp = arm["throughput"]
     bound = arm["bound"]

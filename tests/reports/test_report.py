@@ -140,3 +140,13 @@ def test_the_deadline_advice_says_why_more_tpm_is_not_enough(run_dir: Path) -> N
                 other_limit={"binding": "latency", "items_per_min": 6261.4})
     assert ("To finish in 4.0 h you need 3 keys (more TPM alone would stop at the latency "
             "limit, 6,261 items/min).") in headline(summary)
+
+
+def test_a_partial_run_says_why_it_stopped(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary.update(partial=True, stopped="spend_cap", mode="live")
+    assert headline(summary).startswith(
+        "Scenario synthetic (live, partial: stopped at the spend cap, the requests in flight "
+        "finishing): arm")
+    summary["stopped"] = None
+    assert headline(summary).startswith("Scenario synthetic (live, partial): arm")
