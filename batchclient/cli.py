@@ -56,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", help="result cache SQLite file shared across jobs")
     parser.add_argument("--low-balance", type=float, help="warn when the balance (USD) "
                         "falls below this")
+    parser.add_argument("--spend-cap", type=float, help="this run's budget (USD): no request "
+                        "is sent that could take the spend past it (exit 6, items pending)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--task-changed", action="store_true", help="continue a job whose "
                         "task (name, system prompt, instructions, labels or model) changed "
@@ -104,7 +106,8 @@ def _client_mapping(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"{args.config}: expected a mapping")
         data = dict(loaded or {})
     for key, value in (("strategy", args.strategy), ("time_scale", args.time_scale),
-                       ("seed", args.seed), ("low_balance_usd", args.low_balance)):
+                       ("seed", args.seed), ("low_balance_usd", args.low_balance),
+                       ("spend_cap_usd", args.spend_cap)):
         if value is not None:
             data[key] = value
     if args.concurrency is not None:

@@ -198,7 +198,17 @@ class ClientConfig:
     store_path: str | None = None
     page_size: int = 1000
     low_balance_usd: float | None = None
+    # a budget for the run's batches (USD): no request is sent whose most possible cost
+    # would take the spend past it; then the job stops with status 6, its items pending
+    spend_cap_usd: float | None = None
     seed: int = 0
+
+
+def _spend_cap(r: Reader) -> float | None:
+    cap = r.opt_float("spend_cap_usd")
+    if cap is not None and cap <= 0:
+        raise r.fail("spend_cap_usd", "an amount of USD > 0")
+    return cap
 
 
 def _limits(r: Reader) -> ModelLimits:
@@ -360,6 +370,7 @@ def parse_client_config(data: object, source: str) -> ClientConfig:
         cache_path=cache_path if isinstance(cache_path, str) else None,
         store_path=store_path if isinstance(store_path, str) else None,
         page_size=r.int_("page_size", 1000, 1), low_balance_usd=r.opt_float("low_balance_usd"),
+        spend_cap_usd=_spend_cap(r),
         seed=r.int_("seed", 0, 0),
     )
     r.finish()

@@ -24,6 +24,7 @@ from batchclient.cache import SqliteResultCache
 from batchclient.config import ClientConfig
 from batchclient.events import Event as ClientEvent
 from batchclient.interactive import InteractiveClient, UserLimited
+from batchclient.policy.job import EXIT_SPEND_CAP
 from batchclient.policy.userlimits import Tier, UserLimits
 from batchclient.runner import JobResult, Runner
 from batchclient.store import SqliteJobStore
@@ -213,6 +214,11 @@ class ProcessState:
             # rather than all of them racing for the same window
             config = replace(config, providers=tuple(
                 replace(p, share=1.0 / self.spec.slots) for p in config.providers))
+        if self.spend_budget_usd is not None:
+            # the batch client holds each request's most possible cost against this
+            # process's share of the cap, so no request is sent that could pass it (the
+            # hook below still counts the chats' spend as it is known)
+            config = replace(config, spend_cap_usd=self.spend_budget_usd)
         store = SqliteJobStore(str(self.run_dir / f"store-{arm.name}-{slot}.sqlite"))
         store.import_items(slot_items(self.scenario, slot, self.spec.slots))
         cache = SqliteResultCache(config.cache_path) if config.cache_path else None
@@ -229,6 +235,8 @@ class ProcessState:
             store.close()
             if cache is not None:
                 cache.close()
+        if result.exit_status == EXIT_SPEND_CAP and not self.capped:
+            self.cap_spend()  # the run stops as at the cap: a "stop" record, chats stopped
         self.log.record("job", {
             "arm": arm.name, "slot": slot, "pid": os.getpid(), "start_s": start,
             "end_s": self.clock.now(), "total": result.total, "done": result.done,

@@ -34,6 +34,7 @@ from batchclient.policy.job import EXIT_INPUT as EXIT_INPUT
 from batchclient.policy.job import EXIT_INTERRUPTED as EXIT_INTERRUPTED
 from batchclient.policy.job import EXIT_NO_ANSWERS as EXIT_NO_ANSWERS
 from batchclient.policy.job import EXIT_OK as EXIT_OK
+from batchclient.policy.job import EXIT_SPEND_CAP as EXIT_SPEND_CAP
 from batchclient.policy.job import Action as Action
 from batchclient.policy.job import Counts as Counts
 from batchclient.policy.job import Done as Done
@@ -111,6 +112,12 @@ class Engine(ResponseHandling, InteractiveLane):
         self._throttles: dict[tuple[str, str], Throttle] = {}
         prices = {p.name: p.prices for p in self.providers}
         self.cost = CostMeter(prices, config.low_balance_usd)
+        # the spend cap: each batch in flight holds its estimated cost until it is answered
+        self._spend_cap = config.spend_cap_usd
+        self._cost_held: dict[int, float] = {}
+        # the largest charge of a request so far (None before any answer): the estimate
+        # where no price is known
+        self._largest_charge: float | None = None
         self.counts = Counts()
         self._items: dict[str, ItemState] = {}
         self._keys: dict[str, str] = {}  # canonical id -> id, for collision checks
@@ -528,6 +535,20 @@ class Engine(ResponseHandling, InteractiveLane):
         wait = throttle.delay(now, reserve, limit, ceiling=self.lanes.background_ceiling)
         if wait > 0:
             return Wait(wait)
+        held = 0.0
+        if self._spend_cap is not None:
+            estimate = self._cost_estimate(provider, model, prompt_tokens, max_tokens)
+            if estimate is None and self._inflight:
+                return _WAIT  # no price, no charge seen yet: one request finds it out
+            held = estimate or 0.0
+            if self.cost.total_usd + sum(self._cost_held.values()) + held > self._spend_cap:
+                if self._inflight:
+                    return _WAIT  # an answer may cost less than it holds
+                self._fatal = Done(EXIT_SPEND_CAP, (
+                    f"spend cap USD {self._spend_cap:g} reached: USD "
+                    f"{self.cost.total_usd:.6g} spent, and the next request would cost about "
+                    f"USD {held:.6g}; the items left are pending"))
+                return self._fatal
         self._background_inflight += 1
         self._head_moves += 1
         if len(batch) == len(queue):
@@ -561,10 +582,21 @@ class Engine(ResponseHandling, InteractiveLane):
             resend=resend,
         )
         throttle.reserve(now, call_id, reserve)
+        if self._spend_cap is not None:
+            self._cost_held[call_id] = held
         self.breakers[provider].on_dispatch(now)
         self._inflight[call_id] = call
         self.counts.requests += 1
         return Send(call)
+
+    def _cost_estimate(self, provider: str, model: str, prompt_tokens: int,
+                       max_tokens: int) -> float | None:
+        """The most a request can cost (USD): its prompt and ``max_tokens`` at the price
+        table's rates; without a price, the largest charge so far (None before any answer)."""
+        price = self.cost.prices.get(provider, {}).get(model)
+        if price is not None:
+            return (prompt_tokens * price.input_per_m + max_tokens * price.output_per_m) / 1e6
+        return self._largest_charge
 
     # ----------------------------------------------------------------- output
 

@@ -21,6 +21,8 @@ EXIT_BALANCE = 3
 EXIT_AUTH = 4
 # the provider's replies answer no item (prose, garbled, cut, or every answer refused)
 EXIT_NO_ANSWERS = 5
+# the run's own budget (spend_cap_usd) reached: no request sent that could pass it
+EXIT_SPEND_CAP = 6
 EXIT_INTERRUPTED = 130
 
 class InputError(ValueError):

@@ -68,6 +68,9 @@ class ResponseHandling:
     _seq: int
     _head_moves: int
     _fatal: Done | None
+    _spend_cap: float | None
+    _cost_held: dict[int, float]
+    _largest_charge: float | None
     _empty_replies: int
     _now: float
     _out: Drained
@@ -168,6 +171,12 @@ class ResponseHandling:
                                        response.headers, usage)
         else:
             self.cost.charge(call.provider, call.model, self.task.name, response.headers, None)
+        if self._spend_cap is not None:
+            self._cost_held.pop(call.call_id, None)
+            # what an answered request costs (a refusal's nothing says nothing of it)
+            if response.status == 200 and (self._largest_charge is None
+                                           or charged > self._largest_charge):
+                self._largest_charge = charged
         if usage is not None:
             self.counts.tokens_in += usage.prompt_tokens
             self.counts.tokens_out += usage.completion_tokens

@@ -202,3 +202,32 @@ def test_share_gives_the_job_a_part_of_the_key(
         status = main([*args, "--db", str(tmp_path / "b.db"), "--share", "0.5",
                        "--base-url", server.base_url("p")])
     assert status == 0 and capsys.readouterr().out.startswith("exit 0: 1 done, 0 dead")
+
+
+def test_a_spend_cap_stops_the_job_with_status_6_and_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    _, task = _one_item_job(tmp_path, monkeypatch)
+    items = tmp_path / "many.jsonl"
+    items.write_text("".join(f'{{"id": {i}, "text": "item {i} words"}}\n' for i in range(50)),
+                     encoding="utf-8")
+    db = str(tmp_path / "job.db")
+    args = ["job", "--task", str(task), "--db", db, "--no-progress", "--time-scale", "1000",
+            "--batch-size", "5"]
+    priced = parse_config({"time_scale": 1000, "providers": [{
+        "name": "p", "keys": {"sk-test": {}}, "responder": {"kind": "batch_json", "codes": ["A"]},
+        "models": {"gpt-4o-mini": {"input_usd_per_mtok": 0.15, "output_usd_per_mtok": 0.6}}}]},
+        "test")
+    with serve_in_thread(priced) as server:
+        url = server.base_url("p")
+        assert main([*args, str(items), "--base-url", url, "--spend-cap", "0"]) == 2
+        assert "spend_cap_usd: expected an amount of USD > 0" in capsys.readouterr().err
+        # no price table: the first request goes alone and tells what one costs; a second
+        # would pass the cap
+        assert main([*args, str(items), "--base-url", url, "--spend-cap", "0.00001"]) == 6
+        out = capsys.readouterr().out
+        assert out.startswith("exit 6: 5 done, 0 dead, 45 pending of 50; 1 requests")
+        assert "(spend cap USD 1e-05 reached: USD " in out
+        # a new budget resumes the job
+        assert main([*args, "--base-url", url, "--spend-cap", "1"]) == 0
+        assert capsys.readouterr().out.startswith("exit 0: 50 done, 0 dead, 0 pending of 50")

@@ -11,8 +11,11 @@ from batchclient.policy.engine import (
     EXIT_AUTH,
     EXIT_BALANCE,
     EXIT_NO_ANSWERS,
+    EXIT_SPEND_CAP,
     Engine,
     InputError,
+    Send,
+    Wait,
 )
 from batchclient.policy.wire import Call, Item, Response
 from tests.batchclient.bc_fakes import FakeProvider, code_of, config, drive, items, task
@@ -305,3 +308,39 @@ def test_check_page_names_the_first_unusable_item_and_records_nothing() -> None:
         engine.check_page(["1", "big"], ["fine", "x" * 70000])
     engine.check_page(["7"], ["a"])  # nothing was kept from the pages before
     assert engine._keys == {}
+
+
+PRICED = [{"name": "p1", "base_url": "http://fake/v1", "api_key": "k",
+           "prices": {"m1": {"input": 1.0, "output": 1.0}}}]
+
+
+@pytest.mark.parametrize("priced", [True, False], ids=["price table", "charges only"])
+def test_a_spend_cap_is_never_passed_by_the_requests_in_flight(priced: bool) -> None:
+    """Each request in flight holds its most possible cost (prompt and max_tokens at the
+    price table's rates; without one, the largest charge so far): 8 in flight at once
+    stop at 5 requests under a USD 0.002 cap, where the charges alone would learn of it
+    only after 8 were sent."""
+    cfg: dict[str, object] = {"spend_cap_usd": 0.002, "concurrency": {"limit": 8}}
+    if priced:
+        cfg["providers"] = PRICED
+    engine = make(400, **cfg)
+    fake = FakeProvider()
+    done, _, results = drive(engine, fake)
+    assert done.status == EXIT_SPEND_CAP
+    assert done.reason.startswith("spend cap USD 0.002 reached: USD 0.001789 spent, and the "
+                                  "next request would cost about USD 0.000")
+    assert done.reason.endswith("; the items left are pending")
+    assert (fake.calls, engine.counts.done, engine.counts.pending) == (5, 100, 300)
+    assert engine.cost.total_usd == pytest.approx(0.001789) and len(results) == 100
+    # without the cap, the same job
+    engine = make(400, concurrency={"limit": 8}, providers=PRICED)
+    assert drive(engine, FakeProvider())[0].status == 0 and engine.counts.requests == 20
+
+
+def test_without_a_price_the_first_request_under_a_cap_goes_alone() -> None:
+    engine = make(400, spend_cap_usd=1.0, concurrency={"limit": 8})
+    assert isinstance(engine.next_action(0.0), Send)
+    assert isinstance(engine.next_action(0.0), Wait)  # what a request costs is not known
+    priced = make(400, spend_cap_usd=1.0, concurrency={"limit": 8}, providers=PRICED)
+    assert isinstance(priced.next_action(0.0), Send)
+    assert isinstance(priced.next_action(0.0), Send)

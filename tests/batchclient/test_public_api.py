@@ -4,7 +4,7 @@ import batchclient
 
 EXPECTED = {
     "EXIT_AUTH", "EXIT_BALANCE", "EXIT_ERROR", "EXIT_INPUT", "EXIT_INTERRUPTED", "EXIT_OK",
-    "EXIT_NO_ANSWERS",
+    "EXIT_NO_ANSWERS", "EXIT_SPEND_CAP",
     "AiohttpTransport", "BatchSettings", "BreakerSettings", "Call", "ChatReply", "ClientConfig",
     "Clock", "ConcurrencySettings", "ConfigError", "CostMeter", "Done", "Engine", "Event",
     "EventHook", "FunctionTransport", "InputError", "InteractiveClient", "Item", "ItemResult",
@@ -27,4 +27,5 @@ def test_all_is_pinned_and_importable() -> None:
 def test_exit_statuses_follow_the_conventions() -> None:
     assert (batchclient.EXIT_OK, batchclient.EXIT_ERROR, batchclient.EXIT_INPUT,
             batchclient.EXIT_BALANCE, batchclient.EXIT_AUTH, batchclient.EXIT_NO_ANSWERS,
-            batchclient.EXIT_INTERRUPTED) == (0, 1, 2, 3, 4, 5, 130)
+            batchclient.EXIT_SPEND_CAP, batchclient.EXIT_INTERRUPTED) == (0, 1, 2, 3, 4, 5, 6,
+                                                                          130)

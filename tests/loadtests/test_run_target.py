@@ -145,9 +145,11 @@ def test_spend_cap_stops_an_external_run(tmp_path: Path, server: str, key: str) 
     s = summary(out)
     a = arm(s, "arm")
     assert s["partial"] is True and s["stopped"] == "spend_cap"
-    # checked as each request's cost is known: past the cap only by the 8 requests that were
-    # in flight (about USD 0.00004 each), not by the hundreds a polling parent would let by
-    assert cap <= a["cost_usd"]["total"] <= cap + 8 * a["cost_usd"]["total"] / a["requests"]["ok"]
+    # each request in flight holds its most possible cost against the cap: it is never
+    # passed (it was by the 8 in flight, about USD 0.00004 each, when the cost was counted
+    # only as it was known), and the job stops within the 8 in flight and the next of it
+    per_request = a["cost_usd"]["total"] / a["requests"]["ok"]
+    assert cap - 9 * 2 * per_request <= a["cost_usd"]["total"] <= cap, a["cost_usd"]
     assert 0 < a["items"]["done"] < 2000 and a["items"]["lost"] == 0
     assert files_holding(out, key) == []
 
