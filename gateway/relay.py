@@ -65,6 +65,7 @@ class RedisEventRelay:
         # (the sender then waited on its empty outbox, and close() for it, forever).
         self._closing = False
         self._subscribed = False  # this process's own subscription counts in PUBLISH's reply
+        self._paused = False      # said "paused" and not yet "resumed"
         self._others = True       # another process may listen: until PUBLISH says otherwise
         self.dropped = 0
         self.kept_local = 0       # token events not published: no other process listened
@@ -78,7 +79,7 @@ class RedisEventRelay:
             # before this process takes requests: the others relay tokens from now on
             await self._publish(json.dumps({"o": self.origin, "hello": 1}))
         except (RedisError, OSError) as exc:  # Redis down: the receive loop keeps trying
-            log.warning("task events of other gateways paused (Redis: %s)", exc)
+            self._pause(exc)
         self.hub.relay = self.publish
         if self.router is not None:
             self.router.on_change = self.publish_breaker
@@ -128,7 +129,7 @@ class RedisEventRelay:
             except (RedisError, OSError) as exc:
                 if self._closing:
                     break
-                log.warning("task events of other gateways paused (Redis: %s)", exc)
+                self._pause(exc)
             self._subscribed = False
             await asyncio.sleep(RECONNECT_S)
             with contextlib.suppress(RedisError, OSError):
@@ -137,6 +138,15 @@ class RedisEventRelay:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.subscribe(self.channel)
                 self._subscribed = True
+                if self._paused:
+                    # said once, as the pause was: an operator watching the log sees both
+                    self._paused = False
+                    log.warning("task events of other gateways resumed")
+
+    def _pause(self, exc: BaseException) -> None:
+        if not self._paused:
+            self._paused = True
+            log.warning("task events of other gateways paused (Redis: %s)", exc)
 
     def _deliver(self, data: object) -> None:
         if not isinstance(data, str):

@@ -102,3 +102,20 @@ async def test_close_ends_the_loops_even_when_a_cancel_comes_back_as_a_timeout(r
     async with asyncio.timeout(10):
         await relay.close()
     assert relay._tasks == [] and relay.dropped == 1
+
+
+async def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
+        relays, redis_server: RedisProcess, caplog: pytest.LogCaptureFixture) -> None:
+    await relays()
+    caplog.set_level("WARNING", logger="gateway.relay")
+
+    def said(word: str) -> int:
+        return sum(f"task events of other gateways {word}" in r.getMessage()
+                   for r in caplog.records)
+
+    redis_server.stop()
+    await _until(lambda: said("paused") == 1, "the pause logged")
+    await asyncio.sleep(1.2)  # two more reconnect attempts while Redis is away
+    redis_server.start()
+    await _until(lambda: said("resumed") == 1, "the resumption logged")
+    assert said("paused") == 1
