@@ -200,6 +200,8 @@ class Recorder:
         self.meta = dict(meta or {})
         self._acc: dict[str, _ArmAcc] = {a.name: _ArmAcc() for a in arms}
         self._spans: dict[str, list[float | None]] = {a.name: [None, None] for a in arms}
+        # why an arm's job stopped before its items were settled: (exit status, reason)
+        self._stops: dict[str, tuple[int, str]] = {}
         self._stages: dict[str, dict[str, Any]] = {}
         self._bounds: dict[str, Bound | None] = {a.name: self._bound(a) for a in arms}
 
@@ -215,6 +217,16 @@ class Recorder:
     def bound(self, arm: str) -> Bound | None:
         """The throughput bound of ``arm`` (None when its inputs give none)."""
         return self._bounds[arm]
+
+    def job_stopped(self, arm: str, status: int, reason: str) -> None:
+        """Record that ``arm``'s job stopped with a non-zero client exit ``status`` (a 402,
+        the spend cap, replies that answer nothing...) and why; the first one counts."""
+        if status and arm not in self._stops:
+            self._stops[arm] = (status, reason)
+
+    def stop_of(self, arm: str) -> tuple[int, str] | None:
+        """(exit status, reason) of ``arm``'s job when it stopped early, else None."""
+        return self._stops.get(arm)
 
     def mark(self, arm: str, start_s: float | None = None, end_s: float | None = None) -> None:
         """Set the virtual span of an arm's job explicitly (else the events' span is used)."""

@@ -205,6 +205,9 @@ def summarise(scenario: Scenario, run_dir: Path, bounds: Mapping[str, Any], *, p
         partial, stopped = True, stopped or str(stops[0].get("reason"))
     for name in batch.arms if batch else ():
         mine = [j for j in jobs if j["arm"] == name]
+        for job in mine:
+            recorder.job_stopped(name, int(job.get("exit_status") or 0),
+                                 str(job.get("reason") or ""))
         acc = recorder._acc[name]
         settled = acc.items["done"] + acc.items["cached"] + acc.items["dead_letter"]
         if len(mine) == slots and not partial:

@@ -207,6 +207,12 @@ def headline(summary: Mapping[str, Any]) -> str:
         text += "."
     else:
         text += "."
+    stop = arm.get("job_stop")
+    if stop:
+        # the client's own stop (a 402, the spend cap, replies that answer nothing): why
+        # the items above are not all done
+        text += (f" Its job stopped early (client exit status {stop['exit_status']}): "
+                 f"{stop['reason'].rstrip('.')}.")
     text += _cost_sentence(summary, arm)
     proj = arm["projection"]
     if proj.get("duration_s") is not None:

@@ -579,6 +579,9 @@ def _plan(scenario: Scenario, options: PlanOptions | None,
             if not driver.keep_open:
                 result.pending[name] = max(0, count - c.done - c.dead)
                 result.status[name] = driver.status if driver.status is not None else 1
+                fatal = driver.engine.fatal
+                if fatal is not None:
+                    recorder.job_stopped(name, fatal.status, fatal.reason)
                 recorder.mark(name, start_s=driver.started, end_s=driver.finished)
             result.requests += driver.requests
         result.steps += _steps(env)

@@ -150,6 +150,8 @@ def test_spend_cap_stops_an_external_run(tmp_path: Path, server: str, key: str) 
     # only as it was known), and the job stops within the 8 in flight and the next of it
     per_request = a["cost_usd"]["total"] / a["requests"]["ok"]
     assert cap - 9 * 2 * per_request <= a["cost_usd"]["total"] <= cap, a["cost_usd"]
+    assert a["job_stop"]["exit_status"] == 6  # the batch client's own stop, and why
+    assert a["job_stop"]["reason"].startswith(f"spend cap USD {cap:g} reached")
     assert 0 < a["items"]["done"] < 2000 and a["items"]["lost"] == 0
     assert files_holding(out, key) == []
 

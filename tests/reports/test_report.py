@@ -150,3 +150,13 @@ def test_a_partial_run_says_why_it_stopped(run_dir: Path) -> None:
         "finishing): arm")
     summary["stopped"] = None
     assert headline(summary).startswith("Scenario synthetic (live, partial): arm")
+
+
+def test_a_job_that_stopped_early_says_why(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    arm = summary["arms"][0]
+    assert "stopped early" not in headline(summary)
+    arm["job_stop"] = {"exit_status": 6, "reason": "spend cap USD 0.05 reached: USD 0.049869 "
+                       "spent; the items left are pending"}
+    assert (" Its job stopped early (client exit status 6): spend cap USD 0.05 reached: USD "
+            "0.049869 spent; the items left are pending. It cost") in headline(summary)

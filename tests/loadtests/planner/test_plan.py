@@ -11,7 +11,7 @@ from loadtests.cli import main
 from loadtests.planner.offline import offline_alternative
 from loadtests.planner.sim import PlanOptions, plan_scenario
 from loadtests.planner.sweep import SweepError, parse_sweep, sweep_points
-from loadtests.scenario import load_scenario
+from loadtests.scenario import load_scenario, with_overrides
 
 HERE = Path(__file__).parent / "scenarios"
 SCENARIOS = Path(__file__).resolve().parents[3] / "scenarios"
@@ -151,6 +151,22 @@ def test_compare_names_the_figures_outside_the_tolerance(
     assert main(["plan", str(HERE / "fid-rpm.yaml"), "--items", "200", "--compare", str(live),
                  "--tolerance", "0.11", "--out", str(tmp_path / "b")]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_job_that_stops_at_its_spend_cap_is_planned_and_says_why() -> None:
+    # the very same engine in virtual time: the cap holds, the summary says why it stopped
+    scenario = with_overrides(load_scenario(HERE / "fid-batch.yaml"),
+                              {"arms.batched.client.spend_cap_usd": 0.002})
+    result = plan_scenario(scenario, PlanOptions(items=2000))
+    arm = result.summary()["arms"][0]
+    assert result.status == {"batched": 6}
+    assert arm["job_stop"]["exit_status"] == 6
+    assert arm["job_stop"]["reason"].startswith("spend cap USD 0.002 reached: USD ")
+    assert 0 < arm["cost_usd"]["total"] <= 0.002
+    assert arm["items"]["done"] + arm["items"]["pending"] == 2000
+    assert arm["items"]["pending"] > 0 and arm["items"]["lost"] == 0
+    uncapped = plan_scenario(load_scenario(HERE / "fid-batch.yaml"), PlanOptions(items=2000))
+    assert uncapped.summary()["arms"][0]["job_stop"] is None
 
 
 def test_offline_alternative_halves_the_price() -> None:
