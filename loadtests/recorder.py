@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from batchclient.policy.job import EXIT_INTERRUPTED
 from loadtests.bound import Bound, BoundInputs, throughput_bound
 from loadtests.scenario_model import Scenario
 from reports.summary import SCHEMA, evaluate_expect, find_knee
@@ -220,8 +221,9 @@ class Recorder:
 
     def job_stopped(self, arm: str, status: int, reason: str) -> None:
         """Record that ``arm``'s job stopped with a non-zero client exit ``status`` (a 402,
-        the spend cap, replies that answer nothing...) and why; the first one counts."""
-        if status and arm not in self._stops:
+        the spend cap, replies that answer nothing...) and why; the first one counts. An
+        interruption (130) is the run's, told by its ``stopped``, not the job's."""
+        if status and status != EXIT_INTERRUPTED and arm not in self._stops:
             self._stops[arm] = (status, reason)
 
     def stop_of(self, arm: str) -> tuple[int, str] | None:

@@ -228,3 +228,15 @@ def test_summary_holds_the_steady_rate_beside_the_whole_run_rate() -> None:
     assert arm["bound"]["steady_efficiency"] == pytest.approx(
         1200.0 / arm["bound"]["items_per_min"]
     )
+
+
+def test_a_job_stop_is_the_first_non_zero_status_but_an_interruption() -> None:
+    rec = recorder()
+    rec.job_stopped("a", 0, "")
+    rec.job_stopped("a", 130, "interrupted")  # the run's own stop, told by "stopped"
+    assert rec.stop_of("a") is None
+    rec.job_stopped("a", 3, "402 insufficient balance")
+    rec.job_stopped("a", 6, "spend cap USD 1 reached")
+    assert rec.stop_of("a") == (3, "402 insufficient balance")
+    assert rec.summary()["arms"][0]["job_stop"] == {"exit_status": 3,
+                                                    "reason": "402 insufficient balance"}
