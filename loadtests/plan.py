@@ -89,10 +89,10 @@ def _deadline_words(answer: dict[str, Any]) -> str:
         "; ".join(found)
 
 
-def _fidelity_failure(bad: list[dict[str, Any]], tolerance: float,
-                      time_scale: object) -> str:
-    """Which compared figures are outside the tolerance, and the usual reason when the live
-    run was time-compressed."""
+def _fidelity_failure(bad: list[dict[str, Any]], tolerance: float, time_scale: object,
+                      steady_ok: list[dict[str, Any]] | None = None) -> str:
+    """Which compared figures are outside the tolerance, the usual reason when the live
+    run was time-compressed, and the steady rates that agree all the same."""
     listed = ", ".join(
         f"{r['arm']} {r['figure']} "
         + ("unknown" if r["error"] is None else f"{100 * r['error']:+.1f}%") for r in bad)
@@ -102,6 +102,9 @@ def _fidelity_failure(bad: list[dict[str, Any]], tolerance: float,
         text += (f" (the live run was compressed {time_scale:g}-fold: each round trip's real "
                  "milliseconds count that many times over, which makes it a few percent "
                  "slower than the plan; docs/planner.md, Fidelity)")
+    if steady_ok:
+        text += "; the steady rate agrees: " + ", ".join(
+            f"{r['arm']} {100 * r['error']:+.1f}%" for r in steady_ok)
     return text
 
 
@@ -240,7 +243,8 @@ def main(args: argparse.Namespace) -> int:
         print(fidelity_text(rows))
         bad = [r for r in rows if r["error"] is None or abs(r["error"]) > args.tolerance]
         if bad:
-            print(_fidelity_failure(bad, args.tolerance, live.get("time_scale")),
+            steady = [r for r in rows if r["figure"] == "steady/min" and r not in bad]
+            print(_fidelity_failure(bad, args.tolerance, live.get("time_scale"), steady),
                   file=sys.stderr)
         return 1 if bad else 0
     return 0

@@ -1,5 +1,5 @@
 """Fidelity: the plan of a scenario beside a finished live run of it, per arm, with the
-relative error of items/min, requests/min, 429s, duration and cost."""
+relative error of items/min, the steady items/min, requests/min, 429s, duration and cost."""
 
 from __future__ import annotations
 
@@ -11,11 +11,18 @@ __all__ = ["FIGURES", "fidelity_rows", "fidelity_text"]
 # (label, dotted path in an arm's summary object)
 FIGURES = (
     ("items/min", "throughput.items_per_min"),
+    # the rate of the whole limit windows after the first: neither the first window's head
+    # start nor the live side's start-up moves it (compared when both sides have one)
+    ("steady/min", "throughput.steady_items_per_min"),
     ("requests/min", "throughput.requests_per_min"),
     ("429s", "requests.http_429"),
     ("duration s", "duration_s"),
     ("cost USD", "cost_usd.total"),
 )
+
+
+# figures a summary may leave null: not compared then, rather than a failed comparison
+OPTIONAL = frozenset({"throughput.steady_items_per_min"})
 
 
 def _dig(node: Any, path: str) -> float | None:
@@ -45,6 +52,8 @@ def fidelity_rows(plan: Mapping[str, Any], live: Mapping[str, Any]) -> list[dict
             continue
         for label, path in FIGURES:
             p, m = _dig(arm, path), _dig(other, path)
+            if path in OPTIONAL and (p is None or m is None):
+                continue  # a run too short for a steady window on either side
             rows.append({"arm": arm["name"], "figure": label, "predicted": p, "measured": m,
                          "error": relative_error(p, m)})
     return rows

@@ -153,6 +153,40 @@ def test_compare_names_the_figures_outside_the_tolerance(
     assert capsys.readouterr().err == ""
 
 
+def test_compare_holds_the_steady_rate_when_both_sides_have_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # fid-single spans several limit windows: a steady rate on both sides, compared; the
+    # live side 8% slower over the whole run but steady, as a compressed live run is
+    plan = tmp_path / "plan"
+    assert main(["plan", str(HERE / "fid-single.yaml"), "--items", "2000",
+                 "--out", str(plan)]) == 0
+    summary = json.loads((plan / "summary.json").read_text())
+    arm = summary["arms"][0]
+    assert arm["throughput"]["steady_items_per_min"] == 262.0
+    arm["throughput"]["items_per_min"] /= 1.08
+    live = tmp_path / "live"
+    live.mkdir()
+    (live / "summary.json").write_text(json.dumps({**summary, "mode": "live",
+                                                   "time_scale": 30}))
+    capsys.readouterr()
+    assert main(["plan", str(HERE / "fid-single.yaml"), "--items", "2000", "--compare",
+                 str(live), "--out", str(tmp_path / "a")]) == 1
+    out, err = capsys.readouterr()
+    assert "single             steady/min" in out
+    assert err.startswith("ratelab plan: 1 figure outside the 5% tolerance: single items/min "
+                          "+8.0% (the live run was compressed 30-fold")
+    assert err.endswith("; the steady rate agrees: single +0.0%\n")
+    # a steady rate off by more than the tolerance fails too
+    arm["throughput"]["items_per_min"] *= 1.08
+    arm["throughput"]["steady_items_per_min"] = 262.0 / 1.1
+    (live / "summary.json").write_text(json.dumps({**summary, "mode": "live",
+                                                   "time_scale": 1}))
+    assert main(["plan", str(HERE / "fid-single.yaml"), "--items", "2000", "--compare",
+                 str(live), "--out", str(tmp_path / "b")]) == 1
+    assert capsys.readouterr().err == (
+        "ratelab plan: 1 figure outside the 5% tolerance: single steady/min +10.0%\n")
+
+
 def test_a_job_that_stops_at_its_spend_cap_is_planned_and_says_why() -> None:
     # the very same engine in virtual time: the cap holds, the summary says why it stopped
     scenario = with_overrides(load_scenario(HERE / "fid-batch.yaml"),
