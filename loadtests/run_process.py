@@ -32,7 +32,7 @@ from batchclient.transport import AiohttpTransport
 from loadtests.bridge import AsyncBridge
 from loadtests.recorder import Event, outcome_for_status
 from loadtests.run_plans import run_scenario
-from loadtests.run_setup import arm_task, client_config, slot_items
+from loadtests.run_setup import arm_task, client_config, slot_config, slot_items
 from loadtests.rundir import SLOTS_FILE, EventLog, RunSpec, SlotClaims, started
 from loadtests.scenario_model import Arm, Scenario, UserGroup
 from loadtests.shapes import stage_at
@@ -208,12 +208,7 @@ class ProcessState:
     async def run_batch_arm(self, arm: Arm, slot: int) -> JobResult:
         """Run ``arm``'s job over this slot's items; log a ``job`` record and return the result."""
         config = self.config(arm)
-        if self.spec.slots > 1:
-            # the slots' clients share each key: each keeps to its part of the limits (the
-            # headers still show every slot's use), as one client would pace the whole job,
-            # rather than all of them racing for the same window
-            config = replace(config, providers=tuple(
-                replace(p, share=1.0 / self.spec.slots) for p in config.providers))
+        config = slot_config(config, slot, self.spec.slots)  # the slots are one client
         if self.spend_budget_usd is not None:
             # the batch client holds each request's most possible cost against this
             # process's share of the cap, so no request is sent that could pass it (the

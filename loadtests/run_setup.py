@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,27 @@ def arm_task(scenario: Scenario, arm: Arm) -> Task:
         labels=dict(wl.labels),
         model=arm_model(scenario, arm),
         max_tokens_per_item=per_item,
+    )
+
+
+def slot_config(config: ClientConfig, slot: int, slots: int) -> ClientConfig:
+    """``config`` for batch slot ``slot`` of ``slots``: the slots together are one client.
+
+    Each keeps to ``1/slots`` of every key's limits (``share``: the headers still show every
+    slot's use) and takes its part of the in-flight limit (the remainder to the first
+    slots, at least one each), so that the slots neither race for one limit window nor send
+    ``slots`` times the requests in flight that the scenario's bound counts."""
+    if slots <= 1:
+        return config
+    c = config.concurrency
+
+    def part(total: int) -> int:
+        return max(1, total // slots + (1 if slot < total % slots else 0))
+
+    return replace(
+        config,
+        providers=tuple(replace(p, share=1.0 / slots) for p in config.providers),
+        concurrency=replace(c, limit=part(c.limit), max=max(part(c.max), c.min)),
     )
 
 

@@ -174,3 +174,22 @@ def test_headless_time_starts_at_load_and_ui_time_at_the_swarm(tmp_path: Path) -
     worker = swarm_started(ui, SlotClaims(tmp_path / "b.sqlite"))  # its first spawn, later
     assert worker.origin_monotonic == master.origin_monotonic
     assert started(ui, claims).origin_monotonic == master.origin_monotonic
+
+
+def test_batch_slots_split_the_key_and_the_in_flight_limit_as_one_client() -> None:
+    from batchclient.config import parse_client_config
+    from loadtests.run_setup import slot_config
+
+    config = parse_client_config({
+        "concurrency": {"limit": 5, "max": 9},
+        "providers": [{"name": "a", "base_url": "http://x/v1", "api_key": "k", "tpm": 1000},
+                      {"name": "b", "base_url": "http://y/v1", "api_key": "k"}]}, "test")
+    assert slot_config(config, 0, 1) is config
+    parts = [slot_config(config, slot, 2) for slot in (0, 1)]
+    # 5 in flight as 3 + 2, an AIMD ceiling of 9 as 5 + 4; every key halved
+    assert [c.concurrency.limit for c in parts] == [3, 2]
+    assert [c.concurrency.max for c in parts] == [5, 4]
+    assert {p.share for c in parts for p in c.providers} == {0.5}
+    assert parts[0].providers[0].limits.tpm == 1000  # the key's whole limit, held by headers
+    # more slots than requests in flight: each keeps one
+    assert [slot_config(config, s, 8).concurrency.limit for s in range(8)] == [1] * 8
