@@ -128,6 +128,14 @@ def test_compare_refuses_a_plan_folder_or_another_scenarios_run_before_planning(
                                             "run is an arm of this plan\n")
 
 
+def _as_live(summary: dict[str, object], folder: Path, time_scale: float) -> Path:
+    """A plan's summary written into ``folder`` as a live run at ``time_scale``."""
+    folder.mkdir(exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps({**summary, "mode": "live",
+                                                     "time_scale": time_scale}))
+    return folder
+
+
 def test_compare_names_the_figures_outside_the_tolerance(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # the plan's own summary as a live run compressed 60-fold, 10% slower
@@ -136,10 +144,7 @@ def test_compare_names_the_figures_outside_the_tolerance(
     summary = json.loads((plan / "summary.json").read_text())
     arm = summary["arms"][0]
     arm["throughput"]["items_per_min"] /= 1.1
-    live = tmp_path / "live"
-    live.mkdir()
-    (live / "summary.json").write_text(json.dumps({**summary, "mode": "live",
-                                                   "time_scale": 60}))
+    live = _as_live(summary, tmp_path / "live", time_scale=60)
     capsys.readouterr()
     assert main(["plan", str(HERE / "fid-rpm.yaml"), "--items", "200", "--compare", str(live),
                  "--out", str(tmp_path / "a")]) == 1
@@ -164,10 +169,7 @@ def test_compare_holds_the_steady_rate_when_both_sides_have_one(
     arm = summary["arms"][0]
     assert arm["throughput"]["steady_items_per_min"] == 262.0
     arm["throughput"]["items_per_min"] /= 1.08
-    live = tmp_path / "live"
-    live.mkdir()
-    (live / "summary.json").write_text(json.dumps({**summary, "mode": "live",
-                                                   "time_scale": 30}))
+    live = _as_live(summary, tmp_path / "live", time_scale=30)
     capsys.readouterr()
     assert main(["plan", str(HERE / "fid-single.yaml"), "--items", "2000", "--compare",
                  str(live), "--out", str(tmp_path / "a")]) == 1
@@ -179,8 +181,7 @@ def test_compare_holds_the_steady_rate_when_both_sides_have_one(
     # a steady rate off by more than the tolerance fails too
     arm["throughput"]["items_per_min"] *= 1.08
     arm["throughput"]["steady_items_per_min"] = 262.0 / 1.1
-    (live / "summary.json").write_text(json.dumps({**summary, "mode": "live",
-                                                   "time_scale": 1}))
+    _as_live(summary, live, time_scale=1)
     assert main(["plan", str(HERE / "fid-single.yaml"), "--items", "2000", "--compare",
                  str(live), "--out", str(tmp_path / "b")]) == 1
     assert capsys.readouterr().err == (
