@@ -205,8 +205,11 @@ def main(args: argparse.Namespace) -> int:
     def show(snapshot: ProgressSnapshot) -> None:
         print("\r" + render(snapshot), end="", file=sys.stderr, flush=True)
 
+    # a message while the progress line is drawn starts a line of its own
+    brk = "" if args.no_progress else "\n"
+
     def low_balance(balance: float) -> None:
-        print(f"\nratelab job: low balance: ${balance:.4f}", file=sys.stderr)
+        print(f"{brk}ratelab job: low balance: ${balance:.4f}", file=sys.stderr)
 
     try:
         if args.items:
@@ -223,15 +226,15 @@ def main(args: argparse.Namespace) -> int:
         result = asyncio.run(_run(runner, transport))
         dead_errors = store.dead_errors() if result.dead else []
     except (ConfigError, InputError) as exc:
-        print(f"\nratelab job: {exc}", file=sys.stderr)
+        print(f"{brk}ratelab job: {exc}", file=sys.stderr)
         return EXIT_INPUT
     except OSError as exc:
-        print(f"\nratelab job: {exc}", file=sys.stderr)
+        print(f"{brk}ratelab job: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except sqlite3.Error as exc:
         # past its retries (a full disk, a store locked for too long): every batch answered
         # before it is committed, so re-running resumes from there
-        print(f"\nratelab job: --db {args.db}: the job store failed: {exc}; the results "
+        print(f"{brk}ratelab job: --db {args.db}: the job store failed: {exc}; the results "
               "saved before it are kept, re-run to resume", file=sys.stderr)
         return EXIT_ERROR
     finally:

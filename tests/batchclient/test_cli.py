@@ -183,7 +183,7 @@ def test_a_job_store_that_fails_mid_job_is_named_without_a_traceback(
                    "--base-url", "http://127.0.0.1:9/v1", "--no-progress"])
     assert status == 1
     assert capsys.readouterr().err == (
-        f"\nratelab job: --db {db}: the job store failed: database or disk is full; the "
+        f"ratelab job: --db {db}: the job store failed: database or disk is full; the "
         "results saved before it are kept, re-run to resume\n")
 
 
