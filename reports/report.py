@@ -118,42 +118,34 @@ def what_to_change(arm: Mapping[str, Any]) -> str:
 
 def _above_bound(arm: Mapping[str, Any]) -> str:
     """Why an arm's rate above its bound is no contradiction, as a parenthesis ('' when
-    it is not above): items the result cache answered were never sent, and a job's first
-    limit window starts empty."""
+    it is not above, or no reason is known): items the result cache answered were never
+    sent, and the first window of a TPM or RPM limit starts empty."""
     bound, tp, items = arm["bound"], arm["throughput"], arm["items"]
     if not (bound.get("efficiency") or 0) > 1:
         return ""
     reasons = []
     cached, done = items.get("cached") or 0, items.get("done") or 0
     sent_share = (done - cached) / done if done else 1.0
+    sent = tp["items_per_min"] * sent_share
     if cached:
-        sent = tp["items_per_min"] * sent_share
         reasons.append(
             f"{fmt_int(cached)} items ({fmt_pct(cached / done)}) came from the result cache "
             "without a request, and the bound counts items sent: "
             f"{fmt_int(sent)} items/min were sent, {fmt_pct(sent / bound['items_per_min'])} "
             "of the bound")
-        if sent <= bound["items_per_min"]:
-            return f" (above the bound because {reasons[0]})"
-    if bound.get("binding") not in ("tpm", "rpm"):
-        # no window to start empty: the bound's latency or concurrency was not this run's
-        return f" (above the bound because {reasons[0]})" if reasons else ""
-    steady = tp.get("steady_items_per_min")
-    if steady is None:
-        # a job shorter than a full window: its first window started empty
+    # a window explains the rest only where something is left and a window binds
+    if bound["efficiency"] * sent_share > 1 and bound.get("binding") in ("tpm", "rpm"):
+        steady = tp.get("steady_items_per_min")
         took = arm.get("duration_s")
         reasons.append(
             "the job" + (f", {took:,.0f} s," if took is not None else "")
             + " never reached a steady state: it ran on the limit window's first, empty "
-            "minute, and a longer job settles at or below the bound")
-    else:
-        # the whole run's rate counts the first window's burst; the steady one does not
-        reasons.append(
+            "minute, and a longer job settles at or below the bound" if steady is None else
             "the whole run began on the limit window's first, empty minute; its steady rate "
             f"was {fmt_int(steady)} items/min, "
             f"{fmt_pct(steady * sent_share / bound['items_per_min'])} of the bound"
             + (" in items sent" if cached else ""))
-    return " (above the bound because " + "; and ".join(reasons) + ")"
+    return " (above the bound because " + "; and ".join(reasons) + ")" if reasons else ""
 
 
 def _cost_sentence(summary: Mapping[str, Any], arm: Mapping[str, Any]) -> str:
