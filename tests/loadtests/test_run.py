@@ -199,8 +199,10 @@ def test_seed000_sweep_finds_the_knee_at_the_tpm_limit(tmp_path: Path) -> None:
 
 def test_seed003_failover_and_watchdog_keep_users_served(tmp_path: Path) -> None:
     out = tmp_path / "s3"
+    # at 5x, not 10x: TTFT counts each wall millisecond of scheduling delay time_scale-fold,
+    # and at 10x a busy host pushed p95 past the scenario's 6 s (its check failed once)
     ratelab_run(SCENARIOS / "seed003-failover-and-streaming.yaml", out, "--duration-s", "160",
-                "--set", "time_scale=10",
+                "--set", "time_scale=5",
                 "--set", "load.users.crowd.stages=[{name: ramp, duration_s: 80, users: 100,"
                          " spawn_rate: 20}, {name: full, duration_s: 80, users: 250,"
                          " spawn_rate: 50}]",
