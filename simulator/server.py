@@ -352,7 +352,7 @@ class SimulatorApp:
         """The 200 of a non-stream completion, all chunks counted as sent."""
         body = wire.chat_completion(
             admission.id, admission.created, admission.model, plan.text,
-            plan.finish_reason, plan.usage, admission.n,
+            plan.finish_reason, plan.usage, admission.n, plan.tool_call,
         )
         sent.chunks = plan.n_chunks
         return web.Response(body=body, content_type=JSON_TYPE, headers=admission.headers)
@@ -374,6 +374,7 @@ class SimulatorApp:
         resp.content_type = SSE_TYPE
         resp.headers["Cache-Control"] = "no-cache"
         cut = fault.at_chunk if fault is not None and fault.kind in ("reset", "error") else None
+        tool = plan.tool_call
         try:
             n_chunks = plan.n_chunks
             for i in range(n_chunks + 1):
@@ -383,13 +384,15 @@ class SimulatorApp:
                     return resp
                 if i == 0:
                     await resp.prepare(request)
-                    await resp.write(frames.role())
+                    await resp.write(frames.role() if tool is None else
+                                     frames.tool_start(tool, wire.tool_call_id(admission.id)))
                 if i == cut:
                     await resp.write(frames.error())
                     return resp
                 if i == n_chunks:
                     break
-                await resp.write(frames.content(plan.chunks[i]))
+                await resp.write(frames.content(plan.chunks[i]) if tool is None else
+                                 frames.tool_arguments(plan.chunks[i]))
                 sent.chunks += 1
             await resp.write(frames.finish(plan.finish_reason))
             if admission.include_usage:

@@ -50,6 +50,11 @@ def completion_id(admission_id: int) -> str:
     return f"chatcmpl-rl{admission_id:010d}"
 
 
+def tool_call_id(admission_id: int) -> str:
+    """The ``id`` of the tool call a tool-call reply makes (one per reply)."""
+    return f"call_rl{admission_id:010d}"
+
+
 def usage_dict(usage: Any) -> dict[str, int]:
     """OpenAI's ``usage`` object from the model's Usage value (token counts)."""
     return {
@@ -68,11 +73,18 @@ def _literal(value: str) -> str:
 
 def chat_completion(
     admission_id: int, created: int, model: str, content: str, finish_reason: str, usage: Any,
-    n: int = 1,
+    n: int = 1, tool_call: str | None = None,
 ) -> bytes:
     """The non-stream ``chat.completion`` body as JSON bytes; ``n`` choices carry the same
-    content. Written from a template: it is the simulator's hottest path."""
+    content. Written from a template: it is the simulator's hottest path. With
+    ``tool_call`` the message calls that function, ``content`` being its arguments."""
     text = _string(content)
+    if tool_call is not None:
+        # the message's content is null and its one call carries the text: the template's
+        # ``"content":{text}`` spliced with the call
+        text = ('null,"tool_calls":[{"id":"' + tool_call_id(admission_id) + '",'
+                '"type":"function","function":{"name":' + _string(tool_call)
+                + ',"arguments":' + text + "}}]")
     reason = _literal(finish_reason)
     head = (f'{{"id":"chatcmpl-rl{admission_id:010d}","object":"chat.completion",'
             f'"created":{int(created)},"model":{_literal(model)},')
@@ -136,6 +148,17 @@ class ChunkWriter:
     def role(self) -> bytes:
         """The first frame(s): the assistant role with empty content."""
         return self._each({"role": "assistant", "content": "", "refusal": None}, None)
+
+    def tool_start(self, name: str, call_id: str) -> bytes:
+        """The first frame(s) of a tool-call reply: the role and the call, no arguments yet."""
+        return self._each({"role": "assistant", "content": None, "tool_calls": [{
+            "index": 0, "id": call_id, "type": "function",
+            "function": {"name": name, "arguments": ""}}], "refusal": None}, None)
+
+    def tool_arguments(self, text: str) -> bytes:
+        """Frame(s) with one piece of a tool call's arguments."""
+        return self._each({"tool_calls": [{"index": 0, "function": {"arguments": text}}]},
+                          None)
 
     def content(self, text: str) -> bytes:
         """Frame(s) with one piece of content."""

@@ -66,6 +66,7 @@ class ResponsePlan:
     finish_reason: str  # stop | length | error
     usage: Usage
     fault: Fault | None = None
+    tool_call: str | None = None  # the function a tool-call reply calls; ``text`` its arguments
     _chunks: tuple[str, ...] | None = field(default=None, init=False, repr=False,
                                             compare=False)
 

@@ -51,7 +51,7 @@ from collections import deque
 
 import numpy as np
 
-from simulator.model import errors, faults, latency, responder
+from simulator.model import errors, faults, latency, responder, structured
 from simulator.model.billing import Account, cost_usd
 from simulator.model.config import KeyProfile, LimitSpec, ModelProfile, ProviderProfile
 from simulator.model.headers import HeaderRenderer, retry_headers
@@ -96,12 +96,12 @@ class _Live:
 
     __slots__ = ("admission", "counter", "fault", "finish_reason", "model", "n", "n_chunks",
                  "prompt", "reserved", "slow_s", "started", "state", "tenant", "text",
-                 "tokens_handle")
+                 "tokens_handle", "tool")
 
     def __init__(self, admission: Admission, tenant: _Tenant, model: ModelProfile,
                  state: LimitState, tokens_handle: object, reserved: int, counter: Counters,
                  prompt: int, n: int, text: str, n_chunks: int, finish_reason: str,
-                 fault: Fault | None, slow_s: float):
+                 fault: Fault | None, slow_s: float, tool: str | None):
         self.admission = admission
         self.tenant = tenant
         self.model = model
@@ -116,6 +116,7 @@ class _Live:
         self.finish_reason = finish_reason
         self.fault = fault
         self.slow_s = slow_s
+        self.tool = tool  # a tool-call reply's function (``text`` holds its arguments)
         self.started = False
 
 
@@ -281,7 +282,7 @@ class Provider:
                 f"max_tokens is too large: {max_tokens}. This model supports at most "
                 f"{model.max_output_tokens} completion tokens, whereas you provided "
                 f"{max_tokens}.", "max_tokens", "invalid_value"), counter)
-        prompt = chat_prompt_tokens(req.texts)
+        prompt = chat_prompt_tokens(req.texts) + req.definition_tokens
         context = model.context_window
         if prompt > context or (max_tokens is not None and prompt + max_tokens > context):
             if max_tokens is None or prompt > context:
@@ -327,6 +328,10 @@ class Provider:
             fault_spec = self.profile.faults
             if faults.draw_repetition(fault_spec, self._fault_rng):
                 reply = responder.repetition_loop(limit_max)
+            elif req.output is not None:
+                reply = structured.structured_reply(req.output, self.profile.responder,
+                                                    self._reply_rng, req.last_user_text,
+                                                    limit_max)
             else:
                 reply = responder.respond(self.profile.responder, self._reply_rng,
                                           req.last_user_text, limit_max)
@@ -335,8 +340,12 @@ class Provider:
             drawn = faults.draw_connection_fault(fault_spec, self._fault_rng, n_chunks)
             fault, slow_s = drawn.fault, drawn.slow_first_token_s
         else:
-            reply = responder.respond(self.profile.responder, self._reply_rng,
-                                      req.last_user_text, limit_max)
+            reply = (responder.respond(self.profile.responder, self._reply_rng,
+                                       req.last_user_text, limit_max)
+                     if req.output is None else
+                     structured.structured_reply(req.output, self.profile.responder,
+                                                 self._reply_rng, req.last_user_text,
+                                                 limit_max))
             text = reply.text
             n_chunks = (len(text) + 3) // 4
             fault, slow_s = None, 0.0  # faults.NO_FAULTS
@@ -359,7 +368,7 @@ class Provider:
             int(self.epoch_s + now / self._time_scale), n,
         )
         live = _Live(admission, tenant, model, state, tokens_handle, reserved, counter, prompt,
-                     n, text, n_chunks, reply.finish_reason, fault, slow_s)
+                     n, text, n_chunks, reply.finish_reason, fault, slow_s, reply.tool)
         self._live[admission.id] = live
         if gpu is not None and self._seqs >= gpu.max_seqs:
             self._queue.append(admission.id)
@@ -383,7 +392,7 @@ class Provider:
         completion = live.n * live.n_chunks
         live.admission.plan = ResponsePlan(
             ttft, gaps, live.text, live.finish_reason,
-            Usage(live.prompt, completion, live.prompt + completion), live.fault,
+            Usage(live.prompt, completion, live.prompt + completion), live.fault, live.tool,
         )
 
     # ------------------------------------------------------------------ embeddings
@@ -433,7 +442,7 @@ class Provider:
             encoding_format=req.encoding_format,
         )
         live = _Live(admission, tenant, model, state, tokens_handle, prompt, counter, prompt, 1,
-                     "", 0, "stop", None, 0.0)
+                     "", 0, "stop", None, 0.0, None)
         live.started = True  # embeddings never queue for a GPU slot
         self._live[admission.id] = live
         return admission

@@ -44,6 +44,7 @@ class Reply:
 
     text: str
     finish_reason: str
+    tool: str | None = None  # the function a tool-call reply calls (text: its arguments)
 
 
 def expected_code(text: str, codes: tuple[str, ...] | list[str]) -> str:

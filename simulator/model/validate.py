@@ -5,21 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from simulator.model.errors import invalid_request
+from simulator.model.structured import Output, OutputError, read_shape
 from simulator.model.tokens import message_text, text_tokens
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
-# accepted and ignored: they do not change the simulated reply
+# accepted and ignored: they do not change the simulated reply (``response_format``,
+# ``tools`` and ``tool_choice`` do: structured.py)
 _PASSIVE_CHAT_FIELDS = frozenset({
     "temperature", "top_p", "stop", "presence_penalty", "frequency_penalty", "seed", "user",
-    "response_format", "logit_bias", "logprobs", "top_logprobs", "tools", "tool_choice",
+    "logit_bias", "logprobs", "top_logprobs",
     "parallel_tool_calls", "functions", "function_call", "metadata", "store", "service_tier",
     "modalities", "reasoning_effort", "prediction", "audio", "web_search_options",
     "prompt_cache_key", "safety_identifier", "verbosity",
 })
 CHAT_FIELDS = _PASSIVE_CHAT_FIELDS | {
     "model", "messages", "max_tokens", "max_completion_tokens", "n", "best_of", "stream",
-    "stream_options",
+    "stream_options", "response_format", "tools", "tool_choice",
 }
 EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
 MAX_EMBEDDING_INPUTS = 2048
@@ -38,6 +40,8 @@ class ChatRequest:
     best_of: int
     stream: bool
     include_usage: bool
+    output: Output | None = None  # the reply's shape: JSON mode, a schema, a tool call
+    definition_tokens: int = 0  # prompt tokens of the tools and schema sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +115,15 @@ def _number(body: dict, param: str, lo: float, hi: float) -> None:
             "instead.", param, "invalid_value"))
 
 
+def _call_text(call: object) -> str:
+    """The text of one tool call an assistant message carries: its name and arguments."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        return ""
+    return "".join(v for v in (function.get("name"), function.get("arguments"))
+                   if isinstance(v, str))
+
+
 def _check_fields(body: object, allowed: frozenset[str]) -> dict:
     if not isinstance(body, dict):
         raise Invalid(invalid_request(
@@ -172,6 +185,9 @@ def _messages(body: dict) -> tuple[tuple[str, ...], str]:
         elif not isinstance(content, str):
             raise _type_error(f"{param}.content", "a string or an array", content)
         text = message_text(content)
+        calls = message.get("tool_calls")
+        if role == "assistant" and isinstance(calls, list):
+            text += "".join(map(_call_text, calls))  # the calls it made are prompt too
         texts.append(text)
         if role == "user":
             last_user = text
@@ -303,12 +319,16 @@ def parse_chat(body: object) -> ChatRequest | dict:
         user = data.get("user")
         if user is not None and not isinstance(user, str):
             raise _type_error("user", "a string", user)
+        shape = read_shape(data, texts)
         return ChatRequest(
             model=data["model"], texts=texts, last_user_text=last_user,
             max_tokens=max_completion if max_completion is not None else max_tokens,
             n=n, best_of=best_of, stream=bool(stream), include_usage=include_usage,
+            output=shape.output, definition_tokens=shape.definition_tokens,
         )
     except Invalid as exc:
+        return exc.body
+    except OutputError as exc:
         return exc.body
 
 

@@ -1,14 +1,19 @@
 """The official openai SDK, sync and async, works unchanged against the simulator:
 replies, streams with usage, raw headers, and its own retry rules (429 with
 ``retry-after-ms``, no retry on 402 or on ``x-should-retry: false``, raising on a
-mid-stream error chunk)."""
+mid-stream error chunk), and its structured-output helpers (``parse`` with a pydantic
+model, tool calls with parsed arguments, streamed or not)."""
 
 from __future__ import annotations
 
+import datetime
+import json
 import time
 from collections.abc import Awaitable, Callable
+from typing import Literal
 
 import openai
+import pydantic
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
@@ -192,3 +197,76 @@ async def test_hold_fault_times_the_client_out(sim_server: Start) -> None:
             await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     finally:
         await client.close()
+
+
+class _Part(pydantic.BaseModel):
+    name: str
+    count: int
+    weight: float
+
+
+class _Node(pydantic.BaseModel):
+    label: str
+    children: list[_Node]
+
+
+class _Order(pydantic.BaseModel):
+    id: int
+    colour: Literal["red", "blue"]
+    when: datetime.date
+    note: str | None
+    parts: list[_Part]
+    tree: _Node
+
+
+def test_structured_outputs_and_tool_calls_parse_in_the_sdk(
+    sim_thread: Callable[..., RunningServer],
+) -> None:
+    server = sim_thread(**FAST)
+    client = openai.OpenAI(base_url=server.base_url(), api_key="sk-ratelab", max_retries=0)
+    # a strict JSON schema from a pydantic model: the SDK validates the reply against it
+    reply = client.chat.completions.parse(model="gpt-4o-mini", messages=MESSAGES,
+                                          response_format=_Order)
+    order = reply.choices[0].message.parsed
+    assert isinstance(order, _Order) and order.parts and order.tree.children
+    with client.chat.completions.stream(model="gpt-4o-mini", messages=MESSAGES,
+                                        response_format=_Order) as stream:
+        assert isinstance(stream.get_final_completion().choices[0].message.parsed, _Order)
+    # JSON mode needs the word in the messages, as OpenAI's does
+    with pytest.raises(openai.BadRequestError, match="must contain the word 'json'"):
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES,
+                                       response_format={"type": "json_object"})
+    json_mode = client.chat.completions.create(
+        model="gpt-4o-mini", response_format={"type": "json_object"},
+        messages=[{"role": "user", "content": "Reply in JSON."}])
+    assert set(json.loads(json_mode.choices[0].message.content or "")) == {"text"}
+    # a tool loop: the model calls the tool, then answers the tool's result in text
+    tool = openai.pydantic_function_tool(_Part)
+    called = client.chat.completions.parse(model="gpt-4o-mini", messages=MESSAGES,
+                                           tools=[tool])
+    choice = called.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "_Part"
+    assert isinstance(call.function.parsed_arguments, _Part)
+    follow: list[ChatCompletionMessageParam] = [
+        *MESSAGES,
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": call.id, "type": "function",
+            "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": "stored"},
+    ]
+    answer = client.chat.completions.create(model="gpt-4o-mini", messages=follow,
+                                            tools=[tool])
+    assert answer.choices[0].finish_reason == "stop" and answer.choices[0].message.content
+    assert answer.choices[0].message.tool_calls is None
+    # streamed, the call's arguments arrive in pieces the SDK puts together
+    with client.chat.completions.stream(model="gpt-4o-mini", messages=MESSAGES, tools=[tool],
+                                        tool_choice="required") as stream:
+        pieces = [event.arguments_delta for event in stream
+                  if event.type == "tool_calls.function.arguments.delta"]
+        final = stream.get_final_completion().choices[0]
+    assert final.finish_reason == "tool_calls" and final.message.tool_calls
+    streamed = final.message.tool_calls[0].function
+    assert len(pieces) > 1 and "".join(pieces) == streamed.arguments
+    assert isinstance(streamed.parsed_arguments, _Part)

@@ -22,7 +22,8 @@ json_values = st.recursive(
 )
 fields = st.sampled_from(["model", "messages", "max_tokens", "n", "stream", "stream_options",
                           "temperature", "stop", "input", "dimensions", "encoding_format",
-                          "max_completion_tokens", "user", "best_of"])
+                          "max_completion_tokens", "user", "best_of", "response_format",
+                          "tools", "tool_choice"])
 near_valid = st.fixed_dictionaries(
     {"model": st.sampled_from(["gpt-4o-mini", "text-embedding-3-small", "nope"]),
      "messages": st.lists(st.fixed_dictionaries(
