@@ -202,11 +202,19 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_INPUT
     transport = AiohttpTransport(config.providers, config.stream)
 
+    # On a terminal the progress line is redrawn in place twice a second; into a log file
+    # (CI, nohup) a carriage return would pile every redraw onto one line: a line of its
+    # own every 30 s instead.
+    live = not args.no_progress and sys.stderr.isatty()
+
     def show(snapshot: ProgressSnapshot) -> None:
-        print("\r" + render(snapshot), end="", file=sys.stderr, flush=True)
+        if live:
+            print("\r" + render(snapshot), end="", file=sys.stderr, flush=True)
+        else:
+            print(render(snapshot), file=sys.stderr, flush=True)
 
     # a message while the progress line is drawn starts a line of its own
-    brk = "" if args.no_progress else "\n"
+    brk = "\n" if live else ""
 
     def low_balance(balance: float) -> None:
         print(f"{brk}ratelab job: low balance: ${balance:.4f}", file=sys.stderr)
@@ -220,6 +228,7 @@ def main(args: argparse.Namespace) -> int:
                   f"{'' if requeued == 1 else 's'} back in the queue", file=sys.stderr)
         runner = Runner(task, config, transport, store, cache=cache,
                         on_progress=None if args.no_progress else show,
+                        progress_every_s=0.5 if live else 30.0,
                         on_low_balance=low_balance, rebind_task=args.task_changed)
         # this process exists to run the job: settle the garbage collector for it
         gc_tuning.tune_for_job()
@@ -241,7 +250,7 @@ def main(args: argparse.Namespace) -> int:
         store.close()
         if cache is not None:
             cache.close()
-    if not args.no_progress:
+    if live:
         print(file=sys.stderr)
     _report(result, args.json, _provider_names(config.providers))
     if dead_errors:
@@ -262,7 +271,11 @@ def _report(result: JobResult, as_json: bool, providers: str) -> None:
     if as_json:
         from dataclasses import asdict
 
-        print(json.dumps({**asdict(result), "providers": providers}))
+        figures = asdict(result)
+        # sums of floats: 0.00085695000000001 USD and 2.899904655001592 s say no more
+        figures["cost_usd"] = round(result.cost_usd, 9)
+        figures["elapsed_s"] = round(result.elapsed_s, 3)
+        print(json.dumps({**figures, "providers": providers}))
         return
     print(f"exit {result.exit_status}: {result.done} done, {result.dead} dead, "
           f"{result.pending} pending of {result.total}; {result.requests} requests, "

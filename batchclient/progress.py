@@ -17,6 +17,8 @@ class ProgressSnapshot:
     cost_usd: float
     tpm_limit: int | None = None
     rate_limited: int = 0
+    done_before: int = 0  # settled by earlier runs of a resumed job: in the counts and the
+    dead_before: int = 0  # bar, not in the rate or the ETA
 
     @property
     def items_per_min(self) -> float:
@@ -45,13 +47,18 @@ def _duration(seconds: float | None) -> str:
 
 
 def render(snapshot: ProgressSnapshot, width: int = 20) -> str:
-    """The progress line, e.g. ``[#####.....] 500/1000 done 3 dead | 1200 items/min | ...``."""
+    """The progress line, e.g. ``[#####.....] 500/1000 done 3 dead | 1200 items/min | ...``;
+    a resumed job's counts and bar include what earlier runs settled ("400 before")."""
     s = snapshot
-    finished = s.done + s.dead
-    filled = int(width * finished / s.total) if s.total else width
+    before = s.done_before + s.dead_before
+    total = s.total + before
+    finished = s.done + s.dead + before
+    filled = int(width * finished / total) if total else width
     bar = "#" * filled + "." * (width - filled)
     tpm = f"{s.tokens_per_min:,.0f} tok/min"
     if s.tpm_limit:
         tpm += f" of {s.tpm_limit:,} ({100.0 * s.tokens_per_min / s.tpm_limit:.0f}%)"
-    return (f"[{bar}] {s.done}/{s.total} done {s.dead} dead | {s.items_per_min:,.0f} items/min"
-            f" | {tpm} | 429s {s.rate_limited} | ${s.cost_usd:.4f} | ETA {_duration(s.eta_s)}")
+    resumed = f" ({before:,} before)" if before else ""
+    return (f"[{bar}] {s.done + s.done_before}/{total} done {s.dead + s.dead_before} dead"
+            f"{resumed} | {s.items_per_min:,.0f} items/min | {tpm} | 429s {s.rate_limited}"
+            f" | ${s.cost_usd:.4f} | ETA {_duration(s.eta_s)}")

@@ -137,8 +137,11 @@ class Runner:
         self._finished: deque[asyncio.Task[Response]] = deque()
         # item id -> store seq of the items fed and not yet saved (rowid updates)
         self._seqs: dict[str, int] = {}
-        # pending items when the preflight counted them (the progress total)
+        # pending items when the preflight counted them (the progress total), and those
+        # an earlier run settled (the progress line counts them apart: a resumed job's rate
+        # and ETA are this run's)
         self._pending_at_start = 0
+        self._settled_before = (0, 0)
 
     def stop(self) -> None:
         """Ask the run to stop dispatching; in-flight requests finish, results are saved."""
@@ -200,6 +203,7 @@ class Runner:
         # run() takes its starting count from here: a second scan of every row (about
         # 2,500 instructions per item) would read the same counts, nothing was written since
         self._pending_at_start = counts.pending
+        self._settled_before = (counts.done, counts.dead)
         if counts.total == 0 and not self.keep_open:
             raise InputError("items: the job has no items")
         # a store with no answer yet takes a changed task silently: there is nothing to mix
@@ -309,7 +313,7 @@ class Runner:
         tpm = next((t.tpm for t in engine._throttles.values() if t.tpm), None)
         return ProgressSnapshot(self.clock.now() - start, c.done, c.dead, total,
                                 c.tokens_in + c.tokens_out, engine.cost.total_usd, tpm,
-                                c.rate_limited)
+                                c.rate_limited, *self._settled_before)
 
     async def run(self) -> JobResult:
         """Run the job; InputError propagates (exit status 2) before any request."""

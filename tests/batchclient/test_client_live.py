@@ -236,10 +236,17 @@ def test_402_mid_job_stops_with_status_3_then_topup_and_resume(tmp_path: Path) -
         assert first.returncode == EXIT_BALANCE, err.decode()
         summary = json.loads(out.decode().strip().splitlines()[-1])
         assert summary["done"] + summary["pending"] == 600 and 0 < summary["done"] < 600
+        assert summary["elapsed_s"] == round(summary["elapsed_s"], 3)
         admin(server, "main", "topup", {"key": "sk-ratelab", "usd": 1.0})
-        second = _cli(args, _env())
+        # with progress, into a pipe (a log file): whole lines, not a line redrawn by "\r"
+        second = _cli([a for a in args if a != "--no-progress"], _env())
         out, err = second.communicate(timeout=60)
         assert second.returncode == 0, err.decode()
+    progress = err.decode().splitlines()
+    assert "\r" not in err.decode() and progress and all(
+        line.startswith("[") and " done " in line for line in progress)
+    before = summary["done"]  # the first run's, counted apart from the second's rate
+    assert progress[-1].startswith(f"[{'#' * 20}] 600/600 done 0 dead ({before:,} before) |")
     assert_all_correct(SqliteJobStore(str(db)), items)
 
 

@@ -33,3 +33,11 @@ def test_progress_line() -> None:
                                    rate_limited=2), width=10)
     assert line == ("[#####.....] 500/1000 done 0 dead | 500 items/min | 150,000 tok/min of "
                     "200,000 (75%) | 429s 2 | $0.2500 | ETA 1:00")
+
+
+def test_progress_line_of_a_resumed_job_counts_earlier_runs_apart_from_its_rate() -> None:
+    # 600 settled before (598 done, 2 dead), 200 of the 400 left done in this run's minute
+    line = render(ProgressSnapshot(elapsed_s=60.0, done=200, dead=0, total=400, tokens=6_000,
+                                   cost_usd=0.01, done_before=598, dead_before=2), width=10)
+    assert line == ("[########..] 798/1000 done 2 dead (600 before) | 200 items/min | "
+                    "6,000 tok/min | 429s 0 | $0.0100 | ETA 1:00")
