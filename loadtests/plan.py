@@ -152,6 +152,7 @@ def main(args: argparse.Namespace) -> int:
         run_sweep,
         sweep_points,
         sweep_summary,
+        sweep_text,
     )
     from loadtests.scenario import ScenarioError, load_scenario
     from reports.summary import SummaryError, load_summary
@@ -226,6 +227,9 @@ def main(args: argparse.Namespace) -> int:
         print(line)
     print(f"planned in {result.wall_s:.2f} s ({result.requests:,} requests, "
           f"{summary['plan']['events_per_s']:,.0f} events/s); report: {folder}/report.html")
+    if summary.get("grid", {}).get("rows"):
+        print(f"sweep of {len(points)} points:")
+        print(sweep_text(summary["grid"]))
     for name, answer in (summary["plan"].get("deadline") or {}).items():
         print(f"{name}: {_deadline_words(answer)}")
     if "batch_size" in summary["plan"] and summary["plan"]["batch_size"]["best"]:

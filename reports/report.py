@@ -485,7 +485,8 @@ _CSS = (
 )
 
 
-def _inline(text: str) -> str:
+def inline_html(text: str) -> str:
+    """``text`` escaped for HTML, its Markdown ``**bold**`` made bold."""
     return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
 
 
@@ -505,7 +506,7 @@ def render_html(summary: Mapping[str, Any], plots: Sequence[tuple[str, str, byte
         elif kind == "p":
             cls = " class='lead' id='lead'" if first_p else ""
             first_p = False
-            out.append(f"<p{cls}>{_inline(str(block[1]))}</p>")
+            out.append(f"<p{cls}>{inline_html(str(block[1]))}</p>")
         else:
             out.append(
                 "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in block[1]) + "</tr>"

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from loadtests.planner.sim import PlanResult
+from loadtests.planner.sweep import SWEEP_HEADERS, sweep_table
 from loadtests.recorder import write_timeseries_csv
-from reports.report import fmt_hours, fmt_usd, write_report
+from reports.report import fmt_hours, fmt_usd, inline_html, write_report
 from reports.summary import write_summary
 
 __all__ = ["planner_lines", "write_run_folder"]
@@ -59,12 +60,9 @@ def planner_lines(summary: Mapping[str, Any]) -> list[str]:
                          f"{'-' if amp is None else f'{amp:.2f}'} | {p['dead_letter']} |")
     grid = summary.get("grid") or {}
     if grid.get("rows"):
-        lines += ["", "### Sweep", "", "| point | arm | items/min | 429s | projected time |",
-                  "|---|---|---|---|---|"]
-        for r in grid["rows"]:
-            mark = " **best**" if grid["best"].get(r["arm"], {}).get("point") == r["point"] else ""
-            lines.append(f"| {r['point']}{mark} | {r['arm']} | {r['items_per_min']:,.0f} | "
-                         f"{r['http_429']} | {fmt_hours(r['duration_s'])} |")
+        lines += ["", "### Sweep", "", "| " + " | ".join(SWEEP_HEADERS) + " |",
+                  "|" + "---|" * len(SWEEP_HEADERS)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in sweep_table(grid)]
     users = plan.get("users") or {}
     for group, answer in users.items():
         lines += ["", f"### Interactive users ({group})", "",
@@ -77,20 +75,33 @@ def planner_lines(summary: Mapping[str, Any]) -> list[str]:
 
 
 def _html(lines: list[str]) -> str:
-    out = []
+    """The section's Markdown lines as HTML: headings, paragraphs, and each run of table
+    lines as one table (its first row the header), so that its columns line up."""
+    out: list[str] = []
+    table: list[list[str]] = []
+
+    def end_table() -> None:
+        if table:
+            head, *rows = table
+            out.append("<table><tr>" + "".join(f"<th>{inline_html(c)}</th>" for c in head)
+                       + "</tr>" + "".join("<tr>" + "".join(f"<td>{inline_html(c)}</td>"
+                                                           for c in row) + "</tr>"
+                                           for row in rows) + "</table>")
+            table.clear()
+
     for line in lines:
+        if line.startswith("|"):
+            if not line.startswith("|---"):
+                table.append([c.strip() for c in line.strip().strip("|").split("|")])
+            continue
+        end_table()
         if line.startswith("### "):
             out.append(f"<h3>{html.escape(line[4:])}</h3>")
         elif line.startswith("## "):
             out.append(f"<h2>{html.escape(line[3:])}</h2>")
-        elif line.startswith("|---"):
-            continue
-        elif line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            out.append("<table><tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells)
-                       + "</tr></table>")
         elif line:
-            out.append(f"<p>{html.escape(line)}</p>")
+            out.append(f"<p>{inline_html(line)}</p>")
+    end_table()
     return "\n".join(out)
 
 

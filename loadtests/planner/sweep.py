@@ -17,9 +17,14 @@ import yaml
 
 from loadtests.planner.sim import PlanOptions, plan_scenario
 from loadtests.scenario import Scenario, ScenarioError, load_scenario, with_overrides
+from reports.report import fmt_hours, fmt_usd
 from reports.summary import find_knee
 
-__all__ = ["SweepError", "parse_sweep", "run_sweep", "sweep_points"]
+__all__ = ["SweepError", "parse_sweep", "run_sweep", "sweep_points", "sweep_table",
+           "sweep_text"]
+
+SWEEP_HEADERS = ("point", "arm", "items/min", "429s", "binds", "projected time",
+                 "cost per item")
 
 
 class SweepError(ValueError):
@@ -145,3 +150,31 @@ def sweep_summary(base: Mapping[str, Any], sweep: Mapping[str, Any]) -> dict[str
                      "arm": knee["arm"], "items_per_min": knee["items_per_min"]},
         }
     return out
+
+
+def sweep_table(grid: Mapping[str, Any]) -> list[tuple[str, ...]]:
+    """The sweep's rows as table cells under ``SWEEP_HEADERS``, each arm's best point
+    marked ``**best**`` (the report's Markdown; ``sweep_text`` drops the stars)."""
+    best = grid.get("best") or {}
+    cells: list[tuple[str, ...]] = []
+    for r in grid.get("rows") or []:
+        mark = " **best**" if best.get(r["arm"], {}).get("point") == r["point"] else ""
+        cells.append((f"{r['point']}{mark}", str(r["arm"]), f"{r['items_per_min']:,.0f}",
+                      str(r["http_429"]), str(r["binding"]), fmt_hours(r["duration_s"]),
+                      fmt_usd(r["cost_per_item_usd"])))
+    return cells
+
+
+def sweep_text(grid: Mapping[str, Any]) -> str:
+    """The sweep as an aligned text table for the terminal, then each arm's best point."""
+    rows: list[tuple[str, ...]] = [SWEEP_HEADERS]
+    rows += [tuple(c.replace(" **best**", " (best)") for c in row) for row in sweep_table(grid)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(SWEEP_HEADERS))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+             for row in rows]
+    for arm, row in (grid.get("best") or {}).items():
+        lines.append(f"best for {arm}: {row['point']} ({row['items_per_min']:,.0f} items/min, "
+                     f"{fmt_hours(row['duration_s'])} for the projected job, "
+                     f"{fmt_usd(row['cost_per_item_usd'])} per item)")
+    return "\n".join(lines)

@@ -50,8 +50,18 @@ def test_cli_writes_the_run_folder_with_a_sweep(tmp_path: Path,
             for r in summary["grid"]["rows"]] == [5, 10]
     assert summary["grid"]["best"]["batched"]["point"] == "max_items=10"
     assert "## Planner" in (out / "report.md").read_text()
-    assert "<img" in (out / "report.html").read_text()
-    assert "items/min" in capsys.readouterr().out
+    page = (out / "report.html").read_text()
+    assert "<img" in page
+    # the sweep is one table, its header row first, the best point in bold
+    sweep = page[page.index("<h3>Sweep</h3>"):]
+    table = sweep[:sweep.index("</table>")]
+    assert table.count("<table>") == 1 and table.count("<tr>") == 3
+    assert "<th>point</th><th>arm</th><th>items/min</th>" in table
+    assert "<td>max_items=10 <b>best</b></td>" in table
+    printed = capsys.readouterr().out
+    assert "sweep of 2 points:" in printed
+    assert "\nmax_items=10 (best)  batched" in printed
+    assert "best for batched: max_items=10 (" in printed
 
 
 @pytest.mark.parametrize("flag, named", [
