@@ -70,15 +70,21 @@ def arm_key(scenario: Scenario, arm: Arm, provider: str) -> str:
     return "sk-ratelab"
 
 
-def _limit_spec(scenario: Scenario, arm: Arm, provider: str, model: str) -> Any:
+def _key_limits(scenario: Scenario, arm: Arm, provider: str) -> Mapping[str, Any]:
+    """The limits per model of the arm's key at a simulated provider (its tier's, for a key
+    the profile does not list); none for an external target."""
     profile = _profile(scenario, provider)
     if profile is None:
-        return None
+        return {}
     key = arm_key(scenario, arm, provider)
     for k in profile.keys:
-        if k.key == key and model in k.limits:
-            return k.limits[model]
-    return profile.default_limits.get(model)
+        if k.key == key:
+            return {**profile.default_limits, **k.limits}
+    return profile.default_limits
+
+
+def _limit_spec(scenario: Scenario, arm: Arm, provider: str, model: str) -> Any:
+    return _key_limits(scenario, arm, provider).get(model)
 
 
 def provider_entries(
@@ -109,6 +115,12 @@ def provider_entries(
             if spec.rpm:
                 entry["rpm"] = int(spec.rpm)
             entry["tpm_counting"] = "actual" if spec.counting == "actual" else "reserve_max_tokens"
+        # every model's own limits: a routing rule that sends items to another model
+        # throttles them against that model's window, not the task model's
+        # (an empty one: that model has no limit)
+        entry["model_limits"] = {
+            m: {k: int(v) for k, v in (("tpm", s.tpm), ("rpm", s.rpm)) if v}
+            for m, s in _key_limits(scenario, arm, name).items()}
         profile = _profile(scenario, name)
         if profile is not None:
             entry["prices"] = {

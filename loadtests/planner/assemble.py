@@ -1,30 +1,29 @@
-"""From a loaded scenario to the objects both clocks drive: provider profiles, task, client
-configs, items and the throughput-bound inputs of each arm.
+"""From a loaded scenario to the objects the planner drives: provider profiles, the client
+config of each arm with its routes, and the job's items.
 
-The live runner and the planner must build these the same way for their figures to agree;
-this module is the planner's half of that contract (see docs/planner.md, "Assembly").
-Token sizes are ratelab tokens, durations virtual seconds, prices USD per million tokens.
+The task, the client settings and the throughput-bound inputs are the live runner's own
+(``loadtests.run_setup``): plan and live figures agree only if both clocks drive the same
+client. This module adds what only virtual time needs: the extra keys of arms with
+``keys > 1`` (live runs serve one key), a route from each client provider to the simulated
+provider and key, and the items as pages. Token sizes are ratelab tokens, durations virtual
+seconds, prices USD per million tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from batchclient.config import ClientConfig, ModelLimits, Price, ProviderSettings, Task
+from batchclient.config import ClientConfig, ProviderSettings, Task
+from batchclient.configreader import ConfigError
 from batchclient.policy.wire import Item
 from loadtests.bound import BoundInputs
+from loadtests.run_setup import SetupError, arm_task, client_config
+from loadtests.run_setup import bound_inputs as live_bound_inputs
 from loadtests.scenario_model import Arm, Scenario
-from loadtests.workload import WorkloadGenerator, system_prompt
-from simulator.model.config import (
-    Dist,
-    KeyProfile,
-    LimitSpec,
-    ProviderProfile,
-    SimulatorConfig,
-)
+from loadtests.workload import WorkloadGenerator
+from simulator.model.config import KeyProfile, ProviderProfile, SimulatorConfig
 
 __all__ = [
     "ArmSetup",
@@ -36,8 +35,9 @@ __all__ = [
     "task_for",
 ]
 
-# base URL of a provider in the planner: nothing listens there, the virtual transport routes
-PLAN_URL = "plan://{name}/v1"
+# base URL of a provider in the planner: nothing listens there (``.invalid`` never
+# resolves), the virtual transport routes by the client provider's name
+PLAN_URL = "http://plan.invalid/{name}/v1"
 
 
 class PlanError(ValueError):
@@ -104,63 +104,48 @@ def simulator_config(scenario: Scenario) -> SimulatorConfig:
     )
 
 
-def task_model(scenario: Scenario, arm: Arm | None = None) -> str:
-    """The model the job asks for: the workload's, else the first chat model of the arm's
-    first provider."""
+def _check_served(scenario: Scenario, arm: Arm) -> None:
+    """Refuse an arm whose first provider has no chat model to send the job to (the live
+    client would be refused every request)."""
     if scenario.workload.model:
-        return scenario.workload.model
-    name = arm.providers[0] if arm is not None else scenario.providers[0].name
-    for model in _profile(scenario, name).models:
-        if model.kind == "chat":
-            return model.name
-    raise PlanError(f"providers.{name}.models: no chat model to send the job to")
+        return
+    name = arm.providers[0] if arm.providers else scenario.providers[0].name
+    if not any(model.kind == "chat" for model in _profile(scenario, name).models):
+        raise PlanError(f"providers.{name}.models: no chat model to send the job to")
 
 
-def task_for(scenario: Scenario, arm: Arm | None = None) -> Task:
-    """The classification task of the workload: padded system prompt, label codes, model."""
-    workload = scenario.workload
-    return Task(
-        name=scenario.name,
-        system_prompt=system_prompt(workload, scenario.seed),
-        labels=dict(workload.labels),
-        model=task_model(scenario, arm),
-    )
-
-
-def _limits(spec: LimitSpec) -> ModelLimits:
-    return ModelLimits(tpm=spec.tpm, rpm=spec.rpm)
+def task_for(scenario: Scenario, arm: Arm) -> Task:
+    """The arm's classification task, as the live runner builds it (``arm_task``)."""
+    _check_served(scenario, arm)
+    return arm_task(scenario, arm)
 
 
 def arm_setup(scenario: Scenario, arm: Arm) -> ArmSetup:
-    """The arm's client config with one provider entry per (provider, key) in failover order:
-    the key's limits and the models' prices, as the client would be configured live."""
-    config = arm.client_config
-    if not isinstance(config, ClientConfig):
+    """The arm's client config as the live runner builds it (``client_config``: every key's
+    limits and the models' prices, in failover order), with each provider's extra keys
+    after it when the arm spreads its job over ``keys`` of them."""
+    if not isinstance(arm.client_config, ClientConfig):
         raise PlanError(f"arms.{arm.name}.client: not parsed by batchclient's parse_client_config")
-    model = task_model(scenario, arm)
+    _check_served(scenario, arm)
+    for name in arm.providers:
+        _key(_profile(scenario, name), arm)  # a key the provider does not have is refused
+    urls = {name: PLAN_URL.format(name=name) for name in arm.providers}
+    try:
+        # the planner's result cache lives in memory: the run folder is not read
+        config = client_config(scenario, arm, urls, ".")
+    except (SetupError, ConfigError) as exc:
+        raise PlanError(str(exc)) from exc
     settings: list[ProviderSettings] = []
     routes: dict[str, tuple[str, str]] = {}
-    for name in arm.providers:
-        profile = _profile(scenario, name)
-        base = _key(profile, arm)
-        keys = (base, *_extra_keys(base, arm.keys))
-        prices = {m.name: Price(m.input_usd_per_mtok, m.output_usd_per_mtok)
-                  for m in profile.models}
-        for index, key in enumerate(keys):
-            client_name = name if index == 0 else f"{name}-k{index + 1}"
-            limits = key.limits.get(model) or profile.default_limits.get(model) or LimitSpec()
-            settings.append(ProviderSettings(
-                name=client_name, base_url=PLAN_URL.format(name=client_name),
-                api_key=key.key, time_scale=scenario.time_scale,
-                limits=_limits(limits),
-                model_limits={m: _limits(s) for m, s in key.limits.items()},
-                reserve_max_tokens=limits.counting in ("reserve", "max_estimate"),
-                prices=prices,
-            ))
-            routes[client_name] = (name, key.key)
-    config = dataclasses.replace(config, providers=tuple(settings),
-                                 time_scale=scenario.time_scale, seed=scenario.seed)
-    return ArmSetup(arm, config, routes)
+    for entry in config.providers:
+        settings.append(entry)
+        routes[entry.name] = (entry.name, entry.api_key)
+        for index in range(2, arm.keys + 1):
+            name, key = f"{entry.name}-k{index}", f"{entry.api_key}-k{index}"
+            settings.append(dataclasses.replace(entry, name=name, api_key=key,
+                                                base_url=PLAN_URL.format(name=name)))
+            routes[name] = (entry.name, key)
+    return ArmSetup(arm, dataclasses.replace(config, providers=tuple(settings)), routes)
 
 
 def items(scenario: Scenario, count: int | None = None) -> Iterator[Item]:
@@ -213,58 +198,7 @@ class ItemPages:
 _ITER_PAGE = 1024
 
 
-def _dist_mean(dist: Dist) -> float:
-    if dist.kind == "constant":
-        return dist.value
-    if dist.kind == "normal":
-        return dist.mean
-    if dist.kind == "lognormal":
-        return math.exp(dist.mu + dist.sigma * dist.sigma / 2)
-    if dist.kind == "uniform":
-        return (dist.low + dist.high) / 2
-    return sum(dist.values) / len(dist.values) if dist.values else 0.0
-
-
-def expected_latency_s(profile: ProviderProfile, prompt_tokens: float,
-                       reply_tokens: float) -> float:
-    """Mean request latency (virtual seconds): TTFT, prefill, and one gap per later token."""
-    lat = profile.latency
-    return (_dist_mean(lat.ttft_s) + lat.prefill_s_per_token * prompt_tokens
-            + _dist_mean(lat.itl_s) * max(0.0, reply_tokens - 1))
-
-
-def bound_inputs(scenario: Scenario, setup: ArmSetup) -> BoundInputs:
-    """The DESIGN.md throughput-bound inputs of a batch arm (first provider, all its keys)."""
-    config = setup.config
-    workload = scenario.workload
-    name = setup.arm.providers[0]
-    profile = _profile(scenario, name)
-    model = task_model(scenario, setup.arm)
-    key = _key(profile, setup.arm)
-    spec = key.limits.get(model) or profile.default_limits.get(model) or LimitSpec()
-    batch = float(config.batch.max_items if config.strategy == "semantic_batch" else 1)
-    item = workload.item_tokens.expected()
-    # an item line is "id=<ID>: <text>" plus its newline; the reply adds JSON punctuation
-    id_tokens = len(str(workload.ids.start + workload.items)) / 4 + 1.5
-    reply = workload.reply_tokens_per_item.expected()
-    overhead = 3 + 3 + 3 + len(config.providers and task_for(scenario, setup.arm).instructions) / 4
-    prompt = workload.system_prompt_tokens + overhead + batch * (item + id_tokens)
-    latency = expected_latency_s(profile, prompt, batch * reply)
-    reserve = spec.counting in ("reserve", "max_estimate")
-    return BoundInputs(
-        system_prompt_tokens=workload.system_prompt_tokens,
-        batch_size=batch,
-        item_tokens=item + id_tokens,
-        reply_tokens_per_item=reply,
-        latency_s=latency,
-        tpm=spec.tpm,
-        input_tpm=spec.input_tpm,
-        output_tpm=spec.output_tpm,
-        rpm=spec.rpm,
-        provider_concurrency=spec.concurrency,
-        client_concurrency=config.concurrency.limit,
-        max_tokens=batch * reply + config.batch.reply_slack_tokens if reserve else None,
-        reserve_max_tokens=reserve,
-        overhead_tokens=overhead,
-        keys=max(1, setup.arm.keys),
-    )
+def bound_inputs(scenario: Scenario, setup: ArmSetup) -> BoundInputs | None:
+    """The DESIGN.md throughput-bound inputs of a batch arm, as the live runner measures them
+    (``run_setup.bound_inputs``: the client's packer over a sample of the items)."""
+    return live_bound_inputs(scenario, setup.arm, setup.config)

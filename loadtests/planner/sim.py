@@ -29,6 +29,7 @@ from batchclient.policy.routing import route_model
 from batchclient.policy.state import Accepted
 from batchclient.policy.userlimits import Tier, UserDecision, UserLimits
 from batchclient.policy.wire import Call, Item, Response
+from loadtests.bound import BoundInputs
 from loadtests.planner.assemble import (
     ArmSetup,
     ItemPages,
@@ -465,7 +466,10 @@ def _estimate_duration(scenario: Scenario, setups: Mapping[str, ArmSetup], count
         try:
             from loadtests.bound import throughput_bound
 
-            rate = throughput_bound(bound_inputs(scenario, setup)).items_per_min
+            inputs = bound_inputs(scenario, setup)
+            if inputs is None:
+                continue
+            rate = throughput_bound(inputs).items_per_min
         except (ValueError, PlanError):
             continue
         if rate > 0:
@@ -509,14 +513,16 @@ def _plan(scenario: Scenario, options: PlanOptions | None,
     count = options.items if options.items is not None else (
         (batch.items or scenario.workload.items) if batch else 0)
     setups = {arm.name: arm_setup(scenario, arm) for arm in scenario.arms}
-    bounds = {}
+    bounds: dict[str, BoundInputs] = {}
     for name, setup in setups.items():
         if setup.arm.strategy == "interactive":
             continue
         try:
-            bounds[name] = bound_inputs(scenario, setup)
+            found = bound_inputs(scenario, setup)
         except PlanError:
             continue
+        if found is not None:
+            bounds[name] = found
     bucket = options.bucket_s or _bucket(
         options.stop_at_s or _estimate_duration(scenario, setups, count)
         if batch else scenario.duration_s)
