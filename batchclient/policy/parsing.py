@@ -4,6 +4,7 @@ Each object ``{"id": ID, "c": CODE}`` is matched to the sent item with that id; 
 is resolved locally to a label name. Codes outside the taxonomy, ids not in the batch and
 ids that appear more than once are rejected for that item only. A truncated or malformed
 reply keeps every complete object before the damage; everything else goes back to the queue.
+An array wrapped in an object (JSON mode: ``{"results": [...]}``) reads as the array.
 """
 
 from __future__ import annotations
@@ -45,10 +46,22 @@ class ParsedReply:
 
 
 def _objects(text: str) -> tuple[list[object], bool]:
-    """Complete top-level elements of a JSON array, and whether the array was damaged."""
+    """Complete top-level elements of a JSON array, and whether the array was damaged.
+
+    The array may come wrapped in an object, as a provider's JSON mode makes a model write
+    it (``{"results": [...]}``): an object whose one array holds the answers is whole."""
     start = text.find("[")
     if start < 0:
         return [], True
+    if text.lstrip().startswith("{"):
+        try:
+            wrapper = json.loads(text)
+        except json.JSONDecodeError:
+            wrapper = None  # damaged: the walk below keeps the array's complete elements
+        if isinstance(wrapper, dict):
+            arrays = [v for v in wrapper.values() if isinstance(v, list)]
+            if len(arrays) == 1:
+                return arrays[0], False
     try:
         whole = json.loads(text[start:])
     except json.JSONDecodeError:

@@ -107,6 +107,21 @@ def test_parse_reply_keeps_the_safe_prefix_of_truncated_or_malformed_replies() -
     assert parse_reply("no json here", sent, LABELS).codes == {}
 
 
+def test_parse_reply_reads_an_array_wrapped_in_an_object_as_whole() -> None:
+    # JSON mode makes a model write an object: the one array in it is the answer, undamaged
+    sent = ["1", "2", "3"]
+    wrapped = parse_reply('{"results": [{"id":1,"c":"A"},{"id":2,"c":"B"},{"id":3,"c":"C"}]}',
+                          sent, LABELS, "stop")
+    assert wrapped.codes == {"1": "A", "2": "B", "3": "C"}
+    assert not (wrapped.malformed or wrapped.truncated or wrapped.missing)
+    cut = parse_reply('{"results":[{"id":1,"c":"A"},{"id":2,"c":"B"},{"id":3,', sent, LABELS,
+                      "length")
+    assert cut.codes == {"1": "A", "2": "B"} and cut.truncated and cut.missing == ("3",)
+    # two arrays: which holds the answers is unknown, so the reply is not taken as whole
+    two = parse_reply('{"a": [{"id":1,"c":"A"}], "b": []}', sent, LABELS, "stop")
+    assert two.malformed
+
+
 def test_parse_reply_matches_all_digit_ids_as_numbers() -> None:
     parsed = parse_reply('[{"id":7,"c":"A"},{"id":true,"c":"B"}]', ["007", "x"], LABELS)
     assert parsed.codes == {"007": "A"}
