@@ -90,6 +90,9 @@ class BatchSettings:
     """Semantic batching: items per request and the token budget of one request.
 
     ``token_budget`` bounds prompt tokens plus ``max_tokens`` of one request.
+    ``json_mode`` asks the provider for a JSON object (``response_format: json_object``):
+    the model then wraps its array, e.g. ``{"results": [...]}``, which ``max_tokens`` makes
+    room for.
     """
 
     max_items: int = 20
@@ -97,6 +100,7 @@ class BatchSettings:
     adaptive: bool = False
     min_items: int = 1
     reply_slack_tokens: int = 4
+    json_mode: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +308,7 @@ def parse_client_config(data: object, source: str) -> ClientConfig:
         max_items=b.int_("max_items", 20, 1), token_budget=b.int_("token_budget", 16000, 1),
         adaptive=b.bool_("adaptive", False), min_items=b.int_("min_items", 1, 1),
         reply_slack_tokens=b.int_("reply_slack_tokens", 4, 0),
+        json_mode=b.bool_("json_mode", False),
     )
     b.finish()
     c = r.child("concurrency")

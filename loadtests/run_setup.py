@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from batchclient.config import ClientConfig, Task, parse_client_config
-from batchclient.policy.packing import Packer
+from batchclient.policy.packing import batch_packer
 from batchclient.policy.tokens import reply_tokens
 from batchclient.policy.wire import Item
 from loadtests.bound import BoundInputs
@@ -213,7 +213,7 @@ def bound_inputs(scenario: Scenario, arm: Arm, config: ClientConfig) -> BoundInp
     if arm.strategy == "interactive" or not arm.providers:
         return None
     task = arm_task(scenario, arm)
-    packer = Packer(task, config.batch.reply_slack_tokens)
+    packer = batch_packer(task, config.batch)
     max_items = config.batch.max_items if config.strategy == "semantic_batch" else 1
     sample = slot_items(scenario, 0, 1, min(max(200, max_items * 10), max(1, job_items(scenario))))
     if not sample:
@@ -224,6 +224,8 @@ def bound_inputs(scenario: Scenario, arm: Arm, config: ClientConfig) -> BoundInp
     code_len = max(len(c) for c in task.labels)
     if config.strategy == "semantic_batch":
         reply = sum(reply_tokens([i.id for i in g], code_len) for g in groups) / len(groups)
+        if config.batch.json_mode:
+            reply += 3  # the object around the array: '{"results":' and '}', 12 characters
     else:
         reply = scenario.workload.reply_tokens_per_item.expected()
     max_tokens = sum(packer.max_tokens(g) for g in groups) / len(groups)

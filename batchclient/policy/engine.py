@@ -49,7 +49,7 @@ from batchclient.policy.job import normalise as normalise
 from batchclient.policy.job import normalise_page, page_is_normal
 from batchclient.policy.job import task_digest as task_digest
 from batchclient.policy.lanes import LanePolicy
-from batchclient.policy.packing import Packer
+from batchclient.policy.packing import batch_packer
 from batchclient.policy.responses import ResponseHandling
 from batchclient.policy.routing import Predicate, first_available, route_model
 from batchclient.policy.state import Accepted, Drained, ItemState
@@ -99,7 +99,11 @@ class Engine(ResponseHandling, InteractiveLane):
         self._served = None if served_models is None else {
             k: frozenset(v) for k, v in served_models.items()}
         self._predicates = tuple(predicates)
-        self.packer = Packer(task, config.batch.reply_slack_tokens)
+        if config.batch.json_mode and "json" not in (
+                task.system_prompt + task.instructions).lower():
+            raise InputError("batch.json_mode: the task's system prompt or instructions must "
+                             "say JSON (OpenAI refuses JSON mode without the word)")
+        self.packer = batch_packer(task, config.batch)
         self._digest = task_digest(task)
         self._code_len = max(len(c) for c in task.labels)
         batching = self.strategy == "semantic_batch"
@@ -571,6 +575,8 @@ class Engine(ResponseHandling, InteractiveLane):
             "max_tokens": max_tokens,
             "temperature": 0,
         }
+        if self.config.batch.json_mode:
+            body["response_format"] = {"type": "json_object"}
         stream = self.config.stream.enabled
         if stream:
             body["stream"] = True

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from operator import itemgetter
 from typing import Protocol
 
-from batchclient.config import Task
+from batchclient.config import BatchSettings, Task
 from batchclient.policy.tokens import (
     PER_MESSAGE_TOKENS,
     PRIMING_TOKENS,
@@ -56,6 +56,18 @@ def item_line(item: Packable) -> str:
 def code_length(task: Task) -> int:
     """Longest label code of the task, in characters."""
     return max(len(code) for code in task.labels)
+
+
+#: tokens a JSON-mode reply may add around its array: the object and the key the model
+#: picks (``{"results":...}`` is 12 characters, 3 tokens; models pick longer keys too)
+JSON_MODE_WRAPPER_TOKENS = 6
+
+
+def batch_packer(task: Task, batch: BatchSettings) -> Packer:
+    """The packer of a job's batches: ``max_tokens`` keeps the configured slack and, in
+    JSON mode, room for the object around the array."""
+    wrapper = JSON_MODE_WRAPPER_TOKENS if batch.json_mode else 0
+    return Packer(task, batch.reply_slack_tokens + wrapper)
 
 
 class Packer:

@@ -63,6 +63,7 @@ def test_naive_strategy_turns_the_throttle_off_by_default() -> None:
     ({"time_scale": float("nan")}, "arm.yaml: time_scale: expected a finite number >= 1e-09"),
     ({"retry": {"base_s": float("inf")}},
      "arm.yaml: retry.base_s: expected a finite number >= 0.0"),
+    ({"batch": {"json_mode": "yes"}}, "arm.yaml: batch.json_mode: expected"),
 ])
 def test_errors_name_the_source_and_key(data: object, message: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -118,6 +118,27 @@ async def test_every_batch_json_fault_yields_zero_misattributed(
         assert result.requests > 20  # the faults forced re-sends
 
 
+async def test_json_mode_replies_are_read_whole_and_cost_their_wrapper(tmp_path: Path) -> None:
+    # response_format json_object: the simulator wraps the array as {"results": [...]}
+    items = make_items(400)
+    with serve_in_thread(sim(provider())) as server:
+        plain, plain_store = await run_job(tmp_path, client(server, ["main"]), items,
+                                           name="plain.sqlite")
+        wrapped, store = await run_job(
+            tmp_path, client(server, ["main"], batch={"json_mode": True}), items)
+        grown, grown_store = await run_job(
+            tmp_path, client(server, ["main"], batch={"json_mode": True, "adaptive": True}),
+            items, name="adaptive.sqlite")
+    for result, kept in ((plain, plain_store), (wrapped, store), (grown, grown_store)):
+        assert (result.exit_status, result.done, result.dead) == (0, 400, 0)
+        assert_all_correct(kept, items)
+    assert plain.requests == wrapped.requests == 20
+    # '{"results":' and '}' are 12 characters: 3 tokens more a reply, and nothing resent
+    assert wrapped.tokens_out - plain.tokens_out == 3 * 20
+    # whole replies keep or grow an adaptive batch (one read as malformed halved it)
+    assert grown.requests <= 20
+
+
 async def test_poison_items_are_dead_lettered_and_counts_add_up(tmp_path: Path) -> None:
     with serve_in_thread(sim(provider())) as server:
         items = [*make_items(60), Item("poison-1", "POISON do not answer")]

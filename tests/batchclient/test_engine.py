@@ -344,3 +344,16 @@ def test_without_a_price_the_first_request_under_a_cap_goes_alone() -> None:
     priced = make(400, spend_cap_usd=1.0, concurrency={"limit": 8}, providers=PRICED)
     assert isinstance(priced.next_action(0.0), Send)
     assert isinstance(priced.next_action(0.0), Send)
+
+
+def test_json_mode_asks_for_an_object_and_makes_room_for_it() -> None:
+    plain, asked = make(20), make(20, batch={"json_mode": True})
+    sent = [engine.next_action(0.0) for engine in (plain, asked)]
+    assert isinstance(sent[0], Send) and isinstance(sent[1], Send)
+    assert "response_format" not in sent[0].call.body
+    assert sent[1].call.body["response_format"] == {"type": "json_object"}
+    assert sent[1].call.max_tokens == sent[0].call.max_tokens + 6
+    # OpenAI refuses JSON mode unless the messages say JSON: refused before any request
+    with pytest.raises(InputError, match=r"batch\.json_mode: .* must say JSON"):
+        Engine(task(instructions="Classify each line."), config(batch={"json_mode": True}),
+               random.Random(1))

@@ -28,6 +28,18 @@ def test_plan_is_seeded_and_reproducible() -> None:
     assert a["bound"]["binding"] in ("tpm", "latency")
 
 
+def test_json_mode_is_planned_as_the_provider_answers_it() -> None:
+    # the provider model wraps the array ({"results": [...]}) and the client reads it whole
+    scenario = load_scenario(HERE / "fid-batch.yaml")
+    plain = plan_scenario(scenario, PlanOptions(items=2000)).summary()["arms"][0]
+    asked = plan_scenario(with_overrides(scenario, {"arms.batched.client.batch.json_mode": True}),
+                          PlanOptions(items=2000)).summary()["arms"][0]
+    assert asked["items"] == plain["items"] and asked["items"]["done"] == 2000
+    assert asked["requests"] == plain["requests"] and asked["requests"]["total"] == 100
+    assert asked["tokens"]["input"] == plain["tokens"]["input"]
+    assert asked["tokens"]["output"] - plain["tokens"]["output"] == 3 * 100
+
+
 def test_batching_beats_single_by_the_token_ratio() -> None:
     batch = plan_scenario(load_scenario(HERE / "fid-batch.yaml")).summary()["arms"][0]
     single = plan_scenario(load_scenario(HERE / "fid-single.yaml")).summary()["arms"][0]
