@@ -256,17 +256,19 @@ class GatewayApp:
             async for event in self._follow(task_id, q, deadline):
                 if "token" in event and req.stream:
                     if stream is None:
-                        stream = await self._start_stream(request)
-                    await stream.write(_chunk(task_id, event["token"], None))
+                        stream = await self._start_stream(request, task_id)
+                    await stream.write(_chunk(task_id, event["token"], None,
+                                              event.get("tool_calls")))
                 elif event.get("state") in ("done", "failed", "dead_lettered"):
                     final = event
             return await self._chat_answer(request, task_id, final, stream, req.stream)
         finally:
             self.hub.unsubscribe(task_id, q)
 
-    async def _start_stream(self, request: web.Request) -> web.StreamResponse:
+    async def _start_stream(self, request: web.Request, task_id: str) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
+                                           "Cache-Control": "no-cache",
+                                           "x-ratelab-task-id": task_id})
         await resp.prepare(request)
         return resp
 
@@ -284,12 +286,16 @@ class GatewayApp:
         result = final.get("result") or {}
         if not wants_stream:
             return _json(200, result, {"x-ratelab-task-id": task_id})
+        choice = (result.get("choices") or [{}])[0]
         if stream is None:
             # Ran elsewhere (or tokens were not seen here): one chunk with the whole reply.
-            stream = await self._start_stream(request)
-            content = (result.get("choices") or [{}])[0].get("message", {}).get("content", "")
-            await stream.write(_chunk(task_id, content, None))
-        await stream.write(_chunk(task_id, None, "stop"))
+            stream = await self._start_stream(request, task_id)
+            message = choice.get("message") or {}
+            calls = message.get("tool_calls")
+            await stream.write(_chunk(task_id, message.get("content") or "", None, [
+                {"index": i, **call} for i, call in enumerate(calls)] if calls else None))
+        # the provider's reason: "length" says the reply was cut, "tool_calls" that it calls
+        await stream.write(_chunk(task_id, None, choice.get("finish_reason") or "stop"))
         await stream.write(b"data: [DONE]\n\n")
         await stream.write_eof()
         return stream
@@ -322,8 +328,11 @@ class GatewayApp:
         return web.Response(text=self.metrics.prometheus(depths), content_type="text/plain")
 
 
-def _chunk(task_id: str, content: str | None, finish: str | None) -> bytes:
-    delta = {} if content is None else {"content": content}
+def _chunk(task_id: str, content: str | None, finish: str | None,
+           tool_calls: list[Any] | None = None) -> bytes:
+    delta: dict[str, Any] = {} if content is None else {"content": content}
+    if tool_calls:
+        delta = {"tool_calls": tool_calls}
     data = {"id": f"chatcmpl-{task_id}", "object": "chat.completion.chunk",
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()

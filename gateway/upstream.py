@@ -3,6 +3,8 @@
 ``batchclient.AiohttpTransport`` reads a whole stream before returning (it needs the full
 text for its watchdog); the gateway must forward tokens to SSE subscribers while they
 arrive, so it reads the provider's SSE itself here and returns a batchclient ``Response``.
+A tool call streams as pieces of its arguments: each delta goes to the callback as an
+event of its own, and the calls put together go back in ``Response.tool_calls``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import aiohttp
 
@@ -18,13 +21,16 @@ from batchclient.policy.wire import Response, Usage
 
 async def stream_chat(session: aiohttp.ClientSession, base_url: str, api_key: str,
                       body: Mapping[str, object], timeout_s: float, time_scale: float,
-                      on_token: Callable[[str], None]) -> Response:
-    """POST a streaming chat request; ``on_token(piece)`` per content delta. Elapsed times
-    in the response are virtual seconds; a failure without a reply is ``status 0``."""
+                      on_token: Callable[[dict[str, Any]], None]) -> Response:
+    """POST a streaming chat request; ``on_token(event)`` per delta: ``{"token": piece}``
+    for content, ``{"token": "", "tool_calls": [...]}`` for a piece of a tool call (the
+    delta's entries as the provider sent them). Elapsed times in the response are virtual
+    seconds; a failure without a reply is ``status 0``."""
     start = time.monotonic()
     payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
     headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
     parts: list[str] = []
+    calls: dict[int, dict[str, Any]] = {}
     finish: str | None = None
     usage: Usage | None = None
     ttft: float | None = None
@@ -49,12 +55,17 @@ async def stream_chat(session: aiohttp.ClientSession, base_url: str, api_key: st
                 except json.JSONDecodeError:
                     continue
                 for choice in chunk.get("choices") or []:
-                    piece = (choice.get("delta") or {}).get("content")
+                    delta = choice.get("delta") or {}
+                    piece = delta.get("content")
+                    tools = delta.get("tool_calls")
+                    if (piece or tools) and ttft is None:
+                        ttft = (time.monotonic() - start) * time_scale
                     if piece:
-                        if ttft is None:
-                            ttft = (time.monotonic() - start) * time_scale
                         parts.append(piece)
-                        on_token(piece)
+                        on_token({"token": piece})
+                    if isinstance(tools, list) and tools:
+                        _merge_calls(calls, tools)
+                        on_token({"token": "", "tool_calls": tools})
                     finish = choice.get("finish_reason") or finish
                 raw_usage = chunk.get("usage")
                 if isinstance(raw_usage, dict):
@@ -62,7 +73,7 @@ async def stream_chat(session: aiohttp.ClientSession, base_url: str, api_key: st
                                   int(raw_usage.get("completion_tokens", 0)))
             return Response(resp.status, lowered, content="".join(parts), finish_reason=finish,
                             usage=usage, elapsed_s=(time.monotonic() - start) * time_scale,
-                            ttft_s=ttft)
+                            ttft_s=ttft, tool_calls=tuple(calls[i] for i in sorted(calls)))
     except TimeoutError:
         return Response(0, elapsed_s=(time.monotonic() - start) * time_scale, error="timeout")
     except aiohttp.ClientConnectorError:
@@ -71,13 +82,37 @@ async def stream_chat(session: aiohttp.ClientSession, base_url: str, api_key: st
         return Response(0, elapsed_s=(time.monotonic() - start) * time_scale, error="reset")
 
 
+def _merge_calls(calls: dict[int, dict[str, Any]], deltas: list[Any]) -> None:
+    """Add one chunk's tool-call deltas to the calls so far: the first delta of a call
+    brings its id, type and name, every one a piece of its arguments."""
+    for delta in deltas:
+        if not isinstance(delta, dict):
+            continue
+        index = delta.get("index", 0)
+        call = calls.setdefault(index if isinstance(index, int) else 0, {
+            "id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        for key in ("id", "type"):
+            if isinstance(delta.get(key), str):
+                call[key] = delta[key]
+        function = delta.get("function")
+        if isinstance(function, dict):
+            if isinstance(function.get("name"), str):
+                call["function"]["name"] = function["name"]
+            if isinstance(function.get("arguments"), str):
+                call["function"]["arguments"] += function["arguments"]
+
+
 def completion_from_stream(response: Response, model: str, task_id: str) -> dict[str, object]:
-    """An OpenAI chat-completion object assembled from a streamed response."""
+    """An OpenAI chat-completion object assembled from a streamed response (its tool
+    calls too: then the content is null unless the model also wrote text)."""
     usage = response.usage or Usage(0, 0)
+    message: dict[str, Any] = {"role": "assistant", "content": response.content or ""}
+    if response.tool_calls:
+        message["content"] = response.content or None
+        message["tool_calls"] = [dict(call) for call in response.tool_calls]
     return {
         "id": f"chatcmpl-{task_id}", "object": "chat.completion", "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant",
-                                             "content": response.content or ""},
+        "choices": [{"index": 0, "message": message,
                      "finish_reason": response.finish_reason or "stop"}],
         "usage": {"prompt_tokens": usage.prompt_tokens,
                   "completion_tokens": usage.completion_tokens, "total_tokens": usage.total},

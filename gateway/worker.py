@@ -247,7 +247,7 @@ class WorkerPool:
             response = await stream_chat(
                 self._session, up.base_url, up.api_key, body, self.cfg.request_timeout_s,
                 self.cfg.time_scale,
-                lambda piece: self.hub.publish(task.id, {"token": piece}))
+                lambda event: self.hub.publish(task.id, event))
         else:
             max_tokens = int(body.get("max_tokens") or self.cfg.default_max_tokens)
             call = Call(next(self._call_ids), up.name, str(body["model"]), item_ids, body,

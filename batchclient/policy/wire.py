@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 ErrorKind = Literal["timeout", "reset", "connect", "watchdog_first_token", "watchdog_loop"]
 
@@ -88,3 +88,6 @@ class Response:
     elapsed_s: float = 0.0
     ttft_s: float | None = None
     error: ErrorKind | None = None
+    # the tool calls a streamed reply made, put together from its deltas (OpenAI's
+    # ``message.tool_calls`` shape); a non-stream reply keeps them in ``body``
+    tool_calls: tuple[Mapping[str, Any], ...] = ()

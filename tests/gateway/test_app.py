@@ -81,11 +81,16 @@ async def test_pass_through_and_streaming(sim_server, gateway) -> None:
                           json={**CHAT, "user": "pat", "stream": True}) as r:
             assert r.status == 200
             text = await r.text()
+            streamed_id = r.headers["x-ratelab-task-id"]
+        async with s.get(f"{gw.url}/v1/tasks/{streamed_id}") as r:
+            result = (await r.json())["result"]["choices"][0]
     chunks = [json.loads(line[5:]) for line in text.splitlines()
               if line.startswith("data:") and line != "data: [DONE]"]
     assert text.rstrip().endswith("data: [DONE]")
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    # the provider's finish reason (16 tokens cut the lorem reply: "length")
+    assert chunks[-1]["choices"][0]["finish_reason"] == result["finish_reason"] == "length"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == result[
+        "message"]["content"]
 
 
 async def test_openai_sdk_pass_through(sim_server, gateway) -> None:
@@ -99,6 +104,43 @@ async def test_openai_sdk_pass_through(sim_server, gateway) -> None:
     await client.close()
     assert reply.choices[0].message.content
     assert reply.usage is not None and reply.usage.completion_tokens <= 8
+
+
+async def test_tool_calls_and_a_cut_reply_pass_through_streamed_or_not(sim_server,
+                                                                        gateway) -> None:
+    import openai
+    import pydantic
+
+    class Part(pydantic.BaseModel):
+        name: str
+        count: int
+
+    sim = await sim_server(time_scale=20, seed=7)
+    gw = await gateway(gateway_config(sim))
+    client = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0,
+                                default_headers={"X-Ratelab-User": "ann"})
+    tool = openai.pydantic_function_tool(Part)
+    messages: Any = [{"role": "user", "content": "Hi"}]
+    try:
+        called = await client.chat.completions.parse(model="gpt-4o-mini", messages=messages,
+                                                     tools=[tool])
+        async with client.chat.completions.stream(model="gpt-4o-mini", messages=messages,
+                                                  tools=[tool]) as stream:
+            pieces = [event.arguments_delta async for event in stream
+                      if event.type == "tool_calls.function.arguments.delta"]
+            streamed = (await stream.get_final_completion()).choices[0]
+        cut = await client.chat.completions.create(model="gpt-4o-mini", messages=messages,
+                                                   max_tokens=2, stream=True)
+        reasons = [c.choices[0].finish_reason async for c in cut if c.choices]
+    finally:
+        await client.close()
+    for choice in (called.choices[0], streamed):
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+        call = choice.message.tool_calls[0]
+        assert call.function.name == "Part" and call.id.startswith("call_")
+        assert isinstance(call.function.parsed_arguments, Part)
+    assert len(pieces) > 1  # the arguments arrived in pieces, as the provider sent them
+    assert reasons[-1] == "length"  # a cut reply says so, not "stop"
 
 
 async def test_bad_input(sim_server, gateway) -> None:
