@@ -68,3 +68,36 @@ class CostMeter:
             return False
         self._alerted = False
         return False
+
+
+class SpendBudget:
+    """A spend cap (USD) that every engine of a process shares (a batch job and the chats
+    beside it): what they spent, and what their requests in flight hold at their most
+    possible cost. A request is sent only if its hold fits beside the others'; when it
+    does not, the engine waits for a request in flight to come back, and stops when none is.
+
+    Keys are any value unique to one request of one engine (the engine's id and call id)."""
+
+    __slots__ = ("_held", "cap_usd", "spent_usd")
+
+    def __init__(self, cap_usd: float) -> None:
+        self.cap_usd = cap_usd
+        self.spent_usd = 0.0
+        self._held: dict[object, float] = {}
+
+    def fits(self, usd: float) -> bool:
+        """Whether a request holding ``usd`` keeps spent plus held within the cap."""
+        return self.spent_usd + sum(self._held.values()) + usd <= self.cap_usd
+
+    def holding(self) -> bool:
+        """Whether any request of any engine is still in flight against the budget."""
+        return bool(self._held)
+
+    def hold(self, key: object, usd: float) -> None:
+        """A request is sent: it holds ``usd`` until it is settled."""
+        self._held[key] = usd
+
+    def settle(self, key: object, charged: float) -> None:
+        """The request of ``key`` came back: it releases its hold and spends ``charged``."""
+        self._held.pop(key, None)
+        self.spent_usd += charged

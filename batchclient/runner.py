@@ -18,6 +18,7 @@ from operator import attrgetter
 from batchclient.cache import ResultCache
 from batchclient.clock import Clock, ScaledClock
 from batchclient.config import ClientConfig, Task
+from batchclient.cost import SpendBudget
 from batchclient.events import Event, EventHook
 from batchclient.policy.classify import Classified
 from batchclient.policy.engine import (
@@ -107,6 +108,7 @@ class Runner:
         lanes: LanePolicy | None = None,
         keep_open: bool = False,
         rebind_task: bool = False,
+        spend: SpendBudget | None = None,
     ) -> None:
         self.task = task
         if config.time_scale > 1.0:
@@ -127,6 +129,8 @@ class Runner:
         self.user_limits = user_limits
         self.lanes = lanes
         self.keep_open = keep_open
+        # a spend cap shared with the process's other runners (else the config's own)
+        self.spend = spend
         # continue a job whose task changed since it started (else preflight refuses it)
         self.rebind_task = rebind_task
         self._stop = False
@@ -190,7 +194,7 @@ class Runner:
         InputError (naming the item or setting) before any request is sent."""
         served = await self._served_models()
         engine = Engine(self.task, self.config, random.Random(self.config.seed), served,
-                        self.predicates, self.user_limits, self.lanes)
+                        self.predicates, self.user_limits, self.lanes, self.spend)
         models = {self.task.model, *(r.model for r in self.config.routing),
                   *(m for _, m in self.predicates)}
         if served:
@@ -360,6 +364,9 @@ class Runner:
                 if isinstance(action, Done):
                     if not (self.keep_open and action.status == EXIT_OK and not self._stop):
                         status, reason = action.status, action.reason
+                        # a stop with nothing in flight (the spend cap) answered the chats
+                        # still queued: hand them their answer rather than cancel them
+                        self._answer_interactive(engine)
                         break
                     action = Wait(None)
                 timeout = getattr(action, "seconds", None)

@@ -29,6 +29,9 @@ class Totals:
     cost_usd: float = 0.0
     first_t: float = math.inf
     last_t: float = -math.inf
+    # the processes that stopped at their share of the spend cap (their pids): each holds
+    # its requests within its share, so the spend itself may never reach the whole cap
+    capped: set[int] = field(default_factory=set)
 
     def add(self, rec: dict[str, object]) -> None:
         """Account one ``type: event`` record."""
@@ -90,6 +93,8 @@ class EventTail:
                     continue
                 if rec.get("type") == "event":
                     self.totals.add(rec)
+                elif rec.get("type") == "stop" and rec.get("reason") == "spend_cap":
+                    self.totals.capped.add(int(rec.get("pid", 0)))
             self._offsets[path] = offset + end + 1
         return self.totals
 

@@ -432,7 +432,8 @@ def _watch(proc: subprocess.Popen[bytes], scenario: Scenario, run_dir: Path, spe
         if guard_tripped(totals, max_rate, guard.min_requests):
             _stop(proc)
             return "error_guard"
-        if cap is not None and totals.cost_usd >= cap:
+        if cap is not None and (totals.cost_usd >= cap
+                                or len(totals.capped) >= max(1, spec.slots)):
             _stop(proc)
             return "spend_cap"
     if claims is not None:

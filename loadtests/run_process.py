@@ -16,12 +16,13 @@ import asyncio
 import os
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from batchclient.cache import SqliteResultCache
 from batchclient.config import ClientConfig
+from batchclient.cost import SpendBudget
 from batchclient.events import Event as ClientEvent
 from batchclient.interactive import InteractiveClient, UserLimited
 from batchclient.policy.job import EXIT_SPEND_CAP
@@ -153,10 +154,12 @@ class ProcessState:
     chat_lock: asyncio.Lock | None = None
     chat_tasks: list[asyncio.Future[None]] = field(default_factory=list)
     users_started: int = 0
-    # An external target's spend cap, this process's share (USD): checked as each request's
-    # cost is known, so the overshoot is the requests already in flight, not the parent's
-    # polling delay.
+    # An external target's spend cap, this process's share (USD), and the budget every
+    # runner of the process (the batch job and the chats) holds its requests in flight
+    # against: none is sent that could pass it. The hook below also counts each request's
+    # cost as it is known.
     spend_budget_usd: float | None = None
+    spend: SpendBudget | None = None
     spent_usd: float = 0.0
     capped: bool = False
 
@@ -209,18 +212,13 @@ class ProcessState:
         """Run ``arm``'s job over this slot's items; log a ``job`` record and return the result."""
         config = self.config(arm)
         config = slot_config(config, slot, self.spec.slots)  # the slots are one client
-        if self.spend_budget_usd is not None:
-            # the batch client holds each request's most possible cost against this
-            # process's share of the cap, so no request is sent that could pass it (the
-            # hook below still counts the chats' spend as it is known)
-            config = replace(config, spend_cap_usd=self.spend_budget_usd)
         store = SqliteJobStore(str(self.run_dir / f"store-{arm.name}-{slot}.sqlite"))
         store.import_items(slot_items(self.scenario, slot, self.spec.slots))
         cache = SqliteResultCache(config.cache_path) if config.cache_path else None
         transport = AiohttpTransport(config.providers, config.stream,
                                      limit=max(64, config.concurrency.max))
         runner = Runner(arm_task(self.scenario, arm), config, transport, store, cache=cache,
-                        clock=self.clock, on_event=self.hook(arm.name))
+                        clock=self.clock, on_event=self.hook(arm.name), spend=self.spend)
         self.batch_runners.append(runner)
         try:
             result = await runner.run()
@@ -286,19 +284,21 @@ class ProcessState:
                                          limit=max(64, config.concurrency.limit))
             runner = Runner(arm_task(self.scenario, arm), config, transport, store,
                             clock=self.clock, on_event=self.hook(arm.name, group),
-                            user_limits=limits, keep_open=True)
+                            user_limits=limits, keep_open=True, spend=self.spend)
             self.chat_tasks.append(asyncio.ensure_future(self._keep(runner, transport, store)))
             client = InteractiveClient(runner)
             self.chat_runners[arm.name] = (runner, client)
             return client
 
-    @staticmethod
-    async def _keep(runner: Runner, transport: AiohttpTransport, store: SqliteJobStore) -> None:
+    async def _keep(self, runner: Runner, transport: AiohttpTransport,
+                    store: SqliteJobStore) -> None:
         try:
-            await runner.run()
+            result = await runner.run()
         finally:
             await transport.close()
             store.close()
+        if result.exit_status == EXIT_SPEND_CAP and not self.capped:
+            self.cap_spend()  # a chat could not be sent within the cap: the run stops
 
     async def chat(self, arm: Arm, group: UserGroup, user: str, prompt_tokens: int,
                    max_tokens: int) -> str | None:
@@ -336,4 +336,5 @@ def open_process(spec_path: str | Path) -> ProcessState:
         claims=claims,
         clock=RunClock(spec.origin_monotonic, spec.time_scale),
         spend_budget_usd=None if cap is None else cap / max(1, spec.slots),
+        spend=None if cap is None else SpendBudget(cap / max(1, spec.slots)),
     )

@@ -20,11 +20,11 @@ from itertools import islice, repeat
 from operator import attrgetter
 
 from batchclient.config import ClientConfig, ProviderSettings, Task
-from batchclient.cost import CostMeter
+from batchclient.cost import CostMeter, SpendBudget
 from batchclient.events import Event
 from batchclient.policy.adaptive import AdaptiveBatchSize
 from batchclient.policy.breaker import Breaker
-from batchclient.policy.classify import Classified
+from batchclient.policy.classify import Classified, Verdict
 from batchclient.policy.concurrency import Concurrency
 from batchclient.policy.interactive_lane import InteractiveLane
 from batchclient.policy.job import EXIT_AUTH as EXIT_AUTH
@@ -85,6 +85,7 @@ class Engine(ResponseHandling, InteractiveLane):
         predicates: Iterable[tuple[Predicate, str]] = (),
         user_limits: UserLimits | None = None,
         lanes: LanePolicy | None = None,
+        spend: SpendBudget | None = None,
     ) -> None:
         if not config.providers:
             raise InputError("client config: providers: at least one provider is required")
@@ -116,9 +117,12 @@ class Engine(ResponseHandling, InteractiveLane):
         self._throttles: dict[tuple[str, str], Throttle] = {}
         prices = {p.name: p.prices for p in self.providers}
         self.cost = CostMeter(prices, config.low_balance_usd)
-        # the spend cap: each batch in flight holds its estimated cost until it is answered
-        self._spend_cap = config.spend_cap_usd
-        self._cost_held: dict[int, float] = {}
+        # the spend cap: each request in flight (batch or chat) holds its most possible cost
+        # until it is answered; ``spend`` shares one budget with the process's other
+        # engines, else ``spend_cap_usd`` is this engine's own
+        self._spend = spend if spend is not None else (
+            None if config.spend_cap_usd is None else SpendBudget(config.spend_cap_usd))
+        self._spend_id = id(self)
         # the largest charge of a request so far (None before any answer): the estimate
         # where no price is known
         self._largest_charge: float | None = None
@@ -540,19 +544,11 @@ class Engine(ResponseHandling, InteractiveLane):
         if wait > 0:
             return Wait(wait)
         held = 0.0
-        if self._spend_cap is not None:
-            estimate = self._cost_estimate(provider, model, prompt_tokens, max_tokens)
-            if estimate is None and self._inflight:
-                return _WAIT  # no price, no charge seen yet: one request finds it out
-            held = estimate or 0.0
-            if self.cost.total_usd + sum(self._cost_held.values()) + held > self._spend_cap:
-                if self._inflight:
-                    return _WAIT  # an answer may cost less than it holds
-                self._fatal = Done(EXIT_SPEND_CAP, (
-                    f"spend cap USD {self._spend_cap:g} reached: USD "
-                    f"{self.cost.total_usd:.6g} spent, and the next request would cost about "
-                    f"USD {held:.6g}; the items left are pending"))
-                return self._fatal
+        if self._spend is not None:
+            gate = self._spend_gate(provider, model, prompt_tokens, max_tokens)
+            if not isinstance(gate, float):
+                return gate
+            held = gate
         self._background_inflight += 1
         self._head_moves += 1
         if len(batch) == len(queue):
@@ -588,12 +584,39 @@ class Engine(ResponseHandling, InteractiveLane):
             resend=resend,
         )
         throttle.reserve(now, call_id, reserve)
-        if self._spend_cap is not None:
-            self._cost_held[call_id] = held
+        if self._spend is not None:
+            self._spend.hold((self._spend_id, call_id), held)
         self.breakers[provider].on_dispatch(now)
         self._inflight[call_id] = call
         self.counts.requests += 1
         return Send(call)
+
+    def _spend_gate(self, provider: str, model: str, prompt_tokens: int, max_tokens: int,
+                    left: str = "the items left are pending") -> float | Action:
+        """What a request may hold against the spend budget (USD), or what to do instead:
+        wait for a request in flight (this engine's, or another's on a shared budget) to
+        come back, or stop with ``EXIT_SPEND_CAP`` when none is in flight."""
+        budget = self._spend
+        assert budget is not None
+        estimate = self._cost_estimate(provider, model, prompt_tokens, max_tokens)
+        if estimate is None and (self._inflight or budget.holding()):
+            return self._spend_wait()  # no price, no charge seen yet: one request finds it out
+        held = estimate or 0.0
+        if budget.fits(held):
+            return held
+        if self._inflight or budget.holding():
+            return self._spend_wait()  # an answer may cost less than it holds
+        self._fatal = Done(EXIT_SPEND_CAP, (
+            f"spend cap USD {budget.cap_usd:g} reached: USD {budget.spent_usd:.6g} spent, "
+            f"and the next request would cost about USD {held:.6g}; {left}"))
+        self._fail_interactive_queue((Response(0), Classified(
+            Verdict.NEVER_RETRY, self._fatal.reason or "spend cap reached")))
+        return self._fatal
+
+    def _spend_wait(self) -> Wait:
+        """Wait for an answer: this engine's wakes it; another engine's (a shared budget)
+        does not, so poll for it every virtual second."""
+        return _WAIT if self._inflight else Wait(1.0)
 
     def _cost_estimate(self, provider: str, model: str, prompt_tokens: int,
                        max_tokens: int) -> float | None:

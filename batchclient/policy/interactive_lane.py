@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from batchclient.config import ClientConfig, ProviderSettings, Task
+from batchclient.cost import SpendBudget
 from batchclient.policy.breaker import Breaker
 from batchclient.policy.classify import Classified, Verdict
 from batchclient.policy.concurrency import Concurrency
@@ -51,12 +52,16 @@ class InteractiveLane:
     _next_call: int
     _fatal: Done | None
     _now: float
+    _spend: SpendBudget | None
+    _spend_id: int
 
     if TYPE_CHECKING:
         # Provided by the other halves of Engine.
         def throttle(self, provider: str, model: str) -> Throttle: ...
         def _serves(self, provider: str, model: str) -> bool: ...
         def _stop_fatal(self, verdict: Classified, response: Response) -> None: ...
+        def _spend_gate(self, provider: str, model: str, prompt_tokens: int,
+                        max_tokens: int, left: str = ...) -> float | Action: ...
 
     def submit_interactive(
         self,
@@ -140,6 +145,14 @@ class InteractiveLane:
         wait = throttle.delay(now, reserve, self.concurrency.limit, graduated=False)
         if wait > 0:
             return Wait(wait)
+        held = 0.0
+        if self._spend is not None:
+            # a chat holds its most possible cost against the spend cap as a batch does
+            gate = self._spend_gate(provider, req.model, prompt, req.max_tokens,
+                                    "the chats left are not sent")
+            if not isinstance(gate, float):
+                return gate
+            held = gate
         self._interactive.remove(req)
         # The first attempt keeps the request id as its call id (drivers key on it).
         call_id = req.request_id
@@ -158,6 +171,8 @@ class InteractiveLane:
                     timeout_s=self.config.timeout_s, stream=req.stream, lane="interactive",
                     sent_at=now, request_id=req.request_id)
         throttle.reserve(now, call_id, reserve)
+        if self._spend is not None:
+            self._spend.hold((self._spend_id, call_id), held)
         self.breakers[provider].on_dispatch(now)
         self._inflight[call_id] = call
         self._interactive_calls[call_id] = req

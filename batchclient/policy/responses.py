@@ -16,7 +16,7 @@ from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from batchclient.config import ClientConfig, ProviderSettings, Task
-from batchclient.cost import CostMeter
+from batchclient.cost import CostMeter, SpendBudget
 from batchclient.events import Event
 from batchclient.policy.adaptive import AdaptiveBatchSize
 from batchclient.policy.breaker import Breaker
@@ -68,8 +68,8 @@ class ResponseHandling:
     _seq: int
     _head_moves: int
     _fatal: Done | None
-    _spend_cap: float | None
-    _cost_held: dict[int, float]
+    _spend: SpendBudget | None
+    _spend_id: int
     _largest_charge: float | None
     _empty_replies: int
     _now: float
@@ -166,13 +166,16 @@ class ResponseHandling:
         throttle.settle(now, call.call_id, tokens, requests=requests)
         throttle.observe(now, read_rate_headers(response.headers, provider.time_scale))
         charged = 0.0
+        spend = self._spend
+        before = self.cost.total_usd
         if response.status and response.status < 500 and response.status != 402:
             charged = self.cost.charge(call.provider, call.model, self.task.name,
                                        response.headers, usage)
         else:
             self.cost.charge(call.provider, call.model, self.task.name, response.headers, None)
-        if self._spend_cap is not None:
-            self._cost_held.pop(call.call_id, None)
+        if spend is not None:
+            # the hold is released and what the meter counted is spent, whatever the lane
+            spend.settle((self._spend_id, call.call_id), self.cost.total_usd - before)
             # what an answered request costs (a refusal's nothing says nothing of it)
             if response.status == 200 and (self._largest_charge is None
                                            or charged > self._largest_charge):

@@ -7,11 +7,13 @@ import random
 
 import pytest
 
+from batchclient.cost import SpendBudget
 from batchclient.policy.engine import (
     EXIT_AUTH,
     EXIT_BALANCE,
     EXIT_NO_ANSWERS,
     EXIT_SPEND_CAP,
+    Done,
     Engine,
     InputError,
     Send,
@@ -357,3 +359,72 @@ def test_json_mode_asks_for_an_object_and_makes_room_for_it() -> None:
     with pytest.raises(InputError, match=r"batch\.json_mode: .* must say JSON"):
         Engine(task(instructions="Classify each line."), config(batch={"json_mode": True}),
                random.Random(1))
+
+
+def _lockstep(engines: list[Engine], fake: FakeProvider,
+              budget: SpendBudget | None) -> tuple[list[Done | None], float]:
+    """Drive engines on one virtual clock (each call answered 0.5 s after it is sent) until
+    each has stopped or idles; the most ever spent plus held (USD) against ``budget``."""
+    now, inflight, done = 0.0, [], [None] * len(engines)  # type: ignore[var-annotated]
+    peak = 0.0
+    for _ in range(100_000):
+        waits = []
+        for i, engine in enumerate(engines):
+            while done[i] is None:
+                action = engine.next_action(now)
+                if isinstance(action, Send):
+                    inflight.append((now + 0.5, i, action.call))
+                    continue
+                if isinstance(action, Done):
+                    done[i] = action if action.status else None
+                    if not action.status:
+                        break  # idle: nothing queued
+                elif action.seconds is not None:
+                    waits.append(now + action.seconds)
+                break
+        if budget is not None:
+            peak = max(peak, budget.spent_usd + sum(budget._held.values()))
+        if not inflight and not waits:
+            return done, peak
+        now = min([t for t, _, _ in inflight] + waits)
+        for t, i, call in [x for x in inflight if x[0] <= now]:
+            inflight.remove((t, i, call))
+            engines[i].on_response(now, call, fake(call))
+            engines[i].drain()
+            engines[i].drain_interactive()
+    raise AssertionError("engines did not settle")
+
+
+def test_a_batch_job_and_chats_share_one_spend_cap() -> None:
+    """A process's batch job and its chats hold their requests against one budget: the
+    two together never pass it, and each stops when its next request could."""
+    cap = 0.004
+    prompt = [{"role": "user", "content": "x" * 400}]  # ~103 prompt tokens, 200 max_tokens
+
+    def engines(shared: bool) -> tuple[list[Engine], SpendBudget | None]:
+        budget = SpendBudget(cap) if shared else None
+        batch = Engine(task(), config(providers=PRICED, concurrency={"limit": 8},
+                                      **({} if shared else {"spend_cap_usd": cap})),
+                       random.Random(1), spend=budget)
+        batch.add_items(items(400))
+        batch.end_of_items()
+        chat = Engine(task(), config(providers=PRICED, concurrency={"limit": 4}),
+                      random.Random(2), spend=budget)
+        chat.end_of_items()
+        for n in range(30):
+            chat.submit_interactive(0.0, f"u{n}", prompt, 200)
+        return [batch, chat], budget
+
+    fake = FakeProvider()
+    pair, budget = engines(shared=True)
+    (batch_done, chat_done), peak = _lockstep(pair, fake, budget)
+    assert budget is not None and budget.spent_usd <= cap and peak <= cap + 1e-12
+    assert batch_done is not None and batch_done.status == EXIT_SPEND_CAP
+    assert chat_done is not None and chat_done.status == EXIT_SPEND_CAP
+    assert chat_done.reason.endswith("; the chats left are not sent")
+    assert pair[0].cost.total_usd + pair[1].cost.total_usd == pytest.approx(budget.spent_usd)
+    assert pair[1].counts.requests > 0  # the chats had their share before the cap
+    # each with a cap of its own (the batch's) and the chats uncapped, as before: passed
+    apart, _ = engines(shared=False)
+    _lockstep(apart, FakeProvider(), None)
+    assert apart[0].cost.total_usd + apart[1].cost.total_usd > cap

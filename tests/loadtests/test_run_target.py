@@ -156,6 +156,62 @@ def test_spend_cap_stops_an_external_run(tmp_path: Path, server: str, key: str) 
     assert files_holding(out, key) == []
 
 
+CHATS_AND_BATCH = """\
+name: external
+seed: 2
+time_scale: 1
+duration_s: 60
+target:
+  base_url: {url}
+  api_key_env: {env}
+  model: gpt-4o-mini
+  prices: {{input_usd_per_mtok: {pin}, output_usd_per_mtok: {pout}}}
+  spend_cap_usd: {cap}
+workload:
+  items: 2000
+  item_tokens: 15
+  reply_tokens_per_item: 5
+  system_prompt_tokens: 200
+arms:
+  - name: arm
+    strategy: single
+    client: {{concurrency: {{limit: 4}}}}
+  - name: chat
+    strategy: interactive
+    client: {{concurrency: {{limit: 8}}}}
+load:
+  batch: {{arms: [arm]}}
+  users:
+    - name: chatters
+      arm: chat
+      mode: closed
+      think_s: 0
+      stages: [{{name: all, duration_s: 60, users: 8}}]
+"""
+
+
+def test_the_spend_cap_holds_the_chats_and_the_batch_together(
+        tmp_path: Path, server: str, key: str) -> None:
+    # the batch job and the chats of a process hold their requests in flight against one
+    # budget: before, the batch held the whole cap alone and the chats' cost was counted
+    # only as it was known, so the two together passed it
+    cap = 0.002
+    scenario = tmp_path / "external.yaml"
+    scenario.write_text(CHATS_AND_BATCH.format(url=f"{server}/p/steady/v1", env=KEY_ENV,
+                                               pin=PRICE_IN, pout=PRICE_OUT, cap=cap))
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtests.cli", "run", str(scenario), "--out", str(out),
+         "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=150,
+        env={**os.environ, KEY_ENV: key})
+    assert proc.returncode == 1, proc.stderr
+    s = summary(out)
+    assert s["partial"] is True and s["stopped"] == "spend_cap"
+    spent = arm(s, "arm")["cost_usd"]["total"] + arm(s, "chat")["cost_usd"]["total"]
+    assert arm(s, "chat")["requests"]["ok"] > 0 and arm(s, "arm")["requests"]["ok"] > 0
+    assert cap / 2 < spent <= cap, (arm(s, "arm")["cost_usd"], arm(s, "chat")["cost_usd"])
+
+
 def test_error_guard_stops_an_external_run(tmp_path: Path, server: str, key: str) -> None:
     out, proc = run_external(tmp_path, f"{server}/p/broken/v1", key, items=2000,
                              strategy="single")
