@@ -19,6 +19,7 @@ class ProgressSnapshot:
     rate_limited: int = 0
     done_before: int = 0  # settled by earlier runs of a resumed job: in the counts and the
     dead_before: int = 0  # bar, not in the rate or the ETA
+    paused_s: float = 0.0  # virtual seconds every provider still waits out a 429
 
     @property
     def items_per_min(self) -> float:
@@ -32,10 +33,11 @@ class ProgressSnapshot:
 
     @property
     def eta_s(self) -> float | None:
-        """Virtual seconds left at the current rate, None before the first item."""
+        """Virtual seconds left at the current rate after the pause on a 429's retry-after,
+        None before the first item."""
         rate = self.items_per_min
         left = self.total - self.done - self.dead
-        return None if rate <= 0 else 60.0 * left / rate
+        return None if rate <= 0 else self.paused_s + 60.0 * left / rate
 
 
 def _duration(seconds: float | None) -> str:
@@ -59,6 +61,9 @@ def render(snapshot: ProgressSnapshot, width: int = 20) -> str:
     if s.tpm_limit:
         tpm += f" of {s.tpm_limit:,} ({100.0 * s.tokens_per_min / s.tpm_limit:.0f}%)"
     resumed = f" ({before:,} before)" if before else ""
+    # a wait of a second or more on every provider's retry-after: say so, or it looks hung
+    paused = (f" | paused {_duration(s.paused_s)} on a 429's retry-after"
+              if s.paused_s >= 1.0 else "")
     return (f"[{bar}] {s.done + s.done_before}/{total} done {s.dead + s.dead_before} dead"
             f"{resumed} | {s.items_per_min:,.0f} items/min | {tpm} | 429s {s.rate_limited}"
-            f" | ${s.cost_usd:.4f} | ETA {_duration(s.eta_s)}")
+            f" | ${s.cost_usd:.4f} | ETA {_duration(s.eta_s)}{paused}")

@@ -315,9 +315,11 @@ class Runner:
     def _snapshot(self, engine: Engine, start: float, total: int) -> ProgressSnapshot:
         c = engine.counts
         tpm = next((t.tpm for t in engine._throttles.values() if t.tpm), None)
-        return ProgressSnapshot(self.clock.now() - start, c.done, c.dead, total,
+        now = self.clock.now()
+        return ProgressSnapshot(now - start, c.done, c.dead, total,
                                 c.tokens_in + c.tokens_out, engine.cost.total_usd, tpm,
-                                c.rate_limited, *self._settled_before)
+                                c.rate_limited, *self._settled_before,
+                                paused_s=engine.paused_for(now))
 
     async def run(self) -> JobResult:
         """Run the job; InputError propagates (exit status 2) before any request."""

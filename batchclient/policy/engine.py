@@ -179,6 +179,15 @@ class Engine(ResponseHandling, InteractiveLane):
         """Virtual time until which ``provider`` is waiting out a 429 (0: it is not)."""
         return self._rate_limited_until.get(provider, 0.0)
 
+    def paused_for(self, now: float) -> float:
+        """Virtual seconds the job still waits out 429s: until the first of its providers
+        may be sent to again (0 when one may be now). A key out of its daily tokens can
+        pause a job for hours; the progress line says so rather than look hung."""
+        until = self._rate_limited_until
+        if not until:
+            return 0.0
+        return max(0.0, min(until.get(p.name, 0.0) for p in self.providers) - now)
+
     def _serves(self, provider: str, model: str) -> bool:
         if self._served is None or provider not in self._served:
             return True

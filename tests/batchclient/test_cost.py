@@ -41,3 +41,18 @@ def test_progress_line_of_a_resumed_job_counts_earlier_runs_apart_from_its_rate(
                                    cost_usd=0.01, done_before=598, dead_before=2), width=10)
     assert line == ("[########..] 798/1000 done 2 dead (600 before) | 200 items/min | "
                     "6,000 tok/min | 429s 0 | $0.0100 | ETA 1:00")
+
+
+def test_progress_line_says_when_every_provider_waits_out_a_429() -> None:
+    line = render(ProgressSnapshot(elapsed_s=60.0, done=0, dead=0, total=100, tokens=0,
+                                   cost_usd=0.0, rate_limited=3, paused_s=3 * 3600 + 125.0),
+                  width=10)
+    assert line.endswith("| 429s 3 | $0.0000 | ETA --:-- | paused 3:02:05 on a 429's "
+                         "retry-after")
+    assert "paused" not in render(ProgressSnapshot(60.0, 0, 0, 100, 0, 0.0, paused_s=0.5))
+
+
+def test_the_eta_of_a_paused_job_counts_the_pause() -> None:
+    # 100 of 200 items in a minute, then a day's retry-after: the rest is a minute after it
+    line = render(ProgressSnapshot(60.0, 100, 0, 200, 0, 0.0, paused_s=86_400.0), width=10)
+    assert line.endswith("| ETA 24:01:00 | paused 24:00:00 on a 429's retry-after")

@@ -428,3 +428,23 @@ def test_a_batch_job_and_chats_share_one_spend_cap() -> None:
     apart, _ = engines(shared=False)
     _lockstep(apart, FakeProvider(), None)
     assert apart[0].cost.total_usd + apart[1].cost.total_usd > cap
+
+
+def test_a_job_paused_by_retry_after_says_for_how_long() -> None:
+    # two providers: one waiting out a 429 does not pause the job; both do, until the first
+    # of them may be sent to again
+    engine = make(100, providers=[
+        {"name": "p1", "base_url": "http://fake/v1", "api_key": "k", "failover_on_429": True},
+        {"name": "p2", "base_url": "http://fake2/v1", "api_key": "k"}])
+    refused = json.dumps({"error": {"type": "tokens", "code": "rate_limit_exceeded",
+                                    "message": "Rate limit reached"}})
+    first = engine.next_action(0.0)
+    assert isinstance(first, Send) and first.call.provider == "p1"
+    assert engine.paused_for(0.0) == 0.0
+    engine.on_response(0.5, first.call, Response(429, {"retry-after": "3600"}, refused))
+    assert engine.paused_for(0.5) == 0.0  # p2 may still be sent to
+    second = engine.next_action(0.5)
+    assert isinstance(second, Send) and second.call.provider == "p2"
+    engine.on_response(1.0, second.call, Response(429, {"retry-after": "120"}, refused))
+    assert 119.0 <= engine.paused_for(1.0) <= 120.0 + 1.0  # p2's wait, a little jitter on it
+    assert engine.paused_for(10_000.0) == 0.0
