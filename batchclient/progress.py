@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# the shortest span (virtual seconds) a rate is given over
+MIN_RATE_SPAN_S = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class ProgressSnapshot:
@@ -23,13 +26,16 @@ class ProgressSnapshot:
 
     @property
     def items_per_min(self) -> float:
-        """Finished items per virtual minute so far."""
-        return 60.0 * (self.done + self.dead) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        """Finished items per virtual minute so far (0 in the first virtual second, when one
+        reply would read as hundreds of thousands a minute)."""
+        if self.elapsed_s < MIN_RATE_SPAN_S:
+            return 0.0
+        return 60.0 * (self.done + self.dead) / self.elapsed_s
 
     @property
     def tokens_per_min(self) -> float:
-        """Tokens per virtual minute so far."""
-        return 60.0 * self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        """Tokens per virtual minute so far (0 in the first virtual second)."""
+        return 60.0 * self.tokens / self.elapsed_s if self.elapsed_s >= MIN_RATE_SPAN_S else 0.0
 
     @property
     def eta_s(self) -> float | None:

@@ -56,3 +56,10 @@ def test_the_eta_of_a_paused_job_counts_the_pause() -> None:
     # 100 of 200 items in a minute, then a day's retry-after: the rest is a minute after it
     line = render(ProgressSnapshot(60.0, 100, 0, 200, 0, 0.0, paused_s=86_400.0), width=10)
     assert line.endswith("| ETA 24:01:00 | paused 24:00:00 on a 429's retry-after")
+
+
+def test_no_rate_is_given_over_less_than_a_virtual_second() -> None:
+    # 20 items answered 5 ms into the job: not 240,000 items/min
+    early = ProgressSnapshot(0.005, 20, 0, 200, 3_000, 0.0, tpm_limit=1_000_000)
+    assert (early.items_per_min, early.tokens_per_min, early.eta_s) == (0.0, 0.0, None)
+    assert "| 0 items/min | 0 tok/min of 1,000,000 (0%) |" in render(early)
