@@ -10,10 +10,12 @@ import secrets
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from tests.loadtests.runs import ROOT, arm, summary
 
@@ -94,12 +96,18 @@ def server(tmp_path_factory: pytest.TempPathFactory, key: str) -> Iterator[str]:
 
 
 def run_external(tmp_path: Path, url: str, key: str, *, items: int, strategy: str,
-                 extra: str = "") -> tuple[Path, subprocess.CompletedProcess[str]]:
-    """``ratelab run`` of the external scenario with the key in the environment only."""
+                 extra: str = "", edit: Callable[[dict[str, Any]], None] | None = None,
+                 ) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """``ratelab run`` of the external scenario with the key in the environment only
+    (``edit`` changes the scenario's YAML mapping first)."""
     scenario = tmp_path / "external.yaml"
-    scenario.write_text(SCENARIO.format(url=url, env=KEY_ENV, pin=PRICE_IN, pout=PRICE_OUT,
-                                        items=items, strategy=strategy,
-                                        extra=textwrap.indent(extra, "  ")))
+    text = SCENARIO.format(url=url, env=KEY_ENV, pin=PRICE_IN, pout=PRICE_OUT, items=items,
+                           strategy=strategy, extra=textwrap.indent(extra, "  "))
+    if edit is not None:
+        data = yaml.safe_load(text)
+        edit(data)
+        text = yaml.safe_dump(data, sort_keys=False)
+    scenario.write_text(text)
     out = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "loadtests.cli", "run", str(scenario), "--out", str(out),
@@ -156,54 +164,25 @@ def test_spend_cap_stops_an_external_run(tmp_path: Path, server: str, key: str) 
     assert files_holding(out, key) == []
 
 
-CHATS_AND_BATCH = """\
-name: external
-seed: 2
-time_scale: 1
-duration_s: 60
-target:
-  base_url: {url}
-  api_key_env: {env}
-  model: gpt-4o-mini
-  prices: {{input_usd_per_mtok: {pin}, output_usd_per_mtok: {pout}}}
-  spend_cap_usd: {cap}
-workload:
-  items: 2000
-  item_tokens: 15
-  reply_tokens_per_item: 5
-  system_prompt_tokens: 200
-arms:
-  - name: arm
-    strategy: single
-    client: {{concurrency: {{limit: 4}}}}
-  - name: chat
-    strategy: interactive
-    client: {{concurrency: {{limit: 8}}}}
-load:
-  batch: {{arms: [arm]}}
-  users:
-    - name: chatters
-      arm: chat
-      mode: closed
-      think_s: 0
-      stages: [{{name: all, duration_s: 60, users: 8}}]
-"""
-
-
 def test_the_spend_cap_holds_the_chats_and_the_batch_together(
         tmp_path: Path, server: str, key: str) -> None:
     # the batch job and the chats of a process hold their requests in flight against one
     # budget: before, the batch held the whole cap alone and the chats' cost was counted
     # only as it was known, so the two together passed it
     cap = 0.002
-    scenario = tmp_path / "external.yaml"
-    scenario.write_text(CHATS_AND_BATCH.format(url=f"{server}/p/steady/v1", env=KEY_ENV,
-                                               pin=PRICE_IN, pout=PRICE_OUT, cap=cap))
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "loadtests.cli", "run", str(scenario), "--out", str(out),
-         "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=150,
-        env={**os.environ, KEY_ENV: key})
+
+    def add_chats(data: dict[str, Any]) -> None:
+        data["duration_s"] = 60
+        data["arms"][0]["client"]["concurrency"]["limit"] = 4
+        data["arms"].append({"name": "chat", "strategy": "interactive",
+                             "client": {"concurrency": {"limit": 8}}})
+        data["load"] = {"batch": {"arms": ["arm"]}, "users": [{
+            "name": "chatters", "arm": "chat", "mode": "closed", "think_s": 0,
+            "stages": [{"name": "all", "duration_s": 60, "users": 8}]}]}
+
+    out, proc = run_external(tmp_path, f"{server}/p/steady/v1", key, items=2000,
+                             strategy="single", extra=f"spend_cap_usd: {cap}\n",
+                             edit=add_chats)
     assert proc.returncode == 1, proc.stderr
     s = summary(out)
     assert s["partial"] is True and s["stopped"] == "spend_cap"
