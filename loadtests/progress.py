@@ -116,8 +116,11 @@ def _duration(seconds: float | None) -> str:
 
 
 def render(totals: Totals, items_total: int, tpm_limit: float | None) -> str:
-    """``items 1,200/20,000 | 3,400 items/min | 180,000/200,000 tok/min | 429s 2 | ...``."""
-    minutes = totals.minutes
+    """``items 1,200/20,000 | 3,400 items/min | 180,000/200,000 tok/min | 429s 2 | ...``.
+
+    No rate is given over less than a virtual second of events: two replies a few
+    milliseconds apart would read as a rate thousands of times the job's."""
+    minutes = totals.minutes if totals.minutes * 60.0 >= 1.0 else 0.0
     rate = totals.items_done / minutes if minutes else 0.0
     tpm = totals.tokens / minutes if minutes else 0.0
     parts = []

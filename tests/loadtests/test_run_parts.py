@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.progress import EventTail, guard_tripped, render
+from loadtests.progress import EventTail, Totals, guard_tripped, render
 from loadtests.recorder import Event
 from loadtests.rundir import (
     EventLog,
@@ -149,6 +149,10 @@ def test_progress_tail_counts_and_guard(tmp_path: Path) -> None:
     line = render(totals, 60, 200000)
     assert "items 30/60 (50%)" in line and "30 items/min" in line and "ETA 1m" in line
     assert tail.poll().requests == 4  # nothing new: nothing counted twice
+    # the same items over 10 ms of events: no rate yet, rather than 180,000 items/min
+    early = Totals(items_done=30, tokens=1000, first_t=5.0, last_t=5.01)
+    assert "| 0 items/min | 0/200,000 tok/min |" in render(early, 60, 200000)
+    assert "ETA -- (virtual)" in render(early, 60, 200000)
 
 
 def test_settle_waits_for_a_still_count_or_the_cap() -> None:
