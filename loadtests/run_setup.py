@@ -17,11 +17,12 @@ from typing import Any
 
 from batchclient.config import ClientConfig, Task, parse_client_config
 from batchclient.policy.packing import batch_packer
-from batchclient.policy.tokens import reply_tokens
+from batchclient.policy.tokens import reply_tokens, text_tokens
 from batchclient.policy.wire import Item
 from loadtests.bound import BoundInputs
 from loadtests.scenario_model import Arm, Scenario
 from loadtests.workload import WorkloadGenerator, system_prompt
+from simulator.model.structured import batch_object
 
 DEFAULT_MODEL = "gpt-4o-mini"
 
@@ -225,7 +226,7 @@ def bound_inputs(scenario: Scenario, arm: Arm, config: ClientConfig) -> BoundInp
     if config.strategy == "semantic_batch":
         reply = sum(reply_tokens([i.id for i in g], code_len) for g in groups) / len(groups)
         if config.batch.json_mode:
-            reply += 3  # the object around the array: '{"results":' and '}', 12 characters
+            reply += text_tokens(batch_object(""))  # the object the array comes in
     else:
         reply = scenario.workload.reply_tokens_per_item.expected()
     max_tokens = sum(packer.max_tokens(g) for g in groups) / len(groups)

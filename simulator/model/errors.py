@@ -18,6 +18,15 @@ _LIMIT_TEXT = {
 }
 
 
+class Invalid(ValueError):
+    """Raised inside request validation (the body's fields, and structured.py's shapes);
+    carries the 400 body."""
+
+    def __init__(self, body: dict):
+        super().__init__(body["error"]["message"])
+        self.body = body
+
+
 def error_body(message: str, type_: str, param: str | None = None,
                code: str | None = None) -> dict:
     """OpenAI's error object."""

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from simulator.model.config import ResponderSpec
-from simulator.model.errors import invalid_request
+from simulator.model.errors import Invalid, invalid_request
 from simulator.model.responder import _LOREM_WORDS, Reply, cut, respond
 from simulator.model.tokens import text_tokens
 
@@ -46,12 +46,9 @@ _MAX_VALUES = 10_000
 _MAX_STRING = 10_000  # characters
 
 
-class OutputError(ValueError):
-    """A malformed ``response_format``, ``tools`` or ``tool_choice``; carries the 400 body."""
-
-    def __init__(self, message: str, param: str | None, code: str | None = "invalid_value"):
-        super().__init__(message)
-        self.body = invalid_request(message, param, code)
+def _refused(message: str, param: str | None, code: str | None = "invalid_value") -> Invalid:
+    """The 400 of a malformed ``response_format``, ``tools`` or ``tool_choice``."""
+    return Invalid(invalid_request(message, param, code))
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +73,7 @@ class Shape:
 
 def read_shape(body: Mapping[str, object], texts: Sequence[str]) -> Shape:
     """The shape ``body`` asks for, its messages' texts being ``texts``; raises
-    ``OutputError`` naming the parameter at fault."""
+    ``errors.Invalid`` (its 400 body naming the parameter at fault)."""
     tokens = 0
     output = None
     fmt = body.get("response_format")
@@ -86,8 +83,8 @@ def read_shape(body: Mapping[str, object], texts: Sequence[str]) -> Shape:
     choice = body.get("tool_choice")
     if tools is None:
         if choice is not None:
-            raise OutputError("Invalid value for 'tool_choice': 'tool_choice' is only allowed "
-                              "when 'tools' are specified.", "tool_choice", None)
+            raise _refused("Invalid value for 'tool_choice': 'tool_choice' is only allowed "
+                           "when 'tools' are specified.", "tool_choice", None)
         return Shape(output, tokens)
     functions = _tools(tools)
     tokens += text_tokens(_compact(tools))
@@ -103,67 +100,67 @@ def _compact(value: object) -> str:
 
 def _response_format(fmt: object, texts: Sequence[str]) -> tuple[Output | None, int]:
     if not isinstance(fmt, dict):
-        raise OutputError("Invalid type for 'response_format': expected an object.",
-                          "response_format", "invalid_type")
+        raise _refused("Invalid type for 'response_format': expected an object.",
+                       "response_format", "invalid_type")
     kind = fmt.get("type")
     if kind == "text":
         return None, 0
     if kind == JSON_OBJECT:
         if not any("json" in text.lower() for text in texts):
-            raise OutputError("'messages' must contain the word 'json' in some form, to use "
-                              "'response_format' of type 'json_object'.", "messages", None)
+            raise _refused("'messages' must contain the word 'json' in some form, to use "
+                           "'response_format' of type 'json_object'.", "messages", None)
         return Output(JSON_OBJECT), 0
     if kind == JSON_SCHEMA:
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict):
-            raise OutputError("Missing required parameter: 'response_format.json_schema'.",
-                              "response_format.json_schema", "missing_required_parameter")
+            raise _refused("Missing required parameter: 'response_format.json_schema'.",
+                           "response_format.json_schema", "missing_required_parameter")
         name = spec.get("name")
         if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise OutputError(
+            raise _refused(
                 "Invalid 'response_format.json_schema.name': expected a string of 1 to 64 "
                 f"letters, digits, underscores or dashes, got {name!r}.",
                 "response_format.json_schema.name")
         schema = spec.get("schema", {})
         if not isinstance(schema, dict):
-            raise OutputError("Invalid type for 'response_format.json_schema.schema': "
-                              "expected an object.", "response_format.json_schema.schema",
-                              "invalid_type")
+            raise _refused("Invalid type for 'response_format.json_schema.schema': "
+                           "expected an object.", "response_format.json_schema.schema",
+                           "invalid_type")
         return Output(JSON_SCHEMA, schema, name), text_tokens(_compact(schema))
-    raise OutputError(f"Invalid value: {kind!r}. Supported values are: 'text', "
-                      "'json_object', and 'json_schema'.", "response_format.type")
+    raise _refused(f"Invalid value: {kind!r}. Supported values are: 'text', "
+                   "'json_object', and 'json_schema'.", "response_format.type")
 
 
 def _tools(tools: object) -> dict[str, Mapping[str, object]]:
     """Each function's name and parameters schema, in the order given."""
     if not isinstance(tools, list):
-        raise OutputError("Invalid type for 'tools': expected an array.", "tools",
-                          "invalid_type")
+        raise _refused("Invalid type for 'tools': expected an array.", "tools",
+                       "invalid_type")
     if not tools:
-        raise OutputError("Invalid 'tools': empty array. Expected an array with minimum "
-                          "length 1, but got an empty array instead.", "tools", "empty_array")
+        raise _refused("Invalid 'tools': empty array. Expected an array with minimum "
+                       "length 1, but got an empty array instead.", "tools", "empty_array")
     functions: dict[str, Mapping[str, object]] = {}
     for i, tool in enumerate(tools):
         param = f"tools[{i}]"
         if not isinstance(tool, dict) or tool.get("type") != "function":
-            raise OutputError(f"Invalid '{param}': expected an object with type 'function'.",
-                              f"{param}.type")
+            raise _refused(f"Invalid '{param}': expected an object with type 'function'.",
+                           f"{param}.type")
         function = tool.get("function")
         if not isinstance(function, dict):
-            raise OutputError(f"Missing required parameter: '{param}.function'.",
-                              f"{param}.function", "missing_required_parameter")
+            raise _refused(f"Missing required parameter: '{param}.function'.",
+                           f"{param}.function", "missing_required_parameter")
         name = function.get("name")
         if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise OutputError(
+            raise _refused(
                 f"Invalid '{param}.function.name': expected a string of 1 to 64 letters, "
                 f"digits, underscores or dashes, got {name!r}.", f"{param}.function.name")
         if name in functions:
-            raise OutputError(f"Invalid 'tools': the function name {name!r} is given twice.",
-                              f"{param}.function.name")
+            raise _refused(f"Invalid 'tools': the function name {name!r} is given twice.",
+                           f"{param}.function.name")
         parameters = function.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(parameters, dict):
-            raise OutputError(f"Invalid type for '{param}.function.parameters': expected an "
-                              "object.", f"{param}.function.parameters", "invalid_type")
+            raise _refused(f"Invalid type for '{param}.function.parameters': expected an "
+                           "object.", f"{param}.function.parameters", "invalid_type")
         functions[name] = parameters
     return functions
 
@@ -183,14 +180,14 @@ def _chosen(choice: object, functions: Mapping[str, object], messages: object) -
         function = choice.get("function")
         name = function.get("name") if isinstance(function, dict) else None
         if not isinstance(name, str):
-            raise OutputError("Missing required parameter: 'tool_choice.function.name'.",
-                              "tool_choice.function.name", "missing_required_parameter")
+            raise _refused("Missing required parameter: 'tool_choice.function.name'.",
+                           "tool_choice.function.name", "missing_required_parameter")
         if name not in functions:
-            raise OutputError(f"Invalid 'tool_choice': no function named {name!r} is in "
-                              "'tools'.", "tool_choice.function.name")
+            raise _refused(f"Invalid 'tool_choice': no function named {name!r} is in "
+                           "'tools'.", "tool_choice.function.name")
         return name
-    raise OutputError("Invalid value for 'tool_choice': expected 'none', 'auto', 'required' "
-                      "or an object naming a function.", "tool_choice")
+    raise _refused("Invalid value for 'tool_choice': expected 'none', 'auto', 'required' "
+                   "or an object naming a function.", "tool_choice")
 
 
 # ----------------------------------------------------------------------- the reply
@@ -204,7 +201,7 @@ def structured_reply(output: Output, spec: ResponderSpec, rng: random.Random,
     ``{"results": [...]}``, any other text as ``{"text": "..."}``."""
     if output.kind == JSON_OBJECT:
         said = respond(spec, rng, last_user_text, None).text
-        wrapped = ('{"results":' + said + "}" if spec.kind == "batch_json"
+        wrapped = (batch_object(said) if spec.kind == "batch_json"
                    else '{"text":' + _compact(said) + "}")
         return cut(wrapped, max_tokens)
     schema = output.schema or {}
@@ -214,6 +211,11 @@ def structured_reply(output: Output, spec: ResponderSpec, rng: random.Random,
     reply = cut(text, max_tokens)
     finish = "tool_calls" if reply.finish_reason == "stop" else reply.finish_reason
     return Reply(reply.text, finish, output.name)
+
+
+def batch_object(array: str) -> str:
+    """A ``batch_json`` array as JSON mode answers it: ``{"results":[...]}``."""
+    return '{"results":' + array + "}"
 
 
 def instance(schema: object, rng: random.Random, root: object = None) -> object:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simulator.model.errors import invalid_request
-from simulator.model.structured import Output, OutputError, read_shape
+from simulator.model.errors import Invalid, invalid_request
+from simulator.model.structured import Output, read_shape
 from simulator.model.tokens import message_text, text_tokens
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -54,14 +54,6 @@ class EmbeddingRequest:
     max_input_tokens: int
     dimensions: int | None
     encoding_format: str
-
-
-class Invalid(ValueError):
-    """Raised inside validation; carries the 400 body."""
-
-    def __init__(self, body: dict):
-        super().__init__(body["error"]["message"])
-        self.body = body
 
 
 def _json_type(value: object) -> str:
@@ -327,8 +319,6 @@ def parse_chat(body: object) -> ChatRequest | dict:
             output=shape.output, definition_tokens=shape.definition_tokens,
         )
     except Invalid as exc:
-        return exc.body
-    except OutputError as exc:
         return exc.body
 
 

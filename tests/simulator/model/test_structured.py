@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from simulator.model.config import ResponderSpec
+from simulator.model.errors import Invalid
 from simulator.model.provider import Admission
 from simulator.model.responder import expected_code
 from simulator.model.structured import (
@@ -20,7 +21,6 @@ from simulator.model.structured import (
     JSON_SCHEMA,
     TOOL_CALL,
     Output,
-    OutputError,
     instance,
     read_shape,
     structured_reply,
@@ -44,7 +44,7 @@ def _compact(value: object) -> str:
 
 
 def _error(body: dict) -> tuple[str | None, str]:
-    with pytest.raises(OutputError) as caught:
+    with pytest.raises(Invalid) as caught:
         read_shape(body, [m["content"] for m in body.get("messages", USER)])
     error = caught.value.body["error"]
     assert error["type"] == "invalid_request_error"
