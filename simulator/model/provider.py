@@ -323,31 +323,23 @@ class Provider:
             return self._refuse(503, errors.server_error(503), counter,
                                 self._rate_headers(state, now))
 
-        # the reply is decided now: its cost is in the 200's headers
-        if self._stream_faults:
-            fault_spec = self.profile.faults
-            if faults.draw_repetition(fault_spec, self._fault_rng):
-                reply = responder.repetition_loop(limit_max)
-            elif req.output is not None:
-                reply = structured.structured_reply(req.output, self.profile.responder,
-                                                    self._reply_rng, req.last_user_text,
-                                                    limit_max)
-            else:
-                reply = responder.respond(self.profile.responder, self._reply_rng,
-                                          req.last_user_text, limit_max)
-            text = reply.text
-            n_chunks = (len(text) + 3) // 4  # text_tokens: one token per streamed chunk
-            drawn = faults.draw_connection_fault(fault_spec, self._fault_rng, n_chunks)
+        # the reply is decided now: its cost is in the 200's headers (the draws in this
+        # order: a repetition loop, the reply, a connection fault)
+        stream_faults = self._stream_faults
+        if stream_faults and faults.draw_repetition(self.profile.faults, self._fault_rng):
+            reply = responder.repetition_loop(limit_max)
+        elif req.output is None:
+            reply = responder.respond(self.profile.responder, self._reply_rng,
+                                      req.last_user_text, limit_max)
+        else:
+            reply = structured.structured_reply(req.output, self.profile.responder,
+                                                self._reply_rng, req.last_user_text, limit_max)
+        text = reply.text
+        n_chunks = (len(text) + 3) // 4  # text_tokens: one token per streamed chunk
+        if stream_faults:
+            drawn = faults.draw_connection_fault(self.profile.faults, self._fault_rng, n_chunks)
             fault, slow_s = drawn.fault, drawn.slow_first_token_s
         else:
-            reply = (responder.respond(self.profile.responder, self._reply_rng,
-                                       req.last_user_text, limit_max)
-                     if req.output is None else
-                     structured.structured_reply(req.output, self.profile.responder,
-                                                 self._reply_rng, req.last_user_text,
-                                                 limit_max))
-            text = reply.text
-            n_chunks = (len(text) + 3) // 4
             fault, slow_s = None, 0.0  # faults.NO_FAULTS
         completion = n * n_chunks
         tokens_handle = state.admit(now, reserved, prompt)
