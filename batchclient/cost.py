@@ -85,9 +85,14 @@ class SpendBudget:
         self.spent_usd = 0.0
         self._held: dict[object, float] = {}
 
+    @property
+    def committed_usd(self) -> float:
+        """Spent, plus what the requests in flight hold."""
+        return self.spent_usd + sum(self._held.values())
+
     def fits(self, usd: float) -> bool:
-        """Whether a request holding ``usd`` keeps spent plus held within the cap."""
-        return self.spent_usd + sum(self._held.values()) + usd <= self.cap_usd
+        """Whether a request holding ``usd`` keeps what is committed within the cap."""
+        return self.committed_usd + usd <= self.cap_usd
 
     def holding(self) -> bool:
         """Whether any request of any engine is still in flight against the budget."""

@@ -154,13 +154,10 @@ class ProcessState:
     chat_lock: asyncio.Lock | None = None
     chat_tasks: list[asyncio.Future[None]] = field(default_factory=list)
     users_started: int = 0
-    # An external target's spend cap, this process's share (USD), and the budget every
-    # runner of the process (the batch job and the chats) holds its requests in flight
-    # against: none is sent that could pass it. The hook below also counts each request's
-    # cost as it is known.
-    spend_budget_usd: float | None = None
+    # An external target's spend cap, this process's share: the budget every runner of the
+    # process (the batch job and the chats) holds its requests in flight against, so none
+    # is sent that could pass it; a runner stopped by it stops the process's work.
     spend: SpendBudget | None = None
-    spent_usd: float = 0.0
     capped: bool = False
 
     @property
@@ -181,18 +178,15 @@ class ProcessState:
                 return
             self.log.event(rec)
             self.stats.extend(to_stats(rec))
-            if rec.kind == "request" and self.spend_budget_usd is not None:
-                self.spent_usd += rec.cost_usd
-                if self.spent_usd >= self.spend_budget_usd and not self.capped:
-                    self.cap_spend()
 
         return on_event
 
     def cap_spend(self) -> None:
-        """This process spent its share of the spend cap: note it and stop sending (loop thread)."""
+        """A runner stopped at its spend cap (this process's share of the target's, or an
+        arm's own ``spend_cap_usd``): note it and stop the others (loop thread)."""
         self.capped = True
-        self.log.record("stop", {"reason": "spend_cap", "pid": os.getpid(),
-                                 "spent_usd": self.spent_usd})
+        self.log.record("stop", {"reason": "spend_cap", "pid": os.getpid(), "spent_usd":
+                                 None if self.spend is None else self.spend.spent_usd})
         self.stop_batch()
         self.stop_chats()
 
@@ -335,6 +329,5 @@ def open_process(spec_path: str | Path) -> ProcessState:
         log=EventLog(run_dir / f"events-{os.getpid()}.jsonl"),
         claims=claims,
         clock=RunClock(spec.origin_monotonic, spec.time_scale),
-        spend_budget_usd=None if cap is None else cap / max(1, spec.slots),
         spend=None if cap is None else SpendBudget(cap / max(1, spec.slots)),
     )

@@ -166,16 +166,17 @@ class ResponseHandling:
         throttle.settle(now, call.call_id, tokens, requests=requests)
         throttle.observe(now, read_rate_headers(response.headers, provider.time_scale))
         charged = 0.0
-        spend = self._spend
-        before = self.cost.total_usd
         if response.status and response.status < 500 and response.status != 402:
-            charged = self.cost.charge(call.provider, call.model, self.task.name,
-                                       response.headers, usage)
+            charged = metered = self.cost.charge(call.provider, call.model, self.task.name,
+                                                 response.headers, usage)
         else:
-            self.cost.charge(call.provider, call.model, self.task.name, response.headers, None)
+            # only a charge header counts for a refusal or a 5xx (usage says nothing of it)
+            metered = self.cost.charge(call.provider, call.model, self.task.name,
+                                       response.headers, None)
+        spend = self._spend
         if spend is not None:
             # the hold is released and what the meter counted is spent, whatever the lane
-            spend.settle((self._spend_id, call.call_id), self.cost.total_usd - before)
+            spend.settle((self._spend_id, call.call_id), metered)
             # what an answered request costs (a refusal's nothing says nothing of it)
             if response.status == 200 and (self._largest_charge is None
                                            or charged > self._largest_charge):

@@ -361,12 +361,20 @@ def test_json_mode_asks_for_an_object_and_makes_room_for_it() -> None:
                random.Random(1))
 
 
-def _lockstep(engines: list[Engine], fake: FakeProvider,
-              budget: SpendBudget | None) -> tuple[list[Done | None], float]:
+def _lockstep(engines: list[Engine], fake: FakeProvider, budget: SpendBudget | None,
+              answers: list[str] | None = None) -> tuple[list[Done | None], float]:
     """Drive engines on one virtual clock (each call answered 0.5 s after it is sent) until
-    each has stopped or idles; the most ever spent plus held (USD) against ``budget``."""
+    each has stopped or idles; the most ever spent plus held (USD) against ``budget``.
+    ``answers`` gets each chat's verdict and reason."""
     now, inflight, done = 0.0, [], [None] * len(engines)  # type: ignore[var-annotated]
     peak = 0.0
+
+    def answered(engine: Engine) -> None:
+        engine.drain()
+        for _, (_, verdict) in engine.drain_interactive():
+            if answers is not None:
+                answers.append(f"{verdict.verdict.value}: {verdict.reason}")
+
     for _ in range(100_000):
         waits = []
         for i, engine in enumerate(engines):
@@ -383,15 +391,16 @@ def _lockstep(engines: list[Engine], fake: FakeProvider,
                     waits.append(now + action.seconds)
                 break
         if budget is not None:
-            peak = max(peak, budget.spent_usd + sum(budget._held.values()))
+            peak = max(peak, budget.committed_usd)
         if not inflight and not waits:
+            for engine in engines:
+                answered(engine)  # a stop answers the chats still queued
             return done, peak
         now = min([t for t, _, _ in inflight] + waits)
         for t, i, call in [x for x in inflight if x[0] <= now]:
             inflight.remove((t, i, call))
             engines[i].on_response(now, call, fake(call))
-            engines[i].drain()
-            engines[i].drain_interactive()
+            answered(engines[i])
     raise AssertionError("engines did not settle")
 
 
@@ -417,13 +426,17 @@ def test_a_batch_job_and_chats_share_one_spend_cap() -> None:
 
     fake = FakeProvider()
     pair, budget = engines(shared=True)
-    (batch_done, chat_done), peak = _lockstep(pair, fake, budget)
+    answers: list[str] = []
+    (batch_done, chat_done), peak = _lockstep(pair, fake, budget, answers)
     assert budget is not None and budget.spent_usd <= cap and peak <= cap + 1e-12
     assert batch_done is not None and batch_done.status == EXIT_SPEND_CAP
     assert chat_done is not None and chat_done.status == EXIT_SPEND_CAP
     assert chat_done.reason.endswith("; the chats left are not sent")
     assert pair[0].cost.total_usd + pair[1].cost.total_usd == pytest.approx(budget.spent_usd)
-    assert pair[1].counts.requests > 0  # the chats had their share before the cap
+    assert pair[1].counts.requests == 3  # the chats had their share before the cap
+    # every chat is answered: those sent by the provider, the rest with the cap's reason
+    assert answers[:3] == ["ok: ok"] * 3
+    assert answers[3:] == [f"never_retry: {chat_done.reason}"] * 27
     # each with a cap of its own (the batch's) and the chats uncapped, as before: passed
     apart, _ = engines(shared=False)
     _lockstep(apart, FakeProvider(), None)
