@@ -332,7 +332,9 @@ def _chunk(task_id: str, content: str | None, finish: str | None,
            tool_calls: list[Any] | None = None) -> bytes:
     delta: dict[str, Any] = {} if content is None else {"content": content}
     if tool_calls:
-        delta = {"tool_calls": tool_calls}
+        if not content:
+            delta.pop("content", None)  # a call alone: no empty text beside it
+        delta["tool_calls"] = tool_calls
     data = {"id": f"chatcmpl-{task_id}", "object": "chat.completion.chunk",
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()

@@ -243,3 +243,19 @@ async def test_a_request_larger_than_a_day_is_refused_for_good(sim_server, gatew
         metrics = await r.json()
     assert metrics["refused"] == [{"tier": "free", "limit": "request_larger_than_tokens_per_day",
                                    "count": 2}]
+
+
+def test_a_chunk_carries_a_tool_call_and_any_text_beside_it() -> None:
+    from gateway.app import _chunk
+
+    call = [{"index": 0, "id": "call_1", "type": "function",
+             "function": {"name": "f", "arguments": "{}"}}]
+
+    def delta(raw: bytes) -> dict[str, Any]:
+        return dict(json.loads(raw.decode()[len("data: "):])["choices"][0]["delta"])
+
+    assert delta(_chunk("t", "Looking it up.", None, call)) == {
+        "content": "Looking it up.", "tool_calls": call}
+    assert delta(_chunk("t", "", None, call)) == {"tool_calls": call}
+    assert delta(_chunk("t", "hi", None)) == {"content": "hi"}
+    assert delta(_chunk("t", None, "stop")) == {}
