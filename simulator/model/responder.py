@@ -143,6 +143,17 @@ def batch_json(spec: ResponderSpec, rng: random.Random, prompt: str,
             _id_json(item_id) for item_id in ids]
         return _finish_batch(spec, rng, _array(zip(
             literals, [quoted[crc % n] for crc in crcs], strict=True)), max_tokens)
+    return _finish_batch(spec, rng, _array(_entries(spec, rng, found, crcs)), max_tokens)
+
+
+def _entries(spec: ResponderSpec, rng: random.Random, found: list[tuple[str, str]],
+             crcs: list[int]) -> list[tuple[str, str]]:
+    """The (id literal, quoted code) entries answering the ``found`` items, with the
+    per-item faults (poisoned items, drops) and the per-reply ones (a repeated id, an
+    invented id) drawn in that order."""
+    quoted = _quoted(tuple(spec.codes))
+    n = len(quoted)
+    drop = spec.drop_item_rate
     entries: list[tuple[str, str]] = []
     for (item_id, text), crc in zip(found, crcs, strict=True):
         if POISON_MARKER in text:
@@ -158,7 +169,19 @@ def batch_json(spec: ResponderSpec, rng: random.Random, prompt: str,
         invented = str(rng.randrange(10**9, 10**10))
         entries.insert(rng.randrange(len(entries) + 1),
                        (invented, json.dumps(rng.choice(spec.codes))))
-    return _finish_batch(spec, rng, _array(entries), max_tokens)
+    return entries
+
+
+def batch_answers(spec: ResponderSpec, rng: random.Random,
+                  prompt: str) -> list[tuple[int | str, str]]:
+    """The (id, code) answers of a ``batch_json`` reply to ``prompt`` as values (an
+    all-digit id as an int), its per-item and per-reply id faults drawn as ``batch_json``
+    draws them; none of its text faults (malformed JSON, a verbose reply): a reply held
+    to a JSON schema is JSON in that shape."""
+    found = parse_items(prompt)
+    crcs = _crcs(tuple(text for _, text in found))
+    return [(json.loads(literal), json.loads(code))
+            for literal, code in _entries(spec, rng, found, crcs)]
 
 
 def _array(entries: Iterable[tuple[str, str]]) -> str:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from simulator.model.config import ResponderSpec
 from simulator.model.errors import Invalid, invalid_request
-from simulator.model.responder import _LOREM_WORDS, Reply, cut, respond
+from simulator.model.responder import _LOREM_WORDS, Reply, batch_answers, cut, respond
 from simulator.model.tokens import text_tokens
 
 JSON_OBJECT = "json_object"
@@ -205,12 +205,100 @@ def structured_reply(output: Output, spec: ResponderSpec, rng: random.Random,
                    else '{"text":' + _compact(said) + "}")
         return cut(wrapped, max_tokens)
     schema = output.schema or {}
+    if output.kind == JSON_SCHEMA and spec.kind == "batch_json":
+        filled = batch_instance(schema, batch_answers(spec, rng, last_user_text),
+                                spec.codes, rng)
+        if filled is not None:
+            return cut(_compact(filled), max_tokens)
     text = _compact(instance(schema, rng))
     if output.kind == JSON_SCHEMA:
         return cut(text, max_tokens)
     reply = cut(text, max_tokens)
     finish = "tool_calls" if reply.finish_reason == "stop" else reply.finish_reason
     return Reply(reply.text, finish, output.name)
+
+
+# the property of an answer object that holds the item's id; the first other string
+# property holds its code
+_ID_NAMES = ("id", "item_id", "itemId")
+
+
+def batch_instance(schema: Mapping[str, object], answers: Sequence[tuple[int | str, str]],
+                   codes: Sequence[str], rng: random.Random) -> object | None:
+    """An instance of ``schema`` carrying a ``batch_json`` reply's ``answers`` (id, code),
+    as a model held to the schema writes them: its first array of objects that have an id
+    property (``id``, ``item_id`` or ``itemId``), at the root or a property of the root
+    object, gets one object per answer, with the id (as the property's type asks) and the
+    code in the object's first other string property. A code the property's ``enum`` does
+    not hold is the enum's value at the code's place in the taxonomy. Every other value is
+    drawn as ``instance`` draws it. None when the schema has no such array."""
+    drawer = _Drawer(rng, schema)
+    root = _plain(schema, schema)
+    if _answer_fields(root, schema) is not None:
+        return _answers(root, answers, codes, drawer)
+    properties = root.get("properties") if root.get("type", "object") == "object" else None
+    if not isinstance(properties, dict):
+        return None
+    place = next((name for name, sub in properties.items()
+                  if _answer_fields(_plain(sub, schema), schema) is not None), None)
+    if place is None:
+        return None
+    return {name: (_answers(_plain(sub, schema), answers, codes, drawer) if name == place
+                   else drawer.value(sub, 1))
+            for name, sub in properties.items()}
+
+
+def _plain(schema: object, root: object) -> Mapping[str, object]:
+    """``schema`` with its ``$ref`` resolved ({} for anything but an object schema)."""
+    for _ in range(_HARD_DEPTH):
+        if not isinstance(schema, dict):
+            return {}
+        ref = schema.get("$ref")
+        if not isinstance(ref, str):
+            return schema
+        schema = _resolve(ref, root)
+    return {}
+
+
+def _answer_fields(array: Mapping[str, object], root: object
+                   ) -> tuple[str, str | None, Mapping[str, object]] | None:
+    """(id property, code property or None, the items' properties) of an array of answer
+    objects; None for any other schema."""
+    if array.get("type") != "array":
+        return None
+    items = _plain(array.get("items"), root)
+    properties = items.get("properties")
+    if not isinstance(properties, dict):
+        return None
+    id_name = next((n for n in _ID_NAMES if n in properties), None)
+    if id_name is None:
+        return None
+    code_name = next((name for name, sub in properties.items() if name != id_name and (
+        _plain(sub, root).get("type") == "string" or "enum" in _plain(sub, root))), None)
+    return id_name, code_name, properties
+
+
+def _answers(array: Mapping[str, object], answers: Sequence[tuple[int | str, str]],
+             codes: Sequence[str], drawer: _Drawer) -> list[dict[str, object]]:
+    fields = _answer_fields(array, drawer.root)
+    assert fields is not None
+    id_name, code_name, properties = fields
+    id_schema = _plain(properties[id_name], drawer.root)
+    kind = id_schema.get("type")
+    # the id as batch_json writes it (all digits: an integer) unless the type says otherwise
+    types = [kind] if isinstance(kind, str) else kind if isinstance(kind, list) else None
+    enum = _plain(properties[code_name], drawer.root).get("enum") if code_name else None
+    out = []
+    for item_id, code in answers:
+        value = item_id if types is None or (
+            isinstance(item_id, int) and ("integer" in types or "number" in types)) \
+            else str(item_id)
+        if isinstance(enum, list) and enum and code not in enum:
+            code = enum[list(codes).index(code) % len(enum)] if code in codes else enum[0]
+        out.append({name: (value if name == id_name else code if name == code_name
+                           else drawer.value(sub, 2))
+                    for name, sub in properties.items()})
+    return out
 
 
 def batch_object(array: str) -> str:

@@ -18,6 +18,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from simulator.model.config import SimulatorConfig, parse_config
+from simulator.model.responder import expected_code
 from simulator.model.tokens import text_tokens
 from simulator.server import RunningServer
 
@@ -270,3 +271,32 @@ def test_structured_outputs_and_tool_calls_parse_in_the_sdk(
     streamed = final.message.tool_calls[0].function
     assert len(pieces) > 1 and "".join(pieces) == streamed.arguments
     assert isinstance(streamed.parsed_arguments, _Part)
+
+
+class _Answer(pydantic.BaseModel):
+    id: int
+    c: Literal["A", "B", "C"]
+
+
+class _Answers(pydantic.BaseModel):
+    results: list[_Answer]
+
+
+def test_parse_gets_a_batch_answer_held_to_its_schema(
+    sim_thread: Callable[..., RunningServer],
+) -> None:
+    # a batch prompt under a strict schema (the SDK's parse): the items' own codes in the
+    # schema's objects, as a model held to it writes them; the SDK validates the reply
+    codes = ("A", "B", "C")
+    server = sim_thread(item_codes=codes, **FAST)
+    client = openai.OpenAI(base_url=server.base_url(), api_key="sk-ratelab", max_retries=0)
+    texts = {101: "red apple", 102: "blue sky", 103: "green tree", 104: "grey cloud"}
+    prompt = "Label each item.\n" + "\n".join(f"id={i}: {t}" for i, t in texts.items())
+    reply = client.chat.completions.parse(
+        model="gpt-4o-mini", response_format=_Answers,
+        messages=[{"role": "user", "content": prompt}])
+    parsed = reply.choices[0].message.parsed
+    assert parsed is not None and reply.choices[0].finish_reason == "stop"
+    assert [(a.id, a.c) for a in parsed.results] == [
+        (i, expected_code(t, codes)) for i, t in texts.items()]
+

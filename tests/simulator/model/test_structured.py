@@ -193,6 +193,70 @@ def test_replies_in_each_shape() -> None:
                                   {"id": 2, "c": expected_code("blue sky", codes)}]}
 
 
+ANSWERS = {"type": "object", "properties": {
+    "results": {"type": "array", "items": {"$ref": "#/$defs/Answer"}},
+    "note": {"type": "string"}},
+    "required": ["results", "note"], "additionalProperties": False,
+    "$defs": {"Answer": {"type": "object", "properties": {
+        "id": {"type": "integer"}, "c": {"type": "string", "enum": ["A", "B", "C"]}},
+        "required": ["id", "c"], "additionalProperties": False}}}
+ITEMS = [("7", "red apple"), ("8", "blue sky"), ("x9", "green tree"), ("10", "grey cloud")]
+BATCH_PROMPT = "Label these.\n" + "\n".join(f"id={i}: {t}" for i, t in ITEMS)
+
+
+def test_a_schema_held_batch_reply_carries_the_items_codes() -> None:
+    codes = ("A", "B", "C")
+    batch = ResponderSpec(kind="batch_json", codes=codes)
+    reply = structured_reply(Output(JSON_SCHEMA, ANSWERS, "answers"), batch,
+                             random.Random(0), BATCH_PROMPT, None)
+    answer = json.loads(reply.text)
+    assert reply.finish_reason == "stop" and set(answer) == {"results", "note"}
+    # an integer id where the id is all digits, a string where it cannot be one
+    assert answer["results"] == [{"id": int(i) if i.isdigit() else i,
+                                  "c": expected_code(t, codes)} for i, t in ITEMS]
+    assert isinstance(answer["note"], str)
+    # a string id, codes named by another enum (at the code's place in the taxonomy),
+    # another property drawn within its bounds, the array at the root
+    other = {"type": "array", "items": {"type": "object", "properties": {
+        "item_id": {"type": "string"}, "label": {"enum": ["red", "green", "blue"]},
+        "score": {"type": "number", "minimum": 0, "maximum": 1}}}}
+    rows = json.loads(structured_reply(Output(JSON_SCHEMA, other, "rows"), batch,
+                                       random.Random(0), BATCH_PROMPT, None).text)
+    names = {"A": "red", "B": "green", "C": "blue"}
+    assert [(r["item_id"], r["label"]) for r in rows] == [
+        (i, names[expected_code(t, codes)]) for i, t in ITEMS]
+    assert all(0 <= r["score"] <= 1 for r in rows)
+    # cut at max_tokens as any reply is
+    cut = structured_reply(Output(JSON_SCHEMA, ANSWERS, "answers"), batch, random.Random(0),
+                           BATCH_PROMPT, 5)
+    assert (cut.text, cut.finish_reason) == (reply.text[:20], "length")
+    # a schema with no array of objects holding an id gets a plain instance
+    plain = {"type": "object", "properties": {"summary": {"type": "string"}}}
+    assert set(json.loads(structured_reply(Output(JSON_SCHEMA, plain, "s"), batch,
+                                           random.Random(0), BATCH_PROMPT, None).text)) == {
+        "summary"}
+
+
+def test_a_schema_held_batch_reply_keeps_the_id_faults_not_the_text_ones() -> None:
+    codes = ("A", "B", "C")
+    sent = {int(i) if i.isdigit() else i for i, _ in ITEMS}
+    faults = ResponderSpec(kind="batch_json", codes=codes, drop_item_rate=0.3,
+                           repeat_id_rate=0.5, invent_id_rate=0.5, malformed_json_rate=1.0,
+                           truncate_rate=1.0)
+    seen = {"dropped": 0, "repeated": 0, "invented": 0}
+    for seed in range(40):
+        reply = structured_reply(Output(JSON_SCHEMA, ANSWERS, "answers"), faults,
+                                 random.Random(seed), BATCH_PROMPT, None)
+        # always whole JSON in the schema's shape: a schema-held reply is never malformed
+        # nor wrapped in prose, whatever those rates
+        assert reply.finish_reason == "stop"
+        ids = [r["id"] for r in json.loads(reply.text)["results"]]
+        seen["dropped"] += len(sent - set(ids)) > 0
+        seen["repeated"] += len(ids) != len(set(ids))
+        seen["invented"] += len(set(ids) - sent) > 0
+    assert all(count > 0 for count in seen.values()), seen
+
+
 def test_the_provider_bills_definitions_and_plans_the_call() -> None:
     p = provider("name: t\nresponder: {output_tokens: 5}\n")
     plain = admitted(p.chat(0.0, "k", chat("hi")))
