@@ -92,7 +92,9 @@ class BatchSettings:
     ``token_budget`` bounds prompt tokens plus ``max_tokens`` of one request.
     ``json_mode`` asks the provider for a JSON object (``response_format: json_object``):
     the model then wraps its array, e.g. ``{"results": [...]}``, which ``max_tokens`` makes
-    room for.
+    room for. ``json_schema`` asks for that object under a strict JSON schema instead
+    (``packing.answer_schema``: each answer an id and a code of the taxonomy), whose text
+    the prompt's tokens count.
     """
 
     max_items: int = 20
@@ -101,6 +103,12 @@ class BatchSettings:
     min_items: int = 1
     reply_slack_tokens: int = 4
     json_mode: bool = False
+    json_schema: bool = False
+
+    @property
+    def wrapped(self) -> bool:
+        """Whether replies come as an object around the array (JSON mode or schema)."""
+        return self.json_mode or self.json_schema
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,8 +316,11 @@ def parse_client_config(data: object, source: str) -> ClientConfig:
         max_items=b.int_("max_items", 20, 1), token_budget=b.int_("token_budget", 16000, 1),
         adaptive=b.bool_("adaptive", False), min_items=b.int_("min_items", 1, 1),
         reply_slack_tokens=b.int_("reply_slack_tokens", 4, 0),
-        json_mode=b.bool_("json_mode", False),
+        json_mode=b.bool_("json_mode", False), json_schema=b.bool_("json_schema", False),
     )
+    if batch.json_mode and batch.json_schema:
+        raise ConfigError(f"{source}: batch.json_schema: json_mode and json_schema are two "
+                          "ways to ask for the answers' object; set one of them")
     b.finish()
     c = r.child("concurrency")
     concurrency = ConcurrencySettings(

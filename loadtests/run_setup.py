@@ -225,7 +225,7 @@ def bound_inputs(scenario: Scenario, arm: Arm, config: ClientConfig) -> BoundInp
     code_len = max(len(c) for c in task.labels)
     if config.strategy == "semantic_batch":
         reply = sum(reply_tokens([i.id for i in g], code_len) for g in groups) / len(groups)
-        if config.batch.json_mode:
+        if config.batch.wrapped:
             reply += text_tokens(batch_object(""))  # the object the array comes in
     else:
         reply = scenario.workload.reply_tokens_per_item.expected()

@@ -49,7 +49,7 @@ from batchclient.policy.job import normalise as normalise
 from batchclient.policy.job import normalise_page, page_is_normal
 from batchclient.policy.job import task_digest as task_digest
 from batchclient.policy.lanes import LanePolicy
-from batchclient.policy.packing import batch_packer
+from batchclient.policy.packing import batch_packer, response_format
 from batchclient.policy.responses import ResponseHandling
 from batchclient.policy.routing import Predicate, first_available, route_model
 from batchclient.policy.state import Accepted, Drained, ItemState
@@ -105,6 +105,7 @@ class Engine(ResponseHandling, InteractiveLane):
             raise InputError("batch.json_mode: the task's system prompt or instructions must "
                              "say JSON (OpenAI refuses JSON mode without the word)")
         self.packer = batch_packer(task, config.batch)
+        self._response_format = response_format(task, config.batch)
         self._digest = task_digest(task)
         self._code_len = max(len(c) for c in task.labels)
         batching = self.strategy == "semantic_batch"
@@ -580,8 +581,8 @@ class Engine(ResponseHandling, InteractiveLane):
             "max_tokens": max_tokens,
             "temperature": 0,
         }
-        if self.config.batch.json_mode:
-            body["response_format"] = {"type": "json_object"}
+        if self._response_format is not None:
+            body["response_format"] = self._response_format
         stream = self.config.stream.enabled
         if stream:
             body["stream"] = True

@@ -6,6 +6,7 @@ in the batch (see ``tokens.reply_tokens``) plus a small slack.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from operator import itemgetter
@@ -63,11 +64,46 @@ def code_length(task: Task) -> int:
 JSON_MODE_WRAPPER_TOKENS = 6
 
 
+def answer_schema(task: Task) -> dict[str, object]:
+    """The strict JSON schema of a batch's answers (``batch.json_schema``):
+    ``{"results": [{"id": ID, "c": CODE}, ...]}``, each code one of the task's. An id may be
+    an integer or a string, so that a model writes an all-digit id as the array does."""
+    answer = {"type": "object",
+              "properties": {"id": {"type": ["integer", "string"]},
+                             "c": {"type": "string", "enum": list(task.labels)}},
+              "required": ["id", "c"], "additionalProperties": False}
+    return {"type": "object", "properties": {"results": {"type": "array", "items": answer}},
+            "required": ["results"], "additionalProperties": False}
+
+
+def response_format(task: Task, batch: BatchSettings) -> dict[str, object] | None:
+    """The ``response_format`` of a job's requests: JSON mode, the answers' schema, or
+    None (a plain array)."""
+    if batch.json_schema:
+        return {"type": "json_schema", "json_schema": {
+            "name": "batch_answers", "strict": True, "schema": answer_schema(task)}}
+    if batch.json_mode:
+        return {"type": "json_object"}
+    return None
+
+
+def definition_tokens(fmt: dict[str, object] | None) -> int:
+    """Prompt tokens a ``response_format`` adds: its schema's compact JSON text, as a
+    provider bills the text it is sent (JSON mode adds none)."""
+    spec = fmt.get("json_schema") if fmt else None
+    if not isinstance(spec, dict):
+        return 0
+    return text_tokens(json.dumps(spec.get("schema", {}), separators=(",", ":"),
+                                  ensure_ascii=False))
+
+
 def batch_packer(task: Task, batch: BatchSettings) -> Packer:
     """The packer of a job's batches: ``max_tokens`` keeps the configured slack and, in
-    JSON mode, room for the object around the array."""
-    wrapper = JSON_MODE_WRAPPER_TOKENS if batch.json_mode else 0
-    return Packer(task, batch.reply_slack_tokens + wrapper)
+    JSON mode or under the schema, room for the object around the array; the prompt
+    counts the schema's text."""
+    wrapper = JSON_MODE_WRAPPER_TOKENS if batch.wrapped else 0
+    return Packer(task, batch.reply_slack_tokens + wrapper,
+                  definition_tokens(response_format(task, batch)))
 
 
 class Packer:
@@ -75,16 +111,18 @@ class Packer:
 
     __slots__ = ("_code_len", "_fixed", "reply_slack_tokens", "task")
 
-    def __init__(self, task: Task, reply_slack_tokens: int = 4) -> None:
+    def __init__(self, task: Task, reply_slack_tokens: int = 4,
+                 definition_tokens: int = 0) -> None:
         self.task = task
         self.reply_slack_tokens = reply_slack_tokens
         self._code_len = code_length(task)
         self._fixed = (PRIMING_TOKENS + PER_MESSAGE_TOKENS + text_tokens(task.system_prompt)
-                       + PER_MESSAGE_TOKENS)
+                       + PER_MESSAGE_TOKENS + definition_tokens)
 
     @property
     def fixed_prompt_tokens(self) -> int:
-        """Tokens of a batch prompt before its item lines (system + instructions)."""
+        """Tokens of a batch prompt before its item lines (system, a response schema, then
+        the instructions)."""
         return self._fixed
 
     def user_message(self, items: Sequence[Packable]) -> str:

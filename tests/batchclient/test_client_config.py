@@ -64,6 +64,8 @@ def test_naive_strategy_turns_the_throttle_off_by_default() -> None:
     ({"retry": {"base_s": float("inf")}},
      "arm.yaml: retry.base_s: expected a finite number >= 0.0"),
     ({"batch": {"json_mode": "yes"}}, "arm.yaml: batch.json_mode: expected"),
+    ({"batch": {"json_mode": True, "json_schema": True}},
+     "arm.yaml: batch.json_schema: json_mode and json_schema are two ways"),
 ])
 def test_errors_name_the_source_and_key(data: object, message: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -25,6 +25,8 @@ from batchclient import (
     Task,
     parse_client_config,
 )
+from batchclient.config import BatchSettings
+from batchclient.policy.packing import definition_tokens, response_format
 from simulator.model.config import parse_config
 from simulator.model.responder import expected_code
 from simulator.server import serve_in_thread
@@ -137,6 +139,32 @@ async def test_json_mode_replies_are_read_whole_and_cost_their_wrapper(tmp_path:
     assert wrapped.tokens_out - plain.tokens_out == 3 * 20
     # whole replies keep or grow an adaptive batch (one read as malformed halved it)
     assert grown.requests <= 20
+
+
+async def test_json_schema_replies_carry_every_code_and_bill_the_schema(
+        tmp_path: Path) -> None:
+    # response_format json_schema (strict, codes an enum of the taxonomy): the simulator
+    # fills the schema's answer objects with the items' codes, and bills the schema's text
+    items = make_items(400)
+    with serve_in_thread(sim(provider(), provider("faulty", responder={
+            "drop_item_rate": 0.1, "repeat_id_rate": 0.25, "invent_id_rate": 0.25}))) as server:
+        plain, _ = await run_job(tmp_path, client(server, ["main"]), items,
+                                 name="plain.sqlite")
+        held, store = await run_job(
+            tmp_path, client(server, ["main"], batch={"json_schema": True}), items)
+        faulty, faulty_store = await run_job(
+            tmp_path, client(server, ["faulty"], batch={"json_schema": True}), items,
+            name="faulty.sqlite")
+    for result, kept in ((held, store), (faulty, faulty_store)):
+        assert (result.exit_status, result.done, result.dead) == (0, 400, 0)
+        assert_all_correct(kept, items)
+    assert plain.requests == held.requests == 20 and faulty.requests > 20
+    schema = definition_tokens(response_format(TASK, BatchSettings(json_schema=True)))
+    assert schema > 50
+    # each request's prompt is the plain one plus the schema's text, as the client
+    # estimated it; each reply the plain array in its object ('{"results":' and '}')
+    assert held.tokens_in - plain.tokens_in == schema * 20
+    assert held.tokens_out - plain.tokens_out == 3 * 20
 
 
 async def test_poison_items_are_dead_lettered_and_counts_add_up(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from batchclient.policy.engine import (
     Send,
     Wait,
 )
+from batchclient.policy.tokens import text_tokens
 from batchclient.policy.wire import Call, Item, Response
 from tests.batchclient.bc_fakes import FakeProvider, code_of, config, drive, items, task
 
@@ -359,6 +360,25 @@ def test_json_mode_asks_for_an_object_and_makes_room_for_it() -> None:
     with pytest.raises(InputError, match=r"batch\.json_mode: .* must say JSON"):
         Engine(task(instructions="Classify each line."), config(batch={"json_mode": True}),
                random.Random(1))
+
+
+def test_json_schema_asks_for_the_answers_schema_and_counts_its_text() -> None:
+    plain, held = make(20), make(20, batch={"json_schema": True})
+    sent = [engine.next_action(0.0) for engine in (plain, held)]
+    assert isinstance(sent[0], Send) and isinstance(sent[1], Send)
+    fmt = sent[1].call.body["response_format"]
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["strict"] is True
+    schema = fmt["json_schema"]["schema"]
+    answer = schema["properties"]["results"]["items"]
+    assert answer["properties"]["c"]["enum"] == list(task().labels)
+    assert answer["required"] == ["id", "c"] and answer["additionalProperties"] is False
+    text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+    # the prompt counts the schema as the provider bills it; the reply gets the object's room
+    assert sent[1].call.prompt_tokens == sent[0].call.prompt_tokens + text_tokens(text)
+    assert sent[1].call.max_tokens == sent[0].call.max_tokens + 6
+    # no "JSON" needed in the prompt, unlike JSON mode
+    Engine(task(instructions="Classify each line."), config(batch={"json_schema": True}),
+           random.Random(1))
 
 
 def _lockstep(engines: list[Engine], fake: FakeProvider, budget: SpendBudget | None,

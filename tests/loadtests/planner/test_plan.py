@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from batchclient.config import BatchSettings
+from batchclient.policy.packing import definition_tokens, response_format
 from loadtests.cli import main
 from loadtests.planner.offline import offline_alternative
 from loadtests.planner.sim import PlanOptions, plan_scenario
 from loadtests.planner.sweep import SweepError, parse_sweep, sweep_points
+from loadtests.run_setup import arm_task
 from loadtests.scenario import load_scenario, with_overrides
 
 HERE = Path(__file__).parent / "scenarios"
@@ -38,6 +41,21 @@ def test_json_mode_is_planned_as_the_provider_answers_it() -> None:
     assert asked["requests"] == plain["requests"] and asked["requests"]["total"] == 100
     assert asked["tokens"]["input"] == plain["tokens"]["input"]
     assert asked["tokens"]["output"] - plain["tokens"]["output"] == 3 * 100
+
+
+def test_json_schema_is_planned_as_the_provider_answers_it() -> None:
+    # the provider model fills the schema's answers and bills its text; the bound counts it
+    scenario = load_scenario(HERE / "fid-batch.yaml")
+    plain = plan_scenario(scenario, PlanOptions(items=2000)).summary()["arms"][0]
+    held_scenario = with_overrides(scenario, {"arms.batched.client.batch.json_schema": True})
+    held = plan_scenario(held_scenario, PlanOptions(items=2000)).summary()["arms"][0]
+    assert held["items"] == plain["items"] and held["items"]["done"] == 2000
+    assert held["requests"] == plain["requests"] and held["requests"]["total"] == 100
+    task = arm_task(held_scenario, held_scenario.arms[0])
+    schema = definition_tokens(response_format(task, BatchSettings(json_schema=True)))
+    assert held["tokens"]["input"] - plain["tokens"]["input"] == schema * 100
+    assert held["tokens"]["output"] - plain["tokens"]["output"] == 3 * 100
+    assert held["bound"]["items_per_min"] < plain["bound"]["items_per_min"]
 
 
 def test_batching_beats_single_by_the_token_ratio() -> None:
