@@ -27,16 +27,24 @@ class Verdict(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Classified:
-    """A verdict, the reason in words, and the server's retry-after (virtual seconds)."""
+    """A verdict, the reason in words, and the server's retry-after (virtual seconds).
+
+    ``too_large``: the request, not its items, was refused for its size (a 429 "Request too
+    large", a 400 over the context length or over a per-request cost cap): a smaller batch
+    of the same items may pass."""
 
     verdict: Verdict
     reason: str
     retry_after_s: float | None = None
     rate_limited: bool = False
     server_error: bool = False
+    too_large: bool = False
 
 
 _OK = Classified(Verdict.OK, "ok")
+# 400 codes that refuse a request for its size (OpenAI's context length; a per-request cost
+# cap, the simulator's and a gateway's)
+_TOO_LARGE_CODES = frozenset({"context_length_exceeded", "cost_cap_exceeded"})
 
 
 def _error_fields(body: str) -> tuple[str, str, str]:
@@ -72,7 +80,9 @@ def classify(response: Response, time_scale: float = 1.0) -> Classified:
                           or "spend_limit" in lowered):
         return Classified(Verdict.FATAL_BALANCE, reason)
     if status == 429 and "too large" in lowered:
-        return Classified(Verdict.NEVER_RETRY, reason, rate_limited=True)
+        return Classified(Verdict.NEVER_RETRY, reason, rate_limited=True, too_large=True)
+    if status == 400 and code in _TOO_LARGE_CODES:
+        return Classified(Verdict.NEVER_RETRY, reason, too_large=True)
     if headers.get("x-should-retry", "").lower() == "false":
         return Classified(Verdict.NEVER_RETRY, reason)
     if status == 429:

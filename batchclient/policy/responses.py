@@ -275,8 +275,9 @@ class ResponseHandling:
             return None
         if kind == Verdict.NEVER_RETRY:
             self.counts.errors += 1
-            if verdict.rate_limited and len(call.item_ids) > 1:
-                # "Request too large": the batch, not the items, is at fault; halve it.
+            if verdict.too_large and len(call.item_ids) > 1:
+                # too large (tokens, context, a per-request cost cap): the batch, not the
+                # items, is at fault; halve it
                 if self.adaptive is not None:
                     self.adaptive.size = max(1, len(call.item_ids) // 2)
                 else:

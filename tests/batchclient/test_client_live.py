@@ -167,6 +167,21 @@ async def test_json_schema_replies_carry_every_code_and_bill_the_schema(
     assert held.tokens_out - plain.tokens_out == 3 * 20
 
 
+async def test_a_per_request_cost_cap_halves_the_batch_until_it_fits(tmp_path: Path) -> None:
+    # 20-item requests would cost more than the cap at worst (prompt + max_tokens), 5-item
+    # ones less: the refused batches halve (20, 10, 5) and every item is answered, none
+    # dead-lettered for a fault of the batch's size
+    items = make_items(400)
+    capped = provider(billing={"cost_cap_usd": 0.00006})
+    with serve_in_thread(sim(capped)) as server:
+        result, store = await run_job(tmp_path, client(server, ["main"]), items)
+        statuses = admin(server, "main")["keys"]["sk-ratelab"]["models"]["m1"]["requests"]
+        refused = statuses.get("400", 0)
+    assert (result.exit_status, result.done, result.dead) == (0, 400, 0)
+    assert_all_correct(store, items)
+    assert refused > 0 and result.requests - refused == 400 // 5
+
+
 async def test_poison_items_are_dead_lettered_and_counts_add_up(tmp_path: Path) -> None:
     with serve_in_thread(sim(provider())) as server:
         items = [*make_items(60), Item("poison-1", "POISON do not answer")]

@@ -162,6 +162,12 @@ def test_classify_every_kind_of_answer() -> None:
     assert classify(_err(500)).verdict == Verdict.RETRY
     assert classify(Response(0, error="timeout")).server_error
     assert classify(_err(400, "context_length_exceeded")).verdict == Verdict.NEVER_RETRY
+    # refused for its size: a smaller batch of the same items may pass
+    for answer in (_err(429, "", "Request too large for gpt"), _err(400, "cost_cap_exceeded"),
+                   _err(400, "context_length_exceeded")):
+        assert classify(answer).too_large
+    assert not classify(_err(400, "invalid_value")).too_large
+    assert not classify(_err(429, "rate_limit_exceeded")).too_large
 
 
 def test_retry_delays() -> None:
