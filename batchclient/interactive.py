@@ -18,11 +18,13 @@ from batchclient.runner import Runner
 
 
 class UserLimited(RuntimeError):
-    """The user is over a per-user limit; ``retry_in_s`` is virtual seconds."""
+    """The user is over a per-user limit, or (``stopped``) the lane stopped on a fatal
+    answer; ``retry_in_s`` is virtual seconds (0 with ``stopped``: for good)."""
 
-    def __init__(self, reason: str, retry_in_s: float) -> None:
+    def __init__(self, reason: str, retry_in_s: float, stopped: bool = False) -> None:
         super().__init__(reason)
         self.retry_in_s = retry_in_s
+        self.stopped = stopped
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +56,7 @@ class InteractiveClient:
         and failover to the next provider already happened."""
         outcome = await self.runner.chat(user, messages, max_tokens, model, tier, stream)
         if isinstance(outcome, UserDecision):
-            raise UserLimited(outcome.reason, outcome.retry_in_s)
+            raise UserLimited(outcome.reason, outcome.retry_in_s, outcome.stopped)
         response, classified = outcome
         text = response.content
         if text is None and classified.verdict == Verdict.OK:

@@ -109,6 +109,7 @@ class Runner:
         keep_open: bool = False,
         rebind_task: bool = False,
         spend: SpendBudget | None = None,
+        topups: Iterable[float] = (),
     ) -> None:
         self.task = task
         if config.time_scale > 1.0:
@@ -133,6 +134,9 @@ class Runner:
         self.spend = spend
         # continue a job whose task changed since it started (else preflight refuses it)
         self.rebind_task = rebind_task
+        # the virtual times of top-ups scheduled for the providers (Engine.topups): a job
+        # out of balance waits for the next one rather than stop
+        self.topups = tuple(sorted(topups))
         self._stop = False
         self.engine: Engine | None = None
         self._wake: asyncio.Event | None = None
@@ -195,6 +199,7 @@ class Runner:
         served = await self._served_models()
         engine = Engine(self.task, self.config, random.Random(self.config.seed), served,
                         self.predicates, self.user_limits, self.lanes, self.spend)
+        engine.topups = self.topups
         models = {self.task.model, *(r.model for r in self.config.routing),
                   *(m for _, m in self.predicates)}
         if served:

@@ -103,8 +103,14 @@ def _chat(group: UserGroup, user: str, prompt_tokens: int, max_tokens: int) -> N
         return
     arm = SCENARIO.arm(group.arm)
     refused = st.bridge.run(st.chat(arm, group, user, prompt_tokens, max_tokens))
-    if refused is not None:
-        _fire("LIMIT", group.arm, refused)
+    if refused is None:
+        return
+    if refused.stopped:
+        # the lane stopped on a fatal answer (nothing was sent): wait for it to go on (a
+        # top-up is due) or, stopped for good, stay idle rather than spin
+        gevent.sleep(refused.retry_in_s / K if refused.retry_in_s > 0 else 3600.0)
+        return
+    _fire("LIMIT", group.arm, str(refused))
 
 
 class _Idle(User):

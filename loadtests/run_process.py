@@ -33,7 +33,7 @@ from batchclient.transport import AiohttpTransport
 from loadtests.bridge import AsyncBridge
 from loadtests.recorder import Event, outcome_for_status
 from loadtests.run_plans import run_scenario
-from loadtests.run_setup import arm_task, client_config, slot_config, slot_items
+from loadtests.run_setup import arm_task, client_config, slot_config, slot_items, topup_times
 from loadtests.rundir import SLOTS_FILE, EventLog, RunSpec, SlotClaims, started
 from loadtests.scenario_model import Arm, Scenario, UserGroup
 from loadtests.shapes import stage_at
@@ -212,7 +212,8 @@ class ProcessState:
         transport = AiohttpTransport(config.providers, config.stream,
                                      limit=max(64, config.concurrency.max))
         runner = Runner(arm_task(self.scenario, arm), config, transport, store, cache=cache,
-                        clock=self.clock, on_event=self.hook(arm.name), spend=self.spend)
+                        clock=self.clock, on_event=self.hook(arm.name), spend=self.spend,
+                        topups=topup_times(self.scenario, arm))
         self.batch_runners.append(runner)
         try:
             result = await runner.run()
@@ -278,7 +279,8 @@ class ProcessState:
                                          limit=max(64, config.concurrency.limit))
             runner = Runner(arm_task(self.scenario, arm), config, transport, store,
                             clock=self.clock, on_event=self.hook(arm.name, group),
-                            user_limits=limits, keep_open=True, spend=self.spend)
+                            user_limits=limits, keep_open=True, spend=self.spend,
+                            topups=topup_times(self.scenario, arm))
             self.chat_tasks.append(asyncio.ensure_future(self._keep(runner, transport, store)))
             client = InteractiveClient(runner)
             self.chat_runners[arm.name] = (runner, client)
@@ -295,15 +297,16 @@ class ProcessState:
             self.cap_spend()  # a chat could not be sent within the cap: the run stops
 
     async def chat(self, arm: Arm, group: UserGroup, user: str, prompt_tokens: int,
-                   max_tokens: int) -> str | None:
-        """Send one chat as ``user``; returns the refusal reason if a per-user limit refused it."""
+                   max_tokens: int) -> UserLimited | None:
+        """Send one chat as ``user``; returns the refusal when a per-user limit or the
+        lane's stop (a fatal answer) refused it."""
         client = await self.chat_client(arm, group)
         text = chat_text(prompt_tokens)
         try:
             await client.chat(user, [{"role": "user", "content": text}], max_tokens,
                               stream=group.stream)
         except UserLimited as exc:
-            return str(exc)
+            return exc
         return None
 
     def stop_chats(self) -> None:

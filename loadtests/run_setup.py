@@ -147,6 +147,13 @@ def client_config(
     return parse_client_config(data, f"{scenario.path}: arms.{arm.name}.client")
 
 
+def topup_times(scenario: Scenario, arm: Arm) -> tuple[float, ...]:
+    """The virtual times of the scenario's top-ups of ``arm``'s providers: an arm whose
+    balance runs out waits for the next one and goes on (the engine's ``topups``), as an
+    operator who tops up and resumes the job would."""
+    return tuple(sorted(t.at_s for t in scenario.load.topups if t.provider in arm.providers))
+
+
 def arm_task(scenario: Scenario, arm: Arm) -> Task:
     """The classification task of a batch arm: the workload's system prompt, labels and model."""
     wl = scenario.workload

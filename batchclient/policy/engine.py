@@ -144,6 +144,10 @@ class Engine(ResponseHandling, InteractiveLane):
         self._packed: tuple[tuple[str, int, int, int], list[ItemState], int, int] | None = None
         self._exhausted = False
         self._fatal: Done | None = None
+        # the virtual times of the top-ups scheduled for this job's providers (a harness
+        # sets them from its scenario): a balance stop waits for the next and goes on
+        self.topups: tuple[float, ...] = ()
+        self._resume_at: float | None = None  # when a balance stop sends again
         self._empty_replies = 0  # consecutive replies that answered no item (damaged)
         self._out = Drained()
         self._rate_limited_until: dict[str, float] = {}
@@ -500,8 +504,12 @@ class Engine(ResponseHandling, InteractiveLane):
         return Wait(due)
 
     def _next(self, now: float) -> Action:
-        if self._fatal is not None:
-            return _WAIT if self._inflight else self._fatal
+        if self._fatal is not None and not self._topup_due(now):
+            if self._inflight:
+                return _WAIT
+            if self._resume_at is None:
+                return self._fatal
+            return Wait(self._resume_at - now)
         delayed = self._delayed
         if delayed and delayed[0][0] <= now:
             self._release_delayed(now)
@@ -600,6 +608,15 @@ class Engine(ResponseHandling, InteractiveLane):
         self._inflight[call_id] = call
         self.counts.requests += 1
         return Send(call)
+
+    def _topup_due(self, now: float) -> bool:
+        """Lift a balance stop whose top-up is due (``topups``): the job sends again, and a
+        further 402 stops it or waits anew. Whether it was lifted."""
+        resume = self._resume_at
+        if resume is None or now < resume:
+            return False
+        self._fatal = self._resume_at = None
+        return True
 
     def _spend_gate(self, provider: str, model: str, prompt_tokens: int, max_tokens: int,
                     left: str = "the items left are pending") -> float | Action:

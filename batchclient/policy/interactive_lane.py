@@ -51,6 +51,7 @@ class InteractiveLane:
     _interactive_out: dict[int, Outcome]
     _next_call: int
     _fatal: Done | None
+    _resume_at: float | None
     _now: float
     _spend: SpendBudget | None
     _spend_id: int
@@ -60,6 +61,7 @@ class InteractiveLane:
         def throttle(self, provider: str, model: str) -> Throttle: ...
         def _serves(self, provider: str, model: str) -> bool: ...
         def _stop_fatal(self, verdict: Classified, response: Response) -> None: ...
+        def _topup_due(self, now: float) -> bool: ...
         def _spend_gate(self, provider: str, model: str, prompt_tokens: int,
                         max_tokens: int, left: str = ...) -> float | Action: ...
 
@@ -78,8 +80,10 @@ class InteractiveLane:
         ``stream`` None follows the client's ``stream.enabled``."""
         self._now = now
         msgs = tuple(dict(m) for m in messages)
-        if self._fatal is not None:
-            return UserDecision(False, 0.0, self._fatal.reason or "job stopped")
+        if self._fatal is not None and not self._topup_due(now):
+            # out of balance until a top-up: ask again then; else stopped for good
+            wait = 0.0 if self._resume_at is None else max(0.0, self._resume_at - now)
+            return UserDecision(False, wait, self._fatal.reason or "job stopped", stopped=True)
         if self.user_limits is not None:
             decision = self.user_limits.admit(now, user, chat_prompt_tokens(msgs) + max_tokens,
                                               tier)

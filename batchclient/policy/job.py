@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,6 +24,24 @@ EXIT_NO_ANSWERS = 5
 # the run's own budget (spend_cap_usd) reached: no request sent that could pass it
 EXIT_SPEND_CAP = 6
 EXIT_INTERRUPTED = 130
+
+# A job stopped by its balance with top-ups scheduled (a harness's ``load.topups``) tries
+# again at the next one; within TOPUP_GRACE_S after one it tries every TOPUP_PROBE_S, since
+# a top-up made by another process (a live run's parent polls its clock) may land late.
+TOPUP_GRACE_S = 60.0
+TOPUP_PROBE_S = 5.0
+
+
+def resume_after_balance(topups: Sequence[float], now: float) -> float | None:
+    """When a job whose balance ran out at ``now`` (virtual s) sends again, given the times
+    of the top-ups scheduled for its providers: the next top-up, or shortly when the last
+    one may not have landed yet; None when none is due (the job stops, exit 3)."""
+    later = [t for t in topups if t > now]
+    if later:
+        return min(later)
+    if any(now - TOPUP_GRACE_S <= t <= now for t in topups):
+        return now + TOPUP_PROBE_S
+    return None
 
 class InputError(ValueError):
     """Unusable input (exit status 2): the message names the item or setting."""

@@ -29,6 +29,7 @@ from batchclient.policy.job import (
     Counts,
     Done,
     ItemResult,
+    resume_after_balance,
 )
 from batchclient.policy.parsing import ParsedReply, parse_reply, read_completion
 from batchclient.policy.ratelimit_headers import read_rate_headers
@@ -68,6 +69,8 @@ class ResponseHandling:
     _seq: int
     _head_moves: int
     _fatal: Done | None
+    _resume_at: float | None
+    topups: tuple[float, ...]
     _spend: SpendBudget | None
     _spend_id: int
     _largest_charge: float | None
@@ -235,10 +238,13 @@ class ResponseHandling:
 
     def _stop_fatal(self, verdict: Classified, response: Response) -> None:
         """A fatal answer (money, authentication) stops dispatch for the whole key: the
-        job ends with its exit status once in-flight requests are back."""
+        job ends with its exit status once in-flight requests are back, or, out of balance
+        with a top-up scheduled (``topups``), waits for it and goes on."""
         if self._fatal is None:
             status = EXIT_BALANCE if verdict.verdict == Verdict.FATAL_BALANCE else EXIT_AUTH
             self._fatal = Done(status, verdict.reason)
+            if status == EXIT_BALANCE and self.topups:
+                self._resume_at = resume_after_balance(self.topups, self._now)
         self._fail_interactive_queue((response, verdict))
 
     def _reply(self, response: Response, verdict: Classified

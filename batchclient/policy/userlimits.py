@@ -49,11 +49,15 @@ class TokenBucket:
 
 @dataclass(frozen=True, slots=True)
 class UserDecision:
-    """Allowed, or refused with the reason and the virtual seconds until a retry may pass."""
+    """Allowed, or refused with the reason and the virtual seconds until a retry may pass.
+    ``stopped``: refused because the lane stopped (a fatal answer), not by a per-user limit:
+    ``retry_in_s`` is then the wait until it goes on (a top-up is due), 0 when it stopped
+    for good."""
 
     allowed: bool
     retry_in_s: float = 0.0
     reason: str = ""
+    stopped: bool = False
 
 
 class UserLimits:

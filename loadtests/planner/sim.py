@@ -42,6 +42,7 @@ from loadtests.planner.assemble import (
 from loadtests.planner.events import ArmEvents
 from loadtests.planner.transport import VirtualTransport
 from loadtests.recorder import Event, Recorder, recorder_for
+from loadtests.run_setup import topup_times
 from loadtests.scenario_model import Scenario, UserGroup
 from loadtests.shapes import read_trace
 from loadtests.workload import chat_sizes, chat_text
@@ -98,6 +99,7 @@ class ArmDriver:
         served = {p.name: transport.list_models(p.name) for p in self.config.providers}
         self.engine = Engine(self.task, self.config, random.Random(self.config.seed), served,
                              (), user_limits)
+        self.engine.topups = topup_times(scenario, setup.arm)
         self.cache = SqliteResultCache(":memory:") if self.config.cache_path else None
         self.adapter = ArmEvents(setup.arm.name)
         self._done: deque[tuple[Call, Response, bool, str | None]] = deque()
@@ -347,6 +349,13 @@ def _closed_user(env: simpy.Environment, driver: ArmDriver, group: UserGroup,
         if outcome is None:
             return
         if isinstance(outcome, UserDecision):
+            if outcome.stopped:
+                # the lane stopped on a fatal answer, nothing sent: wait for it to go on
+                # (a top-up is due) or stop, as the live user idles
+                if outcome.retry_in_s <= 0:
+                    return
+                yield env.timeout(outcome.retry_in_s)
+                continue
             driver.record([Event(env.now, "request", driver.setup.arm.name, "http_429",
                                  status=429, stage=stage)])
             yield env.timeout(max(outcome.retry_in_s, 0.001))
@@ -362,7 +371,7 @@ def _open_arrival(env: simpy.Environment, driver: ArmDriver, group: UserGroup,
     user = f"{group.name}-{index % max(1, group.user_ids)}"
     outcome = yield from driver.chat(user, [{"role": "user", "content": text}], max_tokens,
                                      stage)
-    if isinstance(outcome, UserDecision):
+    if isinstance(outcome, UserDecision) and not outcome.stopped:
         driver.record([Event(env.now, "request", driver.setup.arm.name, "http_429",
                              status=429, stage=stage)])
 

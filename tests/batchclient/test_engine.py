@@ -19,7 +19,14 @@ from batchclient.policy.engine import (
     Send,
     Wait,
 )
+from batchclient.policy.job import (
+    EXIT_OK,
+    TOPUP_GRACE_S,
+    TOPUP_PROBE_S,
+    resume_after_balance,
+)
 from batchclient.policy.tokens import text_tokens
+from batchclient.policy.userlimits import UserDecision
 from batchclient.policy.wire import Call, Item, Response
 from tests.batchclient.bc_fakes import FakeProvider, code_of, config, drive, items, task
 
@@ -150,6 +157,51 @@ def test_402_stops_dispatch_and_keeps_items_pending() -> None:
     done, _, results = drive(engine, FakeProvider(script={3: 402}))
     assert done.status == EXIT_BALANCE
     assert len(results) == 40 and engine.counts.pending == 60
+
+
+def test_402_with_a_top_up_scheduled_waits_for_it_and_goes_on() -> None:
+    # one request at a time, 0.5 s each: the third (at 1.0 s) is refused; the top-up is
+    # due at 30 s, when the job sends again and finishes every item
+    engine = make(100, concurrency={"limit": 1})
+    engine.topups = (30.0,)
+    fake = FakeProvider(script={3: 402})
+    sends: list[float] = []
+
+    def answer(call: Call) -> Response:
+        sends.append(call.sent_at)
+        return fake(call)
+
+    done, _, results = drive(engine, answer)
+    assert done.status == EXIT_OK and len(results) == 100
+    assert sends[:4] == [0.0, 0.5, 1.0, 30.0] and engine.counts.requests == 6
+    # a chat asked during the wait is refused until the top-up, not for good
+    paused = make(20, concurrency={"limit": 1})
+    paused.topups = (30.0,)
+    first = paused.next_action(0.0)
+    assert isinstance(first, Send)
+    paused.on_response(0.5, first.call, FakeProvider(script={1: 402})(first.call))
+    assert paused.next_action(0.5) == Wait(29.5)
+    refusal = paused.submit_interactive(10.0, "u", [{"role": "user", "content": "hi"}], 10)
+    assert isinstance(refusal, UserDecision)
+    assert (refusal.allowed, refusal.stopped, refusal.retry_in_s) == (False, True, 20.0)
+    assert isinstance(paused.submit_interactive(30.0, "u", [{"role": "user", "content": "hi"}],
+                                                10), int)
+    # with none scheduled the stop is for good
+    stopped = make(20, concurrency={"limit": 1})
+    first = stopped.next_action(0.0)
+    assert isinstance(first, Send)
+    stopped.on_response(0.5, first.call, FakeProvider(script={1: 402})(first.call))
+    assert isinstance(stopped.next_action(0.5), Done)
+    refusal = stopped.submit_interactive(10.0, "u", [{"role": "user", "content": "hi"}], 10)
+    assert isinstance(refusal, UserDecision) and refusal.stopped and refusal.retry_in_s == 0.0
+
+
+def test_resume_after_balance_picks_the_next_top_up_or_probes_a_late_one() -> None:
+    assert resume_after_balance((), 10.0) is None
+    assert resume_after_balance((300.0, 100.0), 50.0) == 100.0
+    # just after a top-up's time (a late one: another process applies it): try again soon
+    assert resume_after_balance((100.0,), 101.0) == 101.0 + TOPUP_PROBE_S
+    assert resume_after_balance((100.0,), 100.0 + TOPUP_GRACE_S + 1) is None
 
 
 def test_401_is_fatal_auth() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import json
 import random
 import re
 import signal
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from batchclient.policy.job import TOPUP_GRACE_S
 from loadtests.rundir import read_run
 from loadtests.scenario import load_scenario
 from loadtests.shapes import arrivals, read_trace
@@ -158,18 +160,31 @@ def test_seed001_batching_beats_single_and_naive(tmp_path: Path) -> None:
 
 def test_seed002_lanes_cache_and_stages(tmp_path: Path) -> None:
     out = tmp_path / "s2"
-    assert ratelab_run(SCENARIOS / "seed002-lanes-and-cache.yaml", out, "--items", "1500",
-                       "--duration-s", "300") == 0
+    assert ratelab_run(SCENARIOS / "seed002-lanes-and-cache.yaml", out,
+                       "--duration-s", "420") == 0
     s = summary(out)
     bg, chat = arm(s, "background"), arm(s, "chat")
-    assert bg["items"]["done"] + bg["items"]["dead_letter"] == 1500
+    assert bg["items"]["done"] + bg["items"]["dead_letter"] == 6000
     assert bg["items"]["lost"] == 0
     assert bg["items"]["cached"] > 300  # 40 % duplicates answered without paying twice
     assert bg["requests"]["retry_amplification"] <= 1.2
     assert chat["requests"]["total"] > 50 and chat["latency_ms"]["p95"] <= 20000
     assert chat["requests"]["error_rate"] <= 0.05
-    assert [st["name"] for st in s["stages"]][:2] == ["light", "busy"]
+    assert [st["name"] for st in s["stages"]][:3] == ["light", "busy", "peak"]
     assert locust_mismatches(out, s) == []  # cached items and chats, kept apart
+    # the balance runs dry during "busy": a 402 (one per chat then in flight), then the
+    # chat lane waits for the top-up at 300 s rather than stop for good, and serves again
+    events = [json.loads(line) for log in out.glob("events-*.jsonl")
+              for line in log.read_text().splitlines()]
+    chats = [e["t"] for e in events if e.get("kind") == "request" and e["arm"] == "chat"]
+    refused = [e["t"] for e in events if e.get("kind") == "request" and e["status"] == 402]
+    assert chat["requests"]["http_402"] == len(refused) >= 1
+    dry = min(refused)
+    assert 180 < dry < 300
+    # none later but those in flight then, or a try as the top-up lands (the parent's poll)
+    assert all(t <= dry + 2 or 300 <= t < 300 + TOPUP_GRACE_S for t in refused)
+    assert not [t for t in chats if dry + 2 <= t < 300]
+    assert len([t for t in chats if t >= 300]) > 100
 
 
 def test_seed000_sweep_finds_the_knee_at_the_tpm_limit(tmp_path: Path) -> None:

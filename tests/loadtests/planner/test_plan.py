@@ -58,6 +58,21 @@ def test_json_schema_is_planned_as_the_provider_answers_it() -> None:
     assert held["bound"]["items_per_min"] < plain["bound"]["items_per_min"]
 
 
+def test_a_balance_that_runs_dry_waits_for_its_top_up() -> None:
+    # seed002: the chats spend the balance during "busy"; the lane waits for the top-up
+    # at 300 s (no refusal recorded as a request, no user spinning on it) and goes on
+    result = plan_scenario(load_scenario(SCENARIOS / "seed002-lanes-and-cache.yaml"))
+    chat = next(a for a in result.summary()["arms"] if a["name"] == "chat")
+    assert chat["requests"]["http_402"] == 1 and chat["requests"]["http_429"] == 0
+    rows = [r for r in result.recorder.timeseries_rows() if r["arm"] == "chat"]
+    # the 402 is the last error before the top-up: nothing is sent after it until then
+    dry = max(r["t_s"] for r in rows if r["t_s"] < 300 and r["errors"])
+    assert 180 < dry < 290
+    assert sum(r["requests"] for r in rows if dry + 1 <= r["t_s"] < 300) == 0
+    assert sum(r["requests"] for r in rows if 300 <= r["t_s"] < 310) > 10
+    assert result.requests < 5000  # 2,152 in all (it was 9.7 million refusals)
+
+
 def test_batching_beats_single_by_the_token_ratio() -> None:
     batch = plan_scenario(load_scenario(HERE / "fid-batch.yaml")).summary()["arms"][0]
     single = plan_scenario(load_scenario(HERE / "fid-single.yaml")).summary()["arms"][0]
