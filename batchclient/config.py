@@ -49,10 +49,14 @@ class Price:
 
 @dataclass(frozen=True, slots=True)
 class ModelLimits:
-    """Rate limits of one model at one provider (per virtual minute; None = unknown)."""
+    """Rate limits of one model at one provider (per virtual minute; None = unknown).
+    ``input_tpm`` and ``output_tpm``: separate limits of prompt and reply tokens, as an
+    Anthropic-like provider sets them (with or without a total ``tpm``)."""
 
     tpm: int | None = None
     rpm: int | None = None
+    input_tpm: int | None = None
+    output_tpm: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,8 +227,13 @@ def _spend_cap(r: Reader) -> float | None:
     return cap
 
 
+def _read_limits(r: Reader) -> ModelLimits:
+    return ModelLimits(tpm=r.opt_int("tpm"), rpm=r.opt_int("rpm"),
+                       input_tpm=r.opt_int("input_tpm"), output_tpm=r.opt_int("output_tpm"))
+
+
 def _limits(r: Reader) -> ModelLimits:
-    limits = ModelLimits(tpm=r.opt_int("tpm"), rpm=r.opt_int("rpm"))
+    limits = _read_limits(r)
     r.finish()
     return limits
 
@@ -245,7 +254,7 @@ def _provider(r: Reader, default_scale: float) -> ProviderSettings:
     if not isinstance(api_key, str) or not api_key:
         raise r.fail("api_key", "a non-empty string (or api_key_env)")
     time_scale = r.float_("time_scale", default_scale, 1e-9)
-    limits = ModelLimits(tpm=r.opt_int("tpm"), rpm=r.opt_int("rpm"))
+    limits = _read_limits(r)
     model_limits: dict[str, ModelLimits] = {}
     ml = r.child("model_limits")
     for model in list(ml.data):

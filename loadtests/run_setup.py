@@ -22,6 +22,7 @@ from batchclient.policy.wire import Item
 from loadtests.bound import BoundInputs
 from loadtests.scenario_model import Arm, Scenario
 from loadtests.workload import WorkloadGenerator, system_prompt
+from simulator.model.profile import LimitSpec
 from simulator.model.structured import batch_object
 
 DEFAULT_MODEL = "gpt-4o-mini"
@@ -111,17 +112,13 @@ def provider_entries(
                                  "time_scale": scenario.time_scale}
         spec = _limit_spec(scenario, arm, name, model)
         if spec is not None:
-            if spec.tpm:
-                entry["tpm"] = int(spec.tpm)
-            if spec.rpm:
-                entry["rpm"] = int(spec.rpm)
+            entry.update(_client_limits(spec))
             entry["tpm_counting"] = "actual" if spec.counting == "actual" else "reserve_max_tokens"
         # every model's own limits: a routing rule that sends items to another model
         # throttles them against that model's window, not the task model's
         # (an empty one: that model has no limit)
         entry["model_limits"] = {
-            m: {k: int(v) for k, v in (("tpm", s.tpm), ("rpm", s.rpm)) if v}
-            for m, s in _key_limits(scenario, arm, name).items()}
+            m: _client_limits(s) for m, s in _key_limits(scenario, arm, name).items()}
         profile = _profile(scenario, name)
         if profile is not None:
             entry["prices"] = {
@@ -145,6 +142,14 @@ def client_config(
     if isinstance(data.get("cache_path"), str):
         data["cache_path"] = str(Path(run_dir) / data["cache_path"])
     return parse_client_config(data, f"{scenario.path}: arms.{arm.name}.client")
+
+
+def _client_limits(spec: LimitSpec) -> dict[str, int]:
+    """The client config's limits of a simulator limit spec: TPM, RPM, and input and output
+    TPM where the provider limits them apart (those it leaves unset are left out)."""
+    pairs = (("tpm", spec.tpm), ("rpm", spec.rpm), ("input_tpm", spec.input_tpm),
+             ("output_tpm", spec.output_tpm))
+    return {k: int(v) for k, v in pairs if v}
 
 
 def topup_times(scenario: Scenario, arm: Arm) -> tuple[float, ...]:

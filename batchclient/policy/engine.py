@@ -176,7 +176,8 @@ class Engine(ResponseHandling, InteractiveLane):
             if self.strategy == "naive":
                 settings = replace(settings, enabled=False, use_headers=False)
             throttle = Throttle(settings, limits.tpm, limits.rpm, p.reserve_max_tokens,
-                                share=p.share)
+                                share=p.share, input_tpm=limits.input_tpm,
+                                output_tpm=limits.output_tpm)
             self._throttles[key] = throttle
         return throttle
 
@@ -558,7 +559,8 @@ class Engine(ResponseHandling, InteractiveLane):
         throttle = self.throttle(provider, model)
         expected = max_tokens - self.config.batch.reply_slack_tokens
         reserve = throttle.estimate(prompt_tokens, max_tokens, expected)
-        wait = throttle.delay(now, reserve, limit, ceiling=self.lanes.background_ceiling)
+        wait = throttle.delay(now, reserve, limit, ceiling=self.lanes.background_ceiling,
+                              prompt=prompt_tokens)
         if wait > 0:
             return Wait(wait)
         held = 0.0
@@ -601,7 +603,7 @@ class Engine(ResponseHandling, InteractiveLane):
             attempt=attempt, timeout_s=self.config.timeout_s, stream=stream, sent_at=now,
             resend=resend,
         )
-        throttle.reserve(now, call_id, reserve)
+        throttle.reserve(now, call_id, reserve, prompt_tokens)
         if self._spend is not None:
             self._spend.hold((self._spend_id, call_id), held)
         self.breakers[provider].on_dispatch(now)

@@ -146,7 +146,8 @@ class InteractiveLane:
         throttle = self.throttle(provider, req.model)
         prompt = chat_prompt_tokens(req.messages)
         reserve = throttle.estimate(prompt, req.max_tokens, req.max_tokens)
-        wait = throttle.delay(now, reserve, self.concurrency.limit, graduated=False)
+        wait = throttle.delay(now, reserve, self.concurrency.limit, graduated=False,
+                              prompt=prompt)
         if wait > 0:
             return Wait(wait)
         held = 0.0
@@ -174,7 +175,7 @@ class InteractiveLane:
                     reserved_tokens=reserve, attempt=req.attempt,
                     timeout_s=self.config.timeout_s, stream=req.stream, lane="interactive",
                     sent_at=now, request_id=req.request_id)
-        throttle.reserve(now, call_id, reserve)
+        throttle.reserve(now, call_id, reserve, prompt)
         if self._spend is not None:
             self._spend.hold((self._spend_id, call_id), held)
         self.breakers[provider].on_dispatch(now)

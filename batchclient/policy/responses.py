@@ -166,7 +166,9 @@ class ResponseHandling:
         verdict = classify(response, provider.time_scale)
         content, finish, usage = self._reply(response, verdict)
         tokens, requests = self._window_usage(call, response, verdict, content, usage, provider)
-        throttle.settle(now, call.call_id, tokens, requests=requests)
+        # the prompt's part, for a provider limiting input and output tokens apart
+        prompt = usage.prompt_tokens if usage is not None else call.prompt_tokens
+        throttle.settle(now, call.call_id, tokens, requests=requests, prompt=prompt)
         throttle.observe(now, read_rate_headers(response.headers, provider.time_scale))
         charged = 0.0
         if response.status and response.status < 500 and response.status != 402:

@@ -21,6 +21,9 @@ class _Entry:
     tokens: int
     requests: int
     alive: bool = True
+    # of ``tokens``, the prompt's (input); the rest is the reply's (output): kept for a
+    # provider that limits input and output tokens separately
+    prompt: int = 0
 
 
 @dataclass(slots=True)
@@ -34,7 +37,10 @@ class _Snapshot:
 
 
 class Throttle:
-    """Rolling-window throttle of one (provider, model) against its TPM and RPM."""
+    """Rolling-window throttle of one (provider, model) against its TPM and RPM, and its
+    input and output TPM where the provider limits them separately (``input_tpm``,
+    ``output_tpm``: prompt tokens, reply tokens). Those two count our own usage only (the
+    headers correct the total)."""
 
     def __init__(
         self,
@@ -43,10 +49,16 @@ class Throttle:
         rpm: int | None,
         reserve_max_tokens: bool = True,
         share: float = 1.0,
+        input_tpm: int | None = None,
+        output_tpm: int | None = None,
     ) -> None:
         self.settings = settings
         self.tpm = tpm
         self.rpm = rpm
+        self.input_tpm = input_tpm
+        self.output_tpm = output_tpm
+        self.split = bool(input_tpm or output_tpm)
+        self.used_prompt = 0
         # the part of the key's limits our own usage may take (other clients share it)
         self.share = share
         self.reserve_max_tokens = reserve_max_tokens
@@ -75,30 +87,36 @@ class Throttle:
                 entry.alive = False
                 self.used_tokens -= entry.tokens
                 self.used_requests -= entry.requests
+                self.used_prompt -= entry.prompt
 
-    def reserve(self, now: float, key: int, tokens: int) -> None:
-        """Count a dispatched request (``tokens`` estimated) in the window."""
+    def reserve(self, now: float, key: int, tokens: int, prompt: int = 0) -> None:
+        """Count a dispatched request (``tokens`` estimated, ``prompt`` of them its
+        prompt's) in the window."""
         self._prune(now)
-        entry = _Entry(now, tokens, 1)
+        entry = _Entry(now, tokens, 1, True, prompt)
         self._entries.append(entry)
         self._by_key[key] = entry
         self.used_tokens += tokens
         self.used_requests += 1
+        self.used_prompt += prompt
         self._last_dispatch = now
 
     def settle(self, now: float, key: int, tokens: int, counted: bool = True,
-               requests: int | None = None) -> None:
-        """Replace a reservation by the actual usage; ``counted=False`` when the provider
-        did not count the request at all (connection failed); ``requests`` overrides the
-        request count (a refusal the provider counts against RPM but not TPM)."""
+               requests: int | None = None, prompt: int = 0) -> None:
+        """Replace a reservation by the actual usage (``prompt`` of ``tokens`` the
+        prompt's); ``counted=False`` when the provider did not count the request at all
+        (connection failed); ``requests`` overrides the request count (a refusal the
+        provider counts against RPM but not TPM)."""
         entry = self._by_key.pop(key, None)
         if entry is None or not entry.alive:
             return
         new_tokens = tokens if counted else 0
         new_requests = requests if requests is not None else (1 if counted else 0)
+        new_prompt = prompt if counted and prompt < new_tokens else new_tokens
         self.used_tokens += new_tokens - entry.tokens
         self.used_requests += new_requests - entry.requests
-        entry.tokens, entry.requests = new_tokens, new_requests
+        self.used_prompt += new_prompt - entry.prompt
+        entry.tokens, entry.requests, entry.prompt = new_tokens, new_requests, new_prompt
         self._prune(now)
 
     def block(self, until: float) -> None:
@@ -149,16 +167,21 @@ class Throttle:
                     requests = floor
         return tokens, requests
 
-    def _wait_for_room(self, now: float, excess_tokens: int, excess_requests: int) -> float:
-        """Seconds until enough of our own entries leave the window to free the excess."""
-        freed_t = freed_r = 0
+    def _wait_for_room(self, now: float, excess_tokens: int, excess_requests: int,
+                       excess_prompt: int = 0, excess_reply: int = 0) -> float:
+        """Seconds until enough of our own entries leave the window to free the excess
+        (of tokens, requests, and with split limits of prompt and reply tokens)."""
+        freed_t = freed_r = freed_p = freed_o = 0
         window = self.settings.window_s + self.settings.expiry_margin_s
         for entry in self._entries:
             if not entry.alive:
                 continue
             freed_t += entry.tokens
             freed_r += entry.requests
-            if freed_t >= excess_tokens and freed_r >= excess_requests:
+            freed_p += entry.prompt
+            freed_o += entry.tokens - entry.prompt
+            if (freed_t >= excess_tokens and freed_r >= excess_requests
+                    and freed_p >= excess_prompt and freed_o >= excess_reply):
                 return max(0.0, entry.t + window - now)
         snap = self._snapshot
         if snap is not None and now < snap.valid_until:
@@ -166,8 +189,9 @@ class Throttle:
         return 0.0
 
     def delay(self, now: float, tokens: int, slots: int = 1, ceiling: float | None = None,
-              graduated: bool = True) -> float:
-        """Seconds to wait before dispatching a request of ``tokens`` (0 = go now).
+              graduated: bool = True, prompt: int = 0) -> float:
+        """Seconds to wait before dispatching a request of ``tokens`` (0 = go now), of which
+        ``prompt`` are its prompt's (for split input and output limits).
 
         Hard part: never plan beyond ``ceiling`` of TPM/RPM in the window. Graduated part:
         above each step's usage fraction, space dispatches by its delay divided over the
@@ -204,6 +228,9 @@ class Throttle:
                 own = int(own_r + 1 - rpm * share * ceiling + 0.999999)
                 if own > excess_r:
                     excess_r = own
+        if self.split:
+            return self._split_delay(now, tokens, prompt, slots, ceiling, share, graduated,
+                                     excess_t, excess_r, used_t, used_r)
         if (excess_t > 0 and used_t > 0) or (excess_r > 0 and used_r > 0):
             wait = self._wait_for_room(now, excess_t if excess_t > 0 else 0,
                                        excess_r if excess_r > 0 else 0)
@@ -225,6 +252,47 @@ class Throttle:
                 fraction = max(fraction, (self.used_requests + 1) / (rpm * share))
         step_delay = 0.0
         for threshold, delay in settings.steps:
+            if fraction > threshold:
+                step_delay = delay
+        if step_delay > 0:
+            wait = self._last_dispatch + step_delay / (slots if slots > 1 else 1) - now
+            return wait if wait > 0.0 else 0.0
+        return 0.0
+
+    def _split_delay(self, now: float, tokens: int, prompt: int, slots: int, ceiling: float,
+                     share: float, graduated: bool, excess_t: int, excess_r: int,
+                     used_t: int, used_r: int) -> float:
+        """``delay`` with input and output limits besides TPM and RPM (whose excesses and
+        usage it is given): our own prompt and reply tokens against ``share`` of each limit,
+        never planned beyond ``ceiling`` of it."""
+        used_p = self.used_prompt
+        used_o = self.used_tokens - used_p
+        reply = tokens - prompt
+        excess_p = excess_o = 0
+        fractions = [0.0]
+        if self.input_tpm:
+            limit = self.input_tpm * share
+            excess_p = int(used_p + prompt - limit * ceiling)
+            fractions.append((used_p + prompt) / limit)
+        if self.output_tpm:
+            limit = self.output_tpm * share
+            excess_o = int(used_o + reply - limit * ceiling)
+            fractions.append((used_o + reply) / limit)
+        if ((excess_t > 0 and used_t > 0) or (excess_r > 0 and used_r > 0)
+                or (excess_p > 0 and used_p > 0) or (excess_o > 0 and used_o > 0)):
+            wait = self._wait_for_room(now, max(0, excess_t), max(0, excess_r),
+                                       max(0, excess_p), max(0, excess_o))
+            if wait > 0:
+                return wait
+        if not graduated:
+            return 0.0
+        if self.tpm:
+            fractions.append((used_t + tokens) / self.tpm)
+        if self.rpm:
+            fractions.append((used_r + 1) / self.rpm)
+        fraction = max(fractions)
+        step_delay = 0.0
+        for threshold, delay in self.settings.steps:
             if fraction > threshold:
                 step_delay = delay
         if step_delay > 0:

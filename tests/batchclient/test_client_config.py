@@ -18,7 +18,8 @@ def test_full_mapping_parses_into_frozen_settings(monkeypatch: pytest.MonkeyPatc
             {"name": "a", "base_url": "http://h/v1/", "api_key_env": "KEY_VAR", "tpm": 1000,
              "tpm_counting": "actual", "failover_on_429": True,
              "prices": {"m": {"input": 0.15, "output": 0.6}},
-             "model_limits": {"m": {"tpm": 500, "rpm": 10}}},
+             "model_limits": {"m": {"tpm": 500, "rpm": 10},
+                              "c": {"input_tpm": 4000, "output_tpm": 800}}},
             {"name": "b", "base_url": "https://x", "api_key": "k", "time_scale": 1},
         ],
         "batch": {"max_items": 30, "token_budget": 9000, "adaptive": True},
@@ -32,6 +33,7 @@ def test_full_mapping_parses_into_frozen_settings(monkeypatch: pytest.MonkeyPatc
     assert (a.api_key, a.base_url, a.time_scale, a.reserve_max_tokens) == (
         "sk-env", "http://h/v1", 60.0, False)
     assert a.limits_for("m").tpm == 500 and a.limits_for("other").tpm == 1000
+    assert (a.limits_for("c").input_tpm, a.limits_for("c").output_tpm) == (4000, 800)
     assert a.prices["m"].output_per_m == 0.6 and b.time_scale == 1.0
     assert cfg.batch.max_items == 30 and cfg.concurrency.mode == "aimd"
     assert cfg.throttle.steps == ((0.9, 0.5),) and cfg.retry.naive_sleep == "immediate"

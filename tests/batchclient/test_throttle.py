@@ -29,6 +29,28 @@ def test_settle_replaces_the_reservation_by_actual_usage() -> None:
     assert (t.used_tokens, t.used_requests) == (300, 1)
 
 
+def test_input_and_output_limits_each_hold_their_own_tokens() -> None:
+    # an Anthropic-like key: 1,000 prompt and 200 reply tokens a minute, no total TPM
+    t = Throttle(NO_STEPS, tpm=None, rpm=None, input_tpm=1000, output_tpm=200)
+    t.reserve(0.0, 1, 700, prompt=600)  # 600 prompt + 100 reply
+    t.reserve(10.0, 2, 350, prompt=300)  # 300 + 50
+    # 100 prompt tokens fit the input limit; 150 wait for the first request to leave
+    assert t.delay(10.0, 120, prompt=100) == 0.0
+    assert t.delay(10.0, 170, prompt=150) == 50.0
+    # a reply-heavy request waits on the output limit though its prompt fits
+    assert t.delay(10.0, 110, prompt=10) == 50.0
+    # settled to its usage (a shorter reply), the first request frees output room
+    t.settle(11.0, 1, 620, prompt=600)
+    assert (t.used_tokens, t.used_prompt) == (970, 900)
+    assert t.delay(11.0, 110, prompt=10) == 0.0
+    # a refusal counts nothing, prompt included
+    t.reserve(12.0, 3, 50, prompt=40)
+    t.settle(12.5, 3, 0, prompt=40)
+    assert (t.used_tokens, t.used_prompt) == (970, 900)
+    # and the prompt's share leaves the window with its request
+    assert t.delay(65.0, 700, prompt=600) == 0.0 and t.used_prompt == 300
+
+
 def test_counting_mode_decides_what_is_reserved() -> None:
     assert Throttle(NO_STEPS, 1000, None, reserve_max_tokens=True).estimate(100, 50, 20) == 150
     assert Throttle(NO_STEPS, 1000, None, reserve_max_tokens=False).estimate(100, 50, 20) == 120

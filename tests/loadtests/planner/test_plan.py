@@ -73,6 +73,17 @@ def test_a_balance_that_runs_dry_waits_for_its_top_up() -> None:
     assert result.requests < 5000  # 2,152 in all (it was 9.7 million refusals)
 
 
+def test_separate_input_and_output_limits_are_throttled_apart() -> None:
+    # an Anthropic-like key with an input and an output limit and no total TPM: the client
+    # holds each (it sent 85% of its requests into 429s when it knew of neither)
+    arm = plan_scenario(load_scenario(HERE / "fid-split.yaml")).summary()["arms"][0]
+    assert arm["items"]["done"] == 6000 and arm["requests"]["http_429"] == 0
+    bound = arm["bound"]
+    assert bound["binding"] == "tpm" and set(bound["terms"]) >= {"input_tpm", "output_tpm"}
+    assert min(bound["terms"], key=bound["terms"].get) == "input_tpm"
+    assert 0.95 <= bound["steady_efficiency"] <= 1.0
+
+
 def test_batching_beats_single_by_the_token_ratio() -> None:
     batch = plan_scenario(load_scenario(HERE / "fid-batch.yaml")).summary()["arms"][0]
     single = plan_scenario(load_scenario(HERE / "fid-single.yaml")).summary()["arms"][0]
