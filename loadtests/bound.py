@@ -5,9 +5,11 @@ tokens each (or ``max_tokens`` where the provider reserves it):
 
     min( TPM * b / (S + b*(i+o)),  RPM * b,  60 * C * b / latency(b) )
 
-with input and output TPM as separate terms where the provider splits them. The binding
-term is reported as one of ``tpm``, ``rpm``, ``concurrency`` (the provider's concurrent
-request limit) or ``latency`` (the client's own in-flight cap over the request latency).
+with input and output TPM as separate terms where the provider splits them, and a daily
+token cap as its average over the day (``TPD * b / (S + b*(i+o)) / 1440``): a job that
+runs for days goes at that pace, whatever its TPM. The binding term is reported as one of
+``tpm``, ``rpm``, ``tokens_per_day``, ``concurrency`` (the provider's concurrent request
+limit) or ``latency`` (the client's own in-flight cap over the request latency).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-BINDINGS = ("tpm", "rpm", "concurrency", "latency")
+BINDINGS = ("tpm", "rpm", "tokens_per_day", "concurrency", "latency")
+MINUTES_PER_DAY = 1440.0
 
 # term of the bound -> the binding it reports as (input and output TPM are TPM)
 TERM_BINDING = {
@@ -25,6 +28,7 @@ TERM_BINDING = {
     "input_tpm": "tpm",
     "output_tpm": "tpm",
     "rpm": "rpm",
+    "tokens_per_day": "tokens_per_day",
     "concurrency": "concurrency",
     "latency": "latency",
 }
@@ -47,6 +51,7 @@ class BoundInputs:
     input_tpm: float | None = None
     output_tpm: float | None = None
     rpm: float | None = None
+    tokens_per_day: float | None = None
     provider_concurrency: float | None = None
     client_concurrency: float | None = None
     max_tokens: float | None = None
@@ -101,6 +106,10 @@ def throughput_bound(inputs: BoundInputs) -> Bound:
         terms["output_tpm"] = keys * inputs.output_tpm * b / reply
     if inputs.rpm is not None:
         terms["rpm"] = keys * inputs.rpm * b
+    if inputs.tokens_per_day is not None:
+        # a day counts what was used (the reply's actual tokens), whatever TPM reserves
+        terms["tokens_per_day"] = (keys * inputs.tokens_per_day * b
+                                   / (prompt + reply_expected) / MINUTES_PER_DAY)
     if inputs.latency_s > 0:
         if inputs.provider_concurrency is not None:
             terms["concurrency"] = 60.0 * keys * inputs.provider_concurrency * b / inputs.latency_s

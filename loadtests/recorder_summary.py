@@ -199,6 +199,7 @@ def _bound_obj(
             "input_tpm",
             "output_tpm",
             "rpm",
+            "tokens_per_day",
             "provider_concurrency",
             "client_concurrency",
         )
@@ -222,7 +223,11 @@ def _projection_rate(
 ) -> tuple[float, str]:
     """The rate a long job would keep: the steady rate when measured, else the run's rate
     capped at the bound (a job shorter than the rolling window runs faster than any long
-    job can: the empty window's head start), else the run's rate."""
+    job can: the empty window's head start), else the run's rate. Under a daily token cap
+    the bound itself: a minute's steady state says nothing of a budget a day spends as it
+    starts, and a job of days settles at the daily average."""
+    if bound is not None and bound.binding == "tokens_per_day":
+        return min(items_per_min, bound.items_per_min), "bound"
     if steady is not None:
         return steady, "steady"
     if bound is not None and 0 < bound.items_per_min < items_per_min:

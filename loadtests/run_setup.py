@@ -261,6 +261,7 @@ def bound_inputs(scenario: Scenario, arm: Arm, config: ClientConfig) -> BoundInp
         input_tpm=getattr(spec, "input_tpm", None),
         output_tpm=getattr(spec, "output_tpm", None),
         rpm=getattr(spec, "rpm", None),
+        tokens_per_day=getattr(spec, "tokens_per_day", None),
         provider_concurrency=getattr(spec, "concurrency", None),
         client_concurrency=config.concurrency.limit,
         max_tokens=max_tokens,

@@ -23,6 +23,9 @@ Block = tuple[Any, ...]
 ADVICE = {
     "tpm": "pack more items per request and keep the system prompt short, or buy more TPM",
     "rpm": "put more items in each request (RPM binds, not tokens)",
+    "tokens_per_day": ("the key's daily token cap binds: a long job goes at its daily "
+                       "average whatever the TPM; pack more items per request, add keys "
+                       "or move to a tier without a daily cap"),
     "concurrency": "the provider's concurrent-request limit binds: add keys or ask for more",
     "latency": "raise the client's in-flight limit (latency over concurrency binds)",
 }
@@ -145,6 +148,9 @@ def _above_bound(arm: Mapping[str, Any]) -> str:
             f"was {fmt_int(steady)} items/min, "
             f"{fmt_pct(steady * sent_share / bound['items_per_min'])} of the bound"
             + (" in items sent" if cached else ""))
+    if bound["efficiency"] * sent_share > 1 and bound.get("binding") == "tokens_per_day":
+        reasons.append("a daily token cap is a budget per day, spent at full pace as each "
+                       "day starts; a job of many days settles at the daily average")
     return " (above the bound because " + "; and ".join(reasons) + ")" if reasons else ""
 
 

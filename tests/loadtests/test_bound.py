@@ -48,6 +48,21 @@ def test_split_input_output_tpm_binds_as_tpm() -> None:
     assert (bound.binding, bound.items_per_min) == ("tpm", 200.0)
 
 
+def test_a_daily_token_cap_binds_at_its_daily_average() -> None:
+    # seed 003's free tier: 100,000 tokens a day. 20 items of 15 + 5 tokens and a 700-token
+    # prompt are 1,100 tokens a request: 1,818 items a day, 1.26 items/min, whatever TPM
+    day = throughput_bound(BoundInputs(700, 20, 15, 5, 1.0, tpm=200_000, rpm=500,
+                                       tokens_per_day=100_000, max_tokens=400,
+                                       reserve_max_tokens=True))
+    assert day.binding == "tokens_per_day"
+    # a day counts the reply's actual tokens, not the max_tokens a minute's window reserves
+    assert day.items_per_min == pytest.approx(100_000 * 20 / 1100 / 1440)
+    assert day.terms["tpm"] == pytest.approx(200_000 * 20 / 1400)
+    two_keys = throughput_bound(BoundInputs(700, 20, 15, 5, 1.0, tokens_per_day=100_000,
+                                            keys=2))
+    assert two_keys.items_per_min == pytest.approx(2 * day.items_per_min)
+
+
 def test_max_tokens_reservation_and_keys() -> None:
     reserved = throughput_bound(
         BoundInputs(700, 20, 15, 5, 1.0, tpm=200_000, max_tokens=400, reserve_max_tokens=True)

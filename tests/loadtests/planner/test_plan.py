@@ -84,6 +84,22 @@ def test_separate_input_and_output_limits_are_throttled_apart() -> None:
     assert 0.95 <= bound["steady_efficiency"] <= 1.0
 
 
+def test_a_daily_token_cap_is_named_as_the_binding_limit(tmp_path: Path) -> None:
+    # 6,000 items at 1,100 tokens a 20-item request: three days of a 100,000-token cap;
+    # the report names the cap and does not ask for more TPM
+    out = tmp_path / "day"
+    assert main(["plan", str(HERE / "fid-day.yaml"), "--out", str(out)]) == 0
+    arm = json.loads((out / "summary.json").read_text())["arms"][0]
+    assert arm["items"]["done"] == 6000
+    assert arm["bound"]["binding"] == "tokens_per_day"
+    assert arm["projection"]["needed_tpm"] is None
+    assert arm["projection"]["other_limit"]["binding"] == "tokens_per_day"
+    # 2,000,000 items at the daily average: about 1,100 days
+    assert 1000 < arm["projection"]["duration_s"] / 86400 < 1200
+    report = (out / "report.md").read_text()
+    assert "the **tokens_per_day** limit binds" in report and "daily token cap" in report
+
+
 def test_batching_beats_single_by_the_token_ratio() -> None:
     batch = plan_scenario(load_scenario(HERE / "fid-batch.yaml")).summary()["arms"][0]
     single = plan_scenario(load_scenario(HERE / "fid-single.yaml")).summary()["arms"][0]
