@@ -69,7 +69,9 @@ class ProviderSettings:
     its RPM window, as OpenAI's do (the default). ``share`` is the fraction of the key's
     limits this client may use when other clients (processes) share the key: its own
     usage stays within that part, while the provider's headers, which count every
-    client's, are still held against the whole limit.
+    client's, are still held against the whole limit. ``model``: the model every request
+    to this provider asks for, whatever the item's (a fallback that serves another model:
+    a failover to it changes model; None asks for the item's own).
     """
 
     name: str
@@ -83,6 +85,7 @@ class ProviderSettings:
     failover_on_429: bool = False
     count_refused: bool = True
     share: float = 1.0
+    model: str | None = None
 
     def limits_for(self, model: str) -> ModelLimits:
         """Limits that apply to ``model`` here (per-model entry, else the provider's)."""
@@ -274,7 +277,7 @@ def _provider(r: Reader, default_scale: float) -> ProviderSettings:
         reserve_max_tokens=counting == "reserve_max_tokens", prices=prices,
         failover_on_429=r.bool_("failover_on_429", False),
         count_refused=r.bool_("count_refused", True),
-        share=r.float_("share", 1.0, 1e-6),
+        share=r.float_("share", 1.0, 1e-6), model=r.opt_str("model"),
     )
     if settings.share > 1.0:
         raise r.fail("share", "a fraction of the key's limits, at most 1")

@@ -72,6 +72,11 @@ class Reader:
             raise self.fail(name, "a non-empty string")
         return value
 
+    def opt_str(self, name: str) -> str | None:
+        if self.raw(name) is None:
+            return None
+        return self.str_(name)
+
     def int_(self, name: str, default: int, minimum: int = 0) -> int:
         value = self.raw(name)
         if value is None:

@@ -203,8 +203,14 @@ class Runner:
         models = {self.task.model, *(r.model for r in self.config.routing),
                   *(m for _, m in self.predicates)}
         if served:
+            for p in self.config.providers:
+                if p.model is not None and p.model not in served.get(p.name, {p.model}):
+                    raise InputError(f"providers.{p.name}.model: model {p.model!r} is not "
+                                     f"served by {p.name} (per GET /v1/models)")
             for model in sorted(models):
-                if not any(model in served.get(p.name, {model}) for p in self.config.providers):
+                # a provider with a model of its own takes any item, asking for its model
+                if not any((p.model or model) in served.get(p.name, {p.model or model})
+                           for p in self.config.providers):
                     setting = "task.model" if model == self.task.model else "routing.model"
                     raise InputError(f"{setting}: model {model!r} is not served by any "
                                      "provider (per GET /v1/models)")

@@ -110,7 +110,10 @@ def provider_entries(
         entry: dict[str, Any] = {"name": name, "base_url": urls[name],
                                  "api_key": arm_key(scenario, arm, name),
                                  "time_scale": scenario.time_scale}
-        spec = _limit_spec(scenario, arm, name, model)
+        asked = arm.models.get(name)
+        if asked is not None:
+            entry["model"] = asked  # a fallback serving another model: its limits apply
+        spec = _limit_spec(scenario, arm, name, asked or model)
         if spec is not None:
             entry.update(_client_limits(spec))
             entry["tpm_counting"] = "actual" if spec.counting == "actual" else "reserve_max_tokens"

@@ -349,6 +349,7 @@ def _build(doc: dict[str, Any], path: Path) -> Scenario:
             key=a.get("key"),
             keys=int(a.get("keys", 1)),
             description=a.get("description", ""),
+            models=_freeze(a.get("models", {})),
         )
         for a in doc["arms"]
     )

@@ -73,7 +73,9 @@ def meaning_problems(doc: Mapping[str, Any], lines: LineMap, base: Path) -> list
 
     provider_names = {p["name"] for p in providers}
     arm_names = {a["name"]: a["strategy"] for a in arms}
+    served = {p["name"]: set(p.get("models") or {}) for p in providers}
     for index, arm in enumerate(arms):
+        listed = arm.get("providers") or [p["name"] for p in providers[:1]]
         for j, name in enumerate(arm.get("providers", [])):
             if name not in provider_names:
                 add(
@@ -81,6 +83,14 @@ def meaning_problems(doc: Mapping[str, Any], lines: LineMap, base: Path) -> list
                         ("arms", index, "providers", j), _unknown("provider", name, provider_names)
                     )
                 )
+        for name, model in (arm.get("models") or {}).items():
+            if name not in listed:
+                add(lines.problem(("arms", index, "models", name),
+                                  _unknown("provider of this arm", name, set(listed))))
+            elif served.get(name) and model not in served[name]:
+                add(lines.problem(("arms", index, "models", name),
+                                  f"provider {name!r} does not serve model {model!r} "
+                                  f"(it serves {', '.join(sorted(served[name]))})"))
 
     batch = load.get("batch")
     if batch is not None:

@@ -126,6 +126,9 @@ class Arm:
     keys: int = 1
     description: str = ""
     client_config: object | None = None  # parse_client_config's result, when the client is present
+    # the model the arm asks a provider for where it is not the task's (a fallback that
+    # serves another model), by provider name
+    models: Mapping[str, str] = field(default_factory=_empty)
 
 
 @dataclass(frozen=True, slots=True)

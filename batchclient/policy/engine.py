@@ -162,6 +162,8 @@ class Engine(ResponseHandling, InteractiveLane):
         # per model: the providers serving it, in failover order (``served_models`` is
         # fixed for the engine's life, so a decision need not ask ``_serves`` again)
         self._candidates: dict[str, tuple[ProviderSettings, ...]] = {}
+        # the model a provider is asked for whatever the item's (ProviderSettings.model)
+        self._asked = {p.name: p.model for p in config.providers if p.model}
 
     # ----------------------------------------------------------------- items
 
@@ -195,6 +197,8 @@ class Engine(ResponseHandling, InteractiveLane):
         return max(0.0, min(until.get(p.name, 0.0) for p in self.providers) - now)
 
     def _serves(self, provider: str, model: str) -> bool:
+        # a provider with a model of its own serves it for any item
+        model = self._asked.get(provider, model)
         if self._served is None or provider not in self._served:
             return True
         return model in self._served[provider]
@@ -556,6 +560,8 @@ class Engine(ResponseHandling, InteractiveLane):
                 list(map(_SIZES, states)), size, self.config.batch.token_budget)
             packed = self._packed = (key, states[:count], prompt_tokens, max_tokens)
         _, batch, prompt_tokens, max_tokens = packed
+        if self._asked:
+            model = self._asked.get(provider, model)  # a fallback serving another model
         throttle = self.throttle(provider, model)
         expected = max_tokens - self.config.batch.reply_slack_tokens
         reserve = throttle.estimate(prompt_tokens, max_tokens, expected)

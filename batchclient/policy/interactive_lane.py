@@ -52,6 +52,7 @@ class InteractiveLane:
     _next_call: int
     _fatal: Done | None
     _resume_at: float | None
+    _asked: dict[str, str]
     _now: float
     _spend: SpendBudget | None
     _spend_id: int
@@ -143,7 +144,8 @@ class InteractiveLane:
                 return Wait(None)
             waits = [w for w in (b.reopens_in(now) for b in self.breakers.values()) if w > 0]
             return Wait(min(waits or [self.config.breaker.cooldown_s]))
-        throttle = self.throttle(provider, req.model)
+        model = self._asked.get(provider, req.model)  # a fallback serving another model
+        throttle = self.throttle(provider, model)
         prompt = chat_prompt_tokens(req.messages)
         reserve = throttle.estimate(prompt, req.max_tokens, req.max_tokens)
         wait = throttle.delay(now, reserve, self.concurrency.limit, graduated=False,
@@ -153,7 +155,7 @@ class InteractiveLane:
         held = 0.0
         if self._spend is not None:
             # a chat holds its most possible cost against the spend cap as a batch does
-            gate = self._spend_gate(provider, req.model, prompt, req.max_tokens,
+            gate = self._spend_gate(provider, model, prompt, req.max_tokens,
                                     "the chats left are not sent")
             if not isinstance(gate, float):
                 return gate
@@ -164,13 +166,13 @@ class InteractiveLane:
         if req.attempt:
             call_id = self._next_call
             self._next_call += 1
-        body: dict[str, object] = {"model": req.model,
+        body: dict[str, object] = {"model": model,
                                    "messages": [dict(m) for m in req.messages],
                                    "max_tokens": req.max_tokens, "user": req.user}
         if req.stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
-        call = Call(call_id=call_id, provider=provider, model=req.model, item_ids=(),
+        call = Call(call_id=call_id, provider=provider, model=model, item_ids=(),
                     body=body, prompt_tokens=prompt, max_tokens=req.max_tokens,
                     reserved_tokens=reserve, attempt=req.attempt,
                     timeout_s=self.config.timeout_s, stream=req.stream, lane="interactive",

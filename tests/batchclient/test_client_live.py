@@ -19,6 +19,7 @@ from batchclient import (
     EXIT_BALANCE,
     AiohttpTransport,
     Event,
+    InputError,
     Item,
     Runner,
     SqliteJobStore,
@@ -334,6 +335,40 @@ async def test_primary_outage_moves_work_to_fallback_and_back(tmp_path: Path) ->
     assert to_fallback, "work never moved to the fallback"
     assert back_on_primary, "work never came back to the primary"
     assert min(t for t, _, _ in back_on_primary) > min(t for t, _, _ in to_fallback)
+
+
+async def test_failover_to_a_fallback_that_serves_another_model(tmp_path: Path) -> None:
+    # seed 003's "fallback: a different model": the fallback serves only m2, and the
+    # client asks it for m2 whatever the task's model; the primary's outage moves the work
+    # there and the answers (and their cost, by model) come back from m2
+    primary = provider("primary", faults={"outages": [{"start_s": 0, "end_s": 20,
+                                                       "status": 503}]})
+    fallback = provider("fallback", models={"m2": {"input_usd_per_mtok": 0.05,
+                                                   "output_usd_per_mtok": 0.2}})
+    with serve_in_thread(sim(primary, fallback, time_scale=50.0)) as server:
+        cfg = parse_client_config({
+            "time_scale": 50.0, "breaker": {"failures": 3, "cooldown_s": 15},
+            "retry": {"base_s": 0.5, "cap_s": 2}, "concurrency": {"limit": 2},
+            "providers": [
+                {"name": "primary", "base_url": server.base_url("primary"),
+                 "api_key": "sk-ratelab"},
+                {"name": "fallback", "base_url": server.base_url("fallback"),
+                 "api_key": "sk-ratelab", "model": "m2"}]}, "test")
+        events: list[Event] = []
+        items = make_items(1200)
+        result, store = await run_job(tmp_path, cfg, items, events)
+    assert (result.exit_status, result.done) == (0, 1200)
+    assert_all_correct(store, items)
+    answered = {(e.provider, e.model) for e in events if e.kind == "request" and e.status == 200}
+    assert answered == {("primary", "m1"), ("fallback", "m2")}
+    # a fallback asked for a model it does not serve is refused before any request
+    with serve_in_thread(sim(primary, fallback, time_scale=50.0)) as server:
+        wrong = parse_client_config({"providers": [
+            {"name": "fallback", "base_url": server.base_url("fallback"),
+             "api_key": "sk-ratelab", "model": "m3"}]}, "test")
+        with pytest.raises(InputError, match=r"providers\.fallback\.model: model 'm3' is not "
+                                             r"served by fallback"):
+            await run_job(tmp_path, wrong, items, name="wrong.sqlite")
 
 
 async def test_tpm_bound_job_keeps_429s_under_half_a_percent(tmp_path: Path) -> None:

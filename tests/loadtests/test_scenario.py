@@ -135,6 +135,18 @@ def test_stage_with_no_users_refused(tmp_path: Path) -> None:
     )
 
 
+def test_an_arm_model_for_a_provider_it_lists_that_serves_it(tmp_path: Path) -> None:
+    arm = "    strategy: semantic_batch\n"
+    unserved = refuse(tmp_path, GOOD.replace(arm, arm + "    models: {main: m2}\n"))
+    assert unserved == (f"{tmp_path / 'scenario.yaml'}:16: arms[0].models.main: provider "
+                        "'main' does not serve model 'm2' (it serves m1)")
+    unlisted = refuse(tmp_path, GOOD.replace(arm, arm + "    models: {spare: m1}\n"))
+    assert unlisted == (f"{tmp_path / 'scenario.yaml'}:16: arms[0].models.spare: unknown "
+                        "provider of this arm 'spare' (known: main)")
+    fine = load_scenario(write(tmp_path, GOOD.replace(arm, arm + "    models: {main: m1}\n")))
+    assert dict(fine.arms[0].models) == {"main": "m1"}
+
+
 def test_negative_rate_and_unknown_arm(tmp_path: Path) -> None:
     text = GOOD.replace("  item_tokens:", "  duplicate_rate: -0.1\n  item_tokens:").replace(
         "arm: chat", "arm: chatt"

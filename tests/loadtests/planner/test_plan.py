@@ -100,6 +100,19 @@ def test_a_daily_token_cap_is_named_as_the_binding_limit(tmp_path: Path) -> None
     assert "the **tokens_per_day** limit binds" in report and "daily token cap" in report
 
 
+def test_failover_to_a_backup_asked_for_another_model() -> None:
+    # the primary is down from 60 s to 180 s: the chats fail over to the backup, asked for
+    # gpt-4o (the arm's models), and none is lost; the same plan without it stays on
+    # gpt-4o-mini, 16 times cheaper a token
+    scenario = load_scenario(HERE / "fid-fallback-model.yaml")
+    assert dict(scenario.arms[0].models) == {"backup": "gpt-4o"}
+    other = plan_scenario(scenario).summary()["arms"][0]
+    same = plan_scenario(with_overrides(scenario, {"arms.chat.models": {}})).summary()["arms"][0]
+    for arm in (other, same):
+        assert arm["requests"]["unrecovered"] == 0 and arm["requests"]["total"] > 800
+    assert other["cost_usd"]["total"] > 3 * same["cost_usd"]["total"]
+
+
 def test_batching_beats_single_by_the_token_ratio() -> None:
     batch = plan_scenario(load_scenario(HERE / "fid-batch.yaml")).summary()["arms"][0]
     single = plan_scenario(load_scenario(HERE / "fid-single.yaml")).summary()["arms"][0]
