@@ -111,6 +111,9 @@ def _chat(group: UserGroup, user: str, prompt_tokens: int, max_tokens: int) -> N
         gevent.sleep(refused.retry_in_s / K if refused.retry_in_s > 0 else 3600.0)
         return
     _fire("LIMIT", group.arm, str(refused))
+    # the user waits until its bucket lets a chat through (then thinks, as after any
+    # chat), as the planner's user does: not a refusal per think time
+    gevent.sleep(refused.retry_in_s / K)
 
 
 class _Idle(User):

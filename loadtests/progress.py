@@ -45,6 +45,8 @@ class Totals:
             elif rec.get("outcome") == "dead_letter":
                 self.items_dead += n
             return
+        if rec.get("kind") != "request":
+            return  # a chat a per-user limit refused: nothing was sent
         self.requests += 1
         outcome = rec.get("outcome")
         if outcome == "ok":

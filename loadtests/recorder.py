@@ -70,6 +70,8 @@ class Event:
     ``latency_s`` (``ttft_s`` if streamed), carrying ``items`` items of which ``items_ok`` were
     resolved from its reply; ``retry`` marks a resend. ``kind="item"``: ``items`` items reached
     a final ``outcome`` in ITEM_OUTCOMES (``requeued`` counts an item left for the next pass).
+    ``kind="limited"``: a chat a per-user limit refused before it was sent (no request: it
+    is counted apart, as ``requests.user_limited``, live and planned alike).
     """
 
     t: float
@@ -152,6 +154,7 @@ class _ArmAcc:
         self.items: dict[str, int] = defaultdict(int)
         self.retries = 0
         self.truncated = 0
+        self.limited = 0  # chats refused by a per-user limit, never sent
         self.items_sent = 0
         self.items_ok_sent = 0
         self.items_resolved = 0
@@ -267,6 +270,11 @@ class Recorder:
                     event.items if event.outcome in ("done", "cached") else 0
                 )
             return
+        if event.kind == "limited":
+            acc.limited += 1
+            if event.stage is not None:
+                self._stage(event.stage)["user_limited"] += 1
+            return
         if event.kind != "request":
             raise ValueError(f"unknown event kind {event.kind!r}")
         # each field read once into a local (a plan adds one of these per request; the
@@ -334,6 +342,7 @@ class Recorder:
                 "ok": 0,
                 "http_429": 0,
                 "errors": 0,
+                "user_limited": 0,
                 "cost_usd": 0.0,
                 "items": 0,
                 "items_done": 0,

@@ -140,6 +140,8 @@ def arm_summary(rec: Recorder, name: str, pending: int = 0) -> dict[str, Any]:
             # requests needed (not retries) that never got a 2xx: what a user saw fail
             "unrecovered": max(0, needed - req["ok"]),
             "unrecovered_rate": _ratio(max(0, needed - req["ok"]), needed),
+            # chats a per-user limit refused before sending: not requests, not in total
+            "user_limited": acc.limited,
         },
         "throughput": {
             "items_per_min": items_per_min,
@@ -299,6 +301,7 @@ def stage_rows(stages: Mapping[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "requests": s["requests"],
                 "ok": s["ok"],
                 "http_429": s["http_429"],
+                "user_limited": s["user_limited"],
                 "errors": s["errors"],
                 "error_rate": _ratio(s["errors"], s["requests"]),
                 "rate_429": _ratio(s["http_429"], s["requests"]),

@@ -306,6 +306,12 @@ class ProcessState:
             await client.chat(user, [{"role": "user", "content": text}], max_tokens,
                               stream=group.stream)
         except UserLimited as exc:
+            if not exc.stopped:
+                # refused by the user's own limit before sending: counted apart, as the
+                # planner counts it
+                now = self.clock.now()
+                self.log.event(Event(now, "limited", arm.name, "refused",
+                                     stage=self.stage_of(group, now)))
             return exc
         return None
 

@@ -356,9 +356,10 @@ def _closed_user(env: simpy.Environment, driver: ArmDriver, group: UserGroup,
                     return
                 yield env.timeout(outcome.retry_in_s)
                 continue
-            driver.record([Event(env.now, "request", driver.setup.arm.name, "http_429",
-                                 status=429, stage=stage)])
-            yield env.timeout(max(outcome.retry_in_s, 0.001))
+            driver.record([Event(env.now, "limited", driver.setup.arm.name, "refused",
+                                 stage=stage)])
+            # wait until the bucket lets a chat through, then think, as the live user does
+            yield env.timeout(max(outcome.retry_in_s, 0.001) + group.think_s)
             continue
         if group.think_s > 0:
             yield env.timeout(group.think_s)
@@ -372,8 +373,8 @@ def _open_arrival(env: simpy.Environment, driver: ArmDriver, group: UserGroup,
     outcome = yield from driver.chat(user, [{"role": "user", "content": text}], max_tokens,
                                      stage)
     if isinstance(outcome, UserDecision) and not outcome.stopped:
-        driver.record([Event(env.now, "request", driver.setup.arm.name, "http_429",
-                             status=429, stage=stage)])
+        driver.record([Event(env.now, "limited", driver.setup.arm.name, "refused",
+                             stage=stage)])
 
 
 def _group(env: simpy.Environment, driver: ArmDriver, group: UserGroup, scenario: Scenario,

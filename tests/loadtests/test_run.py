@@ -35,6 +35,8 @@ from tests.loadtests.runs import (
     survivors,
 )
 
+PLANNER_SCENARIOS = ROOT / "tests" / "loadtests" / "planner" / "scenarios"
+
 CONTRACT = (
     "items.total", "items.done", "items.skipped", "items.dead_letter", "items.lost",
     "requests.total", "requests.ok", "requests.http_429", "requests.http_402",
@@ -235,6 +237,22 @@ def test_seed003_failover_and_watchdog_keep_users_served(tmp_path: Path) -> None
         "max_unrecovered_rate": True, "max_retry_amplification": True, "max_ttft_p95_ms": True}
     assert [st["name"] for st in s["stages"]] == ["ramp", "full"]
     assert locust_mismatches(out, s) == []  # 5xx and cancelled streams are ERR failures
+
+
+def test_per_user_refusals_are_counted_apart_as_planned(tmp_path: Path) -> None:
+    # the planner's test_chats_a_per_user_limit_refuses_are_counted_apart_not_as_429s, live:
+    # refused chats are neither requests nor 429s, and the counts agree with the plan's
+    # (planned: 243 requests, 200 refusals)
+    out = tmp_path / "limited"
+    assert ratelab_run(PLANNER_SCENARIOS / "fid-fallback-model.yaml", out,
+                       "--set", "load.users.crowd.per_user={rpm: 2}",
+                       "--set", "load.users.crowd.user_ids=20") == 0
+    s = summary(out)
+    requests = arm(s, "chat")["requests"]
+    assert requests["http_429"] == 0 and 150 <= requests["user_limited"] <= 250
+    assert 200 <= requests["total"] <= 260
+    assert s["stages"][0]["user_limited"] == requests["user_limited"]
+    assert locust_mismatches(out, s) == []
 
 
 def _with_items_done(out: Path) -> list[Path]:

@@ -113,6 +113,22 @@ def test_failover_to_a_backup_asked_for_another_model() -> None:
     assert other["cost_usd"]["total"] > 3 * same["cost_usd"]["total"]
 
 
+def test_chats_a_per_user_limit_refuses_are_counted_apart_not_as_429s() -> None:
+    # 20 users asking every 5 s under 2 requests a minute each: many chats are refused by
+    # the user's own bucket before any request (the user then waits for its bucket and
+    # thinks); the provider, far from its limits, never answers 429, and the refusals are
+    # no requests (test_run.py holds the live run to the same figures)
+    scenario = with_overrides(load_scenario(HERE / "fid-fallback-model.yaml"),
+                              {"load.users.crowd.per_user": {"rpm": 2},
+                               "load.users.crowd.user_ids": 20})
+    summary = plan_scenario(scenario).summary()
+    requests = summary["arms"][0]["requests"]
+    assert requests["http_429"] == 0 and 150 <= requests["user_limited"] <= 250
+    assert sum(st["user_limited"] for st in summary["stages"]) == requests["user_limited"]
+    # 20 users x 2 a minute over 5 minutes, each bucket full at the start: 243 sent
+    assert 200 <= requests["total"] <= 260
+
+
 def test_batching_beats_single_by_the_token_ratio() -> None:
     batch = plan_scenario(load_scenario(HERE / "fid-batch.yaml")).summary()["arms"][0]
     single = plan_scenario(load_scenario(HERE / "fid-single.yaml")).summary()["arms"][0]
