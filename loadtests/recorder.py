@@ -206,6 +206,7 @@ class Recorder:
         self._spans: dict[str, list[float | None]] = {a.name: [None, None] for a in arms}
         # why an arm's job stopped before its items were settled: (exit status, reason)
         self._stops: dict[str, tuple[int, str]] = {}
+        self._alerts: dict[str, tuple[float, float | None]] = {}
         self._stages: dict[str, dict[str, Any]] = {}
         self._bounds: dict[str, Bound | None] = {a.name: self._bound(a) for a in arms}
 
@@ -228,6 +229,15 @@ class Recorder:
         interruption (130) is the run's, told by its ``stopped``, not the job's."""
         if status and status != EXIT_INTERRUPTED and arm not in self._stops:
             self._stops[arm] = (status, reason)
+
+    def balance_alert(self, arm: str, t: float, balance_usd: float | None) -> None:
+        """Record that ``arm``'s client saw its balance fall below its ``low_balance_usd``
+        (the fuel gauge's alert) at virtual time ``t``; the first one counts."""
+        self._alerts.setdefault(arm, (t, balance_usd))
+
+    def alert_of(self, arm: str) -> tuple[float, float | None] | None:
+        """(t, balance) of ``arm``'s low-balance alert, else None."""
+        return self._alerts.get(arm)
 
     def stop_of(self, arm: str) -> tuple[int, str] | None:
         """(exit status, reason) of ``arm``'s job when it stopped early, else None."""

@@ -101,12 +101,14 @@ def arm_summary(rec: Recorder, name: str, pending: int = 0) -> dict[str, Any]:
     per_item_cost = _ratio(acc.cost, done)
     steady = steady_rate(acc.dispatched.times, acc.dispatched.items, acc.dispatched.tokens)
     stop = rec.stop_of(name)
+    alert = rec.alert_of(name)
     summary: dict[str, Any] = {
         "name": name,
         "strategy": info.strategy,
         "lane": info.lane,
         "duration_s": duration,
         "job_stop": None if stop is None else {"exit_status": stop[0], "reason": stop[1]},
+        "low_balance": None if alert is None else {"t_s": alert[0], "balance_usd": alert[1]},
         "items": {
             "total": info.items_total,
             "done": done,

@@ -199,6 +199,8 @@ def summarise(scenario: Scenario, run_dir: Path, bounds: Mapping[str, Any], *, p
     if any(r.get("type") == "job_failed" for r in records) and not partial:
         # a batch slot crashed (see locust.log): the run did not finish its work
         partial, stopped = True, stopped or "batch_failed"
+    for alert in (r for r in records if r.get("type") == "alert"):
+        recorder.balance_alert(str(alert["arm"]), float(alert["t"]), alert.get("balance_usd"))
     stops = [r for r in records if r.get("type") == "stop"]
     if stops:
         # a Locust process stopped its work itself (its share of the spend cap was spent)

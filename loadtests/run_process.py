@@ -173,6 +173,11 @@ class ProcessState:
             # a request belongs to the stage it was sent in (its finish may fall in the next)
             sent = (ev.at if ev.at > 0 else now) - ev.response_time_ms / 1000.0
             stage = self.stage_of(group, sent) if group is not None else None
+            if ev.kind == "balance":
+                # the fuel gauge's alert (the client's low_balance_usd): a record of its own
+                self.log.record("alert", {"arm": arm, "t": ev.at if ev.at > 0 else now,
+                                          "balance_usd": ev.balance_usd, "pid": os.getpid()})
+                return
             rec = to_recorder(ev, arm, now, stage)
             if rec is None:
                 return

@@ -154,6 +154,21 @@ def _above_bound(arm: Mapping[str, Any]) -> str:
     return " (above the bound because " + "; and ".join(reasons) + ")" if reasons else ""
 
 
+def _alerts_sentence(summary: Mapping[str, Any], lead: Mapping[str, Any]) -> str:
+    """The fuel gauge: when each arm's low-balance alert (its client's ``low_balance_usd``)
+    fired, ahead of a 402 ('' when none did)."""
+    parts = []
+    for arm in summary["arms"]:
+        alert = arm.get("low_balance")
+        if not alert:
+            continue
+        left = alert.get("balance_usd")
+        who = "Its" if arm is lead else f"Arm {arm['name']}'s"
+        parts.append(f" {who} balance fell below its alert threshold at {alert['t_s']:,.0f} s"
+                     + (f" ({fmt_usd(left)} left)" if left is not None else "") + ".")
+    return "".join(parts)
+
+
 def _cost_sentence(summary: Mapping[str, Any], arm: Mapping[str, Any]) -> str:
     """What the lead arm cost: per item for a job, per request for chats; for callers of
     the gateway, who pay nothing themselves, what the provider charged the gateway."""
@@ -220,6 +235,7 @@ def headline(summary: Mapping[str, Any]) -> str:
         )
     else:
         text += "."
+    text += _alerts_sentence(summary, arm)
     others = [a for a in summary["arms"] if a is not arm and a["items"]["total"]]
     if others:
         text += (

@@ -87,7 +87,8 @@ class ArmDriver:
     def __init__(self, env: simpy.Environment, scenario: Scenario, setup: ArmSetup,
                  transport: VirtualTransport, record: Callable[[list[Event]], None],
                  source: Iterator[Item] | ItemPages | None, *, keep_open: bool = False,
-                 user_limits: UserLimits | None = None) -> None:
+                 user_limits: UserLimits | None = None,
+                 on_alert: Callable[[str, float, float | None], None] | None = None) -> None:
         self.env = env
         self.setup = setup
         self.config = setup.config
@@ -95,6 +96,7 @@ class ArmDriver:
         self.record = record
         self.source = source
         self.keep_open = keep_open
+        self.on_alert = on_alert
         self.task = task_for(scenario, setup.arm)
         served = {p.name: transport.list_models(p.name) for p in self.config.providers}
         self.engine = Engine(self.task, self.config, random.Random(self.config.seed), served,
@@ -197,6 +199,11 @@ class ArmDriver:
                     expanded.append(entry)
             self.cache.put_many(expanded)
         if events:
+            if self.on_alert is not None and self.engine.cost.low_balance_usd is not None:
+                # the fuel gauge's alert (the client's low_balance_usd), as live runs log it
+                for event in events:
+                    if not isinstance(event, Accepted) and event.kind == "balance":
+                        self.on_alert(self.setup.arm.name, self.env.now, event.balance_usd)
             self.record(self.adapter.convert(self.env.now, call, response, retry, events, stage))
 
     def _arrived(self, call: Call, response: Response) -> None:
@@ -562,7 +569,7 @@ def _plan(scenario: Scenario, options: PlanOptions | None,
             setup = setups[name]
             transport.add_routes(setup.routes, setup.config.stream)
             driver = ArmDriver(env, scenario, setup, transport, recorder.add_many,
-                               ItemPages(scenario, count))
+                               ItemPages(scenario, count), on_alert=recorder.balance_alert)
             drivers.append(driver)
         user_drivers: dict[str, ArmDriver] = {}
         if index == 0:
@@ -572,7 +579,8 @@ def _plan(scenario: Scenario, options: PlanOptions | None,
                 setup = setups[group.arm]
                 transport.add_routes(setup.routes, setup.config.stream)
                 driver = ArmDriver(env, scenario, setup, transport, recorder.add_many, None,
-                                   keep_open=True, user_limits=_user_limits(group))
+                                   keep_open=True, user_limits=_user_limits(group),
+                                   on_alert=recorder.balance_alert)
                 user_drivers[group.arm] = driver
         procs = [env.process(d.run()) for d in drivers]
         for driver in user_drivers.values():

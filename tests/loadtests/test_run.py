@@ -183,6 +183,9 @@ def test_seed002_lanes_cache_and_stages(tmp_path: Path) -> None:
     assert chat["requests"]["http_402"] == len(refused) >= 1
     dry = min(refused)
     assert 180 < dry < 300
+    # the fuel gauge (the chat client's low_balance_usd of 0.01) warned well before
+    assert chat["low_balance"]["t_s"] < dry - 60 and 0 < chat["low_balance"]["balance_usd"] < 0.01
+    assert "Arm chat's balance fell below its alert threshold" in (out / "report.md").read_text()
     # none later but those in flight then, or a try as the top-up lands (the parent's poll)
     assert all(t <= dry + 2 or 300 <= t < 300 + TOPUP_GRACE_S for t in refused)
     assert not [t for t in chats if dry + 2 <= t < 300]

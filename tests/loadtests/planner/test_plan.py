@@ -68,6 +68,9 @@ def test_a_balance_that_runs_dry_waits_for_its_top_up() -> None:
     # the 402 is the last error before the top-up: nothing is sent after it until then
     dry = max(r["t_s"] for r in rows if r["t_s"] < 300 and r["errors"])
     assert 180 < dry < 290
+    # the fuel gauge (the chat client's low_balance_usd of 0.01) warned well before
+    alert = chat["low_balance"]
+    assert alert["t_s"] < dry - 60 and 0 < alert["balance_usd"] < 0.01
     assert sum(r["requests"] for r in rows if dry + 1 <= r["t_s"] < 300) == 0
     assert sum(r["requests"] for r in rows if 300 <= r["t_s"] < 310) > 10
     assert result.requests < 5000  # 2,152 in all (it was 9.7 million refusals)
