@@ -164,6 +164,8 @@ class Engine(ResponseHandling, InteractiveLane):
         self._candidates: dict[str, tuple[ProviderSettings, ...]] = {}
         # the model a provider is asked for whatever the item's (ProviderSettings.model)
         self._asked = {p.name: p.model for p in config.providers if p.model}
+        # providers whose account answered a fatal 402/401 while another could take over
+        self._out_of_rotation: set[str] = set()
 
     # ----------------------------------------------------------------- items
 
@@ -197,6 +199,8 @@ class Engine(ResponseHandling, InteractiveLane):
         return max(0.0, min(until.get(p.name, 0.0) for p in self.providers) - now)
 
     def _serves(self, provider: str, model: str) -> bool:
+        if provider in self._out_of_rotation:
+            return False  # its account answered 402/401: another provider takes the work
         # a provider with a model of its own serves it for any item
         model = self._asked.get(provider, model)
         if self._served is None or provider not in self._served:
@@ -624,6 +628,9 @@ class Engine(ResponseHandling, InteractiveLane):
         if resume is None or now < resume:
             return False
         self._fatal = self._resume_at = None
+        # the top-up may have been any provider's: every one is tried again
+        self._out_of_rotation.clear()
+        self._candidates.clear()
         return True
 
     def _spend_gate(self, provider: str, model: str, prompt_tokens: int, max_tokens: int,

@@ -61,7 +61,8 @@ class InteractiveLane:
         # Provided by the other halves of Engine.
         def throttle(self, provider: str, model: str) -> Throttle: ...
         def _serves(self, provider: str, model: str) -> bool: ...
-        def _stop_fatal(self, verdict: Classified, response: Response) -> None: ...
+        def _stop_fatal(self, verdict: Classified, response: Response,
+                        provider: str | None = None) -> bool: ...
         def _topup_due(self, now: float) -> bool: ...
         def _spend_gate(self, provider: str, model: str, prompt_tokens: int,
                         max_tokens: int, left: str = ...) -> float | Action: ...
@@ -197,11 +198,13 @@ class InteractiveLane:
         elif response.status:
             breaker.on_success(now)
         kind = verdict.verdict
+        failover = False
         if kind in (Verdict.FATAL_BALANCE, Verdict.FATAL_AUTH):
-            # Fatal is fatal for the key: the background job stops too.
-            self._stop_fatal(verdict, response)
-        retry = (kind == Verdict.RETRY and req is not None and self._fatal is None
-                 and req.attempt + 1 < self.config.retry.max_attempts)
+            # Fatal is fatal for the key: the provider leaves the rotation, and with none
+            # left the background job stops too; else the chat goes to the next provider
+            failover = not self._stop_fatal(verdict, response, call.provider)
+        retry = ((kind == Verdict.RETRY or failover) and req is not None
+                 and self._fatal is None and req.attempt + 1 < self.config.retry.max_attempts)
         if retry and req is not None:
             self._retry_interactive(now, call, req, verdict, throttle)
             return

@@ -71,6 +71,9 @@ class ResponseHandling:
     _fatal: Done | None
     _resume_at: float | None
     topups: tuple[float, ...]
+    _out_of_rotation: set[str]
+    _candidates: dict[str, tuple[ProviderSettings, ...]]
+    providers: tuple[ProviderSettings, ...]
     _spend: SpendBudget | None
     _spend_id: int
     _largest_charge: float | None
@@ -88,6 +91,7 @@ class ResponseHandling:
         def _on_interactive(self, now: float, call: Call, response: Response,
                             verdict: Classified, throttle: Throttle) -> None: ...
         def _fail_interactive_queue(self, outcome: tuple[Response, Classified]) -> None: ...
+        def _serves(self, provider: str, model: str) -> bool: ...
 
     def _requeue(self, item_id: str, not_before: float | None, now: float) -> None:
         state = self._items[item_id]
@@ -238,16 +242,26 @@ class ResponseHandling:
             return 0, 1
         return 0, 0
 
-    def _stop_fatal(self, verdict: Classified, response: Response) -> None:
-        """A fatal answer (money, authentication) stops dispatch for the whole key: the
-        job ends with its exit status once in-flight requests are back, or, out of balance
-        with a top-up scheduled (``topups``), waits for it and goes on."""
+    def _stop_fatal(self, verdict: Classified, response: Response,
+                    provider: str | None = None) -> bool:
+        """A fatal answer (money, authentication) from ``provider`` takes it out of the
+        rotation while another provider serving the task's model can take the work (its
+        own account: a failover); with none left it stops dispatch: the job ends with its
+        exit status once in-flight requests are back, or, out of balance with a top-up
+        scheduled (``topups``), waits for it and goes on. Whether the job stopped."""
+        if provider is not None and self._fatal is None:
+            self._out_of_rotation.add(provider)
+            self._candidates.clear()  # computed with _serves, which now leaves it out
+            model = self.task.model
+            if any(self._serves(p.name, model) for p in self.providers):
+                return False
         if self._fatal is None:
             status = EXIT_BALANCE if verdict.verdict == Verdict.FATAL_BALANCE else EXIT_AUTH
             self._fatal = Done(status, verdict.reason)
             if status == EXIT_BALANCE and self.topups:
                 self._resume_at = resume_after_balance(self.topups, self._now)
         self._fail_interactive_queue((response, verdict))
+        return True
 
     def _reply(self, response: Response, verdict: Classified
                ) -> tuple[str | None, str | None, Usage | None]:
@@ -276,7 +290,7 @@ class ResponseHandling:
         elif response.status:
             breaker.on_success(now)
         if kind in (Verdict.FATAL_BALANCE, Verdict.FATAL_AUTH):
-            self._stop_fatal(verdict, response)
+            self._stop_fatal(verdict, response, call.provider)
             for item_id in call.item_ids:
                 self._items[item_id].last_error = verdict.reason
                 self._requeue(item_id, None, now)

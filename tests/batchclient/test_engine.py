@@ -196,6 +196,42 @@ def test_402_with_a_top_up_scheduled_waits_for_it_and_goes_on() -> None:
     assert isinstance(refusal, UserDecision) and refusal.stopped and refusal.retry_in_s == 0.0
 
 
+TWO_ACCOUNTS = [{"name": "p1", "base_url": "http://p1/v1", "api_key": "k1"},
+                {"name": "p2", "base_url": "http://p2/v1", "api_key": "k2"}]
+
+
+def test_a_402_from_one_provider_moves_the_work_to_the_next() -> None:
+    # two providers on their own accounts: the first runs dry at its third request, the
+    # job goes on at the second (failover), and stops only when that one runs dry too
+    engine = make(100, concurrency={"limit": 1}, providers=TWO_ACCOUNTS)
+    fake = FakeProvider()
+    sent: list[str] = []
+
+    def answer(call: Call) -> Response:
+        sent.append(call.provider)
+        return fake(call) if call.provider == "p2" or len(sent) < 3 else FakeProvider(
+            script={1: 402})(call)
+
+    done, _, results = drive(engine, answer)
+    assert done.status == EXIT_OK and len(results) == 100
+    assert sent == ["p1", "p1", "p1", "p2", "p2", "p2"]  # 40 items on p1, 60 on p2
+    # a chat refused by the first account's 402 is answered by the second
+    chats = make(0, concurrency={"limit": 1}, providers=TWO_ACCOUNTS)
+    request = chats.submit_interactive(0.0, "u", [{"role": "user", "content": "hi"}], 10)
+    assert isinstance(request, int)
+    first = chats.next_action(0.0)
+    assert isinstance(first, Send) and first.call.provider == "p1"
+    chats.on_response(0.5, first.call, FakeProvider(script={1: 402})(first.call))
+    again = chats.next_action(0.5)
+    assert isinstance(again, Send) and again.call.provider == "p2"
+    chats.on_response(1.0, again.call, Response(200, {}, '{"choices": []}'))
+    assert chats.interactive_result(request)[0].status == 200  # type: ignore[index]
+    # both dry: the job stops (exit 3), as with one provider
+    broke = make(40, concurrency={"limit": 1}, providers=TWO_ACCOUNTS)
+    done, _, _ = drive(broke, FakeProvider(script={2: 402, 3: 402}))
+    assert done.status == EXIT_BALANCE
+
+
 def test_resume_after_balance_picks_the_next_top_up_or_probes_a_late_one() -> None:
     assert resume_after_balance((), 10.0) is None
     assert resume_after_balance((300.0, 100.0), 50.0) == 100.0
