@@ -250,8 +250,13 @@ class Throttle:
                 fraction = max(fraction, (self.used_tokens + tokens) / (tpm * share))
             if rpm:
                 fraction = max(fraction, (self.used_requests + 1) / (rpm * share))
+        return self._step_wait(now, fraction, slots)
+
+    def _step_wait(self, now: float, fraction: float, slots: int) -> float:
+        """The graduated part of ``delay``: above each step's usage ``fraction``, dispatches
+        spaced by its delay divided over the ``slots`` in flight."""
         step_delay = 0.0
-        for threshold, delay in settings.steps:
+        for threshold, delay in self.settings.steps:
             if fraction > threshold:
                 step_delay = delay
         if step_delay > 0:
@@ -290,12 +295,4 @@ class Throttle:
             fractions.append((used_t + tokens) / self.tpm)
         if self.rpm:
             fractions.append((used_r + 1) / self.rpm)
-        fraction = max(fractions)
-        step_delay = 0.0
-        for threshold, delay in self.settings.steps:
-            if fraction > threshold:
-                step_delay = delay
-        if step_delay > 0:
-            wait = self._last_dispatch + step_delay / (slots if slots > 1 else 1) - now
-            return wait if wait > 0.0 else 0.0
-        return 0.0
+        return self._step_wait(now, max(fractions), slots)
