@@ -34,6 +34,7 @@ from batchclient.policy.job import (
 from batchclient.policy.parsing import ParsedReply, parse_reply, read_completion
 from batchclient.policy.ratelimit_headers import read_rate_headers
 from batchclient.policy.retry import naive_delay, retry_delay
+from batchclient.policy.routing import Predicate
 from batchclient.policy.state import Accepted, Drained, ItemState
 from batchclient.policy.throttle import Throttle
 from batchclient.policy.tokens import text_tokens
@@ -74,6 +75,7 @@ class ResponseHandling:
     _out_of_rotation: set[str]
     _candidates: dict[str, tuple[ProviderSettings, ...]]
     providers: tuple[ProviderSettings, ...]
+    _predicates: tuple[tuple[Predicate, str], ...]
     _spend: SpendBudget | None
     _spend_id: int
     _largest_charge: float | None
@@ -245,15 +247,16 @@ class ResponseHandling:
     def _stop_fatal(self, verdict: Classified, response: Response,
                     provider: str | None = None) -> bool:
         """A fatal answer (money, authentication) from ``provider`` takes it out of the
-        rotation while another provider serving the task's model can take the work (its
-        own account: a failover); with none left it stops dispatch: the job ends with its
+        rotation while other providers still serve every model the job routes items to
+        (their own accounts: a failover); with none left it stops dispatch: the job ends with its
         exit status once in-flight requests are back, or, out of balance with a top-up
         scheduled (``topups``), waits for it and goes on. Whether the job stopped."""
         if provider is not None and self._fatal is None:
             self._out_of_rotation.add(provider)
             self._candidates.clear()  # computed with _serves, which now leaves it out
-            model = self.task.model
-            if any(self._serves(p.name, model) for p in self.providers):
+            models = {self.task.model, *(r.model for r in self.config.routing),
+                      *(m for _, m in self._predicates)}
+            if all(any(self._serves(p.name, m) for p in self.providers) for m in models):
                 return False
         if self._fatal is None:
             status = EXIT_BALANCE if verdict.verdict == Verdict.FATAL_BALANCE else EXIT_AUTH
