@@ -85,6 +85,10 @@ class RateHeaders:
     limit_requests: int | None = None
     remaining_requests: int | None = None
     reset_requests_s: float | None = None
+    # Anthropic's separate input and output token limits (its limits only: the throttle
+    # learns them when not configured)
+    limit_input_tokens: int | None = None
+    limit_output_tokens: int | None = None
 
     @property
     def empty(self) -> bool:
@@ -102,6 +106,9 @@ _FAMILIES = tuple(tuple(prefix + k for k in keys) for prefix, keys in (
 ))
 
 
+_ANTHROPIC = _FAMILIES[1]
+
+
 def read_rate_headers(headers: Mapping[str, str], time_scale: float = 1.0) -> RateHeaders:
     """Parse either header family (lower-case keys); durations come back in virtual seconds."""
     get = headers.get
@@ -115,12 +122,16 @@ def read_rate_headers(headers: Mapping[str, str], time_scale: float = 1.0) -> Ra
         date = get("date")
         rt = _reset(reset_t, date)
         rr = _reset(reset_r, date)
-        return RateHeaders(
+        rate = RateHeaders(
             limit_tokens=_int(limit_t), remaining_tokens=_int(left_t),
             reset_tokens_s=None if rt is None else rt * time_scale,
             limit_requests=_int(limit_r), remaining_requests=_int(left_r),
             reset_requests_s=None if rr is None else rr * time_scale,
         )
+        if names is _ANTHROPIC:
+            rate.limit_input_tokens = _int(get("anthropic-ratelimit-input-tokens-limit"))
+            rate.limit_output_tokens = _int(get("anthropic-ratelimit-output-tokens-limit"))
+        return rate
     return RateHeaders()
 
 

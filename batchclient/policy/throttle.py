@@ -132,6 +132,12 @@ class Throttle:
             self.tpm = rate.limit_tokens
         if self.rpm is None and rate.limit_requests:
             self.rpm = rate.limit_requests
+        if self.input_tpm is None and rate.limit_input_tokens:
+            self.input_tpm = rate.limit_input_tokens
+            self.split = True
+        if self.output_tpm is None and rate.limit_output_tokens:
+            self.output_tpm = rate.limit_output_tokens
+            self.split = True
         used_t = used_r = None
         if rate.remaining_tokens is not None and (rate.limit_tokens or self.tpm):
             used_t = (rate.limit_tokens or self.tpm or 0) - rate.remaining_tokens

@@ -138,6 +138,12 @@ def test_rate_headers_both_families_scaled_to_virtual_time() -> None:
     anthropic = read_rate_headers({"anthropic-ratelimit-tokens-limit": "500",
                                    "anthropic-ratelimit-tokens-remaining": "100"})
     assert (anthropic.limit_tokens, anthropic.remaining_tokens) == (500, 100)
+    split = read_rate_headers({"anthropic-ratelimit-requests-limit": "1000",
+                               "anthropic-ratelimit-input-tokens-limit": "450000",
+                               "anthropic-ratelimit-output-tokens-limit": "90000"})
+    assert (split.limit_requests, split.limit_input_tokens, split.limit_output_tokens) == (
+        1000, 450000, 90000)
+    assert openai.limit_input_tokens is None  # OpenAI's family has no such headers
     assert read_rate_headers({}).empty
     assert retry_after_s({"retry-after-ms": "250", "retry-after": "9"}, 10) == 2.5
     assert retry_after_s({"retry-after": "2"}, 10) == 20.0
