@@ -186,7 +186,7 @@ async def test_a_bare_client_learns_split_input_and_output_limits_from_headers(
     assert result.rate_limited <= 0.005 * result.requests
     # the output limit binds (about 110 reply tokens a request), and the job runs on it
     output_per_min = 60.0 * result.tokens_out / result.elapsed_s
-    assert 0.85 * 12_000 < output_per_min <= 12_000 * 1.05
+    assert 0.8 * 12_000 < output_per_min <= 12_000 * 1.05
 
 
 async def test_a_per_request_cost_cap_halves_the_batch_until_it_fits(tmp_path: Path) -> None:
