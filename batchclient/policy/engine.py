@@ -164,8 +164,10 @@ class Engine(ResponseHandling, InteractiveLane):
         self._candidates: dict[str, tuple[ProviderSettings, ...]] = {}
         # the model a provider is asked for whatever the item's (ProviderSettings.model)
         self._asked = {p.name: p.model for p in config.providers if p.model}
-        # providers whose account answered a fatal 402/401 while another could take over
+        # providers whose account answered a fatal 402/401 while another could take over,
+        # and when a scheduled top-up brings them back (None: none is due)
         self._out_of_rotation: set[str] = set()
+        self._rotation_back_at: float | None = None
 
     # ----------------------------------------------------------------- items
 
@@ -513,6 +515,9 @@ class Engine(ResponseHandling, InteractiveLane):
         return Wait(due)
 
     def _next(self, now: float) -> Action:
+        back = self._rotation_back_at
+        if back is not None and now >= back:
+            self._back_in_rotation()  # a top-up is due: the providers out of it may serve
         if self._fatal is not None and not self._topup_due(now):
             if self._inflight:
                 return _WAIT
@@ -629,9 +634,14 @@ class Engine(ResponseHandling, InteractiveLane):
             return False
         self._fatal = self._resume_at = None
         # the top-up may have been any provider's: every one is tried again
+        self._back_in_rotation()
+        return True
+
+    def _back_in_rotation(self) -> None:
+        """Every provider a fatal answer took out of the rotation serves again."""
         self._out_of_rotation.clear()
         self._candidates.clear()
-        return True
+        self._rotation_back_at = None
 
     def _spend_gate(self, provider: str, model: str, prompt_tokens: int, max_tokens: int,
                     left: str = "the items left are pending") -> float | Action:

@@ -73,6 +73,7 @@ class ResponseHandling:
     _resume_at: float | None
     topups: tuple[float, ...]
     _out_of_rotation: set[str]
+    _rotation_back_at: float | None
     _candidates: dict[str, tuple[ProviderSettings, ...]]
     providers: tuple[ProviderSettings, ...]
     _predicates: tuple[tuple[Predicate, str], ...]
@@ -248,12 +249,19 @@ class ResponseHandling:
                     provider: str | None = None) -> bool:
         """A fatal answer (money, authentication) from ``provider`` takes it out of the
         rotation while other providers still serve every model the job routes items to
-        (their own accounts: a failover); with none left it stops dispatch: the job ends with its
+        (their own accounts: a failover) - until a scheduled top-up (``topups``), when it
+        serves again; with none left it stops dispatch: the job ends with its
         exit status once in-flight requests are back, or, out of balance with a top-up
         scheduled (``topups``), waits for it and goes on. Whether the job stopped."""
         if provider is not None and self._fatal is None:
             self._out_of_rotation.add(provider)
             self._candidates.clear()  # computed with _serves, which now leaves it out
+            if verdict.verdict == Verdict.FATAL_BALANCE and self.topups:
+                # back at the next top-up (or, one just due, at the next probe)
+                back = resume_after_balance(self.topups, self._now)
+                if back is not None and (self._rotation_back_at is None
+                                         or back < self._rotation_back_at):
+                    self._rotation_back_at = back
             models = {self.task.model, *(r.model for r in self.config.routing),
                       *(m for _, m in self._predicates)}
             if all(any(self._serves(p.name, m) for p in self.providers) for m in models):

@@ -226,6 +226,19 @@ def test_a_402_from_one_provider_moves_the_work_to_the_next() -> None:
     assert isinstance(again, Send) and again.call.provider == "p2"
     chats.on_response(1.0, again.call, Response(200, {}, '{"choices": []}'))
     assert chats.interactive_result(request)[0].status == 200  # type: ignore[index]
+    # a top-up scheduled at 1.6 s brings the first account back into the rotation
+    topped = make(100, concurrency={"limit": 1}, providers=TWO_ACCOUNTS)
+    topped.topups = (1.6,)
+    sent.clear()
+
+    def dry_once(call: Call) -> Response:  # p1's third request only: topped up after
+        sent.append(call.provider)
+        return FakeProvider(script={1: 402})(call) if len(sent) == 3 else fake(call)
+
+    done, _, results = drive(topped, dry_once)
+    assert done.status == EXIT_OK and len(results) == 100
+    # the 402 answered at 1.5 s: p2 takes the next request, p1 the ones from 2.0 s on
+    assert sent == ["p1", "p1", "p1", "p2", "p1", "p1"]
     # both dry: the job stops (exit 3), as with one provider
     broke = make(40, concurrency={"limit": 1}, providers=TWO_ACCOUNTS)
     done, _, _ = drive(broke, FakeProvider(script={2: 402, 3: 402}))
