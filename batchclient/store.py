@@ -306,10 +306,14 @@ class SqliteJobStore:
     Opening a store of the previous schema (1) migrates it; a newer schema, or a file
     whose tables are not a job store's, is refused with ``StoreVersionError``."""
 
-    def __init__(self, path: str, retries: int = 6, base_delay_s: float = 0.05) -> None:
+    def __init__(self, path: str, retries: int = 6, base_delay_s: float = 0.05,
+                 busy_timeout_s: float = 5.0) -> None:
         self.path = path
         self.retries = retries
         self.base_delay_s = base_delay_s
+        # how long SQLite itself waits on another connection's lock before the error that
+        # ``_retry`` then retries with backoff
+        self.busy_timeout_s = busy_timeout_s
         self._rng = random.Random(0)
         # code -> label as written to ``labels``; the labels mapping last seen
         self._labels: dict[str, str] = {}
@@ -318,7 +322,7 @@ class SqliteJobStore:
         self._conn = self._retry(self._connect)
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")

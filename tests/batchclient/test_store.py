@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +88,33 @@ def test_a_result_is_never_written_twice(tmp_path: Path) -> None:
     assert store.save_results([ItemResult("a", "done", "A", "alpha")]) == 1
     assert store.save_results([ItemResult("a", "done", "B", "beta")]) == 0
     assert store.results()["a"] == ("done", "A", None)
+
+
+def test_a_locked_database_is_retried_with_backoff_until_it_frees(tmp_path: Path) -> None:
+    # another process holds the write lock for 0.3 s, past SQLite's own busy wait (20 ms
+    # here): the save fails with "database is locked", is retried with backoff, and lands
+    # once the lock is gone; with no retries the same lock is an error
+    path = str(tmp_path / "j.sqlite")
+    store = SqliteJobStore(path, busy_timeout_s=0.02)
+    store.import_items([Item("a", "x"), Item("b", "y")])
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.3, other.execute, ("COMMIT",))
+    release.start()
+    started = time.monotonic()
+    assert store.save_results([ItemResult("a", "done", "A", "alpha")]) == 1
+    assert time.monotonic() - started >= 0.25
+    release.join()
+    assert store.results()["a"] == ("done", "A", None)
+    impatient = SqliteJobStore(path, retries=0, busy_timeout_s=0.02)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            impatient.save_results([ItemResult("b", "done", "B", "beta")])
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    assert impatient.save_results([ItemResult("b", "done", "B", "beta")]) == 1
 
 
 def test_colliding_ids_are_refused(tmp_path: Path) -> None:
