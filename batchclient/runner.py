@@ -136,7 +136,7 @@ class Runner:
         self.rebind_task = rebind_task
         # the virtual times of top-ups scheduled for the providers (Engine.topups): a job
         # out of balance waits for the next one rather than stop
-        self.topups = tuple(sorted(topups))
+        self.topups = tuple(topups)
         self._stop = False
         self.engine: Engine | None = None
         self._wake: asyncio.Event | None = None
@@ -198,16 +198,13 @@ class Runner:
         InputError (naming the item or setting) before any request is sent."""
         served = await self._served_models()
         engine = Engine(self.task, self.config, random.Random(self.config.seed), served,
-                        self.predicates, self.user_limits, self.lanes, self.spend)
-        engine.topups = self.topups
-        models = {self.task.model, *(r.model for r in self.config.routing),
-                  *(m for _, m in self.predicates)}
+                        self.predicates, self.user_limits, self.lanes, self.spend, self.topups)
         if served:
             for p in self.config.providers:
                 if p.model is not None and p.model not in served.get(p.name, {p.model}):
                     raise InputError(f"providers.{p.name}.model: model {p.model!r} is not "
                                      f"served by {p.name} (per GET /v1/models)")
-            for model in sorted(models):
+            for model in sorted(engine.job_models):
                 # a provider with a model of its own takes any item, asking for its model
                 if not any((p.model or model) in served.get(p.name, {p.model or model})
                            for p in self.config.providers):

@@ -86,6 +86,7 @@ class Engine(ResponseHandling, InteractiveLane):
         user_limits: UserLimits | None = None,
         lanes: LanePolicy | None = None,
         spend: SpendBudget | None = None,
+        topups: Iterable[float] = (),
     ) -> None:
         if not config.providers:
             raise InputError("client config: providers: at least one provider is required")
@@ -100,6 +101,9 @@ class Engine(ResponseHandling, InteractiveLane):
         self._served = None if served_models is None else {
             k: frozenset(v) for k, v in served_models.items()}
         self._predicates = tuple(predicates)
+        # every model the job may send items to: the task's, and its routing rules'
+        self.job_models = frozenset({task.model, *(r.model for r in config.routing),
+                                     *(m for _, m in self._predicates)})
         if config.batch.json_mode and "json" not in (
                 task.system_prompt + task.instructions).lower():
             raise InputError("batch.json_mode: the task's system prompt or instructions must "
@@ -145,9 +149,9 @@ class Engine(ResponseHandling, InteractiveLane):
         self._exhausted = False
         self._fatal: Done | None = None
         # the virtual times of the top-ups scheduled for this job's providers (a harness
-        # sets them from its scenario): a balance stop waits for the next and goes on
-        self.topups: tuple[float, ...] = ()
-        self._resume_at: float | None = None  # when a balance stop sends again
+        # gives them from its scenario): a provider out of balance serves again at the next,
+        # and a job stopped by its balance goes on
+        self.topups = tuple(topups)
         self._empty_replies = 0  # consecutive replies that answered no item (damaged)
         self._out = Drained()
         self._rate_limited_until: dict[str, float] = {}
@@ -164,8 +168,8 @@ class Engine(ResponseHandling, InteractiveLane):
         self._candidates: dict[str, tuple[ProviderSettings, ...]] = {}
         # the model a provider is asked for whatever the item's (ProviderSettings.model)
         self._asked = {p.name: p.model for p in config.providers if p.model}
-        # providers whose account answered a fatal 402/401 while another could take over,
-        # and when a scheduled top-up brings them back (None: none is due)
+        # providers whose account answered a fatal 402/401, and when a scheduled top-up
+        # brings them back (None: none is due); with every provider out, the job stops
         self._out_of_rotation: set[str] = set()
         self._rotation_back_at: float | None = None
 
@@ -518,12 +522,11 @@ class Engine(ResponseHandling, InteractiveLane):
         back = self._rotation_back_at
         if back is not None and now >= back:
             self._back_in_rotation()  # a top-up is due: the providers out of it may serve
-        if self._fatal is not None and not self._topup_due(now):
+        if self._fatal is not None:
             if self._inflight:
                 return _WAIT
-            if self._resume_at is None:
-                return self._fatal
-            return Wait(self._resume_at - now)
+            lifts = self._stop_lifts_in(now)
+            return self._fatal if lifts is None else Wait(lifts)
         delayed = self._delayed
         if delayed and delayed[0][0] <= now:
             self._release_delayed(now)
@@ -626,22 +629,23 @@ class Engine(ResponseHandling, InteractiveLane):
         self.counts.requests += 1
         return Send(call)
 
-    def _topup_due(self, now: float) -> bool:
-        """Lift a balance stop whose top-up is due (``topups``): the job sends again, and a
-        further 402 stops it or waits anew. Whether it was lifted."""
-        resume = self._resume_at
-        if resume is None or now < resume:
-            return False
-        self._fatal = self._resume_at = None
-        # the top-up may have been any provider's: every one is tried again
-        self._back_in_rotation()
-        return True
-
     def _back_in_rotation(self) -> None:
-        """Every provider a fatal answer took out of the rotation serves again."""
+        """A scheduled top-up is due: every provider a fatal answer took out of the rotation
+        serves again (the top-up may have been any one's), and a stop on the balance is
+        lifted (a further 402 stops or waits anew)."""
         self._out_of_rotation.clear()
         self._candidates.clear()
         self._rotation_back_at = None
+        if self._fatal is not None and self._fatal.status == EXIT_BALANCE:
+            self._fatal = None
+
+    def _stop_lifts_in(self, now: float) -> float | None:
+        """Virtual seconds until the job's stop on its balance lifts at a scheduled top-up;
+        None when the job is stopped for good."""
+        back = self._rotation_back_at
+        if back is None or self._fatal is None or self._fatal.status != EXIT_BALANCE:
+            return None
+        return back - now if back > now else 0.0
 
     def _spend_gate(self, provider: str, model: str, prompt_tokens: int, max_tokens: int,
                     left: str = "the items left are pending") -> float | Action:

@@ -51,7 +51,7 @@ class InteractiveLane:
     _interactive_out: dict[int, Outcome]
     _next_call: int
     _fatal: Done | None
-    _resume_at: float | None
+    _rotation_back_at: float | None
     _asked: dict[str, str]
     _now: float
     _spend: SpendBudget | None
@@ -62,8 +62,9 @@ class InteractiveLane:
         def throttle(self, provider: str, model: str) -> Throttle: ...
         def _serves(self, provider: str, model: str) -> bool: ...
         def _stop_fatal(self, verdict: Classified, response: Response,
-                        provider: str | None = None) -> bool: ...
-        def _topup_due(self, now: float) -> bool: ...
+                        provider: str) -> bool: ...
+        def _back_in_rotation(self) -> None: ...
+        def _stop_lifts_in(self, now: float) -> float | None: ...
         def _spend_gate(self, provider: str, model: str, prompt_tokens: int,
                         max_tokens: int, left: str = ...) -> float | Action: ...
 
@@ -82,10 +83,14 @@ class InteractiveLane:
         ``stream`` None follows the client's ``stream.enabled``."""
         self._now = now
         msgs = tuple(dict(m) for m in messages)
-        if self._fatal is not None and not self._topup_due(now):
+        back = self._rotation_back_at
+        if back is not None and now >= back:
+            self._back_in_rotation()
+        if self._fatal is not None:
             # out of balance until a top-up: ask again then; else stopped for good
-            wait = 0.0 if self._resume_at is None else max(0.0, self._resume_at - now)
-            return UserDecision(False, wait, self._fatal.reason or "job stopped", stopped=True)
+            lifts = self._stop_lifts_in(now)
+            return UserDecision(False, 0.0 if lifts is None else lifts,
+                                self._fatal.reason or "job stopped", stopped=True)
         if self.user_limits is not None:
             decision = self.user_limits.admit(now, user, chat_prompt_tokens(msgs) + max_tokens,
                                               tier)

@@ -34,7 +34,6 @@ from batchclient.policy.job import (
 from batchclient.policy.parsing import ParsedReply, parse_reply, read_completion
 from batchclient.policy.ratelimit_headers import read_rate_headers
 from batchclient.policy.retry import naive_delay, retry_delay
-from batchclient.policy.routing import Predicate
 from batchclient.policy.state import Accepted, Drained, ItemState
 from batchclient.policy.throttle import Throttle
 from batchclient.policy.tokens import text_tokens
@@ -70,13 +69,12 @@ class ResponseHandling:
     _seq: int
     _head_moves: int
     _fatal: Done | None
-    _resume_at: float | None
     topups: tuple[float, ...]
+    job_models: frozenset[str]
     _out_of_rotation: set[str]
     _rotation_back_at: float | None
     _candidates: dict[str, tuple[ProviderSettings, ...]]
     providers: tuple[ProviderSettings, ...]
-    _predicates: tuple[tuple[Predicate, str], ...]
     _spend: SpendBudget | None
     _spend_id: int
     _largest_charge: float | None
@@ -245,15 +243,14 @@ class ResponseHandling:
             return 0, 1
         return 0, 0
 
-    def _stop_fatal(self, verdict: Classified, response: Response,
-                    provider: str | None = None) -> bool:
-        """A fatal answer (money, authentication) from ``provider`` takes it out of the
-        rotation while other providers still serve every model the job routes items to
-        (their own accounts: a failover) - until a scheduled top-up (``topups``), when it
-        serves again; with none left it stops dispatch: the job ends with its
-        exit status once in-flight requests are back, or, out of balance with a top-up
-        scheduled (``topups``), waits for it and goes on. Whether the job stopped."""
-        if provider is not None and self._fatal is None:
+    def _stop_fatal(self, verdict: Classified, response: Response, provider: str) -> bool:
+        """A fatal answer (money, authentication) takes ``provider`` out of the rotation
+        (until the next scheduled top-up, ``topups``, for money) while the others still
+        serve every model of the job (their own accounts: a failover). With none left, the
+        job stops dispatch and ends with the exit status once in-flight requests are back,
+        or waits for that top-up (``_back_in_rotation`` lifts the stop). Whether the job
+        stopped."""
+        if self._fatal is None:
             self._out_of_rotation.add(provider)
             self._candidates.clear()  # computed with _serves, which now leaves it out
             if verdict.verdict == Verdict.FATAL_BALANCE and self.topups:
@@ -262,15 +259,11 @@ class ResponseHandling:
                 if back is not None and (self._rotation_back_at is None
                                          or back < self._rotation_back_at):
                     self._rotation_back_at = back
-            models = {self.task.model, *(r.model for r in self.config.routing),
-                      *(m for _, m in self._predicates)}
-            if all(any(self._serves(p.name, m) for p in self.providers) for m in models):
+            if all(any(self._serves(p.name, m) for p in self.providers)
+                   for m in self.job_models):
                 return False
-        if self._fatal is None:
             status = EXIT_BALANCE if verdict.verdict == Verdict.FATAL_BALANCE else EXIT_AUTH
             self._fatal = Done(status, verdict.reason)
-            if status == EXIT_BALANCE and self.topups:
-                self._resume_at = resume_after_balance(self.topups, self._now)
         self._fail_interactive_queue((response, verdict))
         return True
 

@@ -100,8 +100,7 @@ class ArmDriver:
         self.task = task_for(scenario, setup.arm)
         served = {p.name: transport.list_models(p.name) for p in self.config.providers}
         self.engine = Engine(self.task, self.config, random.Random(self.config.seed), served,
-                             (), user_limits)
-        self.engine.topups = topup_times(scenario, setup.arm)
+                             (), user_limits, topups=topup_times(scenario, setup.arm))
         self.cache = SqliteResultCache(":memory:") if self.config.cache_path else None
         self.adapter = ArmEvents(setup.arm.name)
         self._done: deque[tuple[Call, Response, bool, str | None]] = deque()

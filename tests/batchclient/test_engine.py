@@ -31,8 +31,8 @@ from batchclient.policy.wire import Call, Item, Response
 from tests.batchclient.bc_fakes import FakeProvider, code_of, config, drive, items, task
 
 
-def make(n: int = 100, **cfg: object) -> Engine:
-    engine = Engine(task(), config(**cfg), random.Random(1))
+def make(n: int = 100, topups: tuple[float, ...] = (), **cfg: object) -> Engine:
+    engine = Engine(task(), config(**cfg), random.Random(1), topups=topups)
     engine.add_items(items(n))
     engine.end_of_items()
     return engine
@@ -162,8 +162,7 @@ def test_402_stops_dispatch_and_keeps_items_pending() -> None:
 def test_402_with_a_top_up_scheduled_waits_for_it_and_goes_on() -> None:
     # one request at a time, 0.5 s each: the third (at 1.0 s) is refused; the top-up is
     # due at 30 s, when the job sends again and finishes every item
-    engine = make(100, concurrency={"limit": 1})
-    engine.topups = (30.0,)
+    engine = make(100, (30.0,), concurrency={"limit": 1})
     fake = FakeProvider(script={3: 402})
     sends: list[float] = []
 
@@ -175,8 +174,7 @@ def test_402_with_a_top_up_scheduled_waits_for_it_and_goes_on() -> None:
     assert done.status == EXIT_OK and len(results) == 100
     assert sends[:4] == [0.0, 0.5, 1.0, 30.0] and engine.counts.requests == 6
     # a chat asked during the wait is refused until the top-up, not for good
-    paused = make(20, concurrency={"limit": 1})
-    paused.topups = (30.0,)
+    paused = make(20, (30.0,), concurrency={"limit": 1})
     first = paused.next_action(0.0)
     assert isinstance(first, Send)
     paused.on_response(0.5, first.call, FakeProvider(script={1: 402})(first.call))
@@ -227,8 +225,7 @@ def test_a_402_from_one_provider_moves_the_work_to_the_next() -> None:
     chats.on_response(1.0, again.call, Response(200, {}, '{"choices": []}'))
     assert chats.interactive_result(request)[0].status == 200  # type: ignore[index]
     # a top-up scheduled at 1.6 s brings the first account back into the rotation
-    topped = make(100, concurrency={"limit": 1}, providers=TWO_ACCOUNTS)
-    topped.topups = (1.6,)
+    topped = make(100, (1.6,), concurrency={"limit": 1}, providers=TWO_ACCOUNTS)
     sent.clear()
 
     def dry_once(call: Call) -> Response:  # p1's third request only: topped up after
