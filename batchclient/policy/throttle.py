@@ -234,12 +234,15 @@ class Throttle:
                 own = int(own_r + 1 - rpm * share * ceiling + 0.999999)
                 if own > excess_r:
                     excess_r = own
+        excess_p = excess_o = 0
+        split_fraction = 0.0
         if self.split:
-            return self._split_delay(now, tokens, prompt, slots, ceiling, share, graduated,
-                                     excess_t, excess_r, used_t, used_r)
-        if (excess_t > 0 and used_t > 0) or (excess_r > 0 and used_r > 0):
+            excess_p, excess_o, split_fraction = self._split_excess(tokens, prompt, ceiling,
+                                                                    share)
+        if ((excess_t > 0 and used_t > 0) or (excess_r > 0 and used_r > 0)
+                or excess_p > 0 or excess_o > 0):
             wait = self._wait_for_room(now, excess_t if excess_t > 0 else 0,
-                                       excess_r if excess_r > 0 else 0)
+                                       excess_r if excess_r > 0 else 0, excess_p, excess_o)
             if wait > 0:
                 return wait
         if not graduated:
@@ -256,6 +259,8 @@ class Throttle:
                 fraction = max(fraction, (self.used_tokens + tokens) / (tpm * share))
             if rpm:
                 fraction = max(fraction, (self.used_requests + 1) / (rpm * share))
+        if split_fraction > fraction:
+            fraction = split_fraction
         return self._step_wait(now, fraction, slots)
 
     def _step_wait(self, now: float, fraction: float, slots: int) -> float:
@@ -270,35 +275,24 @@ class Throttle:
             return wait if wait > 0.0 else 0.0
         return 0.0
 
-    def _split_delay(self, now: float, tokens: int, prompt: int, slots: int, ceiling: float,
-                     share: float, graduated: bool, excess_t: int, excess_r: int,
-                     used_t: int, used_r: int) -> float:
-        """``delay`` with input and output limits besides TPM and RPM (whose excesses and
-        usage it is given): our own prompt and reply tokens against ``share`` of each limit,
-        never planned beyond ``ceiling`` of it."""
+    def _split_excess(self, tokens: int, prompt: int, ceiling: float, share: float
+                      ) -> tuple[int, int, float]:
+        """For input and output limits: the excess of our own prompt and of our own reply
+        tokens over ``ceiling`` of ``share`` of each limit (0 with none of ours in the window
+        to wait for), and the larger usage fraction of the two."""
         used_p = self.used_prompt
         used_o = self.used_tokens - used_p
-        reply = tokens - prompt
         excess_p = excess_o = 0
-        fractions = [0.0]
+        fraction = 0.0
         if self.input_tpm:
             limit = self.input_tpm * share
-            excess_p = int(used_p + prompt - limit * ceiling)
-            fractions.append((used_p + prompt) / limit)
+            if used_p > 0:
+                excess_p = max(0, int(used_p + prompt - limit * ceiling))
+            fraction = (used_p + prompt) / limit
         if self.output_tpm:
             limit = self.output_tpm * share
-            excess_o = int(used_o + reply - limit * ceiling)
-            fractions.append((used_o + reply) / limit)
-        if ((excess_t > 0 and used_t > 0) or (excess_r > 0 and used_r > 0)
-                or (excess_p > 0 and used_p > 0) or (excess_o > 0 and used_o > 0)):
-            wait = self._wait_for_room(now, max(0, excess_t), max(0, excess_r),
-                                       max(0, excess_p), max(0, excess_o))
-            if wait > 0:
-                return wait
-        if not graduated:
-            return 0.0
-        if self.tpm:
-            fractions.append((used_t + tokens) / self.tpm)
-        if self.rpm:
-            fractions.append((used_r + 1) / self.rpm)
-        return self._step_wait(now, max(fractions), slots)
+            reply = tokens - prompt
+            if used_o > 0:
+                excess_o = max(0, int(used_o + reply - limit * ceiling))
+            fraction = max(fraction, (used_o + reply) / limit)
+        return excess_p, excess_o, fraction
