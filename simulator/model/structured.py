@@ -234,18 +234,19 @@ def batch_instance(schema: Mapping[str, object], answers: Sequence[tuple[int | s
     drawn as ``instance`` draws it. None when the schema has no such array."""
     drawer = _Drawer(rng, schema)
     root = _plain(schema, schema)
-    if _answer_fields(root, schema) is not None:
-        return _answers(root, answers, codes, drawer)
+    fields = _answer_fields(root, schema)
+    if fields is not None:
+        return _answers(fields, answers, codes, drawer)
     properties = root.get("properties") if root.get("type", "object") == "object" else None
     if not isinstance(properties, dict):
         return None
-    place = next((name for name, sub in properties.items()
-                  if _answer_fields(_plain(sub, schema), schema) is not None), None)
-    if place is None:
-        return None
-    return {name: (_answers(_plain(sub, schema), answers, codes, drawer) if name == place
-                   else drawer.value(sub, 1))
-            for name, sub in properties.items()}
+    for place, sub in properties.items():
+        fields = _answer_fields(_plain(sub, schema), schema)
+        if fields is not None:
+            return {name: (_answers(fields, answers, codes, drawer) if name == place
+                           else drawer.value(other, 1))
+                    for name, other in properties.items()}
+    return None
 
 
 def _plain(schema: object, root: object) -> Mapping[str, object]:
@@ -273,15 +274,19 @@ def _answer_fields(array: Mapping[str, object], root: object
     id_name = next((n for n in _ID_NAMES if n in properties), None)
     if id_name is None:
         return None
-    code_name = next((name for name, sub in properties.items() if name != id_name and (
-        _plain(sub, root).get("type") == "string" or "enum" in _plain(sub, root))), None)
+    code_name = None
+    for name, sub in properties.items():
+        plain = _plain(sub, root)
+        if name != id_name and (plain.get("type") == "string" or "enum" in plain):
+            code_name = name
+            break
     return id_name, code_name, properties
 
 
-def _answers(array: Mapping[str, object], answers: Sequence[tuple[int | str, str]],
-             codes: Sequence[str], drawer: _Drawer) -> list[dict[str, object]]:
-    fields = _answer_fields(array, drawer.root)
-    assert fields is not None
+def _answers(fields: tuple[str, str | None, Mapping[str, object]],
+             answers: Sequence[tuple[int | str, str]], codes: Sequence[str],
+             drawer: _Drawer) -> list[dict[str, object]]:
+    """The answer objects of ``_answer_fields``' (id, code, properties), one per answer."""
     id_name, code_name, properties = fields
     id_schema = _plain(properties[id_name], drawer.root)
     kind = id_schema.get("type")
@@ -294,7 +299,7 @@ def _answers(array: Mapping[str, object], answers: Sequence[tuple[int | str, str
             isinstance(item_id, int) and ("integer" in types or "number" in types)) \
             else str(item_id)
         if isinstance(enum, list) and enum and code not in enum:
-            code = enum[list(codes).index(code) % len(enum)] if code in codes else enum[0]
+            code = enum[codes.index(code) % len(enum)] if code in codes else enum[0]
         out.append({name: (value if name == id_name else code if name == code_name
                            else drawer.value(sub, 2))
                     for name, sub in properties.items()})
