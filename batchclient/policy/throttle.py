@@ -234,15 +234,20 @@ class Throttle:
                 own = int(own_r + 1 - rpm * share * ceiling + 0.999999)
                 if own > excess_r:
                     excess_r = own
-        excess_p = excess_o = 0
         split_fraction = 0.0
         if self.split:
+            # input and output limits: their excesses join the wait below (a few tests on
+            # the dispatch decision of every other key, which has none)
             excess_p, excess_o, split_fraction = self._split_excess(tokens, prompt, ceiling,
                                                                     share)
-        if ((excess_t > 0 and used_t > 0) or (excess_r > 0 and used_r > 0)
-                or excess_p > 0 or excess_o > 0):
+            if excess_p or excess_o:
+                wait = self._wait_for_room(now, excess_t if excess_t > 0 else 0,
+                                           excess_r if excess_r > 0 else 0, excess_p, excess_o)
+                if wait > 0:
+                    return wait
+        if (excess_t > 0 and used_t > 0) or (excess_r > 0 and used_r > 0):
             wait = self._wait_for_room(now, excess_t if excess_t > 0 else 0,
-                                       excess_r if excess_r > 0 else 0, excess_p, excess_o)
+                                       excess_r if excess_r > 0 else 0)
             if wait > 0:
                 return wait
         if not graduated:
@@ -261,13 +266,8 @@ class Throttle:
                 fraction = max(fraction, (self.used_requests + 1) / (rpm * share))
         if split_fraction > fraction:
             fraction = split_fraction
-        return self._step_wait(now, fraction, slots)
-
-    def _step_wait(self, now: float, fraction: float, slots: int) -> float:
-        """The graduated part of ``delay``: above each step's usage ``fraction``, dispatches
-        spaced by its delay divided over the ``slots`` in flight."""
         step_delay = 0.0
-        for threshold, delay in self.settings.steps:
+        for threshold, delay in settings.steps:
             if fraction > threshold:
                 step_delay = delay
         if step_delay > 0:
