@@ -82,6 +82,8 @@ class GatewayConfig:
     ``lease_s`` is how long a running task stays leased before another worker may take it
     again (longer than any call); ``window_margin_s`` keeps a call in the gateway's provider
     window that much past 60 s, since the provider admitted it a little after we sent it.
+    ``probe_s``: an upstream that refused for its balance or key (402, 401) is out of the
+    rotation that long before one call probes it again.
     """
 
     upstreams: tuple[Upstream, ...]
@@ -100,6 +102,7 @@ class GatewayConfig:
     db_path: str = "gateway.db"
     window_margin_s: float = 1.0
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    probe_s: float = 60.0
 
     @property
     def upstream(self) -> Upstream:
@@ -242,6 +245,7 @@ def parse_config(data: object, source: str) -> GatewayConfig:
         db_path=r.str_("db_path", "gateway.db"),
         window_margin_s=r.float_("window_margin_s", 1.0),
         breaker=breaker,
+        probe_s=r.float_("probe_s", 60.0, 1e-9),
     )
     r.finish()
     return cfg

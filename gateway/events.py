@@ -89,6 +89,8 @@ class Metrics:
         self.upstream_calls: dict[int, int] = defaultdict(int)
         self.upstream_calls_by: dict[tuple[str, int], int] = defaultdict(int)
         self.unavailable = 0
+        # upstreams out of the rotation and why (the router's own map, read live)
+        self.out_of_rotation: Mapping[str, str] = {}
         self._latency: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=keep))
 
     def observe_latency(self, lane: str, seconds: float) -> None:
@@ -113,6 +115,7 @@ class Metrics:
             "upstream_calls": {str(k): v for k, v in sorted(self.upstream_calls.items())},
             "upstream_calls_by_upstream": self._by_upstream(),
             "state_unavailable": self.unavailable,
+            "out_of_rotation": dict(self.out_of_rotation),
             "latency_s": {lane: self.latency(lane) for lane in sorted(self._latency)},
         }
 
@@ -140,6 +143,9 @@ class Metrics:
         for (name, status), n in sorted(self.upstream_calls_by.items()):
             lines.append(f'ratelab_gateway_upstream_calls_total{{upstream="{name}",'
                          f'status="{status}"}} {n}')
+        lines.append("# TYPE ratelab_gateway_upstream_out_of_rotation gauge")
+        for name in sorted(self.out_of_rotation):
+            lines.append(f'ratelab_gateway_upstream_out_of_rotation{{upstream="{name}"}} 1')
         lines.append("# TYPE ratelab_gateway_state_unavailable_total counter")
         lines.append(f"ratelab_gateway_state_unavailable_total {self.unavailable}")
         lines.append("# TYPE ratelab_gateway_time_to_result_seconds summary")

@@ -11,6 +11,12 @@ gateway's own window for its key is full.
 With several gateway processes (Redis), a breaker that opens or closes here is announced
 (``on_change``) and the others apply it (``apply_remote``, through ``gateway.relay``), so an
 upstream's outage costs the failed calls of one process, not of every process.
+
+An upstream that refuses for money or its key (402, 429 ``insufficient_quota``, 401/403)
+leaves the rotation (``out_of_rotation``), as a batching-client job's provider does: calls
+go to the upstreams left. A service has no top-up schedule to wait for, so it probes: once
+``probe_s`` has passed, one call may go to it, and any answer but another such refusal brings
+it back. Each process finds this out with its own call (a refusal costs nothing).
 """
 
 from __future__ import annotations
@@ -19,13 +25,15 @@ from collections.abc import Callable, Mapping, Sequence
 
 from batchclient.config import BreakerSettings, ProviderSettings
 from batchclient.policy.breaker import Breaker
-from batchclient.policy.classify import Classified
+from batchclient.policy.classify import Classified, Verdict
 from batchclient.policy.routing import choose_provider
 from gateway.config import Upstream
 
 # Virtual seconds a worker waits when no upstream may take a call and no breaker says
 # when one will (a half-open probe is out): short, the probe's answer decides.
 PROBE_WAIT_S = 0.5
+# refusals for money or the key: the upstream leaves the rotation
+_FATAL = (Verdict.FATAL_BALANCE, Verdict.FATAL_AUTH)
 
 
 def provider_settings(up: Upstream, time_scale: float) -> ProviderSettings:
@@ -38,13 +46,17 @@ class Router:
     """Breakers and rate-limit marks of every upstream of one gateway process."""
 
     def __init__(self, upstreams: Sequence[Upstream], breaker: BreakerSettings,
-                 time_scale: float = 1.0) -> None:
+                 time_scale: float = 1.0, probe_s: float = 60.0) -> None:
         self.providers = [provider_settings(u, time_scale) for u in upstreams]
         self.models: Mapping[str, frozenset[str]] = {u.name: frozenset(u.models)
                                                      for u in upstreams}
         self.breakers = {u.name: Breaker(breaker) for u in upstreams}
         self.settings = breaker
+        self.probe_s = probe_s
         self._limited_until: dict[str, float] = {}
+        # upstreams out of the rotation (402, 401): when one may be probed, and why
+        self._out_until: dict[str, float] = {}
+        self.out_reasons: dict[str, str] = {}
         # told (upstream, opened_at or None when it closed) when a breaker changes state
         self.on_change: Callable[[str, float | None], None] | None = None
 
@@ -55,19 +67,45 @@ class Router:
         return self._limited_until.get(provider, 0.0)
 
     def choose(self, now: float, model: str, avoid: Sequence[str] = ()) -> str | None:
-        """The upstream for a call of ``model``: the first in order that serves it and whose
-        breaker allows, preferring those not in ``avoid`` (they just failed this call);
-        None when none may take it now."""
+        """The upstream for a call of ``model``: the first in order that serves it, is in
+        the rotation and whose breaker allows, preferring those not in ``avoid`` (they just
+        failed this call); None when none may take it now."""
+        serves: Callable[[str, str], bool] = self._serves
+        out = {p for p, until in self._out_until.items() if until > now}
+        if out:
+            def in_rotation(p: str, m: str) -> bool:
+                return p not in out and self._serves(p, m)
+
+            serves = in_rotation
         if avoid:
             def fresh(p: str, m: str) -> bool:
-                return p not in avoid and self._serves(p, m)
+                return p not in avoid and serves(p, m)
 
             found = choose_provider(now, self.providers, self.breakers, self._blocked_until,
                                     model, fresh)
             if found is not None:
                 return found
         return choose_provider(now, self.providers, self.breakers, self._blocked_until,
-                               model, self._serves)
+                               model, serves)
+
+    def out_of_rotation(self, now: float, provider: str, reason: str, probe_s: float) -> None:
+        """``provider`` refused for money or its key: no call until ``probe_s`` from now."""
+        self._out_until[provider] = now + probe_s
+        self.out_reasons[provider] = reason
+
+    def in_rotation(self, now: float, model: str) -> bool:
+        """Whether an upstream serving ``model`` is in the rotation, or due a probe (its
+        breaker or rate limit may still make a call wait)."""
+        return any(self._serves(p.name, model) and self._out_until.get(p.name, 0.0) <= now
+                   for p in self.providers)
+
+    def paused_s(self, now: float) -> float | None:
+        """Virtual seconds until an upstream may be probed when every one is out of the
+        rotation; None while one is in it."""
+        if len(self._out_until) < len(self.providers):
+            return None
+        back = min(self._out_until.values()) - now
+        return back if back > 0 else None
 
     def wait_s(self, now: float) -> float:
         """Virtual seconds until an upstream may be tried again (a breaker reopens)."""
@@ -79,12 +117,21 @@ class Router:
         self._limited_until[provider] = max(self._limited_until.get(provider, 0.0), until)
 
     def on_dispatch(self, now: float, provider: str) -> None:
-        """A call leaves for ``provider`` (in half-open state it is the probe)."""
+        """A call leaves for ``provider`` (in half-open state it is the probe). To an
+        upstream out of the rotation it is the probe: other calls wait for its answer, at
+        most ``probe_s`` (a probe that never answers lets the next one go then)."""
         self.breakers[provider].on_dispatch(now)
+        if provider in self._out_until:
+            self._out_until[provider] = now + self.probe_s
 
     def on_answer(self, now: float, provider: str, verdict: Classified, status: int) -> None:
         """Feed the breaker: 5xx and failures without a reply count against it, any other
         reply closes it (as the batching client does)."""
+        if verdict.verdict in _FATAL:
+            self.out_of_rotation(now, provider, verdict.reason, self.probe_s)
+        elif status and provider in self._out_until:
+            del self._out_until[provider]   # the probe came back: in the rotation again
+            self.out_reasons.pop(provider, None)
         breaker = self.breakers[provider]
         before = breaker.opened_at
         if verdict.server_error:

@@ -4,6 +4,12 @@ shared window and calls it with the batching client's transport, retry and class
 policy; ``item`` tasks of the background lane are packed with semantic batching
 (``batchclient.policy.packing``/``parsing``).
 
+An upstream that refuses for its balance or key (402, 401) leaves the rotation
+(``gateway.routing``): the call goes on at once to another upstream that serves its model.
+With none left the tasks go back to their queue, no attempt counted, and workers claim
+nothing until an upstream may be probed again: a gateway whose balance ran dry holds its
+queue, and a top-up lets it go on, rather than failing every task.
+
 Lane protection: the first ``lanes.reserved_workers`` workers only ever take interactive
 tasks, and background calls may fill only ``lanes.background_ceiling`` of the provider
 window, so a background flood leaves room for a waiting user.
@@ -39,9 +45,13 @@ from gateway.upstream import completion_from_stream, stream_chat
 
 log = logging.getLogger(__name__)
 
+# Refusals for money or the key: the upstream leaves the rotation (``Router.on_answer``).
+FATAL = (Verdict.FATAL_BALANCE, Verdict.FATAL_AUTH)
+
 # Gateway-only fields of a task body, never forwarded upstream.
 GATEWAY_FIELDS = ("lane", "batchable", "item")
 IDLE_POLL_S = 0.05      # wall seconds an idle worker waits before looking again
+PAUSE_POLL_S = 0.25     # wall seconds between looks while every upstream is out of rotation
 STATE_RETRY_S = 0.2     # wall seconds between attempts while Redis is away
 RETRY = RetrySettings(base_s=0.5, cap_s=30.0)
 
@@ -80,11 +90,13 @@ class WorkerPool:
         self.store = store
         self.windows = windows
         self.upstreams = {u.name: u for u in cfg.upstreams}
-        self.router = router or Router(cfg.upstreams, cfg.breaker, cfg.time_scale)
+        self.router = router or Router(cfg.upstreams, cfg.breaker, cfg.time_scale,
+                                        cfg.probe_s)
         self.transport = transport
         self.clock = clock
         self.hub = hub
         self.metrics = metrics
+        metrics.out_of_rotation = self.router.out_reasons
         self.rng = random.Random(seed)
         self._tasks: list[asyncio.Task[None]] = []
         self._idle: deque[asyncio.Future[None]] = deque()
@@ -96,6 +108,9 @@ class WorkerPool:
         self._call_ids = itertools.count(1)
         self._session: aiohttp.ClientSession | None = None
         b = cfg.batching
+        # items a call may pack: halved when a batch is refused for its size, as the
+        # batching client does
+        self.max_items = b.max_items
         self.packer = Packer(Task("gateway", b.system_prompt, b.labels, cfg.upstream.models[0],
                                   instructions=b.instructions))
 
@@ -145,9 +160,14 @@ class WorkerPool:
     async def _worker(self, index: int) -> None:
         queues = worker_queues(self.cfg, index)
         while not self._stopping:
+            paused = self.router.paused_s(self.clock.now())
+            if paused is not None:
+                # every upstream refused for its balance or key: leave the tasks queued
+                await asyncio.sleep(min(self.clock.wall(paused), PAUSE_POLL_S))
+                continue
             try:
                 tasks = await self.store.claim(queues, self.clock.now(), self.cfg.lease_s,
-                                               self.cfg.batching.max_items)
+                                               self.max_items)
             except StateUnavailable:
                 await asyncio.sleep(STATE_RETRY_S)
                 continue
@@ -178,13 +198,16 @@ class WorkerPool:
         return self.cfg.lanes.background_ceiling
 
     async def _route(self, model: str, tokens: int, ceiling: float,
-                     avoid: Sequence[str] = ()) -> Upstream:
+                     avoid: Sequence[str] = ()) -> Upstream | None:
         """The upstream this call goes to, once its shared window admitted the call: the
         router's choice (``avoid``: upstreams that just failed it); a full window marks its
-        upstream rate limited, so one with ``failover_on_429`` hands the call on."""
+        upstream rate limited, so one with ``failover_on_429`` hands the call on. None when
+        every upstream serving ``model`` is out of the rotation (402, 401)."""
         while True:
             self._check_stopping()
             now = self.clock.now()
+            if not self.router.in_rotation(now, model):
+                return None
             name = self.router.choose(now, model, avoid)
             if name is None:   # every breaker is open: wait for one to let a probe through
                 await asyncio.sleep(min(self.clock.wall(self.router.wait_s(now)), 0.25))
@@ -212,6 +235,12 @@ class WorkerPool:
         now; else the caller backs off and tries them all again."""
         choice = self.router.choose(self.clock.now(), model, avoid)
         return choice is not None and choice not in avoid
+
+    async def _hold(self, tasks: Sequence[TaskRecord]) -> None:
+        """Back to the queue, no attempt counted: no upstream in the rotation serves them."""
+        for task in tasks:
+            task.attempts -= 1
+            await self._save(task, final=False)
 
     async def _save(self, task: TaskRecord, *, final: bool) -> None:
         """Store the outcome, retrying while the state is away (the result is never lost)."""
@@ -258,6 +287,9 @@ class WorkerPool:
         verdict = classify(response, self.cfg.time_scale)
         now = self.clock.now()
         self.router.on_answer(now, up.name, verdict, response.status)
+        if verdict.verdict in FATAL:
+            log.warning("gateway: upstream %s out of the rotation for %g virtual s, then "
+                        "probed: %s", up.name, self.cfg.probe_s, verdict.reason)
         if verdict.rate_limited:
             until = now + (verdict.retry_after_s or 1.0)
             self.router.limited(now, up.name, until)
@@ -282,7 +314,13 @@ class WorkerPool:
         avoid: tuple[str, ...] = ()
         while True:
             up = await self._route(model, task.tokens, ceiling, avoid)
+            if up is None:
+                await self._hold([task])
+                return
             response, verdict = await self._send(up, task, body, task.tokens, attempt)
+            if verdict.verdict in FATAL:
+                # that upstream left the rotation: the next one, or back to the queue
+                continue
             if verdict.verdict == Verdict.OK:
                 task.state, task.status = "done", response.status
                 if response.content is not None and not response.body:
@@ -319,7 +357,7 @@ class WorkerPool:
     async def _run_batch(self, tasks: Sequence[TaskRecord]) -> None:
         b = self.cfg.batching
         items = [Item(t.id, str(t.body["item"]["text"])) for t in tasks]
-        n = max(1, self.packer.pack(items, b.max_items, b.token_budget))
+        n = max(1, self.packer.pack(items, self.max_items, b.token_budget))
         for task in tasks[n:]:
             task.attempts -= 1  # not sent: the claim did not cost it an attempt
             await self._save(task, final=False)
@@ -332,9 +370,14 @@ class WorkerPool:
         avoid: tuple[str, ...] = ()
         while True:
             up = await self._route(model, tokens, self._ceiling(tasks[0]), avoid)
+            if up is None:
+                await self._hold(tasks)
+                return
             response, verdict = await self._send(up, tasks[0], body, tokens,
                                                  tasks[0].attempts - 1,
                                                  tuple(i.id for i in items))
+            if verdict.verdict in FATAL:
+                continue  # that upstream left the rotation: the next one, or the queue
             if verdict.verdict != Verdict.RETRY:
                 break
             # failed here: at once to an upstream that has not failed it yet (same lease)
@@ -362,6 +405,12 @@ class WorkerPool:
                     await self._save(task, final=True)
                 else:
                     await self._save(task, final=False)
+            return
+        if verdict.too_large and len(items) > 1:
+            # refused for its size (context length, a per-request cost cap): the batch, not
+            # its items, is at fault; halve it and send them again in smaller ones
+            self.max_items = min(self.max_items, max(1, len(items) // 2))
+            await self._hold(tasks)
             return
         retryable = verdict.verdict == Verdict.RETRY
         if retryable:

@@ -262,3 +262,113 @@ async def test_a_429_too_large_holds_nothing(sim_server, gateway) -> None:
     assert failed["state"] == "failed" and failed["upstream_status"] == 429
     window = gw.pool.windows[cfg.upstreams[0].name]
     assert await window.acquire(gw.pool.clock.now(), 10, 1.0) == 0.0
+
+
+BROKE = Classified(Verdict.FATAL_BALANCE, "HTTP 402 insufficient_balance")
+
+
+def test_a_refusal_for_money_takes_the_upstream_out_until_its_probe() -> None:
+    router = Router(ups("a", "b"), BreakerSettings(), probe_s=60.0)
+    router.on_answer(10.0, "a", BROKE, 402)
+    assert router.choose(10.0, "m") == "b" and router.in_rotation(10.0, "m")
+    assert router.out_reasons == {"a": "HTTP 402 insufficient_balance"}
+    assert router.paused_s(10.0) is None
+    router.on_answer(20.0, "b", replace(BROKE, verdict=Verdict.FATAL_AUTH), 401)
+    # both out: nothing to send until a's probe is due at 70 s
+    assert router.choose(20.0, "m") is None and not router.in_rotation(20.0, "m")
+    assert router.paused_s(20.0) == 50.0
+    assert router.choose(70.0, "m") == "a" and router.paused_s(70.0) is None
+    router.on_dispatch(70.0, "a")   # the probe: no other call until it answers
+    assert router.choose(71.0, "m") is None
+    router.on_answer(72.0, "a", OK, 200)
+    assert router.choose(72.0, "m") == "a" and set(router.out_reasons) == {"b"}
+    # a 5xx or a 429 keeps an upstream in the rotation (its breaker or window deals)
+    router.on_answer(73.0, "a", FAIL, 503)
+    assert router.choose(73.0, "m") == "a"
+
+
+def _broke_provider(name: str, balance_usd: float | str) -> dict[str, object]:
+    provider = yaml.safe_load(DEFAULT_PROVIDER_YAML)
+    provider["name"] = name
+    provider["responder"] = {"kind": "batch_json"}
+    provider["billing"] = {"balance_usd": balance_usd, "charge_headers": True}
+    return provider
+
+
+ITEM = {"user": "bench", "lane": "background"}
+
+
+async def test_a_402_moves_the_work_to_the_backup_upstream(sim_server, gateway) -> None:
+    """The primary's balance pays for a few calls: its 402 takes it out of the rotation and
+    every task, chat or packed item, is done by the backup, none failed."""
+    sim = await sim_server(sim_parse({"providers": [_broke_provider("primary", 0.00003),
+                                                   _broke_provider("backup", "unlimited")],
+                                      "time_scale": 20, "seed": 3}, "<test>"),
+                           ttft_ms=20, itl_ms=1)
+    base = gateway_config(sim, time_scale=20, workers=2)
+    cfg = replace(base, upstreams=(
+        replace(base.upstream, name="primary", base_url=sim.base_url("primary")),
+        replace(base.upstream, name="backup", base_url=sim.base_url("backup"))))
+    gw = await gateway(cfg)
+    ids = await post_all(gw, [{**CHAT, "user": "bench"}] * 12 + [
+        {**ITEM, "item": {"id": f"i{n}", "text": f"item text number {n}"}} for n in range(30)])
+    async with aiohttp.ClientSession() as s:
+        results = [await poll(s, gw, task_id) for task_id in ids]
+    assert {r["state"] for r in results} == {"done"}
+    snap = gw.metrics.snapshot(None)
+    by = snap["upstream_calls_by_upstream"]
+    assert by["primary"]["402"] >= 1 and "200" in by["backup"]
+    # once out, the primary had no more calls than the workers had on their way
+    assert by["primary"]["402"] <= cfg.workers
+    assert set(snap["out_of_rotation"]) == {"primary"}
+    assert 'ratelab_gateway_upstream_out_of_rotation{upstream="primary"} 1' in (
+        gw.metrics.prometheus(None))
+
+
+async def test_with_every_balance_spent_tasks_wait_for_a_top_up(sim_server, gateway) -> None:
+    """A single upstream runs dry: tasks stay queued (none failed, no attempt counted),
+    and after an admin top-up the next probe lets them all finish."""
+    sim = await sim_server(sim_parse({"providers": [_broke_provider("only", 0.000005)],
+                                      "time_scale": 20, "seed": 4}, "<test>"),
+                           ttft_ms=20, itl_ms=1)
+    base = gateway_config(sim, time_scale=20, workers=2)
+    cfg = replace(base, upstreams=(replace(base.upstream, name="only"),), probe_s=10.0)
+    gw = await gateway(cfg)
+    ids = await post_all(gw, [{**CHAT, "user": "bench"}] * 20)
+    async with aiohttp.ClientSession() as s:
+        deadline = asyncio.get_running_loop().time() + 10
+        while not gw.metrics.out_of_rotation:   # until the first 402
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+        waiting = []
+        for task_id in ids:
+            async with s.get(f"{gw.url}/v1/tasks/{task_id}") as r:
+                waiting.append((await r.json())["state"])
+        assert "failed" not in waiting and "queued" in waiting
+        assert set(gw.metrics.snapshot(None)["out_of_rotation"]) == {"only"}
+        sim.providers["only"].topup("sk-ratelab", 1.0)
+        results = [await poll(s, gw, task_id) for task_id in ids]
+    assert {r["state"] for r in results} == {"done"}
+    assert {r["attempts"] for r in results} == {1}   # a held task's claim was not counted
+    assert gw.metrics.snapshot(None)["out_of_rotation"] == {}
+    calls = statuses(sim)
+    assert calls["200"] == 20 and calls["402"] >= 1
+
+
+async def test_a_batch_over_the_cost_cap_is_halved(sim_server, gateway) -> None:
+    """A per-request cost cap refuses 20-item batches: the gateway halves the batch until
+    it passes rather than failing every item in it."""
+    provider = _broke_provider("capped", "unlimited")
+    provider["billing"] = {"balance_usd": "unlimited", "charge_headers": True,
+                           "cost_cap_usd": 0.00003}
+    sim = await sim_server(sim_parse({"providers": [provider], "time_scale": 20, "seed": 5},
+                                     "<test>"), ttft_ms=20, itl_ms=1)
+    gw = await gateway(gateway_config(sim, time_scale=20, workers=1))
+    ids = await post_all(gw, [{**ITEM, "item": {"id": f"i{n}", "text": f"item text number {n}"}}
+                              for n in range(40)])
+    async with aiohttp.ClientSession() as s:
+        results = [await poll(s, gw, task_id) for task_id in ids]
+    assert {r["state"] for r in results} == {"done"}
+    calls = statuses(sim)
+    assert calls.get("400", 0) >= 1            # refused for its size, then halved
+    assert gw.pool.max_items < 20 and calls["200"] < 40   # still packed
