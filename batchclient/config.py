@@ -241,6 +241,19 @@ def _limits(r: Reader) -> ModelLimits:
     return limits
 
 
+def read_prices(r: Reader) -> dict[str, Price]:
+    """``prices`` of a provider: per model, ``input`` and ``output`` USD per million
+    tokens (for a provider that sends no charge header)."""
+    prices: dict[str, Price] = {}
+    pr = r.child("prices")
+    for model in list(pr.data):
+        p = pr.child(str(model))
+        prices[str(model)] = Price(p.float_("input", 0.0), p.float_("output", 0.0))
+        p.finish()
+    pr.finish()
+    return prices
+
+
 def _provider(r: Reader, default_scale: float) -> ProviderSettings:
     name = r.str_("name")
     base_url = r.str_("base_url")
@@ -263,13 +276,7 @@ def _provider(r: Reader, default_scale: float) -> ProviderSettings:
     for model in list(ml.data):
         model_limits[str(model)] = _limits(ml.child(str(model)))
     ml.finish()
-    prices: dict[str, Price] = {}
-    pr = r.child("prices")
-    for model in list(pr.data):
-        p = pr.child(str(model))
-        prices[str(model)] = Price(p.float_("input", 0.0), p.float_("output", 0.0))
-        p.finish()
-    pr.finish()
+    prices = read_prices(r)
     counting = r.choice("tpm_counting", "reserve_max_tokens", ("reserve_max_tokens", "actual"))
     settings = ProviderSettings(
         name=name, base_url=base_url.rstrip("/"), api_key=api_key, time_scale=time_scale,

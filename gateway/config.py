@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
-from batchclient.config import DEFAULT_INSTRUCTIONS, BreakerSettings
+from batchclient.config import DEFAULT_INSTRUCTIONS, BreakerSettings, Price, read_prices
 from batchclient.configreader import ConfigError, Reader, load_yaml
 
 LANES: tuple[str, ...] = ("interactive", "background")
@@ -23,7 +23,9 @@ class Upstream:
     """One provider the gateway calls with its shared key; ``rpm``/``tpm`` are the limits
     the gateway enforces for that key across every gateway process (None: unlimited).
     ``failover_on_429``: while this key is rate limited (a 429, or its window at the
-    gateway is full) calls go to the next upstream instead of waiting."""
+    gateway is full) calls go to the next upstream instead of waiting. ``prices`` (USD per
+    million tokens, per model) price calls when the provider sends no charge header;
+    ``low_balance_usd``: the balance the provider reports under which the gateway warns."""
 
     name: str
     base_url: str
@@ -32,6 +34,8 @@ class Upstream:
     rpm: int | None = None
     tpm: int | None = None
     failover_on_429: bool = False
+    prices: Mapping[str, Price] = field(default_factory=dict)
+    low_balance_usd: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +160,8 @@ def _upstream(r: Reader) -> Upstream:
         raise r.fail("models", "a non-empty list of model names")
     base_url = r.str_("base_url").rstrip("/")
     up = Upstream(r.str_("name", "default"), base_url, key, tuple(models),
-                  r.opt_int("rpm"), r.opt_int("tpm"), r.bool_("failover_on_429", False))
+                  r.opt_int("rpm"), r.opt_int("tpm"), r.bool_("failover_on_429", False),
+                  MappingProxyType(read_prices(r)), r.opt_float("low_balance_usd"))
     r.finish()
     return up
 

@@ -12,6 +12,8 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from batchclient.cost import CostMeter
+
 Event = dict[str, Any]
 
 
@@ -91,6 +93,11 @@ class Metrics:
         self.unavailable = 0
         # upstreams out of the rotation and why (the router's own map, read live)
         self.out_of_rotation: Mapping[str, str] = {}
+        # what each upstream charged (the batching client's meter: charge headers, else
+        # the upstream's prices) and the balance it reports; the charges by lane and user
+        self.costs: dict[str, CostMeter] = {}
+        self.cost_by_lane: dict[str, float] = defaultdict(float)
+        self.cost_by_user: dict[str, float] = defaultdict(float)
         self._latency: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=keep))
 
     def observe_latency(self, lane: str, seconds: float) -> None:
@@ -116,6 +123,13 @@ class Metrics:
             "upstream_calls_by_upstream": self._by_upstream(),
             "state_unavailable": self.unavailable,
             "out_of_rotation": dict(self.out_of_rotation),
+            "cost_usd": {
+                "total": sum(m.total_usd for m in self.costs.values()),
+                "by_upstream": {name: {"total": m.total_usd, "by_model": dict(m.by_model),
+                                       "balance": m.balance_usd}
+                                for name, m in sorted(self.costs.items())},
+                "by_lane": dict(self.cost_by_lane),
+                "by_user": dict(self.cost_by_user)},
             "latency_s": {lane: self.latency(lane) for lane in sorted(self._latency)},
         }
 
@@ -146,6 +160,16 @@ class Metrics:
         lines.append("# TYPE ratelab_gateway_upstream_out_of_rotation gauge")
         for name in sorted(self.out_of_rotation):
             lines.append(f'ratelab_gateway_upstream_out_of_rotation{{upstream="{name}"}} 1')
+        lines.append("# TYPE ratelab_gateway_cost_usd_total counter")
+        for name, meter in sorted(self.costs.items()):
+            for model, usd in sorted(meter.by_model.items()):
+                lines.append(f'ratelab_gateway_cost_usd_total{{upstream="{name}",'
+                             f'model="{model}"}} {usd:.9f}')
+        lines.append("# TYPE ratelab_gateway_balance_usd gauge")
+        for name, meter in sorted(self.costs.items()):
+            if meter.balance_usd is not None:
+                lines.append(f'ratelab_gateway_balance_usd{{upstream="{name}"}} '
+                             f'{meter.balance_usd:.9f}')
         lines.append("# TYPE ratelab_gateway_state_unavailable_total counter")
         lines.append(f"ratelab_gateway_state_unavailable_total {self.unavailable}")
         lines.append("# TYPE ratelab_gateway_time_to_result_seconds summary")

@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 
 from batchclient.config import RetrySettings, Task
+from batchclient.cost import CostMeter
 from batchclient.policy.classify import Classified, Verdict, classify
 from batchclient.policy.packing import Packer
 from batchclient.policy.parsing import parse_reply, read_completion
@@ -97,6 +98,8 @@ class WorkerPool:
         self.hub = hub
         self.metrics = metrics
         metrics.out_of_rotation = self.router.out_reasons
+        metrics.costs = {u.name: CostMeter({u.name: u.prices}, u.low_balance_usd)
+                         for u in cfg.upstreams}
         self.rng = random.Random(seed)
         self._tasks: list[asyncio.Task[None]] = []
         self._idle: deque[asyncio.Future[None]] = deque()
@@ -267,9 +270,29 @@ class WorkerPool:
         elif not final:
             self.hub.publish(task.id, {"state": "queued", "misses": task.misses})
 
+    def _charge(self, up: Upstream, model: str, response: Response,
+                tasks: Sequence[TaskRecord]) -> None:
+        """Meter one answer (its charge header, else usage x the upstream's prices), shared
+        evenly by the tasks it served; warn once as the balance falls below the threshold."""
+        meter = self.metrics.costs[up.name]
+        usage = response.usage
+        if (usage is None and up.prices and 200 <= response.status < 300
+                and "x-mdb-charged-usd" not in response.headers):
+            usage = read_completion(response.body)[2]
+        share = meter.charge(up.name, model, tasks[0].lane, response.headers,
+                             usage) / len(tasks)
+        for task in tasks:
+            self.metrics.cost_by_lane[task.lane] += share
+            self.metrics.cost_by_user[task.user] += share
+        if meter.low_balance_crossed():
+            log.warning("gateway: upstream %s balance %.6f USD is below %.6f USD",
+                        up.name, meter.balance_usd, up.low_balance_usd)
+
     async def _send(self, up: Upstream, task: TaskRecord, body: dict[str, Any], tokens: int,
-                    attempt: int, item_ids: tuple[str, ...] = ()) -> tuple[Response, Classified]:
-        """Call ``up``; the response and its verdict, both fed to the router's breaker."""
+                    attempt: int, item_ids: tuple[str, ...] = (),
+                    tasks: Sequence[TaskRecord] = ()) -> tuple[Response, Classified]:
+        """Call ``up``; the response and its verdict, both fed to the router's breaker and
+        the cost meter (``tasks``: the tasks a packed call serves, else ``task``)."""
         self.router.on_dispatch(self.clock.now(), up.name)
         if task.body.get("stream") and not item_ids and self._session is not None:
             body = {**body, "stream": True}
@@ -285,6 +308,7 @@ class WorkerPool:
                         if task.lane == "interactive" else "background")
             response = await self.transport.send(call)
         verdict = classify(response, self.cfg.time_scale)
+        self._charge(up, str(body["model"]), response, tasks or (task,))
         now = self.clock.now()
         self.router.on_answer(now, up.name, verdict, response.status)
         if verdict.verdict in FATAL:
@@ -375,7 +399,7 @@ class WorkerPool:
                 return
             response, verdict = await self._send(up, tasks[0], body, tokens,
                                                  tasks[0].attempts - 1,
-                                                 tuple(i.id for i in items))
+                                                 tuple(i.id for i in items), tasks)
             if verdict.verdict in FATAL:
                 continue  # that upstream left the rotation: the next one, or the queue
             if verdict.verdict != Verdict.RETRY:

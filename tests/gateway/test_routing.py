@@ -360,7 +360,7 @@ async def test_a_batch_over_the_cost_cap_is_halved(sim_server, gateway) -> None:
     it passes rather than failing every item in it."""
     provider = _broke_provider("capped", "unlimited")
     provider["billing"] = {"balance_usd": "unlimited", "charge_headers": True,
-                           "cost_cap_usd": 0.00003}
+                           "cost_cap_usd": 0.0001}
     sim = await sim_server(sim_parse({"providers": [provider], "time_scale": 20, "seed": 5},
                                      "<test>"), ttft_ms=20, itl_ms=1)
     gw = await gateway(gateway_config(sim, time_scale=20, workers=1))
@@ -371,4 +371,58 @@ async def test_a_batch_over_the_cost_cap_is_halved(sim_server, gateway) -> None:
     assert {r["state"] for r in results} == {"done"}
     calls = statuses(sim)
     assert calls.get("400", 0) >= 1            # refused for its size, then halved
-    assert gw.pool.max_items < 20 and calls["200"] < 40   # still packed
+    assert gw.pool.max_items < 20 and calls["200"] < 40, (calls, gw.pool.max_items)
+
+
+async def test_cost_metered_per_upstream_lane_and_user(sim_server, gateway, caplog) -> None:
+    """Charges from the provider's headers add up to what it billed, split by lane and by
+    user (a packed call shared evenly by its items); the balance it reports is kept, and
+    crossing the upstream's low_balance_usd is logged once."""
+    sim = await sim_server(sim_parse({"providers": [_broke_provider("paid", 1.0)],
+                                      "time_scale": 20, "seed": 6}, "<test>"),
+                           ttft_ms=20, itl_ms=1)
+    base = gateway_config(sim, time_scale=20, workers=2)
+    cfg = replace(base, upstreams=(replace(base.upstream, name="paid",
+                                           low_balance_usd=0.99999),))
+    gw = await gateway(cfg)
+    ids = await post_all(gw, [{**CHAT, "user": "bench"}] * 5 + [{**CHAT, "user": "pat"}] * 5 + [
+        {**ITEM, "item": {"id": f"i{n}", "text": f"item text number {n}"}} for n in range(20)])
+    async with aiohttp.ClientSession() as s:
+        assert {(await poll(s, gw, i))["state"] for i in ids} == {"done"}
+    billed = sim.providers["paid"].stats()["keys"]["sk-ratelab"]
+    cost = gw.metrics.snapshot(None)["cost_usd"]
+    assert billed["spent_usd"] > 0
+    assert cost["total"] == pytest.approx(billed["spent_usd"], rel=1e-6)
+    assert cost["by_upstream"]["paid"]["balance"] == pytest.approx(billed["balance_usd"])
+    assert sum(cost["by_user"].values()) == pytest.approx(cost["total"])
+    assert sum(cost["by_lane"].values()) == pytest.approx(cost["total"])
+    assert set(cost["by_user"]) == {"bench", "pat"} and cost["by_user"]["pat"] > 0
+    assert 1.0 - billed["balance_usd"] > 0.00001   # it crossed the threshold, once
+    warned = [r.getMessage() for r in caplog.records if "is below" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("gateway: upstream paid balance 0.9999")
+    assert 'ratelab_gateway_balance_usd{upstream="paid"}' in gw.metrics.prometheus(None)
+
+
+async def test_cost_from_prices_when_the_provider_sends_no_charge(sim_server, gateway) -> None:
+    provider = _broke_provider("quiet", "unlimited")
+    provider["billing"] = {"balance_usd": "unlimited", "charge_headers": False}
+    sim = await sim_server(sim_parse({"providers": [provider], "time_scale": 20, "seed": 7},
+                                     "<test>"), ttft_ms=20, itl_ms=1)
+    cfg = parse_config({"upstreams": [{"name": "quiet", "base_url": sim.base_url(),
+                                       "api_key": "sk-ratelab", "prices": {
+                                           "gpt-4o-mini": {"input": 1.0, "output": 10.0}}}],
+                        "time_scale": 20, "default_tier": "u",
+                        "tiers": {"u": {"rpm": None, "tokens_per_day": None}}}, "gw.yaml")
+    gw = await gateway(cfg)
+    ids = await post_all(gw, [{**CHAT, "user": "bench"}] * 4)
+    async with aiohttp.ClientSession() as s:
+        results = [await poll(s, gw, i) for i in ids]
+    tokens_in = sum(r["result"]["usage"]["prompt_tokens"] for r in results)
+    tokens_out = sum(r["result"]["usage"]["completion_tokens"] for r in results)
+    expected = (tokens_in * 1.0 + tokens_out * 10.0) / 1e6
+    assert expected > 0
+    assert gw.metrics.snapshot(None)["cost_usd"]["total"] == pytest.approx(expected)
+    with pytest.raises(ConfigError, match=r"upstreams\[0\].prices.m.input: expected a "
+                                          r"finite number >= 0.0, got 'cheap'"):
+        parse_config({"upstreams": [{"base_url": "http://x/v1", "api_key": "k",
+                                     "prices": {"m": {"input": "cheap"}}}]}, "gw.yaml")
