@@ -47,8 +47,11 @@ class SqliteResultCache:
 
     def put_many(self, results: Sequence[ItemResult]) -> None:
         """Insert the done results that carry a cache key (first writer wins)."""
-        rows = [(r.cache_key, r.code, r.model) for r in results
-                if r.state == "done" and r.cache_key and r.code]
+        self.put_codes([(r.cache_key, r.code, r.model) for r in results
+                        if r.state == "done" and r.cache_key and r.code])
+
+    def put_codes(self, rows: Sequence[tuple[str, str, str | None]]) -> None:
+        """Insert (key, code, model) rows (first writer wins)."""
         if rows:
             self._conn.execute("BEGIN")
             self._conn.executemany("INSERT OR IGNORE INTO cache VALUES (?, ?, ?)", rows)

@@ -67,7 +67,8 @@ class LaneSettings:
 @dataclass(frozen=True, slots=True)
 class BatchingSettings:
     """Semantic batching of ``item``-form background tasks: up to ``max_items`` per
-    request, ``labels`` code -> name, a shared ``system_prompt``."""
+    request, ``labels`` code -> name, a shared ``system_prompt``; ``cache``: an item
+    answered once (same normalised text, task and model) is answered from the cache."""
 
     enabled: bool = True
     max_items: int = 20
@@ -77,6 +78,7 @@ class BatchingSettings:
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(
         {c: c for c in "ABCDEFGH"}))
     instructions: str = DEFAULT_INSTRUCTIONS
+    cache: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +235,7 @@ def parse_config(data: object, source: str) -> GatewayConfig:
     batching = BatchingSettings(
         br.bool_("enabled", True), br.int_("max_items", 20, 1), br.int_("token_budget", 16000, 1),
         br.int_("max_misses", 3, 1), br.str_("system_prompt", "You classify short texts."),
-        labels, br.str_("instructions", DEFAULT_INSTRUCTIONS))
+        labels, br.str_("instructions", DEFAULT_INSTRUCTIONS), br.bool_("cache", True))
     br.finish()
     kr = r.child("breaker")
     breaker = BreakerSettings(kr.int_("failures", 5, 1), kr.float_("cooldown_s", 30.0, 1e-9))

@@ -98,6 +98,7 @@ class Metrics:
         self.costs: dict[str, CostMeter] = {}
         self.cost_by_lane: dict[str, float] = defaultdict(float)
         self.cost_by_user: dict[str, float] = defaultdict(float)
+        self.cache_hits = 0   # packed items answered from the item cache
         self._latency: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=keep))
 
     def observe_latency(self, lane: str, seconds: float) -> None:
@@ -123,6 +124,7 @@ class Metrics:
             "upstream_calls_by_upstream": self._by_upstream(),
             "state_unavailable": self.unavailable,
             "out_of_rotation": dict(self.out_of_rotation),
+            "item_cache_hits": self.cache_hits,
             "cost_usd": {
                 "total": sum(m.total_usd for m in self.costs.values()),
                 "by_upstream": {name: {"total": m.total_usd, "by_model": dict(m.by_model),
@@ -160,6 +162,8 @@ class Metrics:
         lines.append("# TYPE ratelab_gateway_upstream_out_of_rotation gauge")
         for name in sorted(self.out_of_rotation):
             lines.append(f'ratelab_gateway_upstream_out_of_rotation{{upstream="{name}"}} 1')
+        lines.append("# TYPE ratelab_gateway_item_cache_hits_total counter")
+        lines.append(f"ratelab_gateway_item_cache_hits_total {self.cache_hits}")
         lines.append("# TYPE ratelab_gateway_cost_usd_total counter")
         for name, meter in sorted(self.costs.items()):
             for model, usd in sorted(meter.by_model.items()):

@@ -13,6 +13,7 @@ import sqlite3
 from collections import deque
 from collections.abc import Mapping, Sequence
 
+from batchclient.cache import SqliteResultCache
 from gateway.config import TierLimits
 from gateway.limits import (
     WINDOW_S,
@@ -51,7 +52,9 @@ class SqliteTaskStore:
     """Tasks in a SQLite file (WAL); the queues are in-memory deques rebuilt at open.
 
     ``put`` returns only after the transaction holding the task has committed; puts that
-    arrive in the same loop tick share one commit (group commit).
+    arrive in the same loop tick share one commit (group commit). It is also the item cache
+    (``ItemCache``): the batching client's result cache, in the same file, so a restart
+    keeps it.
     """
 
     def __init__(self, path: str) -> None:
@@ -64,6 +67,7 @@ class SqliteTaskStore:
         self._pending: list[tuple[TaskRecord, asyncio.Future[None]]] = []
         self._flush_scheduled = False
         self.recovered = self._recover()
+        self._cache = SqliteResultCache(path)
 
     def _recover(self) -> int:
         """Re-queue what a previous process left queued or running, in arrival order."""
@@ -153,10 +157,19 @@ class SqliteTaskStore:
         """Waiting tasks per queue."""
         return {name: len(q) for name, q in self._queues.items()}
 
+    async def cached_codes(self, keys: Sequence[str]) -> dict[str, str]:
+        """Codes of the keys present in the item cache."""
+        return self._cache.get_many(keys)
+
+    async def remember_codes(self, rows: Sequence[tuple[str, str, str]]) -> None:
+        """Store (key, code, model) rows in the item cache; the first code stays."""
+        self._cache.put_codes(rows)
+
     async def close(self) -> None:
         """Flush what is pending and close the file."""
         if self._pending:
             self._flush()
+        self._cache.close()
         self._db.close()
 
 
@@ -188,3 +201,4 @@ class MemoryProviderWindow:
     async def hold(self, until: float) -> None:
         """``SlidingWindow.hold``."""
         self.window.hold(until)
+

@@ -73,6 +73,29 @@ class RedisState:
         self._finish = client.register_script(lua.FINISH)
         self._requeue = client.register_script(lua.REQUEUE)
 
+    # ------------------------------------------------------------ ItemCache
+
+    async def cached_codes(self, keys: Sequence[str]) -> dict[str, str]:
+        """Codes of the keys present (one HMGET on the ``cache`` hash)."""
+        if not keys:
+            return {}
+        codes: list[str | None] = await _guard(lambda: self.r.hmget(
+            f"{self.prefix}cache", list(keys)))  # type: ignore[arg-type,return-value]
+        return {k: c for k, c in zip(keys, codes, strict=True) if c}
+
+    async def remember_codes(self, rows: Sequence[tuple[str, str, str]]) -> None:
+        """HSETNX each (key, code) in one pipeline: the first code stored stays."""
+        if not rows:
+            return
+
+        async def run() -> None:
+            async with self.r.pipeline(transaction=False) as pipe:
+                for key, code, _model in rows:
+                    pipe.hsetnx(f"{self.prefix}cache", key, code)
+                await pipe.execute()
+
+        await _guard(run)
+
     def _task_key(self, task_id: str) -> str:
         return f"{self.prefix}task:{task_id}"
 

@@ -23,7 +23,7 @@ from gateway.local_state import MemoryProviderWindow, MemoryUserLimiter, SqliteT
 from gateway.redis_state import RedisState, connect
 from gateway.relay import RedisEventRelay
 from gateway.routing import provider_settings
-from gateway.state import ProviderWindow, TaskStore, UserLimiter
+from gateway.state import ItemCache, ProviderWindow, TaskStore, UserLimiter
 from gateway.worker import WorkerPool
 
 SHUTDOWN_TIMEOUT_S = 0.5
@@ -73,6 +73,7 @@ async def start_gateway(config: GatewayConfig, *, host: str = "127.0.0.1", port:
     store: TaskStore
     limiter: UserLimiter
     windows: dict[str, ProviderWindow]
+    cache: ItemCache
     hub, metrics = EventHub(), Metrics()
     relay = None
     if redis_url is not None:
@@ -81,9 +82,9 @@ async def start_gateway(config: GatewayConfig, *, host: str = "127.0.0.1", port:
                            time_scale=config.time_scale,
                            window_margin_s=config.window_margin_s)
         windows = {u.name: state.window(u.name, u.rpm, u.tpm) for u in config.upstreams}
-        store, limiter, ping, backend = state, state, state.ping, "redis"
+        store, cache, limiter, ping, backend = state, state, state, state.ping, "redis"
     else:
-        store = SqliteTaskStore(db_path or config.db_path)
+        store = cache = SqliteTaskStore(db_path or config.db_path)
         limiter = MemoryUserLimiter()
         windows = {u.name: MemoryProviderWindow(u.rpm, u.tpm, config.window_margin_s)
                    for u in config.upstreams}
@@ -92,7 +93,8 @@ async def start_gateway(config: GatewayConfig, *, host: str = "127.0.0.1", port:
     transport = AiohttpTransport([provider_settings(u, config.time_scale)
                                   for u in config.upstreams],
                                  limit=max(16, config.workers * 2))
-    pool = WorkerPool(config, store, windows, transport, clock, hub, metrics, seed=seed)
+    pool = WorkerPool(config, store, windows, transport, clock, hub, metrics, seed=seed,
+                      cache=cache)
     if redis_url is not None:
         relay = RedisEventRelay(client, hub, redis_prefix, pool.router, clock)
     shell = GatewayApp(config, store, limiter, clock, hub, metrics, pool.wake, backend, ping)

@@ -132,6 +132,20 @@ class UserLimiter(Protocol):
         ...
 
 
+class ItemCache(Protocol):
+    """Codes of packed items already answered, by ``batchclient.policy.job.cache_key``
+    (normalised text, task, model): a duplicate item is answered from here, not paid for
+    again. Shared by every process of the state."""
+
+    async def cached_codes(self, keys: Sequence[str]) -> dict[str, str]:
+        """Codes of the keys present."""
+        ...
+
+    async def remember_codes(self, rows: Sequence[tuple[str, str, str]]) -> None:
+        """Store (key, code, model) rows; the first code stored for a key stays."""
+        ...
+
+
 class ProviderWindow(Protocol):
     """The shared key's rolling window at the provider (``SlidingWindow`` semantics)."""
 

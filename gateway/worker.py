@@ -32,6 +32,7 @@ import aiohttp
 from batchclient.config import RetrySettings, Task
 from batchclient.cost import CostMeter
 from batchclient.policy.classify import Classified, Verdict, classify
+from batchclient.policy.job import cache_key, task_digest
 from batchclient.policy.packing import Packer
 from batchclient.policy.parsing import parse_reply, read_completion
 from batchclient.policy.retry import retry_delay
@@ -41,7 +42,7 @@ from gateway.clock import GatewayClock
 from gateway.config import GatewayConfig, Upstream
 from gateway.events import EventHub, Metrics
 from gateway.routing import Router
-from gateway.state import ProviderWindow, StateUnavailable, TaskRecord, TaskStore
+from gateway.state import ItemCache, ProviderWindow, StateUnavailable, TaskRecord, TaskStore
 from gateway.upstream import completion_from_stream, stream_chat
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class WorkerPool:
     def __init__(self, cfg: GatewayConfig, store: TaskStore,
                  windows: Mapping[str, ProviderWindow], transport: Transport,
                  clock: GatewayClock, hub: EventHub, metrics: Metrics, *, seed: int = 0,
-                 router: Router | None = None) -> None:
+                 router: Router | None = None, cache: ItemCache | None = None) -> None:
         self.cfg = cfg
         self.store = store
         self.windows = windows
@@ -110,12 +111,15 @@ class WorkerPool:
         self._stopping = False
         self._call_ids = itertools.count(1)
         self._session: aiohttp.ClientSession | None = None
+        self.cache = cache if cfg.batching.cache else None
         b = cfg.batching
         # items a call may pack: halved when a batch is refused for its size, as the
         # batching client does
         self.max_items = b.max_items
-        self.packer = Packer(Task("gateway", b.system_prompt, b.labels, cfg.upstream.models[0],
-                                  instructions=b.instructions))
+        self.batch_task = Task("gateway", b.system_prompt, b.labels, cfg.upstream.models[0],
+                               instructions=b.instructions)
+        self.packer = Packer(self.batch_task)
+        self._digest = task_digest(self.batch_task)
 
     def start(self) -> None:
         """Start the workers on the running loop (again after ``close()``)."""
@@ -378,15 +382,44 @@ class WorkerPool:
 
     # ------------------------------------------------------------------ packed items
 
+    async def _answer_cached(self, tasks: Sequence[TaskRecord], model: str
+                             ) -> tuple[list[TaskRecord], dict[str, str]]:
+        """Finish the tasks whose item the cache answers; the others, and their keys."""
+        keys = {t.id: cache_key(str(t.body["item"]["text"]), self.batch_task, model,
+                                self._digest) for t in tasks}
+        assert self.cache is not None
+        try:
+            codes = await self.cache.cached_codes(list(keys.values()))
+        except StateUnavailable:
+            return list(tasks), keys   # the cache away: pay rather than wait for it
+        labels = self.cfg.batching.labels
+        fresh = []
+        for task in tasks:
+            code = codes.get(keys[task.id])
+            if code is None or code not in labels:
+                fresh.append(task)
+                continue
+            task.state = "done"
+            task.result = {"id": task.body["item"].get("id"), "code": code,
+                           "label": labels[code], "cached": True}
+            self.metrics.cache_hits += 1
+            await self._save(task, final=True)
+        return fresh, keys
+
     async def _run_batch(self, tasks: Sequence[TaskRecord]) -> None:
         b = self.cfg.batching
+        model = str(tasks[0].body.get("model") or self.cfg.upstream.models[0])
+        keys: dict[str, str] = {}
+        if self.cache is not None:
+            tasks, keys = await self._answer_cached(tasks, model)
+            if not tasks:
+                return
         items = [Item(t.id, str(t.body["item"]["text"])) for t in tasks]
         n = max(1, self.packer.pack(items, self.max_items, b.token_budget))
         for task in tasks[n:]:
             task.attempts -= 1  # not sent: the claim did not cost it an attempt
             await self._save(task, final=False)
         tasks, items = list(tasks[:n]), items[:n]
-        model = str(tasks[0].body.get("model") or self.cfg.upstream.models[0])
         max_tokens = self.packer.max_tokens(items)
         body: dict[str, Any] = {"model": model, "messages": self.packer.messages(items),
                                 "max_tokens": max_tokens, "temperature": 0}
@@ -411,6 +444,10 @@ class WorkerPool:
         if verdict.verdict == Verdict.OK:
             content, finish, _ = read_completion(response.body)
             parsed = parse_reply(content or "", [i.id for i in items], b.labels, finish)
+            if self.cache is not None and parsed.codes:
+                with contextlib.suppress(StateUnavailable):
+                    await self.cache.remember_codes([(keys[t.id], parsed.codes[t.id], model)
+                                                     for t in tasks if t.id in parsed.codes])
             for task in tasks:
                 code = parsed.codes.get(task.id)
                 if code is not None:

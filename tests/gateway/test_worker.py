@@ -202,3 +202,70 @@ async def test_close_stops_a_worker_whose_cancel_came_back_as_an_outage(sim_serv
             await asyncio.sleep(0.01)
         await gw.close()  # the worker retries in _route: it must see close() and stop
     assert window.steps == 1 and gw.pool._tasks == []
+
+
+def _item_sim_config(seed: int) -> Any:
+    provider = yaml.safe_load(DEFAULT_PROVIDER_YAML)
+    provider["responder"] = {"kind": "batch_json"}
+    return parse_config({"providers": [provider], "time_scale": 20, "seed": seed}, "<test>")
+
+
+def _items(texts: list[str], tag: str) -> list[dict[str, Any]]:
+    return [{"user": "bench", "lane": "background", "item": {"id": f"{tag}-{i}", "text": t}}
+            for i, t in enumerate(texts)]
+
+
+async def _results(gw: RunningGateway, ids: list[str]) -> list[dict[str, Any]]:
+    async with aiohttp.ClientSession() as s:
+        return [await poll(s, gw, task_id) for task_id in ids]
+
+
+async def test_an_item_answered_once_is_never_paid_for_again(sim_server, gateway,
+                                                             tmp_path) -> None:
+    """Items whose normalised text was answered before are answered from the item cache:
+    no call, the same code, ``cached`` in the result; the cache outlives a restart (it is
+    in the gateway's SQLite file)."""
+    sim = await sim_server(_item_sim_config(11), ttft_ms=50, itl_ms=1)
+    cfg = gateway_config(sim, time_scale=20, workers=2)
+    db = str(tmp_path / "cache.db")
+    gw = await gateway(cfg, db_path=db)
+    texts = [f"shelf {i} holds tins of beans" for i in range(12)]
+    first = await _results(gw, await post_all(gw, _items(texts, "a")))
+    calls = sum(gw.metrics.upstream_calls.values())
+    assert {r["state"] for r in first} == {"done"} and calls >= 1
+    again = [f"  SHELF {i} holds   tins of Beans " for i in range(12)]   # same, normalised
+    second = await _results(gw, await post_all(gw, _items(again, "b")))
+    assert sum(gw.metrics.upstream_calls.values()) == calls   # not one more call
+    codes = tuple("ABCDEFGH")
+    assert [r["result"] for r in second] == [
+        {"id": f"b-{i}", "code": expected_code(t, codes), "label": expected_code(t, codes),
+         "cached": True} for i, t in enumerate(texts)]
+    assert gw.metrics.snapshot(None)["item_cache_hits"] == 12
+    await gw.close()
+    reopened = await gateway(cfg, db_path=db)
+    third = await _results(reopened, await post_all(reopened, _items(texts[:3], "c")))
+    assert all(r["result"]["cached"] for r in third)
+    assert sum(reopened.metrics.upstream_calls.values()) == 0
+    # switched off, the same items are sent again
+    off = await gateway(replace(cfg, batching=replace(cfg.batching, cache=False)),
+                        db_path=str(tmp_path / "off.db"))
+    await _results(off, await post_all(off, _items(texts, "d")))
+    await _results(off, await post_all(off, _items(texts, "e")))
+    assert off.metrics.snapshot(None)["item_cache_hits"] == 0
+
+
+async def test_the_item_cache_is_shared_through_redis(redis_server, sim_server,
+                                                      gateway) -> None:
+    sim = await sim_server(_item_sim_config(12), ttft_ms=50, itl_ms=1)
+    cfg = gateway_config(sim, time_scale=20, workers=2)
+    one = await gateway(cfg, redis_url=redis_server.url)
+    other = await gateway(cfg, redis_url=redis_server.url)
+    await other.pool.close()   # the first gateway answers the items...
+    texts = [f"crate {i} of oranges" for i in range(8)]
+    await _results(one, await post_all(one, _items(texts, "a")))
+    await one.pool.close()     # ...and the second one answers their duplicates
+    other.pool.start()
+    dupes = await _results(other, await post_all(other, _items(texts, "b")))
+    assert all(r["result"]["cached"] for r in dupes)
+    assert sum(other.metrics.upstream_calls.values()) == 0
+    assert other.metrics.cache_hits == 8
