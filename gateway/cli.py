@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> GatewayConfig:
+    if not args.config and not args.upstream.startswith(("http://", "https://")):
+        raise ConfigError(f"--upstream: expected an http(s) URL, got {args.upstream!r}")
     cfg = load_config(args.config) if args.config else default_config(args.upstream)
     if args.workers is not None:
         if args.workers < 1 or args.workers <= cfg.lanes.reserved_workers:

@@ -161,6 +161,8 @@ def _upstream(r: Reader) -> Upstream:
             isinstance(m, str) and m for m in models):
         raise r.fail("models", "a non-empty list of model names")
     base_url = r.str_("base_url").rstrip("/")
+    if not base_url.startswith(("http://", "https://")):
+        raise r.fail("base_url", "an http(s) URL")
     up = Upstream(r.str_("name", "default"), base_url, key, tuple(models),
                   r.opt_int("rpm"), r.opt_int("tpm"), r.bool_("failover_on_429", False),
                   MappingProxyType(read_prices(r)), r.opt_float("low_balance_usd"))

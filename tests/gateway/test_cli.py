@@ -31,6 +31,12 @@ def test_bad_config_exits_2(tmp_path: Path, capsys) -> None:
     assert "gw.yaml: upstreams: expected a non-empty list" in capsys.readouterr().err
 
 
+def test_an_upstream_without_its_scheme_exits_2(capsys) -> None:
+    assert main(["gateway", "--upstream", "127.0.0.1:18000"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "--upstream: expected an http(s) URL, got '127.0.0.1:18000'\n")
+
+
 @pytest.mark.parametrize("port", ["-1", "65536"])
 def test_a_port_out_of_range_exits_2(port: str, capsys) -> None:
     assert main(["gateway", "--port", port]) == 2

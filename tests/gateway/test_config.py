@@ -82,3 +82,10 @@ def test_missing_key_env_is_named() -> None:
     with pytest.raises(ConfigError, match=r"<t>: upstreams\[0\].api_key_env: environment "
                                           r"variable 'GW_UNSET_VAR_X' is not set"):
         parse_config(data, "<t>")
+
+
+def test_an_upstream_url_without_its_scheme_is_refused() -> None:
+    data = {"upstreams": [{"base_url": "127.0.0.1:18000/v1", "api_key": "k"}]}
+    with pytest.raises(ConfigError, match=r"^<t>: upstreams\[0\].base_url: expected an "
+                                          r"http\(s\) URL, got '127.0.0.1:18000/v1'$"):
+        parse_config(data, "<t>")
