@@ -91,6 +91,19 @@ def meaning_problems(doc: Mapping[str, Any], lines: LineMap, base: Path) -> list
                 add(lines.problem(("arms", index, "models", name),
                                   f"provider {name!r} does not serve model {model!r} "
                                   f"(it serves {', '.join(sorted(served[name]))})"))
+    # The job's model must reach a provider of every arm (the live client refuses to start,
+    # and a plan would wait forever for a provider that takes it).
+    model = doc.get("workload", {}).get("model")
+    if model and "target" not in doc:
+        for arm in arms:
+            listed = arm.get("providers") or [p["name"] for p in providers[:1]]
+            asks = {name: (arm.get("models") or {}).get(name, model) for name in listed}
+            if not any(not served.get(name) or asked in served[name]
+                       for name, asked in asks.items()):
+                offered = sorted({m for name in listed for m in served.get(name, ())})
+                add(lines.problem(("workload", "model"),
+                                  f"arm {arm['name']!r}: no provider of the arm serves model "
+                                  f"{model!r} (they serve {', '.join(offered)})"))
 
     batch = load.get("batch")
     if batch is not None:

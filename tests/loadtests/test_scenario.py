@@ -302,3 +302,14 @@ def test_a_trace_with_a_bad_row_is_refused_naming_file_and_line(tmp_path: Path) 
                          ("3,-100,16", "expected token counts >= 0")):
         (tmp_path / "t.csv").write_text(f"t_s,prompt_tokens,max_tokens\n1.0,100,16\n{row}\n")
         assert f"{tmp_path / 't.csv'}:3: {problem}" in refuse(tmp_path, text)
+
+
+def test_a_workload_model_no_provider_of_an_arm_serves_is_refused(tmp_path: Path) -> None:
+    items = "  items: 100\n"
+    message = refuse(tmp_path, GOOD.replace(items, items + "  model: gpt-9\n"))
+    assert message == (
+        f"{tmp_path / 'scenario.yaml'}:12: workload.model: arm 'batched': no provider of the "
+        f"arm serves model 'gpt-9' (they serve m1)\n{tmp_path / 'scenario.yaml'}:12: "
+        "workload.model: arm 'chat': no provider of the arm serves model 'gpt-9' (they serve m1)")
+    # served, directly or through an arm's model for a provider
+    load_scenario(write(tmp_path, GOOD.replace(items, items + "  model: m1\n")))
