@@ -246,6 +246,11 @@ def main(args: argparse.Namespace) -> int:
         summary = load_summary(args.summary)
         baseline_path = Path(args.baseline)
         if args.update_baseline:
+            if summary.get("partial") or summary.get("ok") is False:
+                # a baseline from a broken run would make the next broken run pass
+                why = "is partial" if summary.get("partial") else "failed its expect: checks"
+                raise BaselineError(f"{args.summary}: the run {why}; a baseline is taken only "
+                                    "from a run that passed: fix the run, then update")
             old = load_baseline(baseline_path) if baseline_path.exists() else None
             fresh = new_baseline(summary, old)
             baseline_path.parent.mkdir(parents=True, exist_ok=True)

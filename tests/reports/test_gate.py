@@ -154,3 +154,19 @@ def test_compare_prints_the_change(tmp_path: Path, capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     assert "arm batched" in out and "items/request" in out and "-50.0%" in out
     assert compare.main(argparse.Namespace(run_a=str(a), run_b=str(tmp_path / "nope"))) == 2
+
+
+@pytest.mark.parametrize(("change", "why"), [({"ok": False}, "failed its expect: checks"),
+                                            ({"partial": True}, "is partial")])
+def test_a_baseline_is_not_taken_from_a_broken_run(
+        tmp_path: Path, baseline: Path, capsys: pytest.CaptureFixture[str],
+        change: dict[str, bool], why: str) -> None:
+    run, _ = build_run(tmp_path / "broken")
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, **change}))
+    before = baseline.read_text()
+    assert gate.main(args(run / "summary.json", baseline, update_baseline=True)) == 2
+    assert capsys.readouterr().err == (
+        f"ratelab gate: {run / 'summary.json'}: the run {why}; a baseline is taken only from "
+        "a run that passed: fix the run, then update\n")
+    assert baseline.read_text() == before
