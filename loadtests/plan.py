@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--processes", type=int, default=None,
                         help="worker processes for sweep points (default: CPU count)")
     parser.add_argument("--out", default=None, help="run folder (default runs/<scenario>-plan-"
-                                                    "<timestamp>)")
+                                                    "<timestamp>); refused if it holds files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --out: replace the run already in that folder")
     parser.add_argument("--compare", default=None, metavar="RUN_DIR",
                         help="a finished live run of this scenario: print predicted vs "
                              "measured per arm")
@@ -154,6 +155,7 @@ def main(args: argparse.Namespace) -> int:
         sweep_summary,
         sweep_text,
     )
+    from loadtests.rundir import RunDirError, default_run_dir, prepare_run_dir
     from loadtests.scenario import ScenarioError, load_scenario
     from reports.summary import SummaryError, load_summary
 
@@ -189,14 +191,20 @@ def main(args: argparse.Namespace) -> int:
         totals = [a["items"]["total"] for a in live["arms"] if a["items"]["total"]]
         partial = bool(live.get("partial")) or any(
             a["items"].get("pending") for a in live["arms"])
+        # A run cut short is planned for as long as its arms ran: the live run spends its
+        # first virtual seconds starting Locust and the users, which the plan does not.
+        spans = [a["duration_s"] for a in live["arms"] if a.get("duration_s")]
+        stop = (max(spans) if spans else scenario.duration_s) if partial else None
         options = PlanOptions(items=args.items or (totals[0] if totals else None),
-                              stop_at_s=scenario.duration_s if partial else None)
+                              stop_at_s=stop)
     # made before planning: an unusable --out is refused now, not after a long plan
-    out = args.out or f"runs/{scenario.name}-plan-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.out) if args.out else default_run_dir(f"{scenario.name}-plan")
+    if args.compare is not None and out.resolve() == Path(args.compare).resolve():
+        return _fail(f"--out {out}: the folder of the run --compare reads; choose another")
     try:
-        Path(out).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        return _fail(f"--out {out}: cannot make the run folder: {exc.strerror or exc}")
+        prepare_run_dir(out, args.overwrite)
+    except RunDirError as exc:
+        return _fail(str(exc))
     try:
         result = plan_scenario(scenario, options)
     except PlanError as exc:
@@ -220,7 +228,8 @@ def main(args: argparse.Namespace) -> int:
         proj = arm["projection"]
         line = (f"{arm['name']}: {t['items_per_min']:,.0f} items/min, "
                 f"{t['requests_per_min']:,.0f} requests/min, "
-                f"{arm['requests']['http_429']} 429s, bound {arm['bound']['binding']}")
+                f"{arm['requests']['http_429']} 429s"
+                + (f", bound by {arm['bound']['binding']}" if arm["bound"]["binding"] else ""))
         if proj["duration_s"]:  # interactive arms have no batch job to project
             line += (f"; {proj['items']:,} items in {proj['duration_s'] / 3600:,.1f} h, "
                      f"USD {proj['cost_usd'] or 0:,.2f}")
@@ -239,7 +248,7 @@ def main(args: argparse.Namespace) -> int:
     for group, answer in (summary["plan"].get("users") or {}).items():
         print(f"{group}: holds {answer['users']} users (p95 <= "
               f"{answer['threshold_p95_ms']:,.0f} ms); {answer['target_users']} users need "
-              f"{answer['gpus']} GPUs")
+              f"{answer['gpus']} GPU{'s' * (answer['gpus'] != 1)}")
     if live is not None:
         rows = fidelity_rows(summary, live)
         if not rows:

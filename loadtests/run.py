@@ -42,9 +42,11 @@ from loadtests.rundir import (
     SPEC_ENV,
     SPEC_FILE,
     SWARM_END,
+    RunDirError,
     RunSpec,
     SlotClaims,
     default_run_dir,
+    prepare_run_dir,
     read_run,
 )
 from loadtests.scenario_model import Scenario
@@ -62,7 +64,10 @@ DEFAULT_WEB_PORT = 8089  # Locust's own default
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``ratelab run``."""
     parser.add_argument("scenario", metavar="SCENARIO.yaml", help="scenario file")
-    parser.add_argument("--out", help="run folder (default runs/<scenario>-<timestamp>/)")
+    parser.add_argument("--out", help="run folder (default runs/<scenario>-<timestamp>/); "
+                        "refused if it holds files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --out: replace the run already in that folder")
     parser.add_argument("--processes", type=int, default=1,
                         help="Locust worker processes (distributed on this machine)")
     parser.add_argument("--ui", action="store_true",
@@ -265,10 +270,9 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_INPUT
     run_dir = Path(args.out) if args.out else default_run_dir(scenario.name)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        print(f"ratelab run: --out {run_dir}: cannot make the run folder: "
-              f"{exc.strerror or exc}", file=sys.stderr)
+        prepare_run_dir(run_dir, args.overwrite)
+    except RunDirError as exc:
+        print(f"ratelab run: {exc}", file=sys.stderr)
         return EXIT_INPUT
     try:
         bounds = _bounds(scenario, {}, run_dir)

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import sqlite3
 import sys
 import threading
@@ -45,6 +46,49 @@ def default_run_dir(scenario: str, root: str | Path = "runs", now: datetime | No
         n += 1
         path = base.with_name(f"{base.name}-{n}")
     return path
+
+
+class RunDirError(ValueError):
+    """An ``--out`` folder a run cannot write to; the message names it and the way out."""
+
+
+def prepare_run_dir(path: Path, overwrite: bool = False) -> None:
+    """Make ``path`` the empty folder a run writes to (created with its parents).
+
+    A folder that already holds files is refused: a run reads back every event log and
+    store in its folder, so a new run there would report the old one's figures as its own
+    (and a gate would pass them). With ``overwrite`` a run folder (one with a summary or a
+    run spec) is emptied first; any other folder is never removed."""
+    try:
+        entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    except OSError as exc:
+        raise RunDirError(f"--out {path}: cannot read the folder: {exc.strerror or exc}"
+                          ) from exc
+    if entries:
+        markers = [name for name in ("summary.json", SPEC_FILE) if name in entries]
+        is_run = bool(markers)
+        if not overwrite:
+            shown = (markers or entries)[:1]
+            more = len(entries) - len(shown)
+            listed = shown[0] + (f" and {more} other file{'s' * (more > 1)}" if more else "")
+            raise RunDirError(
+                f"--out {path}: the folder already holds {'a run' if is_run else 'files'} "
+                f"({listed}); choose another folder"
+                + (", or pass --overwrite to replace that run" if is_run else ""))
+        if not is_run:
+            raise RunDirError(f"--out {path}: --overwrite replaces only a run folder (one "
+                              "with summary.json or run.json); this one is not: choose "
+                              "another folder")
+        try:
+            shutil.rmtree(path)
+        except OSError as exc:
+            raise RunDirError(f"--out {path}: cannot remove the run there: "
+                              f"{exc.strerror or exc}") from exc
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"--out {path}: cannot make the run folder: "
+                          f"{exc.strerror or exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)

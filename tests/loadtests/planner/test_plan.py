@@ -214,6 +214,42 @@ def test_cli_refuses_an_unusable_out_folder_before_planning(
     assert f"--out {blocker / 'plan'}: cannot make the run folder" in capsys.readouterr().err
 
 
+def test_an_out_folder_holding_a_run_is_refused_unless_overwritten(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A second run into a folder would read the first one's files back as its own: it is
+    refused, naming the way out; --overwrite replaces a run, and never a folder that is
+    not a run's."""
+    out = tmp_path / "plan"
+    assert main(["plan", str(HERE / "fid-rpm.yaml"), "--items", "200", "--out", str(out)]) == 0
+    first = (out / "summary.json").read_text()
+    capsys.readouterr()
+    assert main(["plan", str(HERE / "fid-rpm.yaml"), "--items", "400", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"ratelab plan: --out {out}: the folder already holds a run (summary.json and 9 other "
+        "files); choose another folder, or pass --overwrite to replace that run\n")
+    assert (out / "summary.json").read_text() == first
+    assert main(["plan", str(HERE / "fid-rpm.yaml"), "--items", "400", "--out", str(out),
+                 "--overwrite"]) == 0
+    assert json.loads((out / "summary.json").read_text())["arms"][0]["items"]["total"] == 400
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep me")
+    for flags in ([], ["--overwrite"]):
+        assert main(["plan", str(HERE / "fid-rpm.yaml"), "--out", str(other), *flags]) == 2
+    err = capsys.readouterr().err
+    assert "the folder already holds files (todo.txt); choose another folder\n" in err
+    assert "--overwrite replaces only a run folder" in err
+    assert (other / "todo.txt").read_text() == "keep me"
+    # the folder of the run --compare reads is never the one written (the summary dressed
+    # as a live run's)
+    live = json.loads((out / "summary.json").read_text())
+    (out / "summary.json").write_text(json.dumps({**live, "mode": "live"}))
+    assert main(["plan", str(HERE / "fid-rpm.yaml"), "--compare", str(out), "--out", str(out),
+                 "--overwrite"]) == 2
+    assert "the folder of the run --compare reads" in capsys.readouterr().err
+    assert (out / "summary.json").exists()
+
+
 def test_compare_refuses_a_plan_folder_or_another_scenarios_run_before_planning(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # a plan's folder of fid-rpm, then the same summary dressed as a live run
@@ -300,6 +336,30 @@ def test_compare_holds_the_steady_rate_when_both_sides_have_one(
                  str(live), "--out", str(tmp_path / "b")]) == 1
     assert capsys.readouterr().err == (
         "ratelab plan: 1 figure outside the 5% tolerance: single steady/min +10.0%\n")
+
+
+def test_a_run_cut_short_is_planned_for_as_long_as_its_arm_ran(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A live run stopped by its duration_s is compared with a plan stopped when the live
+    arm stopped (its span), not at duration_s: the live run's first virtual seconds go to
+    starting Locust, which the plan does not spend."""
+    plan = tmp_path / "plan"
+    assert main(["plan", str(HERE / "fid-single.yaml"), "--items", "2000",
+                 "--out", str(plan)]) == 0
+    whole = json.loads((plan / "summary.json").read_text())
+    # the first half of that job, as a live run cut there would report it
+    arm = whole["arms"][0]
+    cut = round(arm["duration_s"] / 2)
+    done = round(arm["throughput"]["items_per_min"] * cut / 60)
+    arm["duration_s"] = cut
+    arm["items"] = {**arm["items"], "done": done, "pending": 2000 - done}
+    live = _as_live({**whole, "partial": True}, tmp_path / "live", time_scale=20)
+    capsys.readouterr()
+    main(["plan", str(HERE / "fid-single.yaml"), "--items", "2000", "--compare", str(live),
+          "--out", str(tmp_path / "a")])
+    rows = {line.split()[2]: line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("single ") and len(line.split()) >= 5}
+    assert float(rows["s"][3]) == pytest.approx(cut, abs=1.0)   # the live arm's span
 
 
 def test_a_job_that_stops_at_its_spend_cap_is_planned_and_says_why() -> None:
