@@ -17,7 +17,7 @@ from typing import Protocol
 import aiohttp
 
 from batchclient.config import ProviderSettings, StreamSettings
-from batchclient.policy.watchdog import repetition_loop
+from batchclient.policy.watchdog import LoopWatch
 from batchclient.policy.wire import Call, ErrorKind, Response, Usage
 
 
@@ -184,7 +184,7 @@ class AiohttpTransport:
         finish: str | None = None
         usage: Usage | None = None
         ttft: float | None = None
-        text_len_checked = 0
+        loop = LoopWatch(self.stream.loop_min_period, self.stream.loop_repeats)
         while True:
             line = await resp.content.readline()
             if not line:
@@ -207,17 +207,14 @@ class AiohttpTransport:
                         ttft = (time.monotonic() - start) * k
                         watchdog.reschedule(None)
                     parts.append(piece)
+                    if loop.feed(piece):
+                        return Response(resp.status, headers,
+                                        elapsed_s=(time.monotonic() - start) * k,
+                                        ttft_s=ttft, error="watchdog_loop")
                 finish = choice.get("finish_reason") or finish
             raw = chunk.get("usage")
             if isinstance(raw, dict):
                 usage = Usage(int(raw.get("prompt_tokens", 0)),
                               int(raw.get("completion_tokens", 0)))
-            total = sum(len(x) for x in parts)
-            if total - text_len_checked >= 32:
-                text_len_checked = total
-                if repetition_loop("".join(parts)[-2000:], self.stream.loop_min_period,
-                                   self.stream.loop_repeats):
-                    return Response(resp.status, headers, elapsed_s=(time.monotonic() - start) * k,
-                                    ttft_s=ttft, error="watchdog_loop")
         return Response(resp.status, headers, content="".join(parts), finish_reason=finish,
                         usage=usage, elapsed_s=(time.monotonic() - start) * k, ttft_s=ttft)

@@ -26,7 +26,7 @@ from batchclient.policy.retry import full_jitter, naive_delay, retry_delay
 from batchclient.policy.routing import choose_provider, route_model
 from batchclient.policy.tokens import chat_prompt_tokens, reply_tokens, text_tokens
 from batchclient.policy.userlimits import Tier, UserLimits
-from batchclient.policy.watchdog import repetition_loop
+from batchclient.policy.watchdog import LoopWatch, repetition_loop
 from batchclient.policy.wire import Item, Response
 from tests.batchclient.bc_fakes import config, provider, task
 
@@ -253,6 +253,20 @@ def test_lanes_leave_slots_to_interactive_requests() -> None:
 def test_watchdog_spots_repetition_loops() -> None:
     assert repetition_loop("intro " + "and so on, " * 5)
     assert not repetition_loop('[{"id":1,"c":"A"},{"id":2,"c":"B"},{"id":3,"c":"C"}]')
+
+
+def test_loop_watch_checks_every_32_characters_of_a_growing_text() -> None:
+    watch = LoopWatch()
+    # 31 characters of a loop: not looked at yet; the 32nd character triggers the check
+    assert not any(watch.feed(c) for c in ("ab" * 16)[:31])
+    assert watch.feed("b")
+    prose = LoopWatch()
+    sentence = "the quick brown fox jumps over a lazy dog while seven zebras vex kings. "
+    assert not any(prose.feed(c) for c in sentence * 2)
+    # the text before the tail it keeps does not matter: a loop after 5,000 characters
+    late = LoopWatch(min_period=8, repeats=4)
+    assert not late.feed("".join(f"{i:05d}" for i in range(1000)))
+    assert [late.feed("and so on, ") for _ in range(6)][-1]
 
 
 def test_adaptive_batch_size() -> None:
