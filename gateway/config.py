@@ -12,7 +12,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
-from batchclient.config import DEFAULT_INSTRUCTIONS, BreakerSettings, Price, read_prices
+from batchclient.config import (
+    DEFAULT_INSTRUCTIONS,
+    BreakerSettings,
+    Price,
+    StreamSettings,
+    read_prices,
+)
 from batchclient.configreader import ConfigError, Reader, load_yaml
 
 LANES: tuple[str, ...] = ("interactive", "background")
@@ -109,6 +115,9 @@ class GatewayConfig:
     window_margin_s: float = 1.0
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     probe_s: float = 60.0
+    # the batching client's streaming watchdog over every streamed task (a task streams
+    # when its body asks, so ``enabled`` is always true here)
+    stream: StreamSettings = field(default_factory=lambda: StreamSettings(enabled=True))
 
     @property
     def upstream(self) -> Upstream:
@@ -242,6 +251,12 @@ def parse_config(data: object, source: str) -> GatewayConfig:
     kr = r.child("breaker")
     breaker = BreakerSettings(kr.int_("failures", 5, 1), kr.float_("cooldown_s", 30.0, 1e-9))
     kr.finish()
+    sr = r.child("stream")
+    stream = StreamSettings(
+        enabled=True, first_token_s=sr.float_("first_token_s", 5.0, 1e-9),
+        loop_min_period=sr.int_("loop_min_period", 8, 1),
+        loop_repeats=sr.int_("loop_repeats", 4, 2))
+    sr.finish()
     cfg = GatewayConfig(
         upstreams=upstreams, tiers=tiers, default_tier=default_tier, users=users, lanes=lanes,
         workers=workers, batching=batching,
@@ -255,6 +270,7 @@ def parse_config(data: object, source: str) -> GatewayConfig:
         window_margin_s=r.float_("window_margin_s", 1.0),
         breaker=breaker,
         probe_s=r.float_("probe_s", 60.0, 1e-9),
+        stream=stream,
     )
     r.finish()
     return cfg

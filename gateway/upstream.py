@@ -1,14 +1,20 @@
 """Streaming upstream calls that hand each token to a callback as it arrives.
 
-``batchclient.AiohttpTransport`` reads a whole stream before returning (it needs the full
-text for its watchdog); the gateway must forward tokens to SSE subscribers while they
-arrive, so it reads the provider's SSE itself here and returns a batchclient ``Response``.
-A tool call streams as pieces of its arguments: each delta goes to the callback as an
-event of its own, and the calls put together go back in ``Response.tool_calls``.
+``batchclient.AiohttpTransport`` reads a whole stream before returning; the gateway must
+forward tokens to SSE subscribers while they arrive, so it reads the provider's SSE itself
+here and returns a batchclient ``Response``. A tool call streams as pieces of its
+arguments: each delta goes to the callback as an event of its own, and the calls put
+together go back in ``Response.tool_calls``.
+
+The batching client's watchdog applies as in its transport: a first token later than
+``first_token_s`` or a reply fallen into a loop cancels the stream (the connection is
+closed, so the provider stops generating) and comes back as the transport's error kinds,
+``watchdog_first_token`` and ``watchdog_loop``, which ``classify`` retries elsewhere.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -16,16 +22,20 @@ from typing import Any
 
 import aiohttp
 
-from batchclient.policy.wire import Response, Usage
+from batchclient.config import StreamSettings
+from batchclient.policy.watchdog import LoopWatch
+from batchclient.policy.wire import ErrorKind, Response, Usage
 
 
 async def stream_chat(session: aiohttp.ClientSession, base_url: str, api_key: str,
                       body: Mapping[str, object], timeout_s: float, time_scale: float,
+                      watchdog: StreamSettings,
                       on_token: Callable[[dict[str, Any]], None]) -> Response:
     """POST a streaming chat request; ``on_token(event)`` per delta: ``{"token": piece}``
     for content, ``{"token": "", "tool_calls": [...]}`` for a piece of a tool call (the
-    delta's entries as the provider sent them). Elapsed times in the response are virtual
-    seconds; a failure without a reply is ``status 0``."""
+    delta's entries as the provider sent them). Timeouts and the ``watchdog`` deadline are
+    virtual seconds, as the elapsed times in the response; a failure without a reply is
+    ``status 0``. ``ttft_s`` is set whenever a token reached ``on_token``, failures too."""
     start = time.monotonic()
     payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
     headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
@@ -34,13 +44,18 @@ async def stream_chat(session: aiohttp.ClientSession, base_url: str, api_key: st
     finish: str | None = None
     usage: Usage | None = None
     ttft: float | None = None
+    loop = LoopWatch(watchdog.loop_min_period, watchdog.loop_repeats)
+    # As in the client's transport: the first-token deadline covers the wait for the
+    # response headers too (a server may hold them until the first token); it is lifted at
+    # the first token.
+    first_token = asyncio.timeout(watchdog.first_token_s / time_scale)
     try:
-        async with session.post(f"{base_url}/chat/completions", data=json.dumps(payload),
-                                headers=headers,
-                                timeout=aiohttp.ClientTimeout(total=timeout_s / time_scale),
-                                ) as resp:
+        async with first_token, session.post(
+                f"{base_url}/chat/completions", data=json.dumps(payload), headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout_s / time_scale)) as resp:
             lowered = {k.lower(): v for k, v in resp.headers.items()}
             if resp.status != 200:
+                first_token.reschedule(None)
                 return Response(resp.status, lowered, await resp.text(),
                                 elapsed_s=(time.monotonic() - start) * time_scale)
             async for raw in resp.content:
@@ -60,7 +75,13 @@ async def stream_chat(session: aiohttp.ClientSession, base_url: str, api_key: st
                     tools = delta.get("tool_calls")
                     if (piece or tools) and ttft is None:
                         ttft = (time.monotonic() - start) * time_scale
+                        first_token.reschedule(None)
                     if piece:
+                        if loop.feed(piece):
+                            resp.close()  # the provider sees the client leave and stops
+                            return Response(resp.status, lowered, ttft_s=ttft,
+                                            elapsed_s=(time.monotonic() - start) * time_scale,
+                                            error="watchdog_loop")
                         parts.append(piece)
                         on_token({"token": piece})
                     if isinstance(tools, list) and tools:
@@ -75,11 +96,13 @@ async def stream_chat(session: aiohttp.ClientSession, base_url: str, api_key: st
                             usage=usage, elapsed_s=(time.monotonic() - start) * time_scale,
                             ttft_s=ttft, tool_calls=tuple(calls[i] for i in sorted(calls)))
     except TimeoutError:
-        return Response(0, elapsed_s=(time.monotonic() - start) * time_scale, error="timeout")
+        kind: ErrorKind = "watchdog_first_token" if first_token.expired() else "timeout"
     except aiohttp.ClientConnectorError:
-        return Response(0, elapsed_s=(time.monotonic() - start) * time_scale, error="connect")
+        kind = "connect"
     except (aiohttp.ClientError, ConnectionError):
-        return Response(0, elapsed_s=(time.monotonic() - start) * time_scale, error="reset")
+        kind = "reset"
+    return Response(0, elapsed_s=(time.monotonic() - start) * time_scale, ttft_s=ttft,
+                    error=kind)
 
 
 def _merge_calls(calls: dict[int, dict[str, Any]], deltas: list[Any]) -> None:

@@ -302,7 +302,7 @@ class WorkerPool:
             body = {**body, "stream": True}
             response = await stream_chat(
                 self._session, up.base_url, up.api_key, body, self.cfg.request_timeout_s,
-                self.cfg.time_scale,
+                self.cfg.time_scale, self.cfg.stream,
                 lambda event: self.hub.publish(task.id, event))
         else:
             max_tokens = int(body.get("max_tokens") or self.cfg.default_max_tokens)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from batchclient.config import StreamSettings
 from batchclient.configreader import ConfigError
 from gateway.config import TierLimits, load_config, parse_config
 
@@ -29,6 +30,7 @@ workers: 12
 batching: {max_items: 25, labels: [A, B, C], system_prompt: Classify.}
 time_scale: 60
 lease_s: 120
+stream: {first_token_s: 8, loop_repeats: 5}
 """
 
 
@@ -48,6 +50,9 @@ def test_full_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (cfg.workers, cfg.lanes.reserved_workers, cfg.lanes.background_ceiling) == (12, 2, 0.7)
     assert dict(cfg.batching.labels) == {"A": "A", "B": "B", "C": "C"}
     assert (cfg.time_scale, cfg.lease_s, cfg.batching.max_items) == (60.0, 120.0, 25)
+    # the watchdog: the batching client's settings, its defaults where the file is silent
+    assert cfg.stream == StreamSettings(enabled=True, first_token_s=8.0, loop_min_period=8,
+                                        loop_repeats=5)
     with pytest.raises(AttributeError):
         cfg.workers = 3  # type: ignore[misc]
 
@@ -61,6 +66,11 @@ def test_full_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
                                       "workers (12)"),
     ("tiers: {free: {rpm: 0}}", "gw.yaml: tiers.free.rpm: expected a number > 0"),
     ("colour: blue", "gw.yaml: colour: unknown key"),
+    ("stream: {first_token_s: 0}", "gw.yaml: stream.first_token_s: expected a finite number "
+                                   ">= 1e-09, got 0"),
+    ("stream: {loop_repeats: 1}", "gw.yaml: stream.loop_repeats: expected an integer >= 2"),
+    ("stream: {loop_min_period: 0}", "gw.yaml: stream.loop_min_period: expected an integer"),
+    ("stream: {enabled: false}", "gw.yaml: stream.enabled: unknown key"),
     ("upstreams: []", "gw.yaml: upstreams: expected a non-empty list"),
 ])
 def test_errors_name_file_and_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
