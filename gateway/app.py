@@ -200,7 +200,8 @@ class GatewayApp:
 
     async def task_events(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/tasks/{id}/events``: SSE of state changes (``event: state``) and tokens
-        (``event: token``) until the task is final, then ``event: end``."""
+        (``event: token``) until the task is final, then ``event: end``; ``event: restart``
+        says the tokens so far belong to a failed attempt (the reply starts over)."""
         task_id = request.match_info["id"]
         q = self.hub.subscribe(task_id)
         replay = self.hub.tokens(task_id)  # same tick as subscribe: no token lost or doubled
@@ -223,7 +224,8 @@ class GatewayApp:
             for event in ordered:
                 q.put_nowait(event)
             async for event in self._follow(task_id, q):
-                kind = "token" if "token" in event else "state"
+                kind = ("token" if "token" in event else
+                        "restart" if "restart" in event else "state")
                 await resp.write(f"event: {kind}\ndata: {json.dumps(event)}\n\n".encode())
             await resp.write(b"event: end\ndata: {}\n\n")
             await resp.write_eof()
@@ -259,6 +261,13 @@ class GatewayApp:
                         stream = await self._start_stream(request, task_id)
                     await stream.write(_chunk(task_id, event["token"], None,
                                               event.get("tool_calls")))
+                elif "restart" in event and stream is not None:
+                    # chunks sent cannot be taken back: the caller gets an error rather
+                    # than one reply run into another (the task's result is still stored)
+                    return await _end_stream(stream, error_body(
+                        f"The upstream stream failed after part of the reply was sent "
+                        f"({event.get('reason')}); the task is retried and its result will "
+                        f"be at /v1/tasks/{task_id}.", "upstream_error", "stream_restarted"))
                 elif event.get("state") in ("done", "failed", "dead_lettered"):
                     final = event
             return await self._chat_answer(request, task_id, final, stream, req.stream)
@@ -279,6 +288,9 @@ class GatewayApp:
             return _json(504, error_body(f"Task {task_id} did not finish in time; poll "
                                          f"/v1/tasks/{task_id}.", "timeout", "gateway_timeout"))
         if final["state"] != "done":
+            if stream is not None:  # the 200 and some chunks are sent: the error ends them
+                return await _end_stream(stream, {"error": final.get("error")
+                                                  or {"message": "failed"}})
             task = await self.store.get(task_id)
             status = (task.status if task is not None and task.status else 502)
             return _json(status if status >= 400 else 502,
@@ -326,6 +338,14 @@ class GatewayApp:
             snap["interactive_p95_within_budget"] = p95 <= budget
             return _json(200, snap)
         return web.Response(text=self.metrics.prometheus(depths), content_type="text/plain")
+
+
+async def _end_stream(stream: web.StreamResponse, error: dict[str, Any]) -> web.StreamResponse:
+    """End a started pass-through stream with an error event, as OpenAI does mid-stream
+    (``data: {"error": ...}``, no ``[DONE]``: the openai SDK raises ``APIError``)."""
+    await stream.write(f"data: {json.dumps(error, separators=(',', ':'))}\n\n".encode())
+    await stream.write_eof()
+    return stream
 
 
 def _chunk(task_id: str, content: str | None, finish: str | None,

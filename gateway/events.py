@@ -21,7 +21,9 @@ class EventHub:
     """Fan-out of per-task events to the asyncio queues subscribed to that task.
 
     The tokens of a streaming task are also kept (``keep_s`` wall seconds after it ends) so
-    a subscriber who arrives late still gets the whole reply.
+    a subscriber who arrives late still gets the whole reply. A ``restart`` event (an
+    attempt that streamed tokens failed and the task is tried again) drops the kept tokens:
+    they belong to a reply that will not be the result, and a subscriber drops those it got.
     """
 
     def __init__(self, keep_s: float = 60.0, max_tokens: int = 100_000) -> None:
@@ -62,6 +64,8 @@ class EventHub:
             kept = self._tokens.setdefault(task_id, [])
             if len(kept) < self.max_tokens:
                 kept.append(event)
+        elif "restart" in event:
+            self._tokens.pop(task_id, None)
         elif (event.get("state") in ("done", "failed", "dead_lettered", "queued")
               and task_id in self._tokens):
             if event["state"] == "queued":

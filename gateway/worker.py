@@ -335,6 +335,9 @@ class WorkerPool:
     # ------------------------------------------------------------------ one task
 
     async def _run_one(self, task: TaskRecord) -> None:
+        if task.body.get("stream") and task.attempts > 1:
+            # an earlier run (its process gone, its lease out) may have streamed tokens
+            self.hub.publish(task.id, {"restart": True, "reason": "the task runs again"})
         body = upstream_body(task, self.cfg)
         model = str(body["model"])
         ceiling = self._ceiling(task)
@@ -359,6 +362,9 @@ class WorkerPool:
                 break
             attempt += 1
             if verdict.verdict == Verdict.RETRY and attempt < self.cfg.max_attempts:
+                if task.body.get("stream") and response.ttft_s is not None:
+                    # this attempt's tokens reached subscribers: the next one streams anew
+                    self.hub.publish(task.id, {"restart": True, "reason": verdict.reason})
                 # As the batching client's interactive lane: straight to another upstream
                 # when one can take it, else back off (full jitter) and try them all again.
                 avoid = (*avoid, up.name)
