@@ -100,7 +100,11 @@ def run_sweep(scenario: Scenario, points: Sequence[Point], *, items: int | None 
                 "point": point.label,
                 "values": dict(point.overrides),
                 "arm": arm["name"],
-                "items_per_min": arm["throughput"]["items_per_min"],
+                # the rate the projected time is taken at (the steady rate where there is
+                # one): the whole plan's rate counts its first minute's burst, and beside
+                # that time it would say two things
+                "items_per_min": (arm["projection"].get("items_per_min")
+                                  or arm["throughput"]["items_per_min"]),
                 "requests_per_min": arm["throughput"]["requests_per_min"],
                 "http_429": arm["requests"]["http_429"],
                 "error_rate": arm["requests"]["error_rate"] + arm["requests"]["rate_429"],
