@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import signal
 import socket
@@ -235,6 +236,16 @@ def summarise(scenario: Scenario, run_dir: Path, bounds: Mapping[str, Any], *, p
 def main(args: argparse.Namespace) -> int:
     """Run the scenario; 0 when it completed and its expectations hold, 1 when one failed or
     the error guard stopped it, 2 on unusable input, 130 when interrupted."""
+    # flags checked as flags: within the scenario they would be named as its first line
+    if args.items is not None and args.items < 1:
+        print(f"ratelab run: --items: expected a positive item count, got {args.items}",
+              file=sys.stderr)
+        return EXIT_INPUT
+    if args.duration_s is not None and not (math.isfinite(args.duration_s)
+                                            and args.duration_s > 0):
+        print(f"ratelab run: --duration-s: expected virtual seconds > 0, got "
+              f"{args.duration_s:g}", file=sys.stderr)
+        return EXIT_INPUT
     try:
         overrides = dict(parse_set(text) for text in args.set)
         scenario, sweep = run_scenario(args.scenario, args.duration_s, args.items, overrides)

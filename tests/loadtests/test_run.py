@@ -382,3 +382,31 @@ def test_open_loop_constant_poisson_and_trace_replay(tmp_path: Path) -> None:
     for name in ("steady-2rps", "steady-5rps", "bursty-4rps"):
         assert stages[name]["cost_per_request_usd"] > 0 and stages[name]["latency_ms"]["p95"]
     assert locust_mismatches(out, s) == []
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--items", "-5"], "ratelab run: --items: expected a positive item count, got -5\n"),
+    (["--items", "0"], "ratelab run: --items: expected a positive item count, got 0\n"),
+    (["--duration-s", "nan"], "ratelab run: --duration-s: expected virtual seconds > 0, "
+                              "got nan\n"),
+])
+def test_bad_flags_are_named_as_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      flags: list[str], message: str) -> None:
+    from loadtests.cli import main
+    out = tmp_path / "never"
+    assert main(["run", str(SCENARIOS / "quickstart.yaml"), "--out", str(out), *flags]) == 2
+    assert capsys.readouterr().err == message
+    assert not out.exists()
+
+
+def test_a_second_run_into_a_run_folder_is_refused(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtests.cli import main
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    assert main(["run", str(SCENARIOS / "quickstart.yaml"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"ratelab run: --out {out}: the folder already holds a run (summary.json); choose "
+        "another folder, or pass --overwrite to replace that run\n")
+    assert (out / "summary.json").read_text() == "{}"
