@@ -169,8 +169,9 @@ class ResponseHandling:
         provider = self._provider[call.provider]
         throttle = self.throttle(call.provider, call.model)
         verdict = classify(response, provider.time_scale)
-        content, finish, usage = self._reply(response, verdict)
-        tokens, requests = self._window_usage(call, response, verdict, content, usage, provider)
+        content, finish, usage = reply_parts(response, verdict)
+        tokens, requests = window_usage(call.prompt_tokens, response, verdict, content, usage,
+                                        provider.count_refused)
         # the prompt's part, for a provider limiting input and output tokens apart
         prompt = usage.prompt_tokens if usage is not None else call.prompt_tokens
         throttle.settle(now, call.call_id, tokens, requests=requests, prompt=prompt)
@@ -220,29 +221,6 @@ class ResponseHandling:
             events.append(Event("balance", self.task.name, now, "low_balance",
                                 provider=call.provider, balance_usd=self.cost.balance_usd))
 
-    @staticmethod
-    def _window_usage(call: Call, response: Response, verdict: Classified,
-                      content: str | None, usage: Usage | None,
-                      provider: ProviderSettings) -> tuple[int, int]:
-        """(tokens, requests) the provider counted for this call in its window, as it does:
-        an answer its usage; a 5xx one request and no tokens; a refusal (429, 402, 400)
-        one request when the provider counts refused requests; no reply nothing."""
-        kind = verdict.verdict
-        if kind == Verdict.OK:
-            tokens = usage.total if usage is not None else (
-                call.prompt_tokens + (text_tokens(content) if content else 0))
-            return tokens, 1
-        status = response.status
-        if response.error is not None or not status:
-            return 0, 0
-        if status >= 500:
-            return 0, 1
-        # "Request too large" was never admitted nor counted.
-        too_large = kind == Verdict.NEVER_RETRY and verdict.rate_limited
-        if status in (400, 402, 429) and not too_large and provider.count_refused:
-            return 0, 1
-        return 0, 0
-
     def _stop_fatal(self, verdict: Classified, response: Response, provider: str) -> bool:
         """A fatal answer (money, authentication) takes ``provider`` out of the rotation
         (until the next scheduled top-up, ``topups``, for money) while the others still
@@ -266,16 +244,6 @@ class ResponseHandling:
             self._fatal = Done(status, verdict.reason)
         self._fail_interactive_queue((response, verdict))
         return True
-
-    def _reply(self, response: Response, verdict: Classified
-               ) -> tuple[str | None, str | None, Usage | None]:
-        if verdict.verdict != Verdict.OK or (
-                response.content is not None and response.usage is not None):
-            return response.content, response.finish_reason, response.usage
-        content, finish, usage = read_completion(response.body)
-        return (response.content if response.content is not None else content,
-                response.finish_reason or finish,
-                response.usage if response.usage is not None else usage)
 
     def _dispatch_verdict(self, now: float, call: Call, response: Response,
                           verdict: Classified, content: str | None, finish: str | None,
@@ -433,3 +401,40 @@ class ResponseHandling:
             states.append(state)
         if states:
             self._push_accepted(now, call, share, codes, states)
+
+
+def reply_parts(response: Response, verdict: Classified
+                ) -> tuple[str | None, str | None, Usage | None]:
+    """(content, finish_reason, usage) of an answer: given on the response (a stream), else
+    read from its chat-completion body; a failed call's as the response has them."""
+    if verdict.verdict != Verdict.OK or (
+            response.content is not None and response.usage is not None):
+        return response.content, response.finish_reason, response.usage
+    content, finish, usage = read_completion(response.body)
+    return (response.content if response.content is not None else content,
+            response.finish_reason or finish,
+            response.usage if response.usage is not None else usage)
+
+
+def window_usage(prompt_tokens: int, response: Response, verdict: Classified,
+                 content: str | None, usage: Usage | None,
+                 count_refused: bool) -> tuple[int, int]:
+    """(tokens, requests) the provider counted for a call of ``prompt_tokens`` in its
+    window, as it does: an answer its usage; a 5xx one request and no tokens; a refusal
+    (429, 402, 400) one request when the provider counts refused requests
+    (``count_refused``); no reply nothing."""
+    kind = verdict.verdict
+    if kind == Verdict.OK:
+        tokens = usage.total if usage is not None else (
+            prompt_tokens + (text_tokens(content) if content else 0))
+        return tokens, 1
+    status = response.status
+    if response.error is not None or not status:
+        return 0, 0
+    if status >= 500:
+        return 0, 1
+    # "Request too large" was never admitted nor counted.
+    too_large = kind == Verdict.NEVER_RETRY and verdict.rate_limited
+    if status in (400, 402, 429) and not too_large and count_refused:
+        return 0, 1
+    return 0, 0
