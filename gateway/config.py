@@ -27,11 +27,15 @@ LANES: tuple[str, ...] = ("interactive", "background")
 @dataclass(frozen=True, slots=True)
 class Upstream:
     """One provider the gateway calls with its shared key; ``rpm``/``tpm`` are the limits
-    the gateway enforces for that key across every gateway process (None: unlimited).
+    the gateway enforces for that key (None: learned from the provider's rate-limit headers).
     ``failover_on_429``: while this key is rate limited (a 429, or its window at the
     gateway is full) calls go to the next upstream instead of waiting. ``prices`` (USD per
     million tokens, per model) price calls when the provider sends no charge header;
-    ``low_balance_usd``: the balance the provider reports under which the gateway warns."""
+    ``low_balance_usd``: the balance the provider reports under which the gateway warns.
+    ``reserve_max_tokens`` tells whether the provider counts ``max_tokens`` against TPM at
+    admission (``tpm_counting: reserve_max_tokens``, the default) or only actual usage
+    (``actual``), as the batching client's ``tpm_counting``; ``share`` is the part of the
+    key's limits one gateway process may use (0.5 for one of two sharing Redis)."""
 
     name: str
     base_url: str
@@ -42,6 +46,8 @@ class Upstream:
     failover_on_429: bool = False
     prices: Mapping[str, Price] = field(default_factory=dict)
     low_balance_usd: float | None = None
+    reserve_max_tokens: bool = True
+    share: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,9 +178,15 @@ def _upstream(r: Reader) -> Upstream:
     base_url = r.str_("base_url").rstrip("/")
     if not base_url.startswith(("http://", "https://")):
         raise r.fail("base_url", "an http(s) URL")
+    counting = r.choice("tpm_counting", "reserve_max_tokens", ("reserve_max_tokens", "actual"))
     up = Upstream(r.str_("name", "default"), base_url, key, tuple(models),
                   r.opt_int("rpm"), r.opt_int("tpm"), r.bool_("failover_on_429", False),
-                  MappingProxyType(read_prices(r)), r.opt_float("low_balance_usd"))
+                  prices=MappingProxyType(read_prices(r)),
+                  low_balance_usd=r.opt_float("low_balance_usd"),
+                  reserve_max_tokens=counting == "reserve_max_tokens",
+                  share=r.float_("share", 1.0, 1e-6))
+    if up.share > 1.0:
+        raise r.fail("share", "a fraction of the key's limits, at most 1")
     r.finish()
     return up
 

@@ -1,6 +1,6 @@
-"""Pure limit decisions: per-user token buckets and the provider's sliding window.
+"""Pure limit decisions: per-user token buckets (the provider's window is ``pacing``).
 
-Both take ``now`` in virtual seconds and return values; the in-process state keeps their
+They take ``now`` in virtual seconds and return values; the in-process state keeps their
 state in dicts, the Redis state runs the same arithmetic in Lua (``redis_scripts.py``), so
 the two agree to the token.
 """
@@ -8,7 +8,6 @@ the two agree to the token.
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass
 
 from gateway.config import TierLimits
@@ -89,50 +88,3 @@ def refusal_message(user: str, tier_name: str, tier: TierLimits, decision: UserD
                 "retry can succeed; lower max_tokens or shorten the prompt.")
     return (f"User {user!r} (tier {tier_name!r}) is over the limit on {what}; "
             f"retry after {math.ceil(wall * 1000) / 1000:g} s.")
-
-
-class SlidingWindow:
-    """The provider's rolling 60 s window of requests and tokens (reserved estimates).
-
-    ``acquire`` admits a call when the window plus it stays within ``ceiling`` of the
-    limits, recording it; else it says how long until enough of the window expires.
-    ``hold`` shuts it until a time: the provider answered 429, so its own window disagrees
-    with this estimate (other traffic on the key), and every call waits out its
-    retry-after, not only the one refused.
-    """
-
-    def __init__(self, rpm: int | None, tpm: int | None, window_s: float = WINDOW_S) -> None:
-        self.rpm = rpm
-        self.tpm = tpm
-        self.window_s = window_s
-        self._log: deque[tuple[float, int]] = deque()
-        self.tokens = 0
-        self.held_until = 0.0
-
-    def hold(self, until: float) -> None:
-        """Admit nothing before ``until`` (a later hold extends it, an earlier one is moot)."""
-        self.held_until = max(self.held_until, until)
-
-    def _prune(self, now: float) -> None:
-        cutoff = now - self.window_s
-        while self._log and self._log[0][0] <= cutoff:
-            self.tokens -= self._log.popleft()[1]
-
-    def acquire(self, now: float, tokens: int, ceiling: float = 1.0) -> float:
-        """0.0 when admitted (and recorded), else virtual seconds to wait before asking again."""
-        if now < self.held_until:
-            return max(1e-3, self.held_until - now)
-        self._prune(now)
-        over_r = self.rpm is not None and len(self._log) + 1 > math.floor(self.rpm * ceiling)
-        over_t = self.tpm is not None and self.tokens + tokens > math.floor(self.tpm * ceiling)
-        if not (over_r or over_t):
-            self._log.append((now, tokens))
-            self.tokens += tokens
-            return 0.0
-        if not self._log:
-            # Too big for the ceiling even in an empty window: let it through alone rather
-            # than starve it (the provider judges it against the full limit).
-            self._log.append((now, tokens))
-            self.tokens += tokens
-            return 0.0
-        return max(1e-3, self._log[0][0] + self.window_s - now)

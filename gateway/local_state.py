@@ -1,4 +1,4 @@
-"""In-process state: SQLite task store (WAL, group commit), dict-backed buckets and window.
+"""In-process state: SQLite task store (WAL, group commit), dict-backed buckets, pacing.
 
 One gateway process owns the SQLite file, so at open every task left ``running`` by a
 previous process is re-queued (its lease died with that process) and ``done`` tasks stay
@@ -14,15 +14,11 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 
 from batchclient.cache import SqliteResultCache
+from batchclient.policy.classify import Classified
+from batchclient.policy.wire import Response
 from gateway.config import TierLimits
-from gateway.limits import (
-    WINDOW_S,
-    SlidingWindow,
-    UserBuckets,
-    UserDecision,
-    admit_user,
-    full_buckets,
-)
+from gateway.limits import UserBuckets, UserDecision, admit_user, full_buckets
+from gateway.pacing import PacedCall, UpstreamPacer
 from gateway.state import QUEUES, TaskRecord
 
 _SCHEMA = """
@@ -189,16 +185,20 @@ class MemoryUserLimiter:
 
 
 class MemoryProviderWindow:
-    """The provider window of one gateway process."""
+    """The pacing of one upstream in one gateway process (an ``UpstreamPacer``)."""
 
-    def __init__(self, rpm: int | None, tpm: int | None, margin_s: float = 1.0) -> None:
-        self.window = SlidingWindow(rpm, tpm, WINDOW_S + margin_s)
+    def __init__(self, pacer: UpstreamPacer) -> None:
+        self.pacer = pacer
 
-    async def acquire(self, now: float, tokens: int, ceiling: float) -> float:
-        """``SlidingWindow.acquire``."""
-        return self.window.acquire(now, tokens, ceiling)
+    async def acquire(self, now: float, call: PacedCall) -> float:
+        """``UpstreamPacer.acquire``."""
+        return self.pacer.acquire(now, call)
+
+    async def settle(self, now: float, call: PacedCall, response: Response,
+                     verdict: Classified) -> None:
+        """``UpstreamPacer.settle``."""
+        self.pacer.settle(now, call, response, verdict)
 
     async def hold(self, until: float) -> None:
-        """``SlidingWindow.hold``."""
-        self.window.hold(until)
-
+        """``UpstreamPacer.block``."""
+        self.pacer.block(until)

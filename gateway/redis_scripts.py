@@ -1,9 +1,9 @@
 """Lua scripts that make each shared-state step one atomic Redis command.
 
-They mirror ``gateway.limits`` (buckets, sliding window) and the lease protocol of
-``gateway.state.TaskStore``; floats travel as ``%.17g`` strings so nothing is rounded to
-an integer on the way back. Keys outside ``KEYS`` are derived from a prefix in ``ARGV``
-(a single Redis, not a cluster).
+They mirror ``gateway.limits`` (buckets), keep the upstreams' shared 429 hold and run the
+lease protocol of ``gateway.state.TaskStore``; floats travel as ``%.17g`` strings so
+nothing is rounded to an integer on the way back. Keys outside ``KEYS`` are derived from a
+prefix in ``ARGV`` (a single Redis, not a cluster).
 """
 
 from __future__ import annotations
@@ -57,45 +57,6 @@ redis.call('HSET', KEYS[1], 'r', string.format(fmt, r), 't', string.format(fmt, 
            'last', string.format(fmt, last))
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 return result
-"""
-
-# KEYS[1] window zset (member "<uid>:<tokens>", score = time), KEYS[2] token total,
-# KEYS[3] hold (the time before which nothing is admitted: PROVIDER_HOLD).
-# ARGV: now, window_s, rpm (-1), tpm (-1), tokens, ceiling, uid
-PROVIDER_ACQUIRE = """
-local now = tonumber(ARGV[1])
-local held = tonumber(redis.call('GET', KEYS[3]) or '0')
-if now < held then
-  local rest = held - now
-  if rest < 0.001 then rest = 0.001 end
-  return string.format('%.17g', rest)
-end
-local window = tonumber(ARGV[2])
-local rpm = tonumber(ARGV[3])
-local tpm = tonumber(ARGV[4])
-local tokens = tonumber(ARGV[5])
-local ceiling = tonumber(ARGV[6])
-local cutoff = now - window
-local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.17g', cutoff))
-if #old > 0 then
-  local sum = 0
-  for _, m in ipairs(old) do sum = sum + tonumber(string.match(m, ':(%d+)$')) end
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.17g', cutoff))
-  redis.call('DECRBY', KEYS[2], sum)
-end
-local n = redis.call('ZCARD', KEYS[1])
-local used = tonumber(redis.call('GET', KEYS[2]) or '0')
-local over_r = rpm >= 0 and (n + 1 > math.floor(rpm * ceiling))
-local over_t = tpm >= 0 and (used + tokens > math.floor(tpm * ceiling))
-if n == 0 or (not over_r and not over_t) then
-  redis.call('ZADD', KEYS[1], string.format('%.17g', now), ARGV[7] .. ':' .. ARGV[5])
-  redis.call('INCRBY', KEYS[2], tokens)
-  return '0'
-end
-local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-local wait = tonumber(first[2]) + window - now
-if wait < 0.001 then wait = 0.001 end
-return string.format('%.17g', wait)
 """
 
 # KEYS[1] hold. ARGV: until (virtual seconds). A later hold extends it, an earlier one is moot.

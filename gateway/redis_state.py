@@ -1,8 +1,19 @@
 """Shared state in Redis: tasks in hashes, one list per queue, leases in a sorted set,
-per-user buckets and the provider window, each step one Lua script (``redis_scripts``).
+per-user buckets and each upstream's 429 hold, each step one Lua script (``redis_scripts``).
 
-Several gateway processes pointed at one Redis share the provider quota and the users'
-limits. A task whose worker died is re-queued when its lease expires; ``finish`` stores
+Several gateway processes pointed at one Redis share the users' limits and the provider's
+key. The key is paced in each process by the batching client's throttle
+(``gateway.pacing``), not by a window in Redis: reserve at dispatch, settle to the reply's
+usage, learn limits and other traffic from the provider's rate-limit headers, graduated
+steps. Each process keeps its own usage within ``upstreams[].share`` of the key's limits
+(``1/N`` for N processes: together they never plan past the limit), while the headers,
+which count every process's calls, are held against the whole limit; a 429 shuts the
+upstream for every process until its retry-after (``window:<name>:hold``). A shared
+window in Lua would have to mirror the throttle's settling, header correction and steps
+to the token, and would cost a round trip per decision, for what the split already
+bounds; the price of the split is that one busy process cannot use an idle one's part.
+
+A task whose worker died is re-queued when its lease expires; ``finish`` stores
 the result and drops the lease in one step and never overwrites a final state. Any
 connection failure surfaces as ``StateUnavailable`` (the HTTP layer answers 503).
 """
@@ -12,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -23,9 +33,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from batchclient.policy.classify import Classified
+from batchclient.policy.wire import Response
 from gateway import redis_scripts as lua
 from gateway.config import TierLimits
-from gateway.limits import DAY_S, WINDOW_S, UserDecision
+from gateway.limits import DAY_S, UserDecision
+from gateway.pacing import PacedCall, UpstreamPacer
 from gateway.state import QUEUES, StateUnavailable, TaskRecord
 
 T = TypeVar("T")
@@ -57,16 +70,11 @@ class RedisState:
     """
 
     def __init__(self, client: aioredis.Redis, *, prefix: str = "ratelab:gw:",
-                 rpm: int | None = None, tpm: int | None = None,
-                 time_scale: float = 1.0, window_margin_s: float = 1.0) -> None:
+                 time_scale: float = 1.0) -> None:
         self.r = client
-        self.window_s = WINDOW_S + window_margin_s
         self.prefix = prefix
-        self.rpm = rpm
-        self.tpm = tpm
         self.time_scale = time_scale
         self._admit = client.register_script(lua.USER_ADMIT)
-        self._acquire = client.register_script(lua.PROVIDER_ACQUIRE)
         self._hold = client.register_script(lua.PROVIDER_HOLD)
         self._enqueue = client.register_script(lua.ENQUEUE)
         self._claim = client.register_script(lua.CLAIM)
@@ -186,52 +194,47 @@ class RedisState:
 
     # ------------------------------------------------------------ ProviderWindow
 
-    async def acquire(self, now: float, tokens: int, ceiling: float) -> float:
-        """One atomic step of the shared sliding window (``SlidingWindow`` in Lua) with the
-        limits given at construction (keys ``window``, ``window:tokens``)."""
-        return await self.window_step("window", self.rpm, self.tpm, now, tokens, ceiling)
+    def window(self, pacer: UpstreamPacer) -> RedisWindow:
+        """The pacing of one upstream (``pacer``, this process's) with its 429 hold shared
+        under ``window:<name>:hold``."""
+        return RedisWindow(self, f"window:{pacer.upstream.name}", pacer)
 
-    async def hold(self, until: float) -> None:
-        """``window_hold`` of the window given at construction."""
-        await self.window_hold("window", until)
-
-    def window(self, upstream: str, rpm: int | None, tpm: int | None) -> RedisWindow:
-        """The shared window of one upstream's key (keys ``window:<name>``), for gateways
-        in front of several providers."""
-        return RedisWindow(self, f"window:{upstream}", rpm, tpm)
-
-    async def window_step(self, name: str, rpm: int | None, tpm: int | None, now: float,
-                          tokens: int, ceiling: float) -> float:
-        """One atomic step of the sliding window under keys ``<prefix><name>``."""
-        res = await _guard(lambda: self._acquire(
-            keys=[f"{self.prefix}{name}", f"{self.prefix}{name}:tokens",
-                  f"{self.prefix}{name}:hold"],
-            args=[repr(now), repr(self.window_s), -1 if rpm is None else rpm,
-                  -1 if tpm is None else tpm, tokens, repr(ceiling), uuid.uuid4().hex]))
-        return float(res)
+    async def held_until(self, name: str) -> float:
+        """Virtual time before which the window ``<prefix><name>`` admits nothing (0.0)."""
+        value = await _guard(lambda: self.r.get(f"{self.prefix}{name}:hold"))
+        return float(value) if value else 0.0
 
     async def window_hold(self, name: str, until: float) -> None:
-        """Shut the window under keys ``<prefix><name>`` until virtual time ``until``, for
-        every gateway process sharing it (``SlidingWindow.hold``)."""
+        """Shut the window ``<prefix><name>`` until virtual time ``until``, for every
+        gateway process sharing it (a later hold extends it, an earlier one is moot)."""
         await _guard(lambda: self._hold(keys=[f"{self.prefix}{name}:hold"], args=[repr(until)]))
 
 
 class RedisWindow:
-    """A ``ProviderWindow`` over one upstream's keys in a ``RedisState``."""
+    """A ``ProviderWindow``: this process's pacer of one upstream, whose ``share`` of the
+    key's limits bounds this process's own usage (the headers count every process's), and
+    a 429 hold shared through Redis, so one process's 429 holds them all."""
 
-    __slots__ = ("key", "rpm", "state", "tpm")
+    __slots__ = ("key", "pacer", "state")
 
-    def __init__(self, state: RedisState, key: str, rpm: int | None, tpm: int | None) -> None:
+    def __init__(self, state: RedisState, key: str, pacer: UpstreamPacer) -> None:
         self.state = state
         self.key = key
-        self.rpm = rpm
-        self.tpm = tpm
+        self.pacer = pacer
 
-    async def acquire(self, now: float, tokens: int, ceiling: float) -> float:
-        """One atomic step of this upstream's shared sliding window."""
-        return await self.state.window_step(self.key, self.rpm, self.tpm, now, tokens,
-                                            ceiling)
+    async def acquire(self, now: float, call: PacedCall) -> float:
+        """The shared hold's wait, else ``UpstreamPacer.acquire``."""
+        held = await self.state.held_until(self.key)
+        if now < held:
+            return held - now
+        return self.pacer.acquire(now, call)
+
+    async def settle(self, now: float, call: PacedCall, response: Response,
+                     verdict: Classified) -> None:
+        """``UpstreamPacer.settle`` (this process's usage only: nothing shared)."""
+        self.pacer.settle(now, call, response, verdict)
 
     async def hold(self, until: float) -> None:
-        """Shut this upstream's shared window until ``until`` (every process)."""
+        """Block this process's pacer and shut the shared window until ``until``."""
+        self.pacer.block(until)
         await self.state.window_hold(self.key, until)

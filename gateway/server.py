@@ -20,6 +20,7 @@ from gateway.clock import GatewayClock
 from gateway.config import GatewayConfig
 from gateway.events import EventHub, Metrics
 from gateway.local_state import MemoryProviderWindow, MemoryUserLimiter, SqliteTaskStore
+from gateway.pacing import UpstreamPacer, throttle_settings
 from gateway.redis_state import RedisState, connect
 from gateway.relay import RedisEventRelay
 from gateway.routing import provider_settings
@@ -76,18 +77,18 @@ async def start_gateway(config: GatewayConfig, *, host: str = "127.0.0.1", port:
     cache: ItemCache
     hub, metrics = EventHub(), Metrics()
     relay = None
+    settings = throttle_settings(config.window_margin_s)
+    pacers = {u.name: UpstreamPacer(u, settings, config.workers, config.time_scale)
+              for u in config.upstreams}
     if redis_url is not None:
         client = connect(redis_url)
-        state = RedisState(client, prefix=redis_prefix,
-                           time_scale=config.time_scale,
-                           window_margin_s=config.window_margin_s)
-        windows = {u.name: state.window(u.name, u.rpm, u.tpm) for u in config.upstreams}
+        state = RedisState(client, prefix=redis_prefix, time_scale=config.time_scale)
+        windows = {u.name: state.window(pacers[u.name]) for u in config.upstreams}
         store, cache, limiter, ping, backend = state, state, state, state.ping, "redis"
     else:
         store = cache = SqliteTaskStore(db_path or config.db_path)
         limiter = MemoryUserLimiter()
-        windows = {u.name: MemoryProviderWindow(u.rpm, u.tpm, config.window_margin_s)
-                   for u in config.upstreams}
+        windows = {u.name: MemoryProviderWindow(pacers[u.name]) for u in config.upstreams}
         ping, backend = None, "sqlite"
     # One keep-alive session to every upstream; calls name their upstream.
     transport = AiohttpTransport([provider_settings(u, config.time_scale)

@@ -11,8 +11,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from batchclient.policy.classify import Classified
+from batchclient.policy.wire import Response
 from gateway.config import TierLimits
 from gateway.limits import UserDecision
+from gateway.pacing import PacedCall
 
 STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "dead_lettered")
 FINAL_STATES = frozenset({"done", "failed", "dead_lettered"})
@@ -147,10 +150,16 @@ class ItemCache(Protocol):
 
 
 class ProviderWindow(Protocol):
-    """The shared key's rolling window at the provider (``SlidingWindow`` semantics)."""
+    """One upstream key's pacing (``gateway.pacing.UpstreamPacer``: the batching client's
+    throttle per model); with Redis its 429 hold is shared by every gateway process."""
 
-    async def acquire(self, now: float, tokens: int, ceiling: float) -> float:
-        """0.0 when the call may go (recorded), else virtual seconds to wait."""
+    async def acquire(self, now: float, call: PacedCall) -> float:
+        """0.0 when the call may go (reserved), else virtual seconds to wait."""
+        ...
+
+    async def settle(self, now: float, call: PacedCall, response: Response,
+                     verdict: Classified) -> None:
+        """Settle the call's reservation to its answer and observe its rate-limit headers."""
         ...
 
     async def hold(self, until: float) -> None:

@@ -1,8 +1,8 @@
 """The worker pool: leases tasks (interactive first), picks an upstream (``routing``: the
 batching client's failover order and breakers), paces the call through that upstream's
-shared window and calls it with the batching client's transport, retry and classification
-policy; ``item`` tasks of the background lane are packed with semantic batching
-(``batchclient.policy.packing``/``parsing``).
+window (``pacing``: the batching client's throttle) and calls it with the batching client's
+transport, retry and classification policy; ``item`` tasks of the background lane are
+packed with semantic batching (``batchclient.policy.packing``/``parsing``).
 
 An upstream that refuses for its balance or key (402, 401) leaves the rotation
 (``gateway.routing``): the call goes on at once to another upstream that serves its model.
@@ -41,6 +41,7 @@ from batchclient.transport import Transport
 from gateway.clock import GatewayClock
 from gateway.config import GatewayConfig, Upstream
 from gateway.events import EventHub, Metrics
+from gateway.pacing import PacedCall
 from gateway.routing import Router
 from gateway.state import ItemCache, ProviderWindow, StateUnavailable, TaskRecord, TaskStore
 from gateway.upstream import completion_from_stream, stream_chat
@@ -204,12 +205,19 @@ class WorkerPool:
             return 1.0
         return self.cfg.lanes.background_ceiling
 
-    async def _route(self, model: str, tokens: int, ceiling: float,
-                     avoid: Sequence[str] = ()) -> Upstream | None:
-        """The upstream this call goes to, once its shared window admitted the call: the
-        router's choice (``avoid``: upstreams that just failed it); a full window marks its
-        upstream rate limited, so one with ``failover_on_429`` hands the call on. None when
-        every upstream serving ``model`` is out of the rotation (402, 401)."""
+    def _paced(self, task: TaskRecord, model: str, tokens: int, max_tokens: int,
+               expected: int) -> PacedCall:
+        """One call of ``task`` (``tokens`` with its ``max_tokens``) under a fresh key: a
+        waiting user's may fill the window at once, background work is graduated."""
+        return PacedCall(next(self._call_ids), model, tokens - max_tokens, max_tokens,
+                         expected, self._ceiling(task), task.lane != "interactive")
+
+    async def _route(self, paced: PacedCall, avoid: Sequence[str] = ()) -> Upstream | None:
+        """The upstream this call goes to, once its window admitted (reserved) the call:
+        the router's choice (``avoid``: upstreams that just failed it); a full window marks
+        its upstream rate limited, so one with ``failover_on_429`` hands the call on. None
+        when every upstream serving the model is out of the rotation (402, 401)."""
+        model = paced.model
         while True:
             self._check_stopping()
             now = self.clock.now()
@@ -224,7 +232,7 @@ class WorkerPool:
             while name is not None and name not in tried:
                 tried.add(name)
                 try:
-                    wait = await self.windows[name].acquire(now, tokens, ceiling)
+                    wait = await self.windows[name].acquire(now, paced)
                 except StateUnavailable:
                     wait = -1.0
                     break
@@ -292,11 +300,12 @@ class WorkerPool:
             log.warning("gateway: upstream %s balance %.6f USD is below %.6f USD",
                         up.name, meter.balance_usd, up.low_balance_usd)
 
-    async def _send(self, up: Upstream, task: TaskRecord, body: dict[str, Any], tokens: int,
-                    attempt: int, item_ids: tuple[str, ...] = (),
+    async def _send(self, up: Upstream, task: TaskRecord, body: dict[str, Any],
+                    paced: PacedCall, attempt: int, item_ids: tuple[str, ...] = (),
                     tasks: Sequence[TaskRecord] = ()) -> tuple[Response, Classified]:
-        """Call ``up``; the response and its verdict, both fed to the router's breaker and
-        the cost meter (``tasks``: the tasks a packed call serves, else ``task``)."""
+        """Call ``up``; the response and its verdict, fed to the router's breaker, to the
+        upstream's window (settled to the answer's usage and headers) and to the cost
+        meter (``tasks``: the tasks a packed call serves, else ``task``)."""
         self.router.on_dispatch(self.clock.now(), up.name)
         if task.body.get("stream") and not item_ids and self._session is not None:
             body = {**body, "stream": True}
@@ -305,9 +314,8 @@ class WorkerPool:
                 self.cfg.time_scale, self.cfg.stream,
                 lambda event: self.hub.publish(task.id, event))
         else:
-            max_tokens = int(body.get("max_tokens") or self.cfg.default_max_tokens)
-            call = Call(next(self._call_ids), up.name, str(body["model"]), item_ids, body,
-                        tokens - max_tokens, max_tokens, tokens, attempt,
+            call = Call(paced.key, up.name, str(body["model"]), item_ids, body, paced.prompt,
+                        paced.max_tokens, paced.prompt + paced.max_tokens, attempt,
                         self.cfg.request_timeout_s, lane="interactive"
                         if task.lane == "interactive" else "background")
             response = await self.transport.send(call)
@@ -318,6 +326,8 @@ class WorkerPool:
         if verdict.verdict in FATAL:
             log.warning("gateway: upstream %s out of the rotation for %g virtual s, then "
                         "probed: %s", up.name, self.cfg.probe_s, verdict.reason)
+        with contextlib.suppress(StateUnavailable):  # local in both states: never away
+            await self.windows[up.name].settle(now, paced, response, verdict)
         if verdict.rate_limited:
             until = now + (verdict.retry_after_s or 1.0)
             self.router.limited(now, up.name, until)
@@ -340,15 +350,19 @@ class WorkerPool:
             self.hub.publish(task.id, {"restart": True, "reason": "the task runs again"})
         body = upstream_body(task, self.cfg)
         model = str(body["model"])
-        ceiling = self._ceiling(task)
+        max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens")
+                         or self.cfg.default_max_tokens)
         attempt = 0
         avoid: tuple[str, ...] = ()
         while True:
-            up = await self._route(model, task.tokens, ceiling, avoid)
+            # the reply's length is unknown: where the provider counts actual usage, its
+            # max_tokens is reserved all the same until the answer settles it
+            paced = self._paced(task, model, task.tokens, max_tokens, max_tokens)
+            up = await self._route(paced, avoid)
             if up is None:
                 await self._hold([task])
                 return
-            response, verdict = await self._send(up, task, body, task.tokens, attempt)
+            response, verdict = await self._send(up, task, body, paced, attempt)
             if verdict.verdict in FATAL:
                 # that upstream left the rotation: the next one, or back to the queue
                 continue
@@ -432,11 +446,13 @@ class WorkerPool:
         tokens = self.packer.prompt_tokens(items) + max_tokens
         avoid: tuple[str, ...] = ()
         while True:
-            up = await self._route(model, tokens, self._ceiling(tasks[0]), avoid)
+            paced = self._paced(tasks[0], model, tokens, max_tokens,
+                                max_tokens - self.packer.reply_slack_tokens)
+            up = await self._route(paced, avoid)
             if up is None:
                 await self._hold(tasks)
                 return
-            response, verdict = await self._send(up, tasks[0], body, tokens,
+            response, verdict = await self._send(up, tasks[0], body, paced,
                                                  tasks[0].attempts - 1,
                                                  tuple(i.id for i in items), tasks)
             if verdict.verdict in FATAL:

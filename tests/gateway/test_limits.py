@@ -1,4 +1,4 @@
-"""Per-user buckets and the provider window: pure decisions on seeded sequences, the
+"""Per-user buckets: pure decisions on seeded sequences, the
 tier bound as an invariant, and the limits through HTTP (refusals name the limit)."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from gateway.limits import (
     LIMIT_RPM,
     LIMIT_TOO_BIG,
     LIMIT_TPD,
-    SlidingWindow,
     admit_user,
     full_buckets,
 )
@@ -68,32 +67,6 @@ def test_request_larger_than_a_day_is_refused_by_name() -> None:
     tier = TierLimits(rpm=10, tokens_per_day=1000)
     d = admit_user(full_buckets(tier, 0.0), tier, 0.0, 1001)
     assert (d.allowed, d.limit) == (False, LIMIT_TOO_BIG)
-
-
-def test_sliding_window_never_over_limit() -> None:
-    rng = random.Random(5)
-    w = SlidingWindow(rpm=50, tpm=20_000)
-    now, admitted = 0.0, []
-    while now < 600:
-        tokens = rng.randrange(100, 2000)
-        wait = w.acquire(now, tokens, ceiling=0.9)
-        if wait == 0:
-            admitted.append((now, tokens))
-        now += rng.uniform(0, 0.5) if wait == 0 else wait
-    assert len(admitted) == 187
-    for i, (t0, _) in enumerate(admitted):
-        inside = [tok for t, tok in admitted[i:] if t < t0 + 60]
-        assert len(inside) <= 45 and sum(inside) <= 18_000
-
-
-def test_a_held_window_admits_nothing_until_the_hold_ends() -> None:
-    w = SlidingWindow(rpm=50, tpm=20_000)
-    assert w.acquire(0.0, 100) == 0.0
-    w.hold(10.0)
-    w.hold(4.0)  # an earlier hold does not shorten it
-    assert w.acquire(2.5, 100) == 7.5
-    assert len(w._log) == 1 and w.tokens == 100  # a refused call is not recorded
-    assert w.acquire(10.0, 100) == 0.0 and w.tokens == 200
 
 
 async def test_user_limits_through_http(sim_server, gateway) -> None:

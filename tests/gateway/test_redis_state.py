@@ -1,11 +1,12 @@
 """The Redis state against a real redis-server: the Lua scripts agree with the pure
-decisions to the token, leases re-queue a dead worker's task, finish is once only."""
+decisions to the token, a 429's hold reaches every process, leases re-queue a dead
+worker's task, finish is once only."""
 
 from __future__ import annotations
 
-import random
-
-from gateway.limits import SlidingWindow, admit_user, full_buckets
+from gateway.config import Upstream
+from gateway.limits import admit_user, full_buckets
+from gateway.pacing import PacedCall, UpstreamPacer, throttle_settings
 from gateway.redis_state import RedisState, connect
 from gateway.state import TaskRecord
 from tests.gateway.test_limits import TIERS, seeded_sequence, tier_of
@@ -26,25 +27,24 @@ async def test_lua_buckets_match_pure_decisions(redis_server) -> None:
         await state.close()
 
 
-async def test_lua_window_matches_sliding_window(redis_server) -> None:
-    state = RedisState(connect(redis_server.url), prefix="t2:", rpm=50, tpm=20_000,
-                       window_margin_s=0.0)
-    pure = SlidingWindow(50, 20_000)
-    rng = random.Random(5)
-    now = 0.0
+async def test_a_hold_shuts_the_upstream_for_every_process(redis_server) -> None:
+    up = Upstream("a", "http://127.0.0.1:9/v1", "sk", rpm=50, tpm=20_000)
+    one = RedisState(connect(redis_server.url), prefix="t2:")
+    other = RedisState(connect(redis_server.url), prefix="t2:")
+    windows = [state.window(UpstreamPacer(up, throttle_settings(0.0), 4, 1.0))
+               for state in (one, other)]
+    call = PacedCall(1, "m", 90, 10, 10)
     try:
-        for step in range(800):
-            tokens = rng.randrange(100, 2000)
-            if step % 97 == 5:  # now and then a 429 holds the window a while
-                until = now + rng.uniform(0.5, 20.0)
-                pure.hold(until)
-                await state.hold(until)
-            expected = pure.acquire(now, tokens, 0.9)
-            got = await state.acquire(now, tokens, 0.9)
-            assert abs(got - expected) < 1e-6
-            now += rng.uniform(0, 0.5) if expected == 0 else expected
+        assert await windows[1].acquire(0.0, call) == 0.0
+        await windows[0].hold(10.0)
+        await windows[0].hold(4.0)  # an earlier hold does not shorten it
+        # the other process's pacer never saw the 429: the shared hold stops it
+        assert await windows[1].acquire(2.5, call) == 7.5
+        assert windows[1].pacer.throttle("m").used_tokens == 100  # not reserved
+        assert await windows[1].acquire(10.0, PacedCall(2, "m", 90, 10, 10)) == 0.0
     finally:
-        await state.close()
+        await one.close()
+        await other.close()
 
 
 async def test_queue_lease_expiry_and_single_finish(redis_server) -> None:

@@ -14,6 +14,7 @@ from batchclient.config import BreakerSettings
 from batchclient.configreader import ConfigError
 from batchclient.policy.classify import Classified, Verdict
 from gateway.config import Upstream, default_config, parse_config
+from gateway.pacing import PacedCall
 from gateway.requests import BadRequest, parse_task
 from gateway.routing import PROBE_WAIT_S, Router
 from simulator.model.config import DEFAULT_PROVIDER_YAML
@@ -22,6 +23,9 @@ from tests.gateway.conftest import free_port, gateway_config
 from tests.gateway.test_app import poll
 from tests.gateway.test_shared import statuses
 from tests.gateway.test_worker import CHAT, post_all
+
+# a small interactive call asking whether the window would admit it now
+PROBE = PacedCall(-1, "gpt-4o-mini", 5, 5, 5, graduated=False)
 
 FAIL = Classified(Verdict.RETRY, "HTTP 503", server_error=True)
 OK = Classified(Verdict.OK, "ok")
@@ -228,15 +232,20 @@ async def test_a_breaker_opened_by_one_gateway_holds_for_the_other(redis_server,
 
 async def test_a_429_holds_the_upstream_for_every_gateway_sharing_it(redis_server, sim_server,
                                                                       gateway) -> None:
-    # the upstream takes one call a minute and the gateways are not told: its 429 (retry
-    # after the rest of its minute) must hold the shared window, for the gateway that got
-    # it and for the other one, rather than each task and process finding out by a 429
+    # the upstream takes one call a minute and another client on the key has just used it:
+    # the gateway's first call meets a 429 (retry after the rest of the minute), which
+    # must hold the shared window, for the gateway that got it and for the other one,
+    # rather than each task and process finding out by a 429
     sim = await sim_server(time_scale=20, ttft_ms=10, itl_ms=1, seed=6, rpm=1)
     cfg = gateway_config(sim, time_scale=20, workers=1)
     one = await gateway(cfg, redis_url=redis_server.url)
     other = await gateway(cfg, redis_url=redis_server.url)
     await other.pool.close()  # it only looks at the shared window
-    await post_all(one, [{**CHAT, "user": "bench"}] * 2)
+    async with aiohttp.ClientSession() as s, s.post(
+            f"{sim.base_url()}/chat/completions", json={**CHAT, "model": "gpt-4o-mini"},
+            headers={"Authorization": "Bearer sk-ratelab"}) as r:
+        assert r.status == 200
+    await post_all(one, [{**CHAT, "user": "bench"}])
     deadline = asyncio.get_running_loop().time() + 10
     while statuses(sim).get("429", 0) == 0:
         assert asyncio.get_running_loop().time() < deadline, "no 429 from the upstream"
@@ -244,7 +253,7 @@ async def test_a_429_holds_the_upstream_for_every_gateway_sharing_it(redis_serve
     await asyncio.sleep(0.1)  # the hold is written after the answer is read
     name = cfg.upstreams[0].name
     for gw in (one, other):
-        wait = await gw.pool.windows[name].acquire(gw.pool.clock.now(), 10, 1.0)
+        wait = await gw.pool.windows[name].acquire(gw.pool.clock.now(), PROBE)
         assert 30.0 < wait <= 60.0, wait  # most of the upstream's minute is left
     assert statuses(sim) == {"200": 1, "429": 1}
 
@@ -261,7 +270,7 @@ async def test_a_429_too_large_holds_nothing(sim_server, gateway) -> None:
         failed = await poll(s, gw, task_id)
     assert failed["state"] == "failed" and failed["upstream_status"] == 429
     window = gw.pool.windows[cfg.upstreams[0].name]
-    assert await window.acquire(gw.pool.clock.now(), 10, 1.0) == 0.0
+    assert await window.acquire(gw.pool.clock.now(), PROBE) == 0.0
 
 
 BROKE = Classified(Verdict.FATAL_BALANCE, "HTTP 402 insufficient_balance")

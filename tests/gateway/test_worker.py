@@ -11,6 +11,7 @@ import aiohttp
 import yaml
 
 from gateway.config import LaneSettings
+from gateway.pacing import PacedCall
 from gateway.server import RunningGateway
 from gateway.state import StateUnavailable
 from simulator.model.config import DEFAULT_PROVIDER_YAML, parse_config
@@ -180,7 +181,7 @@ class _WindowAwayOnCancel:
     def __init__(self) -> None:
         self.steps = 0
 
-    async def acquire(self, now: float, tokens: int, ceiling: float) -> float:
+    async def acquire(self, now: float, call: PacedCall) -> float:
         self.steps += 1
         try:
             await asyncio.sleep(60)
