@@ -94,8 +94,13 @@ class UpstreamPacer:
         tokens, requests = window_usage(call.prompt, response, verdict, content, usage,
                                         COUNT_REFUSED)
         prompt = usage.prompt_tokens if usage is not None else call.prompt
-        throttle.settle(now, call.key, tokens, requests=requests, prompt=prompt)
+        # Observed before the settle: the provider wrote these headers when it admitted
+        # the call, with the call counted as admitted (prompt + max_tokens where it
+        # reserves), so they are compared with our usage still holding the reservation;
+        # after the settle, the floor drops by what the settle gave back. The other way
+        # round, each reply would leave its unused max_tokens in the floor until the next.
         throttle.observe(now, read_rate_headers(response.headers, self.time_scale))
+        throttle.settle(now, call.key, tokens, requests=requests, prompt=prompt)
 
     def block(self, until: float) -> None:
         """No call to any model before ``until`` (the provider answered 429)."""
