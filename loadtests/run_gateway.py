@@ -216,7 +216,8 @@ def gateway_config(scenario: Scenario, section: GatewaySection, urls: Mapping[st
     users = max((g.user_ids for g in scenario.load.users), default=1)
     mapping = gateway_mapping(section, base_url=entry["base_url"], api_key=entry["api_key"],
                               rpm=entry.get("rpm"), tpm=entry.get("tpm"), model=model,
-                              time_scale=scenario.time_scale, user_ids=users)
+                              time_scale=scenario.time_scale, user_ids=users,
+                              tpm_counting=entry.get("tpm_counting"))
     config = parse_config(mapping, f"{scenario.path}: gateway")
     if api_key_env is not None:
         up = mapping["upstreams"][0]

@@ -92,10 +92,17 @@ def user_tier_map(section: GatewaySection, user_ids: int) -> dict[str, str]:
 
 def gateway_mapping(section: GatewaySection, *, base_url: str, api_key_env: str | None = None,
                     api_key: str | None = None, rpm: int | None, tpm: int | None,
-                    model: str, time_scale: float, user_ids: int) -> dict[str, Any]:
-    """The full gateway configuration mapping (``parse_config`` input) for this run."""
+                    model: str, time_scale: float, user_ids: int,
+                    tpm_counting: str | None = None) -> dict[str, Any]:
+    """The full gateway configuration mapping (``parse_config`` input) for this run;
+    ``tpm_counting`` is the provider's counting mode (the gateway's default: None)."""
     upstream: dict[str, Any] = {"name": section.provider, "base_url": base_url,
                                 "models": [model], "rpm": rpm, "tpm": tpm}
+    if tpm_counting is not None:
+        upstream["tpm_counting"] = tpm_counting
+    if section.processes > 1:
+        # each process keeps its own usage within its part of the key (gateway.pacing)
+        upstream["share"] = 1.0 / section.processes
     if api_key_env is not None:
         upstream["api_key_env"] = api_key_env
     else:
