@@ -35,7 +35,8 @@ class Upstream:
     ``reserve_max_tokens`` tells whether the provider counts ``max_tokens`` against TPM at
     admission (``tpm_counting: reserve_max_tokens``, the default) or only actual usage
     (``actual``), as the batching client's ``tpm_counting``; ``share`` is the part of the
-    key's limits one gateway process may use (0.5 for one of two sharing Redis)."""
+    key's limits the gateway processes may use together (lower than 1 when other clients
+    use the key too); with Redis each process takes an even part of it."""
 
     name: str
     base_url: str

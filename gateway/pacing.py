@@ -62,6 +62,20 @@ class UpstreamPacer:
         self.time_scale = time_scale
         self.throttles: dict[str, Throttle] = {}
         self.blocked_until = 0.0
+        self.processes = 1
+
+    @property
+    def share(self) -> float:
+        """This process's part of the key: the upstream's ``share`` (the gateways' part)
+        split evenly over the gateway processes that pace the key."""
+        return self.upstream.share / self.processes
+
+    def set_processes(self, count: int) -> None:
+        """``count`` gateway processes pace this key now (``RedisState.beat``): each keeps
+        its own usage within its even part, so together they plan within the limits."""
+        self.processes = max(1, count)
+        for throttle in self.throttles.values():
+            throttle.share = self.share
 
     def throttle(self, model: str) -> Throttle:
         """The throttle of ``model`` at this upstream, created on first use (blocked as
@@ -70,7 +84,7 @@ class UpstreamPacer:
         if throttle is None:
             up = self.upstream
             throttle = self.throttles[model] = Throttle(
-                self.settings, up.tpm, up.rpm, up.reserve_max_tokens, share=up.share)
+                self.settings, up.tpm, up.rpm, up.reserve_max_tokens, share=self.share)
             throttle.block(self.blocked_until)
         return throttle
 

@@ -5,8 +5,10 @@ Several gateway processes pointed at one Redis share the users' limits and the p
 key. The key is paced in each process by the batching client's throttle
 (``gateway.pacing``), not by a window in Redis: reserve at dispatch, settle to the reply's
 usage, learn limits and other traffic from the provider's rate-limit headers, graduated
-steps. Each process keeps its own usage within ``upstreams[].share`` of the key's limits
-(``1/N`` for N processes: together they never plan past the limit), while the headers,
+steps. Each process keeps its own usage within its even part of the key's limits: the
+upstream's ``share`` over the N processes that beat in Redis (``Presence``: N counted
+live, so a process that starts or dies moves every other's part within seconds; together
+they never plan past the limit), while the headers,
 which count every process's calls, are held against the whole limit; a 429 shuts the
 upstream for every process until its retry-after (``window:<name>:hold``). A shared
 window in Lua would have to mirror the throttle's settling, header correction and steps
@@ -20,9 +22,12 @@ connection failure surfaces as ``StateUnavailable`` (the HTTP layer answers 503)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
+import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -42,6 +47,11 @@ from gateway.pacing import PacedCall, UpstreamPacer
 from gateway.state import QUEUES, StateUnavailable, TaskRecord
 
 T = TypeVar("T")
+
+# Wall seconds between a process's heartbeats, and after the last one before it no longer
+# counts as pacing the key (a process that died without leaving).
+PRESENCE_EVERY_S = 1.0
+PRESENCE_TTL_S = 5.0
 
 
 def connect(url: str, timeout_s: float = 2.0) -> aioredis.Redis:
@@ -199,6 +209,25 @@ class RedisState:
         under ``window:<name>:hold``."""
         return RedisWindow(self, f"window:{pacer.upstream.name}", pacer)
 
+    async def beat(self, process: str, wall: float) -> int:
+        """Mark gateway process ``process`` live at wall-clock ``wall``; how many are (those
+        that beat within ``PRESENCE_TTL_S``), this one included."""
+        key = f"{self.prefix}processes"
+
+        async def run() -> int:
+            async with self.r.pipeline(transaction=True) as pipe:
+                pipe.zadd(key, {process: wall})
+                pipe.zremrangebyscore(key, "-inf", wall - PRESENCE_TTL_S)
+                pipe.zcard(key)
+                result = await pipe.execute()
+            return int(result[-1])
+
+        return await _guard(run)
+
+    async def leave(self, process: str) -> None:
+        """``process`` stops: it no longer counts (the others take its part at once)."""
+        await _guard(lambda: self.r.zrem(f"{self.prefix}processes", process))
+
     async def held_until(self, name: str) -> float:
         """Virtual time before which the window ``<prefix><name>`` admits nothing (0.0)."""
         value = await _guard(lambda: self.r.get(f"{self.prefix}{name}:hold"))
@@ -238,3 +267,44 @@ class RedisWindow:
         """Block this process's pacer and shut the shared window until ``until``."""
         self.pacer.block(until)
         await self.state.window_hold(self.key, until)
+
+
+class Presence:
+    """This process's heartbeat in Redis, and the count of live gateway processes it reads
+    back, handed to every upstream's pacer (``UpstreamPacer.set_processes``): each process
+    paces its even part of the keys, and the parts follow processes that start or stop."""
+
+    def __init__(self, state: RedisState, pacers: Sequence[UpstreamPacer]) -> None:
+        self.state = state
+        self.pacers = list(pacers)
+        self.id = uuid.uuid4().hex
+        self.count = 1
+        self._task: asyncio.Task[None] | None = None
+
+    async def beat(self) -> None:
+        """One heartbeat; the pacers take the count (kept as it was while Redis is away)."""
+        with contextlib.suppress(StateUnavailable):
+            self.count = await self.state.beat(self.id, time.time())
+        for pacer in self.pacers:
+            pacer.set_processes(self.count)
+
+    async def start(self) -> None:
+        """Beat once (the parts are right before the first call), then every
+        ``PRESENCE_EVERY_S``."""
+        await self.beat()
+        self._task = asyncio.create_task(self._run(), name="gateway-presence")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(PRESENCE_EVERY_S)
+            await self.beat()
+
+    async def close(self) -> None:
+        """Stop beating and leave, so the other processes take this one's part."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(StateUnavailable):
+            await self.state.leave(self.id)

@@ -21,7 +21,7 @@ from gateway.config import GatewayConfig
 from gateway.events import EventHub, Metrics
 from gateway.local_state import MemoryProviderWindow, MemoryUserLimiter, SqliteTaskStore
 from gateway.pacing import UpstreamPacer, throttle_settings
-from gateway.redis_state import RedisState, connect
+from gateway.redis_state import Presence, RedisState, connect
 from gateway.relay import RedisEventRelay
 from gateway.routing import provider_settings
 from gateway.state import ItemCache, ProviderWindow, TaskStore, UserLimiter
@@ -45,6 +45,7 @@ class RunningGateway:
     _transport: AiohttpTransport
     loop: asyncio.AbstractEventLoop
     relay: RedisEventRelay | None = None
+    presence: Presence | None = None
     closed: bool = False
 
     async def close(self) -> None:
@@ -58,6 +59,8 @@ class RunningGateway:
         await self._transport.close()
         if self.relay is not None:
             await self.relay.close()
+        if self.presence is not None:
+            await self.presence.close()
         await self.store.close()
 
 
@@ -96,20 +99,24 @@ async def start_gateway(config: GatewayConfig, *, host: str = "127.0.0.1", port:
                                  limit=max(16, config.workers * 2))
     pool = WorkerPool(config, store, windows, transport, clock, hub, metrics, seed=seed,
                       cache=cache)
+    presence = None
     if redis_url is not None:
         relay = RedisEventRelay(client, hub, redis_prefix, pool.router, clock)
+        presence = Presence(state, list(pacers.values()))
     shell = GatewayApp(config, store, limiter, clock, hub, metrics, pool.wake, backend, ping)
     runner = web.AppRunner(shell.build(), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     if relay is not None:
         await relay.start()
+    if presence is not None:
+        await presence.start()   # each process's part of the keys, before its first call
     site = web.TCPSite(runner, host, port)
     await site.start()
     pool.start()
     bound = runner.addresses[0][1]
     shown = f"[{host}]" if ":" in host else host
     return RunningGateway(f"http://{shown}:{bound}", host, bound, config, store, pool, metrics,
-                          runner, transport, asyncio.get_running_loop(), relay)
+                          runner, transport, asyncio.get_running_loop(), relay, presence)
 
 
 @contextmanager

@@ -100,9 +100,6 @@ def gateway_mapping(section: GatewaySection, *, base_url: str, api_key_env: str 
                                 "models": [model], "rpm": rpm, "tpm": tpm}
     if tpm_counting is not None:
         upstream["tpm_counting"] = tpm_counting
-    if section.processes > 1:
-        # each process keeps its own usage within its part of the key (gateway.pacing)
-        upstream["share"] = 1.0 / section.processes
     if api_key_env is not None:
         upstream["api_key_env"] = api_key_env
     else:

@@ -208,3 +208,43 @@ async def test_unconfigured_limits_are_learned_and_429s_vanish(sim_server, gatew
     _, states = await _run(sim, gw)
     assert (states, _counted(sim)[1].get("429", 0) <= 2) == ({"done": TASKS}, True), \
         _counted(sim)
+
+
+def test_each_process_paces_its_even_part_of_the_key() -> None:
+    """With two gateway processes each plans half of the key's TPM (and of a lower
+    configured share); the part follows the count both ways, for throttles made before and
+    after it changed."""
+    one = pacer()
+    one.throttle("m")
+    one.set_processes(2)
+    assert [t.share for t in one.throttles.values()] == [0.5]
+    assert one.throttle("other").share == 0.5
+    sent = run_pacer(one, 600.0)
+    for i, (t0, _) in enumerate(sent):   # never past half the limit in any minute...
+        assert sum(tok for t, tok in sent[i:] if t < t0 + 60) <= TPM / 2
+    steady = [tok for t, tok in sent if 120 <= t < 540]   # ...and close to it
+    assert sum(steady) / 7 >= 0.85 * TPM / 2
+    one.set_processes(1)
+    assert one.throttle("m").share == 1.0
+    part = pacer(share=0.6)
+    part.set_processes(3)
+    assert part.throttle("m").share == pytest.approx(0.2)
+
+
+async def test_processes_sharing_redis_split_the_key_and_follow_each_other(
+        redis_server, sim_server, gateway) -> None:
+    sim = await sim_server(time_scale=20, seed=5)
+    cfg = gateway_config(sim, time_scale=20)
+    first = await gateway(cfg, redis_url=redis_server.url)
+    assert first.pool.windows["default"].pacer.processes == 1
+    second = await gateway(cfg, redis_url=redis_server.url)
+    assert second.pool.windows["default"].pacer.processes == 2   # counted at its start
+    deadline = time.monotonic() + 5
+    while first.pool.windows["default"].pacer.processes != 2:   # at the first's next beat
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    await second.close()   # leaves: the first takes the whole key at its next beat
+    deadline = time.monotonic() + 5
+    while first.pool.windows["default"].pacer.processes != 1:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
