@@ -55,7 +55,11 @@ class UiRun:
         """Wait until the page is served (and ``workers`` have connected); the page's HTML."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "ratelab run exited before the UI came up"
+            if self.proc.poll() is not None:   # say why: its stderr (the UI's page is gone)
+                assert self.proc.stderr is not None
+                raise AssertionError("ratelab run exited before the UI came up "
+                                     f"(status {self.proc.returncode}): "
+                                     f"{self.proc.stderr.read()[-2000:]}")
             try:
                 status, page = self.get("/")
                 if status == 200 and self.stats().get("worker_count", 0) >= workers:
