@@ -16,7 +16,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from operator import attrgetter
 from typing import Protocol, TypeVar, cast
 
@@ -42,6 +42,13 @@ _JOB_TASK = """CREATE TABLE IF NOT EXISTS job_task (
     name TEXT NOT NULL,
     digest TEXT NOT NULL,
     model TEXT NOT NULL
+)"""
+# Whether the last import finished (``import_items`` writes 0 before its first chunk and
+# 1 in the transaction of its last): a resume without the items file must not take an
+# interrupted import for the whole job. A store from before it has no row: complete.
+_JOB_IMPORT = """CREATE TABLE IF NOT EXISTS job_import (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    complete INTEGER NOT NULL
 )"""
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS items (
@@ -70,6 +77,7 @@ CREATE TABLE IF NOT EXISTS labels (
     label TEXT
 );
 {_JOB_TASK};
+{_JOB_IMPORT};
 CREATE VIEW IF NOT EXISTS item_results AS
     SELECT i.seq, i.item_id, i.text, i.tag, o.result, l.label, o.state, o.error, o.attempts,
            COALESCE(b.cost_usd_each, 0) AS cost_usd, b.model, b.provider
@@ -221,6 +229,9 @@ class JobStore(Protocol):
 # an item state's id and failed attempts, read for a whole reply by C-level maps
 _ID, _ATTEMPTS = attrgetter("id"), attrgetter("attempts")
 
+# Items inserted per transaction of an import (a chunk is checked and written whole).
+_IMPORT_CHUNK = 5000
+
 # At most this many rows per statement (3 bound values each, well under SQLite's 32,766).
 _ROWS_PER_STATEMENT = 250
 
@@ -342,6 +353,8 @@ class SqliteJobStore:
             if version == SCHEMA_VERSION:
                 if "job_task" not in tables:  # a store from before the task was recorded
                     conn.execute(_JOB_TASK)
+                if "job_import" not in tables:  # from before imports were marked
+                    conn.execute(_JOB_IMPORT)
             elif version > SCHEMA_VERSION:
                 raise StoreVersionError(
                     f"{self.path}: job store schema {version} was written by a newer ratelab "
@@ -377,11 +390,23 @@ class SqliteJobStore:
         raise AssertionError("unreachable")
 
     def import_items(self, items: Iterable[Item]) -> int:
-        """Insert items in chunks; an id already present with another text is InputError."""
+        """Insert items in chunks; an id already present with another text is InputError.
+
+        The store says the import is unfinished (``import_complete``) from before its first
+        chunk until the transaction of its last: an interrupt, or an error from ``items``
+        midway, leaves the chunks before it stored and the store saying so."""
+        def start() -> int:
+            conn = self._conn
+            # seqs above this are the import's own: a clash with one is a repeat within it
+            first = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM items").fetchone()[0])
+            conn.execute("INSERT OR REPLACE INTO job_import(id, complete) VALUES (1, 0)")
+            return first
+
+        before = self._retry(start)
         added = 0
         chunk: list[Item] = []
 
-        def flush() -> int:
+        def flush(last: bool) -> int:
             def run() -> int:
                 conn = self._conn
                 new = 0
@@ -389,21 +414,24 @@ class SqliteJobStore:
                 try:
                     # the chunk's items get seqs after the largest (rowids): their outcome
                     # rows are added in one statement at the end
-                    last = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM items").fetchone()[0]
+                    top = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM items").fetchone()[0]
                     for item in chunk:
                         canon = canonical_id(item.id)
-                        row = conn.execute("SELECT item_id, text FROM items WHERE canon = ?",
-                                           (canon,)).fetchone()
+                        row = conn.execute("SELECT item_id, text, seq FROM items WHERE "
+                                           "canon = ?", (canon,)).fetchone()
                         if row is not None:
                             if row[0] != item.id or row[1] != item.text:
-                                raise InputError(f"item {item.id!r}: id collides with stored "
-                                                 f"item {row[0]!r}")
+                                whose = (f"item {row[0]!r} earlier in this import"
+                                         if row[2] > before else f"stored item {row[0]!r}")
+                                raise InputError(f"item {item.id!r}: id collides with {whose}")
                             continue
                         conn.execute("INSERT INTO items(item_id, canon, text, tag) "
                                      "VALUES (?, ?, ?, ?)", (item.id, canon, item.text, item.tag))
                         new += 1
                     conn.execute("INSERT INTO outcomes(seq) SELECT seq FROM items WHERE seq > ?",
-                                 (last,))
+                                 (top,))
+                    if last:
+                        conn.execute("UPDATE job_import SET complete = 1")
                     conn.execute("COMMIT")
                 except BaseException:
                     conn.execute("ROLLBACK")
@@ -414,12 +442,31 @@ class SqliteJobStore:
 
         for item in items:
             chunk.append(item)
-            if len(chunk) >= 5000:
-                added += flush()
+            if len(chunk) >= _IMPORT_CHUNK:
+                added += flush(last=False)
                 chunk = []
-        if chunk:
-            added += flush()
-        return added
+        return added + flush(last=True)
+
+    def import_complete(self) -> bool:
+        """False while an import of items has not finished (``import_items``): a resume
+        would run only the part imported."""
+        row = self._retry(lambda: self._conn.execute(
+            "SELECT complete FROM job_import").fetchone())
+        return row is None or bool(row[0])
+
+    def stored_items(self, canons: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """The stored items of these canonical ids (``canonical_id``), as canonical id ->
+        (id, text): what a new import is checked against before it is made."""
+        def run(part: Sequence[str]) -> list[tuple[str, str, str]]:
+            return self._conn.execute("SELECT canon, item_id, text FROM items WHERE canon IN "
+                                      f"({','.join('?' * len(part))})", part).fetchall()
+
+        found: dict[str, tuple[str, str]] = {}
+        step = _ROWS_PER_STATEMENT
+        for at in range(0, len(canons), step):
+            part = canons[at:at + step]
+            found.update((c, (i, t)) for c, i, t in self._retry(partial(run, part)))
+        return found
 
     def page(self, after_seq: int, limit: int) -> Page:
         """Cursor pagination: ``WHERE result IS NULL AND seq > ? ORDER BY seq LIMIT ?``."""

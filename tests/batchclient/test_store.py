@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -356,3 +357,69 @@ def test_a_one_item_reply_is_written_once(tmp_path: Path) -> None:
         rows = conn.execute("SELECT item_id, result, attempts, cost_usd "
                             "FROM item_results ORDER BY seq").fetchall()
     assert rows == [("a", "A", 1, 0.5), ("b", "B", 3, 0.5)]
+
+
+def test_an_import_is_marked_unfinished_until_its_last_chunk_commits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "_IMPORT_CHUNK", 2)
+    path = str(tmp_path / "j.sqlite")
+    store = SqliteJobStore(path)
+    assert store.import_complete()  # nothing was imported: nothing is unfinished
+
+    def interrupted() -> Iterator[Item]:
+        yield from (Item(str(n), f"text {n}") for n in range(5))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store.import_items(interrupted())
+    # the two chunks committed before the interrupt stay, and the store says so
+    assert store.page(0, 10).ids == ["0", "1", "2", "3"] and not store.import_complete()
+    store.close()
+    store = SqliteJobStore(path)
+    assert not store.import_complete()
+    # the import given again: what is stored is skipped, the rest added, and it is complete
+    assert store.import_items(Item(str(n), f"text {n}") for n in range(6)) == 2
+    assert store.counts().total == 6 and store.import_complete()
+    # an import that fails on an item (a collision) is unfinished too
+    with pytest.raises(InputError):
+        store.import_items([Item("6", "x"), Item("7", "y"), Item("06", "z")])
+    assert store.counts().total == 8 and not store.import_complete()
+    assert store.import_items([]) == 0 and store.import_complete()
+    store.close()
+
+
+def test_a_store_from_before_imports_were_marked_opens_as_complete(tmp_path: Path) -> None:
+    path = str(tmp_path / "j.sqlite")
+    store = SqliteJobStore(path)
+    store.import_items(iter([Item("a", "x")]))
+    store._conn.execute("DROP TABLE job_import")  # as a store written before it was
+    store.close()
+    old = SqliteJobStore(path)
+    assert old.import_complete() and old.counts().total == 1
+    assert old._conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert old._conn.execute("SELECT * FROM job_import").fetchall() == []
+    old.close()
+
+
+def test_an_import_names_a_repeat_within_it_apart_from_a_stored_item(tmp_path: Path) -> None:
+    store = SqliteJobStore(str(tmp_path / "j.sqlite"))
+    store.import_items([Item("1", "a")])
+    with pytest.raises(InputError) as info:
+        store.import_items([Item("2", "b"), Item("2", "c")])
+    assert str(info.value) == "item '2': id collides with item '2' earlier in this import"
+    with pytest.raises(InputError) as info:
+        store.import_items([Item("01", "b")])
+    assert str(info.value) == "item '01': id collides with stored item '1'"
+    assert store.counts().total == 1
+    store.close()
+
+
+def test_stored_items_are_looked_up_by_canonical_id(tmp_path: Path) -> None:
+    store = SqliteJobStore(str(tmp_path / "j.sqlite"))
+    store.import_items([Item("007", "seven"), *(Item(f"i{n}", f"t{n}") for n in range(600))])
+    canons = ["7", "8", *(f"i{n}" for n in range(0, 600, 2))]  # over one statement's worth
+    found = store.stored_items(canons)
+    assert found["7"] == ("007", "seven") and "8" not in found
+    assert len(found) == 301 and found["i598"] == ("i598", "t598")
+    assert store.stored_items([]) == {}
+    store.close()
