@@ -1,7 +1,9 @@
 """``ratelab job``: run (or resume) a batch job from a JSONL file into a SQLite job store.
 
-Re-running the same command resumes: items already in the store are not imported again,
-done ones are skipped. Exit statuses follow docs/conventions.md (0, 1, 2, 3, 4, 5, 130).
+Every item of the file is checked before any is imported (``batchclient.itemsfile``), so a
+refused file leaves the store as it was (and creates none). Re-running the same command
+resumes: items already in the store are not imported again, done ones are skipped. Exit
+statuses follow docs/conventions.md (0, 1, 2, 3, 4, 5, 130).
 """
 
 from __future__ import annotations
@@ -11,18 +13,18 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import sqlite3
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 from batchclient import gc_tuning
 from batchclient.cache import SqliteResultCache
 from batchclient.config import ConfigError, ProviderSettings, parse_client_config, parse_task
 from batchclient.configreader import load_yaml
-from batchclient.policy.engine import EXIT_ERROR, EXIT_INPUT, InputError
-from batchclient.policy.wire import Item
+from batchclient.itemsfile import check_items, read_items
+from batchclient.policy.engine import EXIT_ERROR, EXIT_INPUT, Engine, InputError
 from batchclient.progress import ProgressSnapshot, render
 from batchclient.runner import JobResult, Runner
 from batchclient.store import SqliteJobStore, StoreBusyError
@@ -67,35 +69,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "cause is fixed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress line")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def read_items(path: str) -> Iterator[Item]:
-    """Items of a JSONL file; raises InputError naming the line."""
-    try:
-        # bytes, decoded line by line: a line that is not UTF-8 is named like any other
-        handle = open(path, "rb")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
-    with handle:
-        for n, raw in enumerate(handle, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InputError(f"{path}:{n}: not UTF-8 text: {exc.reason}") from exc
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{n}: invalid JSON: {exc.msg}") from exc
-            if not isinstance(data, dict) or "id" not in data or not isinstance(
-                    data.get("text"), str):
-                raise InputError(f"{path}:{n}: expected an object with id and text")
-            raw_id = data["id"]
-            if isinstance(raw_id, bool) or not isinstance(raw_id, int | str):
-                raise InputError(f"{path}:{n}: id must be a string or an integer")
-            tag = data.get("tag")
-            yield Item(str(raw_id), data["text"], tag if isinstance(tag, str) else None)
 
 
 def _client_mapping(args: argparse.Namespace) -> dict[str, Any]:
@@ -182,17 +155,23 @@ def main(args: argparse.Namespace) -> int:
         print(f"ratelab job: --db {args.db}: no such job store; give ITEMS.jsonl to start "
               "a job", file=sys.stderr)
         return EXIT_INPUT
+    store: SqliteJobStore | None = None
     try:
-        store = SqliteJobStore(args.db)
-    except sqlite3.Error as exc:
-        print(f"ratelab job: --db {args.db}: cannot open the job store: {exc}", file=sys.stderr)
-        return EXIT_INPUT
-    try:
-        store.claim()  # one run per store: a second would pay again for the same items
-    except StoreBusyError as exc:
-        store.close()
-        print(f"ratelab job: --db {exc}", file=sys.stderr)
-        return EXIT_INPUT
+        # a store that exists is held before the file is checked against it; a new one is
+        # created only once the file passed, so a refused file leaves no store behind
+        if os.path.exists(args.db):
+            store = _open_store(args.db)
+        if args.items:
+            # the engine's checks, with this task and settings, of every item of the file
+            count = check_items(args.items, Engine(task, config, random.Random(0)), store)
+            if count == 0 and (store is None or store.counts().total == 0):
+                raise InputError(f"{args.items}: no items")
+        if store is None:
+            store = _open_store(args.db)
+    except (InputError, OSError, sqlite3.Error) as exc:
+        if store is not None:
+            store.close()
+        return _refused(exc, args.db)
     try:
         cache = SqliteResultCache(config.cache_path) if config.cache_path else None
     except sqlite3.Error as exc:
@@ -261,6 +240,31 @@ def main(args: argparse.Namespace) -> int:
               f"dead-lettered, by last error: {commonest}. Once the cause is fixed, re-run "
               "with --retry-dead to send them again.", file=sys.stderr)
     return result.exit_status
+
+
+def _refused(exc: BaseException, db: str) -> int:
+    """Say why the job stopped before its import (nothing was imported); the exit status."""
+    if isinstance(exc, sqlite3.Error):
+        print(f"ratelab job: --db {db}: the job store failed: {exc}; nothing was imported",
+              file=sys.stderr)
+        return EXIT_ERROR
+    print(f"ratelab job: {exc}", file=sys.stderr)
+    return EXIT_INPUT if isinstance(exc, InputError) else EXIT_ERROR
+
+
+def _open_store(db: str) -> SqliteJobStore:
+    """The job store at ``db`` (created if missing), held for this run; InputError naming
+    it when it cannot be opened or another process holds it."""
+    try:
+        store = SqliteJobStore(db)
+    except sqlite3.Error as exc:
+        raise InputError(f"--db {db}: cannot open the job store: {exc}") from exc
+    try:
+        store.claim()  # one run per store: a second would pay again for the same items
+    except StoreBusyError as exc:
+        store.close()
+        raise InputError(f"--db {exc}") from None
+    return store
 
 
 def _provider_names(providers: tuple[ProviderSettings, ...]) -> str:

@@ -3,6 +3,7 @@ InputError naming the file and line, before any request."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -231,3 +232,74 @@ def test_a_spend_cap_stops_the_job_with_status_6_and_resumes(
         # a new budget resumes the job
         assert main([*args, "--base-url", url, "--spend-cap", "1"]) == 0
         assert capsys.readouterr().out.startswith("exit 0: 50 done, 0 dead, 0 pending of 50")
+
+
+@pytest.mark.parametrize(("bad", "fixed", "message"), [
+    ({"id": 2, "text": ""}, {"id": 2, "text": "b"}, "item '2': empty text"),
+    ({"id": "a b", "text": "b"}, {"id": "a-b", "text": "b"},
+     "item 'a b': id must match [A-Za-z0-9_.-]+"),
+    ({"id": 1, "text": "b"}, {"id": 2, "text": "b"},
+     "item '1': repeats the id of line 1 with another text (ids must be unique; all-digit "
+     "ids compare as numbers)"),
+])
+def test_a_refused_items_file_imports_nothing_and_names_its_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        bad: object, fixed: object, message: str) -> None:
+    items, task = _one_item_job(tmp_path, monkeypatch)
+    db = tmp_path / "job.db"
+    args = ["job", str(items), "--task", str(task), "--db", str(db), "--no-progress",
+            "--time-scale", "1000"]
+
+    def write(second: object) -> None:
+        items.write_text("".join(json.dumps(row) + "\n" for row in (
+            {"id": 1, "text": "a"}, second, {"id": 3, "text": "c"})), encoding="utf-8")
+
+    write(bad)
+    # a new job: no store is created
+    assert main([*args, "--base-url", "http://127.0.0.1:9/v1"]) == 2
+    assert capsys.readouterr().err == f"ratelab job: {items}:2: {message}\n"
+    assert not db.exists()
+    # a job the store holds already: the file adds nothing, the store is as it was
+    store = SqliteJobStore(str(db))
+    store.import_items([Item("9", "stored before")])
+    before = store.results()
+    store.close()
+    assert main([*args, "--base-url", "http://127.0.0.1:9/v1"]) == 2
+    assert capsys.readouterr().err == f"ratelab job: {items}:2: {message}\n"
+    store = SqliteJobStore(str(db))
+    assert store.results() == before and store.import_complete()
+    store.close()
+    # the line fixed, the same command runs the job
+    write(fixed)
+    with _simulator({"kind": "batch_json", "codes": ["A"]}) as server:
+        assert main([*args, "--base-url", server.base_url("p")]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("exit 0: 4 done, 0 dead, 0 pending of 4") and err == ""
+
+
+def test_an_items_file_that_changes_a_stored_item_is_refused_before_import(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    items, task = _one_item_job(tmp_path, monkeypatch)
+    db = tmp_path / "job.db"
+    args = ["job", str(items), "--task", str(task), "--db", str(db), "--no-progress",
+            "--base-url", "http://127.0.0.1:9/v1"]
+    store = SqliteJobStore(str(db))
+    store.import_items([Item("1", "first text")])
+    store.close()
+    items.write_text('{"id": 2, "text": "new"}\n{"id": 1, "text": "ok"}\n', encoding="utf-8")
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        f"ratelab job: {items}:2: item '1': the job store holds it with another text, and a "
+        "stored item cannot change: restore its text, or start a new job with another --db\n")
+    store = SqliteJobStore(str(db))
+    assert store.results() == {"1": ("pending", None, None)}
+    store.close()
+    # a file of no items starts no job (and creates no store)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n", encoding="utf-8")
+    fresh = tmp_path / "fresh.db"
+    assert main(["job", str(empty), "--task", str(task), "--db", str(fresh),
+                 "--base-url", "http://127.0.0.1:9/v1"]) == 2
+    assert capsys.readouterr().err == f"ratelab job: {empty}: no items\n"
+    assert not fresh.exists()
