@@ -2,8 +2,9 @@
 
 Every item of the file is checked before any is imported (``batchclient.itemsfile``), so a
 refused file leaves the store as it was (and creates none). Re-running the same command
-resumes: items already in the store are not imported again, done ones are skipped. Exit
-statuses follow docs/conventions.md (0, 1, 2, 3, 4, 5, 130).
+resumes: items already in the store are not imported again, done ones are skipped; an
+import that was interrupted is finished by giving the file again, and a resume without it
+is refused until then. Exit statuses follow docs/conventions.md (0, 1, 2, 3, 4, 5, 130).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from batchclient.cache import SqliteResultCache
 from batchclient.config import ConfigError, ProviderSettings, parse_client_config, parse_task
 from batchclient.configreader import load_yaml
 from batchclient.itemsfile import check_items, read_items
-from batchclient.policy.engine import EXIT_ERROR, EXIT_INPUT, Engine, InputError
+from batchclient.policy.engine import EXIT_ERROR, EXIT_INPUT, EXIT_INTERRUPTED, Engine, InputError
 from batchclient.progress import ProgressSnapshot, render
 from batchclient.runner import JobResult, Runner
 from batchclient.store import SqliteJobStore, StoreBusyError
@@ -161,6 +162,11 @@ def main(args: argparse.Namespace) -> int:
         # created only once the file passed, so a refused file leaves no store behind
         if os.path.exists(args.db):
             store = _open_store(args.db)
+            if not args.items and not store.import_complete():
+                raise InputError(f"--db {args.db}: the import of the job's items did not "
+                                 "finish (it was interrupted): give ITEMS.jsonl again to "
+                                 "finish it (the items stored are kept, none is imported "
+                                 "twice)")
         if args.items:
             # the engine's checks, with this task and settings, of every item of the file
             count = check_items(args.items, Engine(task, config, random.Random(0)), store)
@@ -168,7 +174,7 @@ def main(args: argparse.Namespace) -> int:
                 raise InputError(f"{args.items}: no items")
         if store is None:
             store = _open_store(args.db)
-    except (InputError, OSError, sqlite3.Error) as exc:
+    except (InputError, OSError, sqlite3.Error, KeyboardInterrupt) as exc:
         if store is not None:
             store.close()
         return _refused(exc, args.db)
@@ -200,7 +206,15 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         if args.items:
-            store.import_items(read_items(args.items))
+            try:
+                store.import_items(read_items(args.items))
+            except KeyboardInterrupt:
+                # the chunks committed stay, and the store says the import is unfinished
+                print(f"ratelab job: interrupted during the import of {args.items}: the "
+                      f"import is incomplete ({store.counts().total} items stored); re-run "
+                      "with the items file to finish it (a resume without it is refused)",
+                      file=sys.stderr)
+                return EXIT_INTERRUPTED
         if args.retry_dead:
             requeued = store.requeue_dead()
             print(f"ratelab job: {requeued} dead-lettered item"
@@ -244,6 +258,10 @@ def main(args: argparse.Namespace) -> int:
 
 def _refused(exc: BaseException, db: str) -> int:
     """Say why the job stopped before its import (nothing was imported); the exit status."""
+    if isinstance(exc, KeyboardInterrupt):
+        print("ratelab job: interrupted before the import: nothing was imported",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     if isinstance(exc, sqlite3.Error):
         print(f"ratelab job: --db {db}: the job store failed: {exc}; nothing was imported",
               file=sys.stderr)

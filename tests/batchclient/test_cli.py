@@ -3,12 +3,23 @@ InputError naming the file and line, before any request."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from itertools import islice
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
+from batchclient import cli as cli_module
+from batchclient import store as store_module
 from batchclient.cli import read_items
 from batchclient.policy.engine import InputError
 from batchclient.policy.wire import Item
@@ -16,6 +27,8 @@ from batchclient.store import SqliteJobStore
 from loadtests.cli import main
 from simulator.model.config import parse_config
 from simulator.server import serve_in_thread
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_items_are_read_in_order_blank_lines_skipped(tmp_path: Path) -> None:
@@ -303,3 +316,133 @@ def test_an_items_file_that_changes_a_stored_item_is_refused_before_import(
                  "--base-url", "http://127.0.0.1:9/v1"]) == 2
     assert capsys.readouterr().err == f"ratelab job: {empty}: no items\n"
     assert not fresh.exists()
+
+
+def test_an_interrupted_import_is_finished_only_with_the_items_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    _, task = _one_item_job(tmp_path, monkeypatch)
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(f'{{"id": {i}, "text": "item {i}"}}\n' for i in range(7)),
+                     encoding="utf-8")
+    db = tmp_path / "job.db"
+    args = ["job", "--task", str(task), "--db", str(db), "--no-progress", "--time-scale",
+            "1000"]
+    monkeypatch.setattr(store_module, "_IMPORT_CHUNK", 2)
+
+    def interrupted(path: str) -> Iterator[Item]:
+        # Ctrl-C while the fifth item is read: two chunks of two were committed
+        yield from islice(read_items(path), 4)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "read_items", interrupted)
+    assert main([*args, str(items), "--base-url", "http://127.0.0.1:9/v1"]) == 130
+    assert capsys.readouterr().err == (
+        f"ratelab job: interrupted during the import of {items}: the import is incomplete "
+        "(4 items stored); re-run with the items file to finish it (a resume without it is "
+        "refused)\n")
+    monkeypatch.setattr(cli_module, "read_items", read_items)
+    # a resume without the file would run the four items as the whole job: refused
+    assert main([*args, "--base-url", "http://127.0.0.1:9/v1"]) == 2
+    assert capsys.readouterr().err == (
+        f"ratelab job: --db {db}: the import of the job's items did not finish (it was "
+        "interrupted): give ITEMS.jsonl again to finish it (the items stored are kept, none "
+        "is imported twice)\n")
+    store = SqliteJobStore(str(db))
+    assert store.page(0, 10).ids == ["0", "1", "2", "3"] and not store.import_complete()
+    store.close()
+    # with the file the import is finished and the job runs; then a resume needs none
+    with _simulator({"kind": "batch_json", "codes": ["A"]}) as server:
+        assert main([*args, str(items), "--base-url", server.base_url("p")]) == 0
+        assert capsys.readouterr().out.startswith("exit 0: 7 done, 0 dead, 0 pending of 7")
+        assert main([*args, "--base-url", server.base_url("p")]) == 0
+        assert capsys.readouterr().out.startswith("exit 0: 7 done, 0 dead, 0 pending of 7")
+
+
+def test_an_interrupt_while_the_file_is_checked_imports_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    items, task = _one_item_job(tmp_path, monkeypatch)
+    db = tmp_path / "job.db"
+
+    def interrupted(*_args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "check_items", interrupted)
+    assert main(["job", str(items), "--task", str(task), "--db", str(db), "--no-progress",
+                 "--base-url", "http://127.0.0.1:9/v1"]) == 130
+    assert capsys.readouterr().err == ("ratelab job: interrupted before the import: nothing "
+                                       "was imported\n")
+    assert not db.exists()
+
+
+def test_ctrl_c_during_a_large_import_leaves_it_marked_incomplete(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user's case, with a real SIGINT: the items come through a named pipe, held open
+    after the first chunk (5,000 items) is committed, so the signal lands mid-import."""
+    _, task = _one_item_job(tmp_path, monkeypatch)
+    items = tmp_path / "pipe.jsonl"
+    os.mkfifo(items)
+    db = tmp_path / "job.db"
+    lines = "".join(f'{{"id": {i}, "text": "item {i}"}}\n' for i in range(6000)).encode()
+    command = [sys.executable, "-m", "loadtests.cli", "job", "--task", str(task), "--db",
+               str(db), "--no-progress", "--base-url", "http://127.0.0.1:9/v1"]
+    job = subprocess.Popen([*command, str(items)], cwd=REPO, stderr=subprocess.PIPE,
+                           text=True)
+    deadline = time.monotonic() + 60
+
+    def wait_for(done: Callable[[], bool]) -> None:
+        while not done():
+            assert time.monotonic() < deadline and job.poll() is None
+            time.sleep(0.02)
+
+    def writer() -> BinaryIO:
+        # opened once the job opens the pipe to read (a blocking open would wait for ever
+        # on a job that failed first)
+        while True:
+            try:
+                fd = os.open(items, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # no reader yet
+                assert time.monotonic() < deadline and job.poll() is None
+                time.sleep(0.02)
+                continue
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "wb")
+
+    try:
+        with writer() as pipe:  # read whole by the checks
+            pipe.write(lines)
+        # the store is created once the checks are done with the pipe: the next writer
+        # meets the import's read
+        wait_for(db.exists)
+        with writer() as pipe:  # the import's read: 5,500 items, then it waits
+            pipe.write(lines[:lines.index(b'{"id": 5500,')])
+            pipe.flush()
+            wait_for(lambda: _stored(db) == 5000)
+            job.send_signal(signal.SIGINT)
+            _, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 130
+    assert err == (f"ratelab job: interrupted during the import of {items}: the import is "
+                   "incomplete (5000 items stored); re-run with the items file to finish it "
+                   "(a resume without it is refused)\n")
+    resume = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert resume.returncode == 2 and resume.stdout == ""
+    assert resume.stderr == (
+        f"ratelab job: --db {db}: the import of the job's items did not finish (it was "
+        "interrupted): give ITEMS.jsonl again to finish it (the items stored are kept, none "
+        "is imported twice)\n")
+    assert _stored(db) == 5000
+
+
+def _stored(db: Path) -> int:
+    """Items a job store holds, read beside the process writing it (0 before it exists)."""
+    if not db.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(db, timeout=5)) as conn:
+        try:
+            return int(conn.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+        except sqlite3.OperationalError:  # the schema not written yet
+            return 0
