@@ -25,8 +25,8 @@ _UNIQUE = "ids must be unique; all-digit ids compare as numbers"
 
 
 def read_lines(path: str) -> Iterator[tuple[int, Item]]:
-    """The items of a JSONL file with their line numbers (from 1; blank lines skipped);
-    raises InputError naming the line."""
+    """The items of a JSONL file with their line numbers (from 1; blank lines skipped, a
+    UTF-8 byte order mark at the start ignored); raises InputError naming the line."""
     try:
         # bytes, decoded line by line: a line that is not UTF-8 is named like any other
         handle = open(path, "rb")  # noqa: SIM115 - closed below
@@ -38,6 +38,8 @@ def read_lines(path: str) -> Iterator[tuple[int, Item]]:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise InputError(f"{path}:{n}: not UTF-8 text: {exc.reason}") from exc
+            if n == 1 and line.startswith("\ufeff"):
+                line = line[1:]  # Windows editors write one; json.loads refuses it
             if not line.strip():
                 continue
             try:

@@ -102,7 +102,8 @@ def read_trace(path: str | Path) -> list[TraceRow]:
     """Rows of a CSV trace with columns ``t_s, prompt_tokens`` and ``max_tokens`` (or
     ``output_tokens``), sorted by time."""
     rows: list[TraceRow] = []
-    with Path(path).open(newline="", encoding="utf-8") as fh:
+    # utf-8-sig: a byte order mark (Excel writes one) is not part of the first column name
+    with Path(path).open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         for n, raw in enumerate(reader, start=2):
             try:

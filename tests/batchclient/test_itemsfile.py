@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,12 @@ def test_an_item_the_store_holds_otherwise_is_named(tmp_path: Path) -> None:
     assert store.counts().total == 3  # checks write nothing
     store.close()
 
+
+def test_a_byte_order_mark_at_the_start_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "items.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"id": 1, "text": "a"}\n{"id": 2, "text": "b"}\n')
+    assert list(read_lines(str(path))) == [(1, Item("1", "a")), (2, Item("2", "b"))]
+    # only at the start: one further on is a line that is not JSON, as any other
+    path.write_bytes(b'{"id": 1, "text": "a"}\n\xef\xbb\xbf{"id": 2, "text": "b"}\n')
+    with pytest.raises(InputError, match=f"^{re.escape(str(path))}:2: invalid JSON"):
+        list(read_lines(str(path)))

@@ -65,6 +65,10 @@ def test_trace_rows_are_read_and_sorted(tmp_path: Path) -> None:
     rows = read_trace(trace)
     assert [(r.t_s, r.prompt_tokens, r.max_tokens) for r in rows] == [(0.5, 100, 20),
                                                                       (2.5, 300, 40)]
+    # a byte order mark before the header is not part of the first column's name
+    trace.write_bytes(b"\xef\xbb\xbft_s,prompt_tokens,max_tokens\n1.0,100,16\n")
+    assert [(r.t_s, r.prompt_tokens, r.max_tokens) for r in read_trace(trace)] == [
+        (1.0, 100, 16)]
 
 
 def _search(limit: float, **kw: float) -> SloSearcher:
