@@ -103,7 +103,8 @@ def check_items(path: str, checker: Engine, store: SqliteJobStore | None = None)
 
 def _repeat(path: str, canon: str, n: int, item: Item) -> str:
     """The message for line ``n``, whose id an earlier line of ``path`` holds."""
-    at, other = next((m, it) for m, it in read_lines(path) if canonical_id(it.id) == canon)
+    at, other = next(((m, it) for m, it in read_lines(path) if canonical_id(it.id) == canon),
+                     (0, item))  # 0: the file changed since it was read
     if other.id == item.id:
         return (f"{path}:{n}: item {item.id!r}: repeats the id of line {at} with another "
                 f"text ({_UNIQUE})")
