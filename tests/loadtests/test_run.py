@@ -97,8 +97,10 @@ def test_run_folder_is_complete(quickstart: Path) -> None:
 
 def test_two_processes_do_every_item_exactly_once(tmp_path: Path) -> None:
     out = tmp_path / "p2"
+    # at 30x rather than 60x: on a loaded machine two processes' late replies at 60x
+    # have missed the scenario's items-per-request expectation
     assert_completed(ratelab_run(SCENARIOS / "ci-gate.yaml", out, "--items", "6000",
-                                 "--processes", "2", "--set", "time_scale=60"), out)
+                                 "--processes", "2", "--set", "time_scale=30"), out)
     done: list[str] = []
     stores = sorted(out.glob("store-gated-*.sqlite"))
     assert len(stores) == 2
