@@ -20,7 +20,7 @@ from gateway.clock import GatewayClock
 from gateway.config import GatewayConfig
 from gateway.events import EventHub, Metrics
 from gateway.limits import LIMIT_TOO_BIG, refusal_message
-from gateway.requests import BadRequest, TaskRequest, error_body, parse_task
+from gateway.requests import BadRequest, TaskRequest, error_body, parse_task, parse_tasks
 from gateway.state import (
     StateUnavailable,
     TaskRecord,
@@ -102,24 +102,42 @@ class GatewayApp:
 
     # ---------------------------------------------------------------- accept
 
-    async def _read(self, request: web.Request, default_lane: str) -> TaskRequest:
+    async def _body(self, request: web.Request) -> object:
         if (request.content_length or 0) > self.cfg.max_body_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=self.cfg.max_body_bytes,
                                                 actual_size=request.content_length or 0)
         raw = await request.read()
         try:
-            body = json.loads(raw) if raw else None
+            return json.loads(raw) if raw else None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BadRequest(400, "invalid_json", f"The body is not valid JSON: {exc}.") from exc
-        return parse_task(body, request.headers, self.cfg, default_lane)
+
+    async def _read(self, request: web.Request, default_lane: str) -> TaskRequest:
+        return parse_task(await self._body(request), request.headers, self.cfg, default_lane)
 
     async def _accept(self, req: TaskRequest, task_id: str | None = None
                       ) -> TaskRecord | web.Response:
         """Admit against the user's limits and store; the record, or a 429 response."""
-        tier_name = self.cfg.tier_of(req.user)
+        refused = await self._admit(req.user, req.tokens)
+        if refused is not None:
+            return refused
+        return await self._store_task(req, task_id)
+
+    async def _store_task(self, req: TaskRequest, task_id: str | None = None) -> TaskRecord:
+        """Store an admitted task (committed before this returns) and wake a worker."""
+        task = TaskRecord(task_id or TaskRecord.new_id(), req.user, self.cfg.tier_of(req.user),
+                          req.lane, req.queue, req.body, req.tokens, self.clock.now())
+        await self.store.put(task)
+        self.metrics.accepted[req.lane] += 1
+        self.wake()
+        return task
+
+    async def _admit(self, user: str, tokens: int) -> web.Response | None:
+        """Take one request and ``tokens`` from ``user``'s buckets; None, or the 429."""
+        tier_name = self.cfg.tier_of(user)
         tier = self.cfg.tiers[tier_name]
         now = self.clock.now()
-        decision = await self.limiter.admit(req.user, tier, now, req.tokens)
+        decision = await self.limiter.admit(user, tier, now, tokens)
         if not decision.allowed:
             self.metrics.refused[(tier_name, decision.limit)] += 1
             wall = self.clock.wall(decision.retry_in_s)
@@ -129,22 +147,31 @@ class GatewayApp:
                        {"retry-after": str(max(1, math.ceil(wall))),
                         "retry-after-ms": str(max(1, math.ceil(wall * 1000)))})
             return _json(429, error_body(
-                refusal_message(req.user, tier_name, tier, decision, self.clock.time_scale),
+                refusal_message(user, tier_name, tier, decision, self.clock.time_scale),
                 "user_rate_limit", "rate_limit_exceeded", "user", limit=decision.limit,
-                tier=tier_name, user=req.user), headers)
-        task = TaskRecord(task_id or TaskRecord.new_id(), req.user, tier_name, req.lane,
-                          req.queue, req.body, req.tokens, now)
-        await self.store.put(task)
-        self.metrics.accepted[req.lane] += 1
-        self.wake()
-        return task
+                tier=tier_name, user=user), headers)
+        return None
 
     async def create_task(self, request: web.Request) -> web.Response:
         """``POST /v1/tasks``: 202 with the task id, 429 over a user limit, 4xx bad input."""
         try:
-            req = await self._read(request, "background")
+            body = await self._body(request)
+            if isinstance(body, dict) and "items" in body:
+                reqs = parse_tasks(body, request.headers, self.cfg, "background")
+            else:
+                reqs = []
+                req = parse_task(body, request.headers, self.cfg, "background")
         except BadRequest as exc:
             return _json(exc.status, exc.body())
+        if reqs:
+            # a list of items: one request of the user's, its tokens admitted all at once
+            refused = await self._admit(reqs[0].user, sum(r.tokens for r in reqs))
+            if refused is not None:
+                return refused
+            tasks = await asyncio.gather(*[self._store_task(r) for r in reqs])
+            return _json(202, {"object": "list", "data": [
+                {"id": t.id, "object": "task", "state": "queued", "lane": t.lane}
+                for t in tasks]})
         accepted = await self._accept(req)
         if isinstance(accepted, web.Response):
             return accepted

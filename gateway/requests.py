@@ -19,6 +19,9 @@ USER_HEADER = "X-Ratelab-User"
 LANE_HEADER = "X-Ratelab-Lane"
 # Reply object of one packed item and its share of the instruction line (tokens).
 ITEM_OVERHEAD_TOKENS = 8
+# Items one ``POST /v1/tasks`` may carry (``items``): a user's list is one request against
+# the tier's RPM, its tokens all counted at once.
+MAX_ITEMS_PER_POST = 1000
 
 
 class BadRequest(Exception):
@@ -122,6 +125,33 @@ def parse_task(body: object, headers: Mapping[str, str], cfg: GatewayConfig,
     tokens = chat_prompt_tokens(messages) + (max_tokens or cfg.default_max_tokens)
     queue = lane if cfg.lanes.enabled else "shared"
     return TaskRequest(user, lane, queue, dict(body), tokens, stream)
+
+
+def parse_tasks(body: object, headers: Mapping[str, str], cfg: GatewayConfig,
+                default_lane: str) -> list[TaskRequest]:
+    """``parse_task``, or with ``items`` (a list of ``item`` objects) one packable task per
+    item, every one checked before any is taken; raises BadRequest naming ``items[i]``."""
+    items = body.get("items") if isinstance(body, dict) else None
+    if items is None:
+        return [parse_task(body, headers, cfg, default_lane)]
+    assert isinstance(body, dict)
+    if "item" in body or "messages" in body:
+        raise _bad("invalid_items", "Send 'items', 'item' or 'messages', not two of them.",
+                   "items")
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_ITEMS_PER_POST:
+        raise _bad("invalid_items", "'items' must be an array of 1 to "
+                   f"{MAX_ITEMS_PER_POST:,} item objects.", "items")
+    rest = {k: v for k, v in body.items() if k != "items"}
+    tasks = []
+    for i, item in enumerate(items):
+        try:
+            tasks.append(parse_task({**rest, "item": item}, headers, cfg, default_lane))
+        except BadRequest as exc:
+            if exc.param != "item":
+                raise
+            raise BadRequest(exc.status, exc.code, f"items[{i}]: {exc.message}",
+                             f"items[{i}]") from None
+    return tasks
 
 
 def _item_task(body: Mapping[str, Any], item: object, user: str, lane: str,

@@ -270,3 +270,38 @@ async def test_the_item_cache_is_shared_through_redis(redis_server, sim_server,
     assert all(r["result"]["cached"] for r in dupes)
     assert sum(other.metrics.upstream_calls.values()) == 0
     assert other.metrics.cache_hits == 8
+
+
+async def test_a_list_of_items_is_one_request_of_its_user(sim_server, gateway) -> None:
+    """``items`` in one POST: one request against the user's RPM (a free-tier user's 5 a
+    minute would otherwise let 5 items in), every item its own task, answered packed; a
+    bad item refuses the whole list, naming it, and stores nothing."""
+    sim = await sim_server(_item_sim_config(13), ttft_ms=50, itl_ms=1)
+    gw = await gateway(gateway_config(sim, time_scale=20, workers=2))
+    texts = [f"parcel {i} for the north depot" for i in range(60)]
+    items = [{"id": f"p{i}", "text": t} for i, t in enumerate(texts)]
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{gw.url}/v1/tasks", json={"user": "ann", "items": items}) as r:
+            assert r.status == 202, await r.text()
+            listed = await r.json()
+        assert listed["object"] == "list" and len(listed["data"]) == 60
+        results = [await poll(s, gw, t["id"]) for t in listed["data"]]
+        codes = tuple("ABCDEFGH")
+        assert [r["result"]["code"] for r in results] == [expected_code(t, codes)
+                                                          for t in texts]
+        bad = [*items[:3], {"id": "p 3", "text": "spaced id"}, *items[4:]]
+        async with s.post(f"{gw.url}/v1/tasks", json={"user": "ann", "items": bad}) as r:
+            assert r.status == 400
+            error = (await r.json())["error"]
+        assert error["param"] == "items[3]" and error["code"] == "invalid_item"
+        assert error["message"].startswith("items[3]: 'item' must be")
+        for body, param in (({"user": "ann", "items": []}, "items"),
+                            ({"user": "ann", "items": items, "item": items[0]}, "items")):
+            async with s.post(f"{gw.url}/v1/tasks", json=body) as r:
+                assert r.status == 400 and (await r.json())["error"]["param"] == param
+        # more tokens than the free tier's day (5,000): refused whole, never to pass
+        many = [{"id": f"q{i}", "text": f"crate {i} of tinned tomatoes"} for i in range(400)]
+        async with s.post(f"{gw.url}/v1/tasks", json={"user": "ann", "items": many}) as r:
+            assert r.status == 429 and r.headers["x-should-retry"] == "false"
+    assert gw.metrics.accepted == {"background": 60}   # the refused lists stored nothing
+    assert sum(gw.metrics.upstream_calls.values()) <= 6   # packed, 20 a call
