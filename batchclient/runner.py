@@ -211,6 +211,10 @@ class Runner:
                     setting = "task.model" if model == self.task.model else "routing.model"
                     raise InputError(f"{setting}: model {model!r} is not served by any "
                                      "provider (per GET /v1/models)")
+        if not self.store.import_complete():
+            raise InputError("items: the import of the job's items did not finish (it was "
+                             "interrupted): import them again before running the job (none "
+                             "is imported twice)")
         counts = self.store.counts()
         # run() takes its starting count from here: a second scan of every row (about
         # 2,500 instructions per item) would read the same counts, nothing was written since

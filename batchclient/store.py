@@ -221,6 +221,10 @@ class JobStore(Protocol):
         """Counts by state."""
         ...
 
+    def import_complete(self) -> bool:
+        """False while an import of items has not finished (the job is not all here)."""
+        ...
+
     def close(self) -> None:
         """Release the connection."""
         ...

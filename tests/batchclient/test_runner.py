@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -83,6 +84,24 @@ async def test_preflight_refuses_unserved_model_and_empty_jobs(tmp_path: Path) -
     with pytest.raises(InputError, match="no items"):
         await empty.run()
     assert r.transport.calls == []  # type: ignore[attr-defined]
+
+
+async def test_preflight_refuses_a_store_whose_import_did_not_finish(tmp_path: Path) -> None:
+    """A library caller resuming a store whose import was cut short would run part of the
+    job as the whole: refused before any request, as ``ratelab job`` refuses it."""
+    r = runner(tmp_path, FakeProvider(), n=0)
+
+    def cut_short() -> Iterator[Item]:
+        yield from items(5)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        r.store.import_items(cut_short())
+    with pytest.raises(InputError, match="the import of the job's items did not finish"):
+        await r.run()
+    assert r.transport.calls == []  # type: ignore[attr-defined]
+    r.store.import_items(items(8))   # imported again: complete, and the job runs
+    assert (await r.run()).done == 8
 
 
 async def test_preflight_refuses_an_item_over_the_budget_before_any_request(
