@@ -18,11 +18,19 @@ import random
 import signal
 import sqlite3
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from batchclient import gc_tuning
 from batchclient.cache import SqliteResultCache
-from batchclient.config import ConfigError, ProviderSettings, parse_client_config, parse_task
+from batchclient.config import (
+    ClientConfig,
+    ConfigError,
+    ProviderSettings,
+    Task,
+    parse_client_config,
+    parse_task,
+)
 from batchclient.configreader import load_yaml
 from batchclient.itemsfile import check_items, read_items
 from batchclient.policy.engine import EXIT_ERROR, EXIT_INPUT, EXIT_INTERRUPTED, Engine, InputError
@@ -156,6 +164,30 @@ def main(args: argparse.Namespace) -> int:
         print(f"ratelab job: --db {args.db}: no such job store; give ITEMS.jsonl to start "
               "a job", file=sys.stderr)
         return EXIT_INPUT
+    # SIGTERM is Ctrl-C's until the run's own handlers take over: a check stops writing
+    # nothing, an import says it is unfinished (the store records it either way)
+    with _term_as_interrupt():
+        return _checked_run(args, task, config)
+
+
+@contextlib.contextmanager
+def _term_as_interrupt() -> Iterator[None]:
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (an embedding caller): signals are its own
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _checked_run(args: argparse.Namespace, task: Task, config: ClientConfig) -> int:
+    """Check the items file, import it, run the job; the exit status."""
     store: SqliteJobStore | None = None
     try:
         # a store that exists is held before the file is checked against it; a new one is
@@ -239,6 +271,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"{brk}ratelab job: --db {args.db}: the job store failed: {exc}; the results "
               "saved before it are kept, re-run to resume", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:  # between the import and the run's own signal handlers
+        print(f"{brk}ratelab job: interrupted before the run: everything is saved; re-run "
+              "to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         store.close()
         if cache is not None:

@@ -376,10 +376,12 @@ def test_an_interrupt_while_the_file_is_checked_imports_nothing(
     assert not db.exists()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_during_a_large_import_leaves_it_marked_incomplete(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The user's case, with a real SIGINT: the items come through a named pipe, held open
-    after the first chunk (5,000 items) is committed, so the signal lands mid-import."""
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sig: signal.Signals) -> None:
+    """The user's case, with a real SIGINT (and SIGTERM, as a service manager stops it):
+    the items come through a named pipe, held open after the first chunk (5,000 items) is
+    committed, so the signal lands mid-import."""
     _, task = _one_item_job(tmp_path, monkeypatch)
     items = tmp_path / "pipe.jsonl"
     os.mkfifo(items)
@@ -419,7 +421,7 @@ def test_ctrl_c_during_a_large_import_leaves_it_marked_incomplete(
             pipe.write(lines[:lines.index(b'{"id": 5500,')])
             pipe.flush()
             wait_for(lambda: _stored(db) == 5000)
-            job.send_signal(signal.SIGINT)
+            job.send_signal(sig)
             _, err = job.communicate(timeout=60)
     finally:
         if job.poll() is None:
