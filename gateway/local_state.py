@@ -194,6 +194,10 @@ class MemoryProviderWindow:
         """``UpstreamPacer.acquire``."""
         return self.pacer.acquire(now, call)
 
+    async def room(self, now: float, call: PacedCall) -> float:
+        """``UpstreamPacer.room_wait``."""
+        return self.pacer.room_wait(now, call)
+
     async def settle(self, now: float, call: PacedCall, response: Response,
                      verdict: Classified) -> None:
         """``UpstreamPacer.settle``."""

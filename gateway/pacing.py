@@ -99,6 +99,15 @@ class UpstreamPacer:
             throttle.reserve(now, call.key, tokens, call.prompt)
         return wait
 
+    def room_wait(self, now: float, call: PacedCall) -> float:
+        """Virtual seconds until the window has room for ``call`` at all (its lane's
+        ceiling, no graduated spacing), reserving nothing: 0.0 when only the steps'
+        spacing holds it back, so a waiting call is told apart from a full window."""
+        throttle = self.throttle(call.model)
+        tokens = throttle.estimate(call.prompt, call.max_tokens, call.expected)
+        return throttle.delay(now, tokens, self.slots, ceiling=call.ceiling,
+                              graduated=False, prompt=call.prompt)
+
     def settle(self, now: float, call: PacedCall, response: Response,
                verdict: Classified) -> None:
         """Replace ``call``'s reservation by what the provider counted for its answer, and

@@ -258,6 +258,13 @@ class RedisWindow:
             return held - now
         return self.pacer.acquire(now, call)
 
+    async def room(self, now: float, call: PacedCall) -> float:
+        """The shared hold's wait, else ``UpstreamPacer.room_wait``."""
+        held = await self.state.held_until(self.key)
+        if now < held:
+            return held - now
+        return self.pacer.room_wait(now, call)
+
     async def settle(self, now: float, call: PacedCall, response: Response,
                      verdict: Classified) -> None:
         """``UpstreamPacer.settle`` (this process's usage only: nothing shared)."""

@@ -157,6 +157,11 @@ class ProviderWindow(Protocol):
         """0.0 when the call may go (reserved), else virtual seconds to wait."""
         ...
 
+    async def room(self, now: float, call: PacedCall) -> float:
+        """Virtual seconds until the window has room for the call at all (a 429's hold
+        included, the graduated spacing not); reserves nothing."""
+        ...
+
     async def settle(self, now: float, call: PacedCall, response: Response,
                      verdict: Classified) -> None:
         """Settle the call's reservation to its answer and observe its rate-limit headers."""

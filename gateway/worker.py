@@ -238,6 +238,12 @@ class WorkerPool:
                     break
                 if wait <= 0:
                     return self.upstreams[name]
+                try:
+                    full = await self.windows[name].room(now, paced) > 0
+                except StateUnavailable:
+                    full = True
+                if not full:
+                    break   # only the graduated steps space it: wait here, not elsewhere
                 self.router.limited(now, name, now + wait)
                 name = self.router.choose(now, model, avoid)
             if wait < 0:

@@ -111,6 +111,22 @@ def test_background_calls_are_graduated_a_waiting_users_are_not() -> None:
     assert p.acquire(0.0, call(17, graduated=False)) == 0.0
 
 
+def test_room_tells_the_steps_spacing_from_a_full_window() -> None:
+    """At 89% a background call is spaced (acquire waits) though the window has room for
+    it (room_wait 0): the worker waits on this upstream rather than spilling to the next;
+    a window without room, or a hold, is full. room_wait reserves nothing."""
+    p = pacer()
+    for key in range(1, 16):
+        assert p.acquire(0.0, call(key, graduated=False)) == 0.0
+    assert p.acquire(0.0, call(16)) > 0 and p.room_wait(0.0, call(16)) == 0.0
+    used = p.throttle("m").used_tokens
+    assert p.room_wait(0.0, call(17)) == 0.0 and p.throttle("m").used_tokens == used
+    assert p.acquire(0.0, call(18, graduated=False)) == 0.0   # 16 x 356 = 5,696: full now
+    assert p.room_wait(0.0, call(19)) > 0
+    p.block(90.0)
+    assert p.room_wait(61.0, call(20)) == 29.0
+
+
 def test_a_refusal_counts_one_request_and_no_tokens() -> None:
     p = pacer(rpm=10)
     assert p.acquire(0.0, call(1)) == 0.0
