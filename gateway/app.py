@@ -20,7 +20,7 @@ from gateway.clock import GatewayClock
 from gateway.config import GatewayConfig
 from gateway.events import EventHub, Metrics
 from gateway.limits import LIMIT_TOO_BIG, refusal_message
-from gateway.requests import BadRequest, TaskRequest, error_body, parse_task, parse_tasks
+from gateway.requests import BadRequest, TaskRequest, error_body, parse_items, parse_task
 from gateway.state import (
     StateUnavailable,
     TaskRecord,
@@ -157,7 +157,7 @@ class GatewayApp:
         try:
             body = await self._body(request)
             if isinstance(body, dict) and "items" in body:
-                reqs = parse_tasks(body, request.headers, self.cfg, "background")
+                reqs = parse_items(body, request.headers, self.cfg, "background")
             else:
                 reqs = []
                 req = parse_task(body, request.headers, self.cfg, "background")

@@ -127,14 +127,12 @@ def parse_task(body: object, headers: Mapping[str, str], cfg: GatewayConfig,
     return TaskRequest(user, lane, queue, dict(body), tokens, stream)
 
 
-def parse_tasks(body: object, headers: Mapping[str, str], cfg: GatewayConfig,
+def parse_items(body: Mapping[str, Any], headers: Mapping[str, str], cfg: GatewayConfig,
                 default_lane: str) -> list[TaskRequest]:
-    """``parse_task``, or with ``items`` (a list of ``item`` objects) one packable task per
-    item, every one checked before any is taken; raises BadRequest naming ``items[i]``."""
-    items = body.get("items") if isinstance(body, dict) else None
-    if items is None:
-        return [parse_task(body, headers, cfg, default_lane)]
-    assert isinstance(body, dict)
+    """A body with ``items`` (a list of ``item`` objects): one packable task per item, as
+    ``parse_task`` reads an ``item``, every one checked before any is taken; raises
+    BadRequest naming ``items[i]``."""
+    items = body["items"]
     if "item" in body or "messages" in body:
         raise _bad("invalid_items", "Send 'items', 'item' or 'messages', not two of them.",
                    "items")
