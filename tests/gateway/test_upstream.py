@@ -133,11 +133,17 @@ async def test_a_subscriber_keeps_the_tokens_of_the_attempt_that_finished(sim_se
     assert gw.metrics.upstream_calls[0] >= restarted
 
 
+async def looping_then_good(sim_server: Any, gateway: Any, seed: int) -> RunningGateway:
+    """A gateway whose first upstream streams every reply into a loop, its second well."""
+    looping = await sim_server(faulty({"repetition_rate": 1.0}, seed=seed), ttft_ms=50,
+                               itl_ms=2)
+    good = await sim_server(time_scale=SCALE, ttft_ms=50, itl_ms=2, seed=seed + 1)
+    return await gateway(two_upstreams(looping, good))
+
+
 async def test_a_late_subscriber_gets_only_the_final_attempts_tokens(sim_server,
                                                                     gateway) -> None:
-    looping = await sim_server(faulty({"repetition_rate": 1.0}, seed=5), ttft_ms=50, itl_ms=2)
-    good = await sim_server(time_scale=SCALE, ttft_ms=50, itl_ms=2, seed=6)
-    gw = await gateway(two_upstreams(looping, good))
+    gw = await looping_then_good(sim_server, gateway, seed=5)
     async with aiohttp.ClientSession() as s:
         async with s.post(f"{gw.url}/v1/tasks", json={
                 "user": "bench", "stream": True, "lane": "interactive", "max_tokens": 1000,
@@ -154,9 +160,7 @@ async def test_a_late_subscriber_gets_only_the_final_attempts_tokens(sim_server,
 
 async def test_a_pass_through_stream_that_restarts_ends_with_an_error(sim_server,
                                                                       gateway) -> None:
-    looping = await sim_server(faulty({"repetition_rate": 1.0}, seed=7), ttft_ms=50, itl_ms=2)
-    good = await sim_server(time_scale=SCALE, ttft_ms=50, itl_ms=2, seed=8)
-    gw = await gateway(two_upstreams(looping, good))
+    gw = await looping_then_good(sim_server, gateway, seed=7)
     async with aiohttp.ClientSession() as s:
         async with s.post(f"{gw.url}/v1/chat/completions", json={
                 "user": "bench", "stream": True, "max_tokens": 1000,
