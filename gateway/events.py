@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from batchclient.cost import CostMeter
@@ -100,7 +100,6 @@ class Metrics:
         # what each upstream charged (the batching client's meter: charge headers, else
         # the upstream's prices) and the balance it reports; the charges by lane and user
         self.costs: dict[str, CostMeter] = {}
-        self.cost_by_lane: dict[str, float] = defaultdict(float)
         self.cost_by_user: dict[str, float] = defaultdict(float)
         self.cache_hits = 0   # packed items answered from the item cache
         self._latency: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=keep))
@@ -134,7 +133,8 @@ class Metrics:
                 "by_upstream": {name: {"total": m.total_usd, "by_model": dict(m.by_model),
                                        "balance": m.balance_usd}
                                 for name, m in sorted(self.costs.items())},
-                "by_lane": dict(self.cost_by_lane),
+                # the meters' tasks are the lanes (``WorkerPool._charge``)
+                "by_lane": _summed(m.by_task for m in self.costs.values()),
                 "by_user": dict(self.cost_by_user)},
             "latency_s": {lane: self.latency(lane) for lane in sorted(self._latency)},
         }
@@ -190,3 +190,12 @@ class Metrics:
             lines.append(f'ratelab_gateway_time_to_result_seconds_count{{lane="{lane}"}} '
                          f'{int(stats["count"])}')
         return "\n".join(lines) + "\n"
+
+
+def _summed(parts: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Values of the same key added across ``parts``."""
+    out: dict[str, float] = defaultdict(float)
+    for part in parts:
+        for key, value in part.items():
+            out[key] += value
+    return dict(out)

@@ -142,12 +142,15 @@ class SqliteTaskStore:
              task.id))
         return cur.rowcount == 1
 
-    async def requeue(self, task: TaskRecord, now: float) -> None:
+    async def requeue(self, task: TaskRecord, now: float, back: bool = False) -> None:
         """Back to the front of its queue."""
         task.state = "queued"
-        self._db.execute("UPDATE tasks SET state = 'queued', misses = ?, updated = ? "
-                         "WHERE id = ?", (task.misses, now, task.id))
-        self._queues[task.queue].appendleft(task)
+        self._db.execute("UPDATE tasks SET state = 'queued', misses = ?, attempts = ?, "
+                         "updated = ? WHERE id = ?", (task.misses, task.attempts, now, task.id))
+        if back:
+            self._queues[task.queue].append(task)
+        else:
+            self._queues[task.queue].appendleft(task)
 
     async def depths(self) -> Mapping[str, int]:
         """Waiting tasks per queue."""

@@ -129,8 +129,13 @@ return 1
 REQUEUE = """
 local s = redis.call('HGET', KEYS[1], 'state')
 if s ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'queued', 'misses', ARGV[2], 'updated', ARGV[3])
+redis.call('HSET', KEYS[1], 'state', 'queued', 'misses', ARGV[2], 'updated', ARGV[3],
+           'attempts', ARGV[4])
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('LPUSH', KEYS[3], ARGV[1])
+if ARGV[5] == '1' then
+  redis.call('RPUSH', KEYS[3], ARGV[1])
+else
+  redis.call('LPUSH', KEYS[3], ARGV[1])
+end
 return 1
 """

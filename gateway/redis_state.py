@@ -165,12 +165,12 @@ class RedisState:
                   "" if task.status is None else str(task.status), task.misses, repr(now)]))
         return bool(done)
 
-    async def requeue(self, task: TaskRecord, now: float) -> None:
+    async def requeue(self, task: TaskRecord, now: float, back: bool = False) -> None:
         """Back to the front of its queue (only if still running under our lease)."""
         task.state = "queued"
         await _guard(lambda: self._requeue(
             keys=[self._task_key(task.id), f"{self.prefix}leases", self._queue_key(task.queue)],
-            args=[task.id, task.misses, repr(now)]))
+            args=[task.id, task.misses, repr(now), task.attempts, int(back)]))
 
     async def depths(self) -> Mapping[str, int]:
         """Waiting tasks per queue."""

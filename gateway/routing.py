@@ -33,7 +33,7 @@ from gateway.config import Upstream
 # when one will (a half-open probe is out): short, the probe's answer decides.
 PROBE_WAIT_S = 0.5
 # refusals for money or the key: the upstream leaves the rotation
-_FATAL = (Verdict.FATAL_BALANCE, Verdict.FATAL_AUTH)
+FATAL = (Verdict.FATAL_BALANCE, Verdict.FATAL_AUTH)
 
 
 def provider_settings(up: Upstream, time_scale: float) -> ProviderSettings:
@@ -56,6 +56,7 @@ class Router:
         self._limited_until: dict[str, float] = {}
         # upstreams out of the rotation (402, 401): when one may be probed, and why
         self._out_until: dict[str, float] = {}
+        self._out_at: dict[str, float] = {}   # when each went out: older answers say nothing
         self.out_reasons: dict[str, str] = {}
         # told (upstream, opened_at or None when it closed) when a breaker changes state
         self.on_change: Callable[[str, float | None], None] | None = None
@@ -71,7 +72,7 @@ class Router:
         the rotation and whose breaker allows, preferring those not in ``avoid`` (they just
         failed this call); None when none may take it now."""
         serves: Callable[[str, str], bool] = self._serves
-        out = {p for p, until in self._out_until.items() if until > now}
+        out = self._out(now)
         if out:
             def in_rotation(p: str, m: str) -> bool:
                 return p not in out and self._serves(p, m)
@@ -88,16 +89,28 @@ class Router:
         return choose_provider(now, self.providers, self.breakers, self._blocked_until,
                                model, serves)
 
-    def out_of_rotation(self, now: float, provider: str, reason: str, probe_s: float) -> None:
+    def _out(self, now: float) -> set[str]:
+        """The upstreams out of the rotation at ``now`` (their probe not yet due)."""
+        return {p for p, until in self._out_until.items() if until > now}
+
+    def out_of_rotation(self, now: float, provider: str, reason: str) -> None:
         """``provider`` refused for money or its key: no call until ``probe_s`` from now."""
-        self._out_until[provider] = now + probe_s
+        self._out_until[provider] = now + self.probe_s
+        self._out_at[provider] = now
         self.out_reasons[provider] = reason
 
     def in_rotation(self, now: float, model: str) -> bool:
         """Whether an upstream serving ``model`` is in the rotation, or due a probe (its
         breaker or rate limit may still make a call wait)."""
-        return any(self._serves(p.name, model) and self._out_until.get(p.name, 0.0) <= now
-                   for p in self.providers)
+        out = self._out(now)
+        return any(p.name not in out and self._serves(p.name, model) for p in self.providers)
+
+    def probe_in(self, now: float, model: str) -> float:
+        """Virtual seconds until an upstream serving ``model`` may be probed (0.0 when one
+        is in the rotation)."""
+        waits = [self._out_until.get(p.name, now) - now for p in self.providers
+                 if self._serves(p.name, model)]
+        return max(0.0, min(waits, default=0.0))
 
     def paused_s(self, now: float) -> float | None:
         """Virtual seconds until an upstream may be probed when every one is out of the
@@ -124,13 +137,18 @@ class Router:
         if provider in self._out_until:
             self._out_until[provider] = now + self.probe_s
 
-    def on_answer(self, now: float, provider: str, verdict: Classified, status: int) -> None:
+    def on_answer(self, now: float, provider: str, verdict: Classified, status: int,
+                  sent_at: float | None = None) -> None:
         """Feed the breaker: 5xx and failures without a reply count against it, any other
-        reply closes it (as the batching client does)."""
-        if verdict.verdict in _FATAL:
-            self.out_of_rotation(now, provider, verdict.reason, self.probe_s)
-        elif status and provider in self._out_until:
+        reply closes it (as the batching client does). A refusal for money or the key takes
+        ``provider`` out of the rotation; an answer to a call sent (``sent_at``) after that
+        (the probe) brings it back, one sent before says nothing of the balance now."""
+        if verdict.verdict in FATAL:
+            self.out_of_rotation(now, provider, verdict.reason)
+        elif (status and provider in self._out_until
+              and (sent_at if sent_at is not None else now) >= self._out_at[provider]):
             del self._out_until[provider]   # the probe came back: in the rotation again
+            del self._out_at[provider]
             self.out_reasons.pop(provider, None)
         breaker = self.breakers[provider]
         before = breaker.opened_at

@@ -113,8 +113,9 @@ class TaskStore(Protocol):
         False when the task was already final (never stored twice)."""
         ...
 
-    async def requeue(self, task: TaskRecord, now: float) -> None:
-        """Put a leased task back at the front of its queue (``misses`` as given)."""
+    async def requeue(self, task: TaskRecord, now: float, back: bool = False) -> None:
+        """Put a leased task back at the front of its queue (``misses`` and ``attempts`` as
+        given), or at its ``back`` (a task no upstream can take now: the others first)."""
         ...
 
     async def depths(self) -> Mapping[str, int]:

@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import random
+import sqlite3
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -42,14 +43,11 @@ from gateway.clock import GatewayClock
 from gateway.config import GatewayConfig, Upstream
 from gateway.events import EventHub, Metrics
 from gateway.pacing import PacedCall
-from gateway.routing import Router
+from gateway.routing import FATAL, Router
 from gateway.state import ItemCache, ProviderWindow, StateUnavailable, TaskRecord, TaskStore
 from gateway.upstream import completion_from_stream, stream_chat
 
 log = logging.getLogger(__name__)
-
-# Refusals for money or the key: the upstream leaves the rotation (``Router.on_answer``).
-FATAL = (Verdict.FATAL_BALANCE, Verdict.FATAL_AUTH)
 
 # Gateway-only fields of a task body, never forwarded upstream.
 GATEWAY_FIELDS = ("lane", "batchable", "item")
@@ -257,20 +255,25 @@ class WorkerPool:
         choice = self.router.choose(self.clock.now(), model, avoid)
         return choice is not None and choice not in avoid
 
-    async def _hold(self, tasks: Sequence[TaskRecord]) -> None:
-        """Back to the queue, no attempt counted: no upstream in the rotation serves them."""
+    async def _hold(self, tasks: Sequence[TaskRecord], model: str) -> None:
+        """Back to the queue, no attempt counted: no upstream in the rotation serves their
+        model. The worker then waits for that model's next probe (at most a short poll), so
+        it does not claim the same tasks again at once while other models' work goes on."""
         for task in tasks:
             task.attempts -= 1
-            await self._save(task, final=False)
+            await self._save(task, final=False, back=True)
+        wait = self.router.probe_in(self.clock.now(), model)
+        await asyncio.sleep(min(self.clock.wall(wait), PAUSE_POLL_S) or IDLE_POLL_S)
 
-    async def _save(self, task: TaskRecord, *, final: bool) -> None:
-        """Store the outcome, retrying while the state is away (the result is never lost)."""
+    async def _save(self, task: TaskRecord, *, final: bool, back: bool = False) -> None:
+        """Store the outcome, retrying while the state is away (the result is never lost);
+        a task not final goes back to its queue (to its ``back``: ``TaskStore.requeue``)."""
         while True:
             try:
                 if final:
                     stored = await self.store.finish(task, self.clock.now())
                 else:
-                    await self.store.requeue(task, self.clock.now())
+                    await self.store.requeue(task, self.clock.now(), back)
                     stored = False
                 break
             except StateUnavailable:
@@ -300,7 +303,6 @@ class WorkerPool:
         share = meter.charge(up.name, model, tasks[0].lane, response.headers,
                              usage) / len(tasks)
         for task in tasks:
-            self.metrics.cost_by_lane[task.lane] += share
             self.metrics.cost_by_user[task.user] += share
         if meter.low_balance_crossed():
             log.warning("gateway: upstream %s balance %.6f USD is below %.6f USD",
@@ -312,7 +314,8 @@ class WorkerPool:
         """Call ``up``; the response and its verdict, fed to the router's breaker, to the
         upstream's window (settled to the answer's usage and headers) and to the cost
         meter (``tasks``: the tasks a packed call serves, else ``task``)."""
-        self.router.on_dispatch(self.clock.now(), up.name)
+        sent_at = self.clock.now()
+        self.router.on_dispatch(sent_at, up.name)
         if task.body.get("stream") and not item_ids and self._session is not None:
             body = {**body, "stream": True}
             response = await stream_chat(
@@ -328,12 +331,11 @@ class WorkerPool:
         verdict = classify(response, self.cfg.time_scale)
         self._charge(up, str(body["model"]), response, tasks or (task,))
         now = self.clock.now()
-        self.router.on_answer(now, up.name, verdict, response.status)
+        self.router.on_answer(now, up.name, verdict, response.status, sent_at)
         if verdict.verdict in FATAL:
             log.warning("gateway: upstream %s out of the rotation for %g virtual s, then "
                         "probed: %s", up.name, self.cfg.probe_s, verdict.reason)
-        with contextlib.suppress(StateUnavailable):  # local in both states: never away
-            await self.windows[up.name].settle(now, paced, response, verdict)
+        await self.windows[up.name].settle(now, paced, response, verdict)  # local: no I/O
         if verdict.rate_limited:
             until = now + (verdict.retry_after_s or 1.0)
             self.router.limited(now, up.name, until)
@@ -366,7 +368,7 @@ class WorkerPool:
             paced = self._paced(task, model, task.tokens, max_tokens, max_tokens)
             up = await self._route(paced, avoid)
             if up is None:
-                await self._hold([task])
+                await self._hold([task], model)
                 return
             response, verdict = await self._send(up, task, body, paced, attempt)
             if verdict.verdict in FATAL:
@@ -456,7 +458,7 @@ class WorkerPool:
                                 max_tokens - self.packer.reply_slack_tokens)
             up = await self._route(paced, avoid)
             if up is None:
-                await self._hold(tasks)
+                await self._hold(tasks, model)
                 return
             response, verdict = await self._send(up, tasks[0], body, paced,
                                                  tasks[0].attempts - 1,
@@ -472,10 +474,6 @@ class WorkerPool:
         if verdict.verdict == Verdict.OK:
             content, finish, _ = read_completion(response.body)
             parsed = parse_reply(content or "", [i.id for i in items], b.labels, finish)
-            if self.cache is not None and parsed.codes:
-                with contextlib.suppress(StateUnavailable):
-                    await self.cache.remember_codes([(keys[t.id], parsed.codes[t.id], model)
-                                                     for t in tasks if t.id in parsed.codes])
             for task in tasks:
                 code = parsed.codes.get(task.id)
                 if code is not None:
@@ -494,12 +492,19 @@ class WorkerPool:
                     await self._save(task, final=True)
                 else:
                     await self._save(task, final=False)
+            if self.cache is not None and parsed.codes:
+                # after the results are saved: a cache that fails loses only the cache
+                try:
+                    await self.cache.remember_codes([(keys[t.id], parsed.codes[t.id], model)
+                                                     for t in tasks if t.id in parsed.codes])
+                except (StateUnavailable, sqlite3.Error) as exc:
+                    log.warning("gateway: the item cache did not take a reply: %s", exc)
             return
         if verdict.too_large and len(items) > 1:
             # refused for its size (context length, a per-request cost cap): the batch, not
             # its items, is at fault; halve it and send them again in smaller ones
             self.max_items = min(self.max_items, max(1, len(items) // 2))
-            await self._hold(tasks)
+            await self._hold(tasks, model)
             return
         retryable = verdict.verdict == Verdict.RETRY
         if retryable:

@@ -435,3 +435,57 @@ async def test_cost_from_prices_when_the_provider_sends_no_charge(sim_server, ga
                                           r"finite number >= 0.0, got 'cheap'"):
         parse_config({"upstreams": [{"base_url": "http://x/v1", "api_key": "k",
                                      "prices": {"m": {"input": "cheap"}}}]}, "gw.yaml")
+
+
+def test_only_an_answer_sent_after_the_refusal_brings_an_upstream_back() -> None:
+    """A call that left before the 402 and answers after it says nothing of the balance
+    now: the upstream stays out until its probe's answer."""
+    router = Router(ups("a", "b"), BreakerSettings(), probe_s=60.0)
+    router.on_answer(10.0, "a", BROKE, 402, sent_at=9.0)
+    router.on_answer(11.0, "a", OK, 200, sent_at=8.0)    # in flight when the 402 came
+    assert router.choose(11.0, "m") == "b" and set(router.out_reasons) == {"a"}
+    assert router.probe_in(11.0, "m") == 0.0            # b serves m meanwhile
+    only_a = Router((*ups("a"), *ups("b", models=("other",))), BreakerSettings(), 60.0)
+    only_a.on_answer(10.0, "a", BROKE, 402)
+    assert only_a.probe_in(30.0, "m") == 40.0 and only_a.probe_in(30.0, "other") == 0.0
+    only_a.on_dispatch(70.0, "a")                       # the probe
+    only_a.on_answer(71.0, "a", OK, 200, sent_at=70.0)
+    assert only_a.in_rotation(71.0, "m") and only_a.out_reasons == {}
+
+
+async def test_a_model_whose_upstreams_are_all_out_does_not_starve_the_others(
+        sim_server, gateway) -> None:
+    """Upstream a (the only one for gpt-4o) is broke, b serves gpt-4o-mini: a worker holding
+    gpt-4o tasks waits for a's probe instead of claiming them again in a loop that never
+    yields, so the event loop stays responsive and the other model's tasks finish."""
+    broke = _broke_provider("a", 0.0)
+    sim = await sim_server(sim_parse({"providers": [broke, _broke_provider("b", "unlimited")],
+                                      "time_scale": 20, "seed": 9}, "<test>"),
+                           ttft_ms=20, itl_ms=1)
+    base = gateway_config(sim, time_scale=20, workers=2)
+    cfg = replace(base, upstreams=(
+        replace(base.upstream, name="a", base_url=sim.base_url("a"), models=("gpt-4o",)),
+        replace(base.upstream, name="b", base_url=sim.base_url("b"),
+                models=("gpt-4o-mini",))))
+    gw = await gateway(cfg)
+    held = await post_all(gw, [{**CHAT, "user": "bench", "model": "gpt-4o"}] * 3)
+    lags: list[float] = []
+
+    async def heartbeat() -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(40):
+            t0 = loop.time()
+            await asyncio.sleep(0.02)
+            lags.append(loop.time() - t0 - 0.02)
+
+    beat = asyncio.create_task(heartbeat())
+    served = await post_all(gw, [{**CHAT, "user": "bench", "model": "gpt-4o-mini"}] * 5)
+    async with aiohttp.ClientSession() as s:
+        assert {(await poll(s, gw, i))["state"] for i in served} == {"done"}
+        await beat
+        for task_id in held:
+            async with s.get(f"{gw.url}/v1/tasks/{task_id}") as r:
+                task = await r.json()
+            assert task["state"] in ("queued", "running") and task["attempts"] <= 1
+    assert max(lags) < 0.5   # the loop kept turning (spinning, it did not for seconds)
+    assert gw.metrics.upstream_calls_by[("a", 402)] <= cfg.workers
