@@ -39,6 +39,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from batchclient.policy.classify import Classified
+from batchclient.policy.job import hash_text
 from batchclient.policy.wire import Response
 from gateway import redis_scripts as lua
 from gateway.config import TierLimits
@@ -94,11 +95,13 @@ class RedisState:
     # ------------------------------------------------------------ ItemCache
 
     async def cached_codes(self, keys: Sequence[str]) -> dict[str, str]:
-        """Codes of the keys present (one HMGET on the ``cache`` hash)."""
+        """Codes of the keys present (one HMGET on the ``cache`` hash, whose fields are the
+        keys' digests: a key holds the item's whole text)."""
         if not keys:
             return {}
+        fields = [hash_text(k) for k in keys]
         codes: list[str | None] = await _guard(lambda: self.r.hmget(
-            f"{self.prefix}cache", list(keys)))  # type: ignore[arg-type,return-value]
+            f"{self.prefix}cache", fields))  # type: ignore[arg-type,return-value]
         return {k: c for k, c in zip(keys, codes, strict=True) if c}
 
     async def remember_codes(self, rows: Sequence[tuple[str, str, str]]) -> None:
@@ -109,7 +112,7 @@ class RedisState:
         async def run() -> None:
             async with self.r.pipeline(transaction=False) as pipe:
                 for key, code, _model in rows:
-                    pipe.hsetnx(f"{self.prefix}cache", key, code)
+                    pipe.hsetnx(f"{self.prefix}cache", hash_text(key), code)
                 await pipe.execute()
 
         await _guard(run)
